@@ -1,0 +1,114 @@
+"""The one way every technique decides which leaves of a pytree it touches.
+
+A `where` argument is one of:
+
+* ``None`` -- the default: floating-point leaves with ``ndim >= 2`` (kernels and
+  embeddings, not biases or norm scales);
+* a pytree of bools with the tree's structure, or a prefix of it (a bool at an inner
+  node applies to every leaf below it), as in ``optax.masked``;
+* a callable ``(path, leaf) -> bool`` over ``jax.tree_util`` key paths.
+
+A callable (or a mask tree) may also return a *mapping* instead of ``True``: the leaf
+is selected and the mapping holds per-leaf settings that override the technique's
+keyword arguments (mixed precision, for example ``{"bits": 8}`` for the first layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+KeyPath = tuple[Any, ...]
+Choice = bool | Mapping[str, Any]
+Where = None | Params | Callable[[KeyPath, Any], Choice]
+
+
+def path_str(path: KeyPath) -> str:
+    """Human-readable leaf path, e.g. ``['params']['Dense_0']['kernel']``."""
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def is_float_array(leaf: Any) -> bool:
+    """True for array-likes with a floating dtype (float16, bfloat16, float32, float64)."""
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def default_where(path: KeyPath, leaf: Any) -> bool:
+    """Floating-point leaves with ``ndim >= 2``: kernels and embeddings."""
+    del path
+    return is_float_array(leaf) and np.ndim(leaf) >= 2
+
+
+def _broadcast_mask(tree: Params, mask: Params, is_leaf) -> list[Choice]:
+    """Expands a mask tree (or a prefix of the tree's structure) to one choice per leaf."""
+    is_choice = lambda x: isinstance(x, (bool, np.bool_, Mapping)) or x is None  # noqa: E731
+    try:
+        expanded = jax.tree.map(
+            lambda m, sub: jax.tree.map(lambda _: m, sub, is_leaf=is_leaf),
+            mask,
+            tree,
+            is_leaf=is_choice,
+        )
+    except ValueError as e:
+        raise ValueError(f"`where` mask tree does not match the params tree: {e}") from None
+    choices = jax.tree.leaves(expanded, is_leaf=is_choice)
+    for c in choices:
+        if not isinstance(c, (bool, np.bool_, Mapping)) and c is not None:
+            raise ValueError(f"`where` mask entries must be bools, got {c!r}")
+    return [bool(c) if not isinstance(c, Mapping) else c for c in choices]
+
+
+def leaf_choices(
+    tree: Params, where: Where = None, *, is_leaf=None
+) -> list[tuple[KeyPath, Any, Choice]]:
+    """Returns ``(path, leaf, choice)`` for every leaf, in ``jax.tree.leaves`` order.
+
+    ``choice`` is ``False`` (untouched), ``True`` (selected) or a mapping of per-leaf
+    setting overrides (selected).
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    if where is None:
+        return [(p, x, default_where(p, x)) for p, x in flat]
+    if callable(where) and not isinstance(where, Mapping):
+        out = []
+        for p, x in flat:
+            c = where(p, x)
+            if not isinstance(c, Mapping):
+                c = bool(c)
+            out.append((p, x, c))
+        return out
+    choices = _broadcast_mask(tree, where, is_leaf)
+    return [(p, x, c) for (p, x), c in zip(flat, choices)]
+
+
+def selection(tree: Params, where: Where = None, *, is_leaf=None) -> Params:
+    """Pytree of Python bools (same structure as ``tree``): which leaves are selected."""
+    treedef = jax.tree.structure(tree, is_leaf=is_leaf)
+    picks = [c is not False for _, _, c in leaf_choices(tree, where, is_leaf=is_leaf)]
+    return jax.tree.unflatten(treedef, picks)
+
+
+def map_selected(
+    fn: Callable[[KeyPath, Any, Choice], Any], tree: Params, where: Where = None, *, is_leaf=None
+) -> Params:
+    """Applies ``fn(path, leaf, choice)`` to the selected leaves; others pass through."""
+    treedef = jax.tree.structure(tree, is_leaf=is_leaf)
+    out = [
+        fn(p, x, c) if c is not False else x
+        for p, x, c in leaf_choices(tree, where, is_leaf=is_leaf)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def check_same_structure(a: Params, b: Params, what_a: str, what_b: str, *, is_leaf=None) -> None:
+    """Raises ``ValueError`` when two trees differ in structure."""
+    sa = jax.tree.structure(a, is_leaf=is_leaf)
+    sb = jax.tree.structure(b, is_leaf=is_leaf)
+    if sa != sb:
+        raise ValueError(f"{what_a} tree does not match the {what_b} tree: {sa} vs {sb}")

@@ -1,0 +1,1 @@
+"""Classification and regression metrics in pure jnp, agreeing with scikit-learn."""

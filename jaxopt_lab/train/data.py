@@ -1,0 +1,188 @@
+"""Data: the embedded digits set, user arrays or ``.npz`` files, splits and batching.
+
+The default data set is scikit-learn's 8x8 handwritten digits (1,797 images, 10
+classes), which ships inside scikit-learn, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+
+class Split(NamedTuple):
+    """One split of a data set: inputs ``x`` (N, ...) float32, labels ``y`` (N,) int32."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+class Dataset(NamedTuple):
+    """Train/validation/test splits plus the number of classes."""
+
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+
+
+def validate_arrays(x, y, *, num_classes: int | None = None, name: str = "data"):
+    """Checks a classification data set and returns ``(x float32, y int32, num_classes)``.
+
+    Raises:
+      ValueError: empty arrays, mismatched lengths, wrong rank, non-integer or
+        out-of-range labels, or non-finite inputs.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name}: x must have rank >= 2 (examples, features...), got shape {x.shape}"
+        )
+    if y.ndim != 1:
+        raise ValueError(f"{name}: y must have rank 1 (one label per example), got shape {y.shape}")
+    if len(x) == 0 or len(y) == 0:
+        raise ValueError(f"{name}: empty arrays (x {x.shape}, y {y.shape})")
+    if len(x) != len(y):
+        raise ValueError(f"{name}: x has {len(x)} examples but y has {len(y)} labels")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{name}: x must be real numbers, got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: x holds NaN or Inf values")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise ValueError(f"{name}: labels must be integers, got non-integer values in y")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise ValueError(f"{name}: labels must be >= 0, got {int(y.min())}")
+    inferred = int(y.max()) + 1
+    if num_classes is None:
+        num_classes = inferred
+    elif inferred > num_classes:
+        raise ValueError(
+            f"{name}: label {inferred - 1} out of range for num_classes={num_classes}"
+        )
+    return x.astype(np.float32), y.astype(np.int32), int(num_classes)
+
+
+def stratified_split(
+    y: np.ndarray, fractions: tuple[float, float, float], seed: int
+) -> tuple[np.ndarray, ...]:
+    """Index arrays for a deterministic stratified split with the given fractions."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1):
+        raise ValueError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val = int(round(fractions[1] * len(idx)))
+        n_test = int(round(fractions[2] * len(idx)))
+        n_train = len(idx) - n_val - n_test
+        parts[0].append(idx[:n_train])
+        parts[1].append(idx[n_train : n_train + n_val])
+        parts[2].append(idx[n_train + n_val :])
+    return tuple(rng.permutation(np.concatenate(p)) for p in parts)
+
+
+def make_dataset(
+    x,
+    y,
+    *,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+    num_classes: int | None = None,
+    normalize: bool = True,
+    name: str = "data",
+) -> Dataset:
+    """Validates, splits (stratified, from ``seed``) and normalises user arrays.
+
+    Normalisation uses the training split's mean and standard deviation only.
+    """
+    x, y, num_classes = validate_arrays(x, y, num_classes=num_classes, name=name)
+    if len(y) < 3:
+        raise ValueError(f"{name}: need at least 3 examples to split, got {len(y)}")
+    tr, va, te = stratified_split(y, fractions, seed)
+    if normalize:
+        mean = x[tr].mean()
+        std = x[tr].std()
+        x = (x - mean) / (std if std > 0 else 1.0)
+    return Dataset(Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]), num_classes)
+
+
+def load_digits(*, seed: int = 0, image: bool = True, **kwargs) -> Dataset:
+    """The embedded default: scikit-learn's digits, as (N, 8, 8, 1) images or (N, 64)."""
+    from sklearn.datasets import load_digits as _sk_digits
+
+    d = _sk_digits()
+    x = d.images[..., None] if image else d.data
+    return make_dataset(x.astype(np.float32) / 16.0, d.target, seed=seed, name="digits", **kwargs)
+
+
+def load_npz(path: str | os.PathLike, *, seed: int = 0, **kwargs) -> Dataset:
+    """Loads a user ``.npz`` file holding arrays ``x`` and ``y``.
+
+    Raises:
+      ValueError: the file is missing, unreadable, or lacks ``x``/``y``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            if not {"x", "y"} <= keys:
+                raise ValueError(
+                    f"data file {path!r} must hold arrays 'x' and 'y', found {sorted(keys)}"
+                )
+            x, y = f["x"], f["y"]
+    except ValueError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, OSError, pickle refusal, ...
+        raise ValueError(f"data file {path!r} is not a readable .npz file: {e}") from None
+    return make_dataset(x, y, seed=seed, name=path, **kwargs)
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    num_shards: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields ``(x, y)`` batches of one epoch, shuffled deterministically by ``(seed, epoch)``.
+
+    With ``num_shards`` set, each batch is reshaped to ``(num_shards, batch/num_shards, ...)``
+    for ``pmap``; ``batch_size`` must then be divisible by ``num_shards``.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_shards is not None and batch_size % num_shards:
+        raise ValueError(f"batch_size {batch_size} is not divisible by num_shards={num_shards}")
+    n = len(split.y)
+    order = (
+        np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    )
+    stop = n - n % batch_size if drop_remainder else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        x, y = split.x[idx], split.y[idx]
+        if num_shards is not None:
+            if len(y) % num_shards:
+                continue
+            x = x.reshape(num_shards, -1, *x.shape[1:])
+            y = y.reshape(num_shards, -1)
+        yield x, y
+
+
+def shard_batch(batch, sharding: jax.sharding.Sharding):
+    """Places a host batch (pytree of arrays) on devices with ``sharding`` (batch axis 0)."""
+    return jax.tree.map(lambda a: jax.device_put(a, sharding), batch)
