@@ -3,20 +3,62 @@
 from jaxopt_lab.train import data
 from jaxopt_lab.train import models
 from jaxopt_lab.train.data import Dataset, Split, batches, load_digits, load_npz, make_dataset
-from jaxopt_lab.train.models import MLP, NNXMLP, StudentCNN, TeacherCNN, param_count
+from jaxopt_lab.train.loop import (
+    EarlyStoppingState,
+    early_stopping_init,
+    early_stopping_update,
+    evaluate,
+    fit,
+    predict,
+)
+from jaxopt_lab.train.models import MLP, NNXMLP, StudentCNN, TeacherCNN, init_model, param_count
+from jaxopt_lab.train.regularize import add_l1, add_l2
+from jaxopt_lab.train.step import (
+    TrainState,
+    create_train_state,
+    cross_entropy,
+    data_mesh,
+    jit_train_step,
+    make_train_step,
+    mesh_train_step,
+    pmap_train_step,
+    replicate,
+    shard_batch_for_pmap,
+    unreplicate,
+)
 
 __all__ = (
     "MLP",
     "NNXMLP",
     "Dataset",
+    "EarlyStoppingState",
     "Split",
     "StudentCNN",
     "TeacherCNN",
+    "TrainState",
+    "add_l1",
+    "add_l2",
     "batches",
+    "create_train_state",
+    "cross_entropy",
     "data",
+    "data_mesh",
+    "early_stopping_init",
+    "early_stopping_update",
+    "evaluate",
+    "fit",
+    "init_model",
+    "jit_train_step",
     "load_digits",
     "load_npz",
     "make_dataset",
+    "make_train_step",
+    "mesh_train_step",
     "models",
     "param_count",
+    "pmap_train_step",
+    "predict",
+    "replicate",
+    "shard_batch_for_pmap",
+    "unreplicate",
 )

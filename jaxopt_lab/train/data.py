@@ -135,16 +135,13 @@ def load_npz(path: str | os.PathLike, *, seed: int = 0, **kwargs) -> Dataset:
         raise ValueError(f"data file {path!r} does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:
-            keys = set(f.files)
-            if not {"x", "y"} <= keys:
-                raise ValueError(
-                    f"data file {path!r} must hold arrays 'x' and 'y', found {sorted(keys)}"
-                )
-            x, y = f["x"], f["y"]
-    except ValueError:
-        raise
+            keys = set(getattr(f, "files", ()))
+            if {"x", "y"} <= keys:
+                x, y = f["x"], f["y"]
     except Exception as e:  # zipfile.BadZipFile, OSError, pickle refusal, ...
         raise ValueError(f"data file {path!r} is not a readable .npz file: {e}") from None
+    if not {"x", "y"} <= keys:
+        raise ValueError(f"data file {path!r} must hold arrays 'x' and 'y', found {sorted(keys)}")
     return make_dataset(x, y, seed=seed, name=path, **kwargs)
 
 

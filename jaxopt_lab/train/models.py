@@ -20,12 +20,15 @@ class TeacherCNN(nn.Module):
     features: Sequence[int] = (32, 64, 64)
     hidden: int = 128
     num_classes: int = 10
+    axis_name: str | None = None  # set to the pmap axis to sync BatchNorm statistics
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i, f in enumerate(self.features):
             x = nn.Conv(f, (3, 3), use_bias=False)(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+            x = nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, axis_name=self.axis_name
+        )(x)
             x = nn.relu(x)
             if i == 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -40,11 +43,14 @@ class StudentCNN(nn.Module):
     features: int = 16
     hidden: int = 64
     num_classes: int = 10
+    axis_name: str | None = None  # set to the pmap axis to sync BatchNorm statistics
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.Conv(self.features, (3, 3), use_bias=False)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, axis_name=self.axis_name
+        )(x)
         x = nn.relu(x)
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)

@@ -1,0 +1,295 @@
+"""`quantize` / `dequantize`: affine integer (2, 3, 4, 8 bits) and fp8 weight quantization.
+
+Numerics (DESIGN.md): ``q = clip(round(x / s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``.
+
+* Symmetric (default): ``z = 0``, codes in ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (the
+  restricted range, so ``-x`` quantizes to ``-q``), ``s = max|x| / qmax``.
+* Asymmetric: codes in ``[-2**(b-1), 2**(b-1) - 1]``, the range ``[min(x, 0), max(x, 0)]``
+  so zero is always exactly representable, ``z`` an ``int8`` zero point.
+* An all-zero slice gets ``s = 1``; a slice whose scale would underflow gets the smallest
+  normal float32, so scales are always positive and finite for finite input. NaN/Inf in
+  traced input propagate into the scale, so they show up in `dequantize`, never hidden.
+* fp8 (``dtype="float8_e4m3fn"|"float8_e5m2"``): ``s = max|x| / finfo(dtype).max`` and the
+  codes are ``(x / s)`` cast to that format.
+
+Granularity: ``"tensor"`` (one scale), ``"channel"`` (one scale per index of ``axis``; the
+last axis of a Flax kernel is its output features) or ``"group"`` (``group_size``
+consecutive elements along the *contraction axis* share a scale, one scale per group and per
+index of every other axis). The contraction axis is the axis just before ``axis`` (for a
+Flax Dense ``(in, out)`` or Conv ``(kh, kw, in, out)`` kernel with ``axis=-1``: the input
+features); when ``axis`` resolves to 0 it is axis 1, and for a 1-D array it is axis 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_lab import _select
+from jaxopt_lab.quant.qtensor import FP8_DTYPES, GRANULARITIES, INT_BITS, QTensor, is_qtensor, pack
+
+Params = Any
+SETTING_KEYS = ("bits", "granularity", "group_size", "symmetric", "axis", "dtype")
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of the signed codes: restricted when symmetric, full otherwise."""
+    qmax = 2 ** (bits - 1) - 1
+    return (-qmax if symmetric else -qmax - 1), qmax
+
+
+def _exact_div(num: jax.Array, den: float) -> jax.Array:
+    # XLA rewrites division by a constant as a multiply by its rounded reciprocal; hiding the
+    # constant keeps the division correctly rounded, so re-quantizing reproduces the scale.
+    return num / jax.lax.optimization_barrier(jnp.float32(den))
+
+
+def _safe_scale(scale: jax.Array, span: jax.Array) -> jax.Array:
+    # span == 0 -> 1.0; underflow -> tiny; NaN stays NaN (jnp.maximum propagates it).
+    return jnp.where(span == 0, 1.0, jnp.maximum(scale, _TINY)).astype(jnp.float32)
+
+
+def affine_params(
+    lo: jax.typing.ArrayLike, hi: jax.typing.ArrayLike, *, bits: int, symmetric: bool = True
+) -> tuple[jax.Array, jax.Array | None]:
+    """Scale (float32) and zero point (``int8``, ``None`` if symmetric) covering ``[lo, hi]``.
+
+    Args:
+      lo: minimum of the values (any shape); ``hi``: maximum, same shape.
+      bits: code width, 2..8.
+      symmetric: zero point 0 and range ``[-max|x|, max|x|]``.
+
+    Returns:
+      ``(scale, zero_point)`` with the shape of ``lo``.
+
+    Examples:
+      >>> s, z = affine_params(-1.0, 3.0, bits=8, symmetric=False)
+      >>> float(s) == 4.0 / 255, int(z)
+      (True, -64)
+    """
+    lo = jnp.asarray(lo, jnp.float32)
+    hi = jnp.asarray(hi, jnp.float32)
+    qmin, qmax = integer_range(bits, symmetric)
+    if symmetric:
+        amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        return _safe_scale(_exact_div(amax, qmax), amax), None
+    lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    levels = float(qmax - qmin)
+    scale = _safe_scale(_exact_div(hi, levels) - _exact_div(lo, levels), hi - lo)  # no overflow for huge ranges
+    zero = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero.astype(jnp.int8)
+
+
+def affine_codes(
+    x: jax.typing.ArrayLike,
+    scale: jax.typing.ArrayLike,
+    zero_point: jax.typing.ArrayLike | None,
+    *,
+    bits: int,
+    symmetric: bool = True,
+) -> jax.Array:
+    """``clip(round(x / scale) + zero_point, qmin, qmax)`` as ``int8`` (scale broadcastable)."""
+    qmin, qmax = integer_range(bits, symmetric)
+    q = jnp.round(jnp.asarray(x, jnp.float32) / scale)
+    if zero_point is not None:
+        q = q + jnp.asarray(zero_point, jnp.float32)
+    return jnp.clip(q, qmin, qmax).astype(jnp.int8)
+
+
+def _check_settings(where: str, s: Mapping[str, Any]) -> None:
+    """Validates leaf-independent settings (``where`` names their origin in messages)."""
+    if s["dtype"] is not None:
+        if str(jnp.dtype(s["dtype"]).name) not in FP8_DTYPES:
+            raise ValueError(f"{where}: dtype must be one of {FP8_DTYPES}, got {s['dtype']!r}")
+        if s["bits"] != 8 or not s["symmetric"]:
+            raise ValueError(f"{where}: fp8 quantization is symmetric 8-bit, got "
+                             f"bits={s['bits']!r}, symmetric={s['symmetric']!r}")
+    if s["bits"] not in INT_BITS or isinstance(s["bits"], bool):
+        raise ValueError(f"{where}: bits must be one of {INT_BITS}, got {s['bits']!r}")
+    if s["granularity"] not in GRANULARITIES:
+        raise ValueError(f"{where}: granularity must be one of {GRANULARITIES}, "
+                         f"got {s['granularity']!r}")
+    if s["granularity"] == "group":
+        g = s["group_size"]
+        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g <= 0:
+            raise ValueError(f"{where}: granularity='group' needs a positive int group_size, "
+                             f"got {g!r}")
+    if not isinstance(s["axis"], (int, np.integer)) or isinstance(s["axis"], bool):
+        raise ValueError(f"{where}: axis must be an int, got {s['axis']!r}")
+
+
+def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any) -> dict[str, Any]:
+    """Merges per-leaf overrides into ``base`` and checks them against the leaf.
+
+    Returns the settings with ``axis`` / ``group_axis`` resolved to non-negative ints
+    (``None`` where unused). Raises ``ValueError`` naming ``path`` for any bad value.
+    """
+    s = dict(base)
+    if isinstance(choice, Mapping):
+        unknown = sorted(set(choice) - set(SETTING_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: unknown quantization settings {unknown} in `where`; "
+                             f"allowed: {SETTING_KEYS}")
+        s.update(choice)
+    _check_settings(path, s)
+    dtype = getattr(leaf, "dtype", None)
+    if not _select.is_float_array(leaf):
+        raise ValueError(f"{path}: only floating-point arrays can be quantized, got "
+                         f"{type(leaf).__name__} with dtype {dtype}")
+    shape = tuple(np.shape(leaf))
+    if int(np.prod(shape)) == 0:
+        raise ValueError(f"{path}: cannot quantize an empty array of shape {shape}")
+    if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.isfinite(leaf).all()):
+        raise ValueError(f"{path}: cannot quantize an array containing NaN or Inf")
+    ndim, gran = len(shape), s["granularity"]
+    s["group_axis"] = None
+    if gran == "tensor":
+        s["axis"] = None
+        return s
+    if ndim == 0:
+        raise ValueError(f"{path}: granularity={gran!r} needs ndim >= 1, got a scalar")
+    if not -ndim <= s["axis"] < ndim:
+        raise ValueError(f"{path}: axis {s['axis']} out of range for shape {shape}")
+    s["axis"] = axis = int(s["axis"]) % ndim
+    if gran == "group":
+        ga = 0 if ndim == 1 else (axis - 1 if axis > 0 else 1)
+        if shape[ga] % s["group_size"]:
+            raise ValueError(f"{path}: group_size {s['group_size']} does not divide axis {ga} "
+                             f"of length {shape[ga]} (shape {shape})")
+        s["group_axis"] = ga
+    return s
+
+
+def _grouped(x: jax.Array, s: Mapping[str, Any]) -> tuple[jax.Array, tuple[int, ...]]:
+    """View of ``x`` in which one scale covers the ``reduce`` axes (kept as size-1 dims)."""
+    if s["granularity"] == "tensor":
+        return x, tuple(range(x.ndim))
+    if s["granularity"] == "channel":
+        return x, tuple(i for i in range(x.ndim) if i != s["axis"])
+    ga, g = s["group_axis"], s["group_size"]
+    view = x.reshape(x.shape[:ga] + (x.shape[ga] // g, g) + x.shape[ga + 1:])
+    return view, (ga + 1,)
+
+
+def _stored(param: jax.Array, shape: tuple[int, ...], s: Mapping[str, Any]) -> jax.Array:
+    """Scale/zero point from the keepdims grouped form to the QTensor layout."""
+    if s["granularity"] == "tensor":
+        return param.reshape(())
+    if s["granularity"] == "channel":
+        return param.reshape((shape[s["axis"]],))
+    return jnp.squeeze(param, s["group_axis"] + 1)
+
+
+def quantize_array(x: jax.typing.ArrayLike, **settings: Any) -> QTensor:
+    """Quantizes one float array with already-checked settings (see `leaf_settings`)."""
+    s = settings
+    x = jnp.asarray(x)
+    shape, dtype = x.shape, x.dtype
+    view, red = _grouped(x.astype(jnp.float32), s)
+    meta = dict(shape=shape, dtype=dtype, granularity=s["granularity"], axis=s["axis"],
+                group_axis=s["group_axis"], group_size=s["group_size"] if s["group_axis"]
+                is not None else None)
+    if s["dtype"] is not None:
+        fp8 = jnp.dtype(s["dtype"])
+        fmax = float(jnp.finfo(fp8).max)
+        amax = jnp.max(jnp.abs(view), axis=red, keepdims=True)
+        scale = _safe_scale(_exact_div(amax, fmax), amax)
+        codes = jnp.clip(view / scale, -fmax, fmax).astype(fp8).reshape(shape or (1,))
+        return QTensor(codes, _stored(scale, shape, s), None, bits=8, fp8=fp8.name, **meta)
+    lo = jnp.min(view, axis=red, keepdims=True)
+    hi = jnp.max(view, axis=red, keepdims=True)
+    scale, zero = affine_params(lo, hi, bits=s["bits"], symmetric=s["symmetric"])
+    codes = affine_codes(view, scale, zero, bits=s["bits"], symmetric=s["symmetric"])
+    storage = pack(codes.reshape(shape or (1,)), s["bits"])
+    zero = None if zero is None else _stored(zero, shape, s)
+    return QTensor(storage, _stored(scale, shape, s), zero, bits=s["bits"], **meta)
+
+
+def _is_bare_array(tree: Any) -> bool:
+    return hasattr(tree, "shape") and hasattr(tree, "dtype") and not is_qtensor(tree)
+
+
+def quantize(
+    tree: Params,
+    *,
+    bits: int = 8,
+    granularity: str = "channel",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    axis: int = -1,
+    where: _select.Where = None,
+    dtype: Any = None,
+) -> Params:
+    """Replaces the selected float leaves of ``tree`` by `QTensor` s.
+
+    Args:
+      tree: any pytree of arrays (Flax params, ``nnx.State``, dicts...), or one array
+        (a bare array is always selected).
+      bits: 2, 3, 4 or 8; 2, 3 and 4 bits are packed into ``uint8``.
+      granularity: ``"tensor"``, ``"channel"`` (one scale per index of ``axis``) or
+        ``"group"`` (``group_size`` elements along the contraction axis share a scale; see
+        the module docstring).
+      group_size: elements per group for ``granularity="group"``.
+      symmetric: zero point 0 (default) or an ``int8`` zero point with the full range.
+      axis: the channel axis (default -1: a Flax kernel's output features).
+      where: leaf selection as in `jaxopt_lab._select`; default float leaves with
+        ``ndim >= 2``. A callable/mask may return a mapping of per-leaf overrides of the
+        settings above, e.g. ``{"bits": 8}`` for the first layer (mixed precision).
+      dtype: ``"float8_e4m3fn"`` or ``"float8_e5m2"`` for fp8 codes instead of integers.
+
+    Returns:
+      ``tree`` with selected leaves replaced by `QTensor`; other leaves untouched.
+      Existing `QTensor` leaves are left as they are.
+
+    Raises:
+      ValueError: naming the leaf path, for unsupported bits/granularity/dtype, a group
+        size that does not divide the contraction axis, a selected leaf that is not a
+        non-empty float array, or a concrete leaf holding NaN/Inf.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxopt_lab as jol
+      >>> params = {"kernel": jnp.arange(12.0).reshape(3, 4), "bias": jnp.zeros(4)}
+      >>> q = jol.quantize(params, bits=8)
+      >>> type(q["kernel"]).__name__, q["kernel"].qvalue.dtype, q["bias"] is params["bias"]
+      ('QTensor', dtype('int8'), True)
+      >>> float(jnp.abs(jol.dequantize(q)["kernel"] - params["kernel"]).max()) < 0.05
+      True
+    """
+    base = dict(bits=bits, granularity=granularity, group_size=group_size,
+                symmetric=symmetric, axis=axis, dtype=dtype)
+    _check_settings("quantize", base)
+    if where is None and _is_bare_array(tree):
+        where = True
+
+    def one(path, leaf, choice):
+        if is_qtensor(leaf):
+            return leaf
+        name = _select.path_str(path)
+        return quantize_array(leaf, **leaf_settings(name, leaf, base, choice))
+
+    return _select.map_selected(one, tree, where, is_leaf=is_qtensor)
+
+
+def dequantize(tree: Params, *, dtype: Any = None) -> Params:
+    """Expands every `QTensor` in ``tree`` back to a float array of its original shape.
+
+    Args:
+      tree: a pytree (or a single `QTensor`); non-QTensor leaves pass through.
+      dtype: output dtype; default each tensor's original dtype.
+
+    Returns:
+      The tree with `QTensor` leaves replaced by ``(q - zero_point) * scale``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxopt_lab as jol
+      >>> w = jnp.array([[0.0, 1.0], [-2.0, 0.5]])
+      >>> jol.dequantize(jol.quantize(w, bits=8, granularity="tensor")).tolist()[1][0]
+      -2.0
+    """
+    return jax.tree.map(lambda x: x.dequantize(dtype) if is_qtensor(x) else x, tree,
+                        is_leaf=is_qtensor)

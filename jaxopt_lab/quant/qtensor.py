@@ -1,0 +1,268 @@
+"""`QTensor`: quantized storage as a pytree node, and exact sub-byte bit packing.
+
+A `QTensor` holds the integer codes (``qvalue``), a float32 ``scale`` and an optional
+integer ``zero_point`` as pytree children, and everything static (bits, granularity,
+axes, original shape and dtype, fp8 format) as aux data. So it passes through
+``jit``, ``vmap``, ``pmap``, ``device_put`` and sharding like any pytree of arrays.
+
+Storage layout:
+
+* 8-bit integers: ``int8`` with the original shape (0-d arrays stored as shape ``(1,)``).
+* 2, 3 and 4 bits: ``uint8`` packed along the last axis, little-endian within a byte:
+  four 2-bit codes or two 4-bit codes per byte, and eight 3-bit codes per three bytes.
+  The last axis is zero-padded to a whole number of bytes (words for 3 bits), so packed
+  storage has shape ``shape[:-1] + (packed_length(shape[-1], bits),)``.
+* fp8: the float8 array itself (``float8_e4m3fn`` or ``float8_e5m2``), original shape.
+
+``scale`` and ``zero_point`` shapes by granularity:
+
+* ``"tensor"``: ``()``;
+* ``"channel"``: ``(shape[axis],)``;
+* ``"group"``: ``shape`` with ``shape[group_axis]`` replaced by
+  ``shape[group_axis] // group_size`` (one scale per group and per index of every other axis).
+
+Children may carry extra *leading* axes (a QTensor stacked by ``vmap``/``pmap`` or
+``jnp.stack`` through ``jax.tree.map``); `QTensor.values` and `QTensor.dequantize`
+treat them as batch axes and return ``batch + shape``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INT_BITS = (2, 3, 4, 8)
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+def _word(bits: int) -> tuple[int, int]:
+    """(codes per word, bytes per word): the smallest whole-byte run of ``bits``-bit codes."""
+    lcm = math.lcm(bits, 8)
+    return lcm // bits, lcm // 8
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Bytes that ``n`` codes of ``bits`` bits take along the packed axis."""
+    if bits == 8:
+        return n
+    codes, nbytes = _word(bits)
+    return -(-n // codes) * nbytes
+
+
+def _lane(values: jax.Array, ndim: int) -> jax.Array:
+    """Reshapes a 1-D constant so it broadcasts along the last axis of an ``ndim`` array."""
+    return values.reshape((1,) * (ndim - 1) + values.shape)
+
+
+def pack(codes: jax.Array, bits: int) -> jax.Array:
+    """Packs signed ``bits``-bit integer codes along the last axis into ``uint8``.
+
+    Args:
+      codes: integer array (any integer dtype) with values in
+        ``[-2**(bits-1), 2**(bits-1) - 1]`` and ``ndim >= 1``.
+      bits: 2, 3, 4 or 8. 8 bits returns ``int8`` unchanged in shape.
+
+    Returns:
+      ``uint8`` array of shape ``codes.shape[:-1] + (packed_length(n, bits),)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> pack(jnp.array([1, -1, 0, -2], jnp.int8), 4).tolist()
+      [241, 224]
+    """
+    if bits == 8:
+        return codes.astype(jnp.int8)
+    per_word, word_bytes = _word(bits)
+    n = codes.shape[-1]
+    words = -(-n // per_word)
+    u = (codes.astype(jnp.int32) & ((1 << bits) - 1)).astype(jnp.uint32)
+    pad = [(0, 0)] * (u.ndim - 1) + [(0, words * per_word - n)]
+    u = jnp.pad(u, pad).reshape(u.shape[:-1] + (words, per_word))
+    shifts = _lane(jnp.arange(per_word, dtype=jnp.uint32) * bits, u.ndim)
+    word = jnp.sum(u << shifts, axis=-1, dtype=jnp.uint32)  # bit fields never overlap
+    byte_shifts = _lane(jnp.arange(word_bytes, dtype=jnp.uint32) * 8, word.ndim + 1)
+    out = (word[..., None] >> byte_shifts) & 0xFF
+    return out.reshape(codes.shape[:-1] + (words * word_bytes,)).astype(jnp.uint8)
+
+
+def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
+    """Inverse of `pack`: ``int8`` codes of length ``n`` along the last axis (pure jnp)."""
+    if bits == 8:
+        return packed.astype(jnp.int8)
+    per_word, word_bytes = _word(bits)
+    words = packed.shape[-1] // word_bytes
+    b = packed.astype(jnp.uint32).reshape(packed.shape[:-1] + (words, word_bytes))
+    byte_shifts = _lane(jnp.arange(word_bytes, dtype=jnp.uint32) * 8, b.ndim)
+    word = jnp.sum(b << byte_shifts, axis=-1, dtype=jnp.uint32)
+    shifts = _lane(jnp.arange(per_word, dtype=jnp.uint32) * bits, word.ndim + 1)
+    u = ((word[..., None] >> shifts) & ((1 << bits) - 1)).astype(jnp.int32)
+    u = u.reshape(packed.shape[:-1] + (words * per_word,))[..., :n]
+    half = 1 << (bits - 1)
+    return jnp.where(u >= half, u - (1 << bits), u).astype(jnp.int8)  # sign extension
+
+
+_AUX = ("bits", "granularity", "axis", "group_axis", "group_size", "shape", "dtype_name", "fp8")
+
+
+class QTensor:
+    """A quantized array: codes, scale and zero point as children; the rest static.
+
+    Build one with `jaxopt_lab.quantize`; read it back with `dequantize`. Fields:
+
+    * ``qvalue``: storage (see the module docstring for the layout);
+    * ``scale``: float32, ``x_hat = (q - zero_point) * scale``;
+    * ``zero_point``: ``int8`` of ``scale``'s shape, or ``None`` for symmetric codes;
+    * ``bits``, ``granularity`` (``"tensor"|"channel"|"group"``), ``axis`` (channel axis,
+      non-negative, or ``None``), ``group_axis`` and ``group_size`` (``None`` unless
+      ``"group"``), ``shape`` and ``dtype`` of the original array, ``fp8`` (format name or
+      ``None``).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxopt_lab as jol
+      >>> qt = jol.quantize(jnp.ones((4, 6)), bits=4)
+      >>> qt.shape, qt.qvalue.shape, qt.qvalue.dtype, qt.scale.shape
+      ((4, 6), (4, 3), dtype('uint8'), (6,))
+      >>> bool((qt.dequantize() == 1).all())
+      True
+    """
+
+    __slots__ = ("qvalue", "scale", "zero_point") + _AUX
+
+    def __init__(
+        self,
+        qvalue: Any,
+        scale: Any,
+        zero_point: Any = None,
+        *,
+        bits: int,
+        shape: tuple[int, ...],
+        dtype: Any,
+        granularity: str = "tensor",
+        axis: int | None = None,
+        group_axis: int | None = None,
+        group_size: int | None = None,
+        fp8: str | None = None,
+    ):
+        # No validation of children here: jax rebuilds nodes with tracers, None or specs.
+        self.qvalue, self.scale, self.zero_point = qvalue, scale, zero_point
+        self.bits, self.granularity = int(bits), str(granularity)
+        self.axis, self.group_axis, self.group_size = axis, group_axis, group_size
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype_name = jnp.dtype(dtype).name
+        self.fp8 = fp8
+
+    # --- pytree protocol ---
+    def _aux(self) -> tuple:
+        return tuple(getattr(self, k) for k in _AUX)
+
+    def tree_flatten_with_keys(self):
+        keys = [jax.tree_util.GetAttrKey(k) for k in ("qvalue", "scale", "zero_point")]
+        return list(zip(keys, (self.qvalue, self.scale, self.zero_point))), self._aux()
+
+    def tree_flatten(self):
+        return (self.qvalue, self.scale, self.zero_point), self._aux()
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, children) -> QTensor:
+        obj = object.__new__(cls)
+        obj.qvalue, obj.scale, obj.zero_point = children
+        for k, v in zip(_AUX, aux):
+            setattr(obj, k, v)
+        return obj
+
+    # --- static properties of the original array ---
+    @property
+    def dtype(self) -> np.dtype:
+        return jnp.dtype(self.dtype_name)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    @property
+    def storage_shape(self) -> tuple[int, ...]:
+        """Shape of ``qvalue`` for one (unbatched) tensor."""
+        shape = self.shape or (1,)
+        if self.fp8 is not None:
+            return shape
+        return shape[:-1] + (packed_length(shape[-1], self.bits),)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the children (storage, scale, zero point), batch axes included."""
+        return sum(int(np.prod(np.shape(c))) * jnp.dtype(c.dtype).itemsize
+                   for c in (self.qvalue, self.scale, self.zero_point) if c is not None)
+
+    def _batch_shape(self) -> tuple[int, ...]:
+        extra = np.ndim(self.qvalue) - len(self.storage_shape)
+        if extra < 0 or tuple(np.shape(self.qvalue)[extra:]) != self.storage_shape:
+            raise ValueError(
+                f"QTensor storage of shape {np.shape(self.qvalue)} does not match the "
+                f"expected {self.storage_shape} for an array of shape {self.shape}"
+            )
+        return tuple(np.shape(self.qvalue)[:extra])
+
+    def values(self) -> jax.Array:
+        """Unpacked codes (``int8``, or the fp8 array) of shape ``batch + shape``."""
+        batch = self._batch_shape()
+        if self.fp8 is not None:
+            return jnp.asarray(self.qvalue).reshape(batch + self.shape)
+        shape = self.shape or (1,)
+        codes = unpack(jnp.asarray(self.qvalue), self.bits, shape[-1])
+        return codes.reshape(batch + self.shape)
+
+    def _broadcast(self, param: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+        """Reshapes scale/zero point to broadcast against the (grouped) values."""
+        nb = len(batch)
+        if self.granularity == "tensor":
+            return param.reshape(batch + (1,) * self.ndim)
+        if self.granularity == "channel":
+            dims = tuple(self.shape[i] if i == self.axis else 1 for i in range(self.ndim))
+            return param.reshape(batch + dims)
+        return jnp.expand_dims(param, nb + self.group_axis + 1)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """``(q - zero_point) * scale`` in float32, cast to ``dtype`` (default: original)."""
+        batch = self._batch_shape()
+        vals = self.values().astype(jnp.float32)
+        if self.granularity == "group":
+            ga = len(batch) + self.group_axis
+            n = vals.shape[ga]
+            vals = vals.reshape(vals.shape[:ga] + (n // self.group_size, self.group_size)
+                                + vals.shape[ga + 1:])
+        if self.zero_point is not None:
+            vals = vals - self._broadcast(jnp.asarray(self.zero_point), batch).astype(jnp.float32)
+        out = vals * self._broadcast(jnp.asarray(self.scale, jnp.float32), batch)
+        return out.reshape(batch + self.shape).astype(dtype or self.dtype)
+
+    def __repr__(self) -> str:
+        kind = self.fp8 or f"int{self.bits}"
+        extra = f", group_size={self.group_size}" if self.granularity == "group" else ""
+        return (f"QTensor(shape={self.shape}, dtype={self.dtype_name}, {kind}, "
+                f"granularity={self.granularity!r}{extra}, symmetric={self.symmetric})")
+
+
+jax.tree_util.register_pytree_with_keys(
+    QTensor,
+    QTensor.tree_flatten_with_keys,
+    QTensor.tree_unflatten,
+    QTensor.tree_flatten,
+)
+
+
+def is_qtensor(x: Any) -> bool:
+    """``is_leaf`` helper: True for `QTensor` nodes."""
+    return isinstance(x, QTensor)

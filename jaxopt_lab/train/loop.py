@@ -1,0 +1,160 @@
+"""Evaluation, early stopping and a small ``fit`` loop on top of the train step."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxopt_lab import metrics as _metrics
+from jaxopt_lab.train.data import Dataset, Split, batches
+from jaxopt_lab.train.step import LossFn, ParamTransform, create_train_state, make_train_step
+
+
+class EarlyStoppingState(NamedTuple):
+    """Best validation metric so far, the epoch it was reached, and epochs since."""
+
+    best: float
+    best_epoch: int
+    bad_epochs: int
+
+
+def early_stopping_init(mode: str = "max") -> EarlyStoppingState:
+    """Initial early-stopping state; ``mode`` is ``"max"`` (accuracy) or ``"min"`` (loss)."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    return EarlyStoppingState(-math.inf if mode == "max" else math.inf, -1, 0)
+
+
+def early_stopping_update(
+    state: EarlyStoppingState, metric: float, epoch: int, *, patience: int,
+    mode: str = "max", min_delta: float = 0.0,
+) -> tuple[EarlyStoppingState, bool, bool]:
+    """Records one validation metric; returns ``(state, improved, should_stop)``.
+
+    Training should stop once ``patience`` consecutive epochs failed to improve the
+    best metric by more than ``min_delta``.
+
+    Raises:
+      ValueError: ``patience < 0``, unknown ``mode`` or a non-finite metric.
+    """
+    if patience < 0:
+        raise ValueError(f"patience must be >= 0, got {patience}")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    if not math.isfinite(metric):
+        raise ValueError(f"validation metric is not finite: {metric}")
+    gain = metric - state.best if mode == "max" else state.best - metric
+    if gain > min_delta or state.best_epoch < 0:
+        return EarlyStoppingState(metric, epoch, 0), True, False
+    bad = state.bad_epochs + 1
+    return state._replace(bad_epochs=bad), False, bad > patience
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _logits(model: nn.Module, variables, x):
+    return model.apply(variables, x, train=False)
+
+
+def predict(model: nn.Module, variables, x, *, batch_size: int = 512) -> np.ndarray:
+    """Eval-mode logits for ``x``, computed in jitted batches."""
+    x = np.asarray(x)
+    out = [np.asarray(_logits(model, variables, x[i : i + batch_size]))
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out)
+
+
+def evaluate(model: nn.Module, variables, split: Split, *, batch_size: int = 512,
+             num_classes: int | None = None) -> dict[str, float]:
+    """Accuracy, macro F1 and mean cross-entropy of a model on one split."""
+    logits = predict(model, variables, split.x, batch_size=batch_size)
+    num_classes = num_classes or logits.shape[-1]
+    pred = logits.argmax(-1)
+    y = np.asarray(split.y)
+    loss = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(y))
+    return {
+        "accuracy": float(_metrics.accuracy(y, pred)),
+        "f1_macro": float(_metrics.f1(y, pred, average="macro", labels=np.arange(num_classes))),
+        "loss": float(loss.mean()),
+    }
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    tx: optax.GradientTransformation,
+    *,
+    epochs: int = 10,
+    batch_size: int = 64,
+    seed: int = 0,
+    variables: dict | None = None,
+    loss: LossFn | None = None,
+    param_transform: ParamTransform | None = None,
+    patience: int | None = None,
+    progress: bool = False,
+) -> tuple[dict, dict[str, Any]]:
+    """Trains ``model`` on ``data.train``, keeping the best weights on ``data.val``.
+
+    Args:
+      model: a linen module taking ``(x, train)``.
+      data: a :class:`Dataset` (e.g. ``jol.train.load_digits()``).
+      tx: any optax transformation, e.g. ``optax.chain(optax.adam(1e-3), jol.prune(...))``.
+      epochs: maximum number of passes over the training split.
+      batch_size: examples per step (the last partial batch is dropped).
+      seed: initialisation and shuffling seed.
+      variables: start from these variables (fine-tuning) instead of a fresh init.
+      loss: ``loss(logits, y, x) -> scalar``; defaults to cross-entropy.
+      param_transform: applied to params before the forward pass (QAT with ``fake_quant``).
+      patience: stop after this many epochs without validation improvement (None: never).
+      progress: show a tqdm progress bar.
+
+    Returns:
+      ``(variables, history)``: the best variables (``{"params": ..., **collections}``;
+      params passed through ``param_transform`` are *not* applied) and a history dict
+      with per-epoch ``train_loss`` and ``val_accuracy`` plus ``best_epoch``.
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    state = create_train_state(model, tx, data.train.x, seed=seed, variables=variables)
+    step = jax.jit(make_train_step(model, tx, loss=loss, param_transform=param_transform))
+
+    def current(s):
+        p = s.params if param_transform is None else param_transform(s.params)
+        return {"params": p, **s.model_state}
+
+    history: dict[str, Any] = {"train_loss": [], "val_accuracy": []}
+    stopper = early_stopping_init("max")
+    best = state
+    epoch_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_iter = tqdm(epoch_iter, desc=f"train {type(model).__name__}", leave=False)
+    for epoch in epoch_iter:
+        losses = []
+        for x, y in batches(data.train, batch_size, seed=seed, epoch=epoch):
+            state, m = step(state, x, y)
+            losses.append(m["loss"])
+        if not losses:
+            raise ValueError(
+                f"batch_size {batch_size} exceeds the {len(data.train.y)} training examples"
+            )
+        history["train_loss"].append(float(jnp.mean(jnp.stack(losses))))
+        val = evaluate(model, current(state), data.val, num_classes=data.num_classes)["accuracy"]
+        history["val_accuracy"].append(val)
+        stopper, improved, stop = early_stopping_update(
+            stopper, val, epoch, patience=patience if patience is not None else epochs
+        )
+        if improved:
+            best = state
+        if patience is not None and stop:
+            break
+    history["best_epoch"] = stopper.best_epoch
+    history["final_state"] = state
+    return {"params": best.params, **best.model_state}, history
