@@ -11,20 +11,119 @@ from jaxopt_lab import train
 # --- end training and data ---
 
 # --- quantization ---
+from jaxopt_lab import io
+from jaxopt_lab import quant
+from jaxopt_lab.io import load, load_metadata, save, tree_nbytes
+from jaxopt_lab.quant.core import dequantize, quantize
+from jaxopt_lab.quant.fake_quant import fake_quant, lsq_fake_quant, lsq_init
+from jaxopt_lab.quant.qtensor import QTensor
+from jaxopt_lab.quant.calibration import (
+    CalibrationState,
+    calibration_init,
+    calibration_observe,
+    calibration_range,
+    calibration_scale,
+)
+from jaxopt_lab.quant.int8_ops import (
+    int8_conv_general_dilated,
+    int8_dot_general,
+    int8_einsum,
+    quantize_activations,
+)
+from jaxopt_lab.quant.interceptor import quantized_apply
+from jaxopt_lab.quant.model_calibration import activation_scales, calibrate, observe_activations
 # --- end quantization ---
 
 # --- pruning ---
+from jaxopt_lab import prune as pruning
+from jaxopt_lab.prune import (
+    PruneState,
+    Sparsity,
+    apply_mask,
+    channel_mask,
+    constant_schedule,
+    magnitude_mask,
+    nm_mask,
+    one_shot_schedule,
+    polynomial_schedule,
+    prune,
+    random_mask,
+    saliency_mask,
+    sparsity,
+)
 # --- end pruning ---
 
 # --- distillation ---
+from jaxopt_lab import distill
+from jaxopt_lab.distill import distill_loss, feature_distill_loss
 # --- end distillation ---
 
 # --- folding ---
+from jaxopt_lab import fold
+from jaxopt_lab.fold import (
+    FoldedPair,
+    FoldReport,
+    SkippedBatchNorm,
+    bn_fold,
+    bn_fold_nnx,
+    bn_fold_report,
+    folded_apply,
+)
 # --- end folding ---
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "CalibrationState",
+    "FoldReport",
+    "FoldedPair",
+    "PruneState",
+    "QTensor",
+    "SkippedBatchNorm",
+    "Sparsity",
+    "activation_scales",
+    "apply_mask",
+    "bn_fold",
+    "bn_fold_nnx",
+    "bn_fold_report",
+    "calibrate",
+    "calibration_init",
+    "calibration_observe",
+    "calibration_range",
+    "calibration_scale",
+    "channel_mask",
+    "constant_schedule",
+    "dequantize",
+    "distill",
+    "distill_loss",
+    "fake_quant",
+    "feature_distill_loss",
+    "fold",
+    "folded_apply",
+    "int8_conv_general_dilated",
+    "int8_dot_general",
+    "int8_einsum",
+    "io",
+    "load",
+    "load_metadata",
+    "lsq_fake_quant",
+    "lsq_init",
+    "magnitude_mask",
     "metrics",
+    "nm_mask",
+    "observe_activations",
+    "one_shot_schedule",
+    "polynomial_schedule",
+    "prune",
+    "pruning",
+    "quant",
+    "quantize",
+    "quantize_activations",
+    "quantized_apply",
+    "random_mask",
+    "saliency_mask",
+    "save",
+    "sparsity",
     "train",
+    "tree_nbytes",
 )

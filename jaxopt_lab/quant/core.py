@@ -22,6 +22,7 @@ features); when ``axis`` resolves to 0 it is axis 1, and for a 1-D array it is a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,75 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import _select
+from jaxopt_lab.quant.affine import (
+    _exact_div,
+    _safe_scale,
+    affine_codes,
+    affine_params,
+    integer_range,
+)
 from jaxopt_lab.quant.qtensor import FP8_DTYPES, GRANULARITIES, INT_BITS, QTensor, is_qtensor, pack
 
 Params = Any
 SETTING_KEYS = ("bits", "granularity", "group_size", "symmetric", "axis", "dtype")
-_TINY = float(np.finfo(np.float32).tiny)
-
-
-def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """``(qmin, qmax)`` of the signed codes: restricted when symmetric, full otherwise."""
-    qmax = 2 ** (bits - 1) - 1
-    return (-qmax if symmetric else -qmax - 1), qmax
-
-
-def _exact_div(num: jax.Array, den: float) -> jax.Array:
-    # XLA rewrites division by a constant as a multiply by its rounded reciprocal; hiding the
-    # constant keeps the division correctly rounded, so re-quantizing reproduces the scale.
-    return num / jax.lax.optimization_barrier(jnp.float32(den))
-
-
-def _safe_scale(scale: jax.Array, span: jax.Array) -> jax.Array:
-    # span == 0 -> 1.0; underflow -> tiny; NaN stays NaN (jnp.maximum propagates it).
-    return jnp.where(span == 0, 1.0, jnp.maximum(scale, _TINY)).astype(jnp.float32)
-
-
-def affine_params(
-    lo: jax.typing.ArrayLike, hi: jax.typing.ArrayLike, *, bits: int, symmetric: bool = True
-) -> tuple[jax.Array, jax.Array | None]:
-    """Scale (float32) and zero point (``int8``, ``None`` if symmetric) covering ``[lo, hi]``.
-
-    Args:
-      lo: minimum of the values (any shape); ``hi``: maximum, same shape.
-      bits: code width, 2..8.
-      symmetric: zero point 0 and range ``[-max|x|, max|x|]``.
-
-    Returns:
-      ``(scale, zero_point)`` with the shape of ``lo``.
-
-    Examples:
-      >>> s, z = affine_params(-1.0, 3.0, bits=8, symmetric=False)
-      >>> float(s) == 4.0 / 255, int(z)
-      (True, -64)
-    """
-    lo = jnp.asarray(lo, jnp.float32)
-    hi = jnp.asarray(hi, jnp.float32)
-    qmin, qmax = integer_range(bits, symmetric)
-    if symmetric:
-        amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        return _safe_scale(_exact_div(amax, qmax), amax), None
-    lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-    levels = float(qmax - qmin)
-    scale = _safe_scale(_exact_div(hi, levels) - _exact_div(lo, levels), hi - lo)  # no overflow for huge ranges
-    zero = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
-    return scale, zero.astype(jnp.int8)
-
-
-def affine_codes(
-    x: jax.typing.ArrayLike,
-    scale: jax.typing.ArrayLike,
-    zero_point: jax.typing.ArrayLike | None,
-    *,
-    bits: int,
-    symmetric: bool = True,
-) -> jax.Array:
-    """``clip(round(x / scale) + zero_point, qmin, qmax)`` as ``int8`` (scale broadcastable)."""
-    qmin, qmax = integer_range(bits, symmetric)
-    q = jnp.round(jnp.asarray(x, jnp.float32) / scale)
-    if zero_point is not None:
-        q = q + jnp.asarray(zero_point, jnp.float32)
-    return jnp.clip(q, qmin, qmax).astype(jnp.int8)
 
 
 def _check_settings(where: str, s: Mapping[str, Any]) -> None:
@@ -185,29 +128,70 @@ def _stored(param: jax.Array, shape: tuple[int, ...], s: Mapping[str, Any]) -> j
     return jnp.squeeze(param, s["group_axis"] + 1)
 
 
-def quantize_array(x: jax.typing.ArrayLike, **settings: Any) -> QTensor:
-    """Quantizes one float array with already-checked settings (see `leaf_settings`)."""
-    s = settings
-    x = jnp.asarray(x)
-    shape, dtype = x.shape, x.dtype
-    view, red = _grouped(x.astype(jnp.float32), s)
-    meta = dict(shape=shape, dtype=dtype, granularity=s["granularity"], axis=s["axis"],
-                group_axis=s["group_axis"], group_size=s["group_size"] if s["group_axis"]
-                is not None else None)
+def _codes(view: jax.Array, red: tuple[int, ...], s: Mapping[str, Any]):
+    """Codes of the grouped ``view`` with keepdims scale and zero point (``None``)."""
     if s["dtype"] is not None:
-        fp8 = jnp.dtype(s["dtype"])
-        fmax = float(jnp.finfo(fp8).max)
+        fmax = float(jnp.finfo(s["dtype"]).max)
         amax = jnp.max(jnp.abs(view), axis=red, keepdims=True)
         scale = _safe_scale(_exact_div(amax, fmax), amax)
-        codes = jnp.clip(view / scale, -fmax, fmax).astype(fp8).reshape(shape or (1,))
-        return QTensor(codes, _stored(scale, shape, s), None, bits=8, fp8=fp8.name, **meta)
+        return jnp.clip(view / scale, -fmax, fmax).astype(s["dtype"]), scale, None
     lo = jnp.min(view, axis=red, keepdims=True)
     hi = jnp.max(view, axis=red, keepdims=True)
     scale, zero = affine_params(lo, hi, bits=s["bits"], symmetric=s["symmetric"])
     codes = affine_codes(view, scale, zero, bits=s["bits"], symmetric=s["symmetric"])
-    storage = pack(codes.reshape(shape or (1,)), s["bits"])
+    if not s["symmetric"]:
+        # Float noise in near-ties can leave a range end one code short of qmin/qmax; pin it
+        # (error still <= s/2 + rounding), so dequantized values reproduce the same (s, z).
+        qmin, qmax = integer_range(s["bits"], False)
+        codes = jnp.where((view == hi) & (hi > 0), jnp.int8(qmax), codes)
+        codes = jnp.where((view == lo) & (lo < 0), jnp.int8(qmin), codes)
+    return codes, scale, zero
+
+
+@functools.partial(jax.jit, static_argnames=SETTING_KEYS + ("group_axis",))
+def quantize_array(x: jax.typing.ArrayLike, **settings: Any) -> QTensor:
+    """Quantizes one float array with settings checked by `leaf_settings`.
+
+    Jitted (settings static), so eager calls compile once per shape and settings.
+    """
+    s = settings
+    x = jnp.asarray(x)
+    shape = x.shape
+    view, red = _grouped(x.astype(jnp.float32), s)
+    codes, scale, zero = _codes(view, red, s)
+    meta = dict(shape=shape, dtype=x.dtype, granularity=s["granularity"], axis=s["axis"],
+                group_axis=s["group_axis"],
+                group_size=None if s["group_axis"] is None else s["group_size"])
+    codes = codes.reshape(shape or (1,))
+    if s["dtype"] is not None:
+        fp8 = jnp.dtype(s["dtype"]).name
+        return QTensor(codes, _stored(scale, shape, s), None, bits=8, fp8=fp8, **meta)
     zero = None if zero is None else _stored(zero, shape, s)
+    storage = pack(codes, s["bits"])
     return QTensor(storage, _stored(scale, shape, s), zero, bits=s["bits"], **meta)
+
+
+def fake_quantize_array(x: jax.Array, **settings: Any) -> tuple[jax.Array, jax.Array]:
+    """``dequantize(quantize_array(x))`` without packing, and the not-clipped mask.
+
+    The mask is True where ``x / s + z`` lies within half a code of ``[qmin, qmax]`` (for fp8
+    within ``[-max, max]``): there rounding, not clipping, decided the value.
+    """
+    s = settings
+    view, red = _grouped(x.astype(jnp.float32), s)
+    codes, scale, zero = _codes(view, red, s)
+    ratio = view / scale
+    if s["dtype"] is not None:
+        fmax = float(jnp.finfo(s["dtype"]).max)
+        x_hat, mask = codes.astype(jnp.float32) * scale, jnp.abs(ratio) <= fmax
+    else:
+        qmin, qmax = integer_range(s["bits"], s["symmetric"])
+        vals = codes.astype(jnp.float32)
+        if zero is not None:
+            vals, ratio = vals - zero.astype(jnp.float32), ratio + zero.astype(jnp.float32)
+        x_hat = vals * scale
+        mask = (ratio >= qmin - 0.5) & (ratio <= qmax + 0.5)
+    return x_hat.reshape(x.shape).astype(x.dtype), mask.reshape(x.shape)
 
 
 def _is_bare_array(tree: Any) -> bool:

@@ -28,6 +28,7 @@ treat them as batch axes and return ``batch + shape``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -59,6 +60,7 @@ def _lane(values: jax.Array, ndim: int) -> jax.Array:
     return values.reshape((1,) * (ndim - 1) + values.shape)
 
 
+@functools.partial(jax.jit, static_argnames=("bits",))
 def pack(codes: jax.Array, bits: int) -> jax.Array:
     """Packs signed ``bits``-bit integer codes along the last axis into ``uint8``.
 
@@ -90,6 +92,7 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
     return out.reshape(codes.shape[:-1] + (words * word_bytes,)).astype(jnp.uint8)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "n"))
 def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
     """Inverse of `pack`: ``int8`` codes of length ``n`` along the last axis (pure jnp)."""
     if bits == 8:
@@ -217,42 +220,62 @@ class QTensor:
 
     def values(self) -> jax.Array:
         """Unpacked codes (``int8``, or the fp8 array) of shape ``batch + shape``."""
-        batch = self._batch_shape()
-        if self.fp8 is not None:
-            return jnp.asarray(self.qvalue).reshape(batch + self.shape)
-        shape = self.shape or (1,)
-        codes = unpack(jnp.asarray(self.qvalue), self.bits, shape[-1])
-        return codes.reshape(batch + self.shape)
-
-    def _broadcast(self, param: jax.Array, batch: tuple[int, ...]) -> jax.Array:
-        """Reshapes scale/zero point to broadcast against the (grouped) values."""
-        nb = len(batch)
-        if self.granularity == "tensor":
-            return param.reshape(batch + (1,) * self.ndim)
-        if self.granularity == "channel":
-            dims = tuple(self.shape[i] if i == self.axis else 1 for i in range(self.ndim))
-            return param.reshape(batch + dims)
-        return jnp.expand_dims(param, nb + self.group_axis + 1)
+        return _values(self.qvalue, self._batch_shape(), self._aux())
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """``(q - zero_point) * scale`` in float32, cast to ``dtype`` (default: original)."""
-        batch = self._batch_shape()
-        vals = self.values().astype(jnp.float32)
-        if self.granularity == "group":
-            ga = len(batch) + self.group_axis
-            n = vals.shape[ga]
-            vals = vals.reshape(vals.shape[:ga] + (n // self.group_size, self.group_size)
-                                + vals.shape[ga + 1:])
-        if self.zero_point is not None:
-            vals = vals - self._broadcast(jnp.asarray(self.zero_point), batch).astype(jnp.float32)
-        out = vals * self._broadcast(jnp.asarray(self.scale, jnp.float32), batch)
-        return out.reshape(batch + self.shape).astype(dtype or self.dtype)
+        out_dtype = jnp.dtype(self.dtype if dtype is None else dtype).name
+        return _dequantize(self.qvalue, self.scale, self.zero_point, self._batch_shape(),
+                           self._aux(), out_dtype)
 
     def __repr__(self) -> str:
         kind = self.fp8 or f"int{self.bits}"
         extra = f", group_size={self.group_size}" if self.granularity == "group" else ""
         return (f"QTensor(shape={self.shape}, dtype={self.dtype_name}, {kind}, "
                 f"granularity={self.granularity!r}{extra}, symmetric={self.symmetric})")
+
+
+def _unpacked(qvalue: jax.Array, batch: tuple[int, ...], meta: QTensor) -> jax.Array:
+    if meta.fp8 is not None:
+        return jnp.asarray(qvalue).reshape(batch + meta.shape)
+    shape = meta.shape or (1,)
+    return unpack(jnp.asarray(qvalue), meta.bits, shape[-1]).reshape(batch + meta.shape)
+
+
+def _broadcast(param: jax.Array, batch: tuple[int, ...], meta: QTensor) -> jax.Array:
+    """Reshapes scale/zero point to broadcast against the (grouped) values."""
+    if meta.granularity == "tensor":
+        return param.reshape(batch + (1,) * meta.ndim)
+    if meta.granularity == "channel":
+        dims = tuple(meta.shape[i] if i == meta.axis else 1 for i in range(meta.ndim))
+        return param.reshape(batch + dims)
+    return jnp.expand_dims(param, len(batch) + meta.group_axis + 1)
+
+
+def _meta(aux: tuple) -> QTensor:
+    """A childless QTensor carrying only the static metadata."""
+    return QTensor.tree_unflatten(aux, (None, None, None))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _values(qvalue: jax.Array, batch: tuple[int, ...], aux: tuple) -> jax.Array:
+    return _unpacked(qvalue, batch, _meta(aux))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _dequantize(qvalue, scale, zero_point, batch: tuple[int, ...], aux: tuple, out_dtype: str
+                ) -> jax.Array:
+    meta = _meta(aux)
+    vals = _unpacked(qvalue, batch, meta).astype(jnp.float32)
+    if meta.granularity == "group":
+        ga = len(batch) + meta.group_axis
+        n = vals.shape[ga]
+        vals = vals.reshape(vals.shape[:ga] + (n // meta.group_size, meta.group_size)
+                            + vals.shape[ga + 1:])
+    if zero_point is not None:
+        vals = vals - _broadcast(jnp.asarray(zero_point), batch, meta).astype(jnp.float32)
+    out = vals * _broadcast(jnp.asarray(scale, jnp.float32), batch, meta)
+    return out.reshape(batch + meta.shape).astype(out_dtype)
 
 
 jax.tree_util.register_pytree_with_keys(

@@ -1,0 +1,302 @@
+"""Save and load pytrees of arrays and `QTensor` s as safetensors files; `tree_nbytes`.
+
+File format: a standard safetensors file (8-byte little-endian header length, JSON header,
+raw little-endian tensor bytes), readable by ``safetensors.safe_open``. Every array leaf
+(and every array child of a `QTensor` or registered node) is one tensor named by its tree
+path (``Dense_0.kernel.qvalue``). The header's ``__metadata__["jaxopt_lab"]`` holds JSON with
+the tree structure, node metadata, user metadata and a CRC32 of the tensor bytes. Dtypes
+safetensors has no code for (e.g. ``int4``, complex) are stored as raw ``U8`` bytes.
+Files are written to a temporary name in the same directory, fsynced and ``os.replace``d,
+so a crash never leaves a half-written file under the final name.
+
+Supported tree nodes: dict (str or int keys, insertion order kept), list, tuple, None,
+Python bool/int/float/str leaves, numpy and jax arrays (returned as what they were),
+`QTensor`, ``flax.core.FrozenDict``, and any class added with `register_node`.
+
+Registering your own node (e.g. a sparse-storage node)::
+
+    # 1. A jax pytree node whose aux data is JSON-able (str/int/float/bool/None, tuples,
+    #    lists, str-keyed dicts, numpy dtypes): one line is enough; children are stored
+    #    by jax's own flatten and the class rebuilt by its own unflatten.
+    jaxopt_lab.io.register_node(SparseTensor, "mylib.SparseTensor")
+
+    # 2. Otherwise give explicit functions; children are a dict of name -> subtree.
+    jaxopt_lab.io.register_node(
+        SparseTensor, "mylib.SparseTensor",
+        flatten=lambda t: ({"mask": t.mask, "values": t.values}, {"shape": list(t.shape)}),
+        unflatten=lambda aux, ch: SparseTensor(ch["mask"], ch["values"], tuple(aux["shape"])),
+    )
+
+``name`` is what goes into the file: keep it stable across versions. Register at import
+time of the module defining the class, so that `load` finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxopt_lab import _serial
+from jaxopt_lab.quant.qtensor import FP8_DTYPES, GRANULARITIES, INT_BITS, QTensor
+
+Params = Any
+FORMAT = "jaxopt_lab"
+VERSION = 1
+_SUB_BYTE_BITS = {"int2": 2, "uint2": 2, "int4": 4, "uint4": 4, "float4_e2m1fn": 4}
+
+
+class CheckpointNotFoundError(ValueError, FileNotFoundError):
+    """`load` of a missing file: a ``ValueError`` that is also a ``FileNotFoundError``."""
+
+
+def tree_nbytes(tree: Params) -> int:
+    """The real bytes of every array leaf in ``tree``, through any pytree node.
+
+    Packed `QTensor` storage counts as packed (its children are ``uint8``), and so does any
+    custom node whose children are its real storage. Works on arrays, tracers and
+    ``jax.ShapeDtypeStruct``; Python numbers count as their numpy size.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxopt_lab as jol
+      >>> w = {"k": jnp.zeros((256, 128)), "b": jnp.zeros(128)}
+      >>> jol.tree_nbytes(w), jol.tree_nbytes(jol.quantize(w, bits=4))
+      (131584, 17408)
+    """
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            dtype = np.dtype(leaf.dtype)
+            n = math.prod(leaf.shape)
+            bits = _SUB_BYTE_BITS.get(dtype.name)
+            total += -(-n * bits // 8) if bits else n * dtype.itemsize
+        elif isinstance(leaf, (bool, int, float, complex)):
+            total += np.asarray(leaf).nbytes
+    return total
+
+
+# --- node registry -------------------------------------------------------------------
+
+_Flatten = Callable[[Any], tuple[Mapping[str, Any], Any]]
+_Unflatten = Callable[[Any, dict[str, Any]], Any]
+_BY_TYPE: dict[type, tuple[str, _Flatten | None, _Unflatten | None]] = {}
+_BY_NAME: dict[str, tuple[type, _Flatten | None, _Unflatten | None]] = {}
+
+
+def register_node(
+    cls: type, name: str, *, flatten: _Flatten | None = None, unflatten: _Unflatten | None = None
+) -> None:
+    """Makes `save` / `load` handle instances of ``cls`` (see the module docstring).
+
+    Args:
+      cls: the node class (exact type; subclasses need their own registration).
+      name: stable identifier written into files.
+      flatten: ``obj -> (children: Mapping[str, subtree], aux: JSON-able)``; default: jax's
+        pytree flatten of ``cls`` (its aux data must then be JSON-able).
+      unflatten: ``(aux, children: dict[str, subtree]) -> obj``; default: jax's unflatten.
+
+    Raises:
+      ValueError: if only one of ``flatten``/``unflatten`` is given, or ``name`` is taken
+        by another class.
+    """
+    if (flatten is None) != (unflatten is None):
+        raise ValueError(f"register_node({name!r}): give both flatten and unflatten, or neither")
+    if name in _BY_NAME and _BY_NAME[name][0] is not cls:
+        raise ValueError(f"register_node: name {name!r} already used by {_BY_NAME[name][0]}")
+    _BY_TYPE[cls] = (name, flatten, unflatten)
+    _BY_NAME[name] = (cls, flatten, unflatten)
+
+
+def _qtensor_flatten(t: QTensor) -> tuple[dict[str, Any], dict[str, Any]]:
+    aux = {k: getattr(t, k) for k in ("bits", "granularity", "axis", "group_axis",
+                                        "group_size", "fp8")}
+    aux.update(shape=list(t.shape), dtype=t.dtype_name)
+    return {"qvalue": t.qvalue, "scale": t.scale, "zero_point": t.zero_point}, aux
+
+
+def _qtensor_unflatten(aux: dict[str, Any], ch: dict[str, Any]) -> QTensor:
+    try:
+        ok = (aux["bits"] in INT_BITS and aux["granularity"] in GRANULARITIES
+              and aux["fp8"] in (None, *FP8_DTYPES))
+        t = QTensor(ch["qvalue"], ch["scale"], ch["zero_point"], bits=aux["bits"],
+                    shape=tuple(aux["shape"]), dtype=aux["dtype"],
+                    granularity=aux["granularity"], axis=aux["axis"],
+                    group_axis=aux["group_axis"], group_size=aux["group_size"], fp8=aux["fp8"])
+        t._batch_shape()  # storage shape must match the metadata
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"invalid QTensor record: {e}") from None
+    if not ok:
+        raise ValueError(f"invalid QTensor metadata {aux}")
+    return t
+
+
+register_node(QTensor, "jaxopt_lab.QTensor", flatten=_qtensor_flatten,
+              unflatten=_qtensor_unflatten)
+try:
+    from flax.core import FrozenDict
+
+    register_node(FrozenDict, "flax.FrozenDict")
+except ImportError:  # pragma: no cover - flax is a dependency, but keep io usable without
+    pass
+
+
+def _node_parts(obj: Any, entry) -> tuple[list[str], list[Any], Any]:
+    """(child names, children, aux) of a registered node."""
+    _, flatten, _ = entry
+    if flatten is not None:
+        children, aux = flatten(obj)
+        return list(children), list(children.values()), aux
+    keyed, aux = jax.tree_util.flatten_one_level_with_keys(obj)
+    names = [jax.tree_util.keystr((k,), simple=True, separator=".") for k, _ in keyed]
+    return names, [c for _, c in keyed], aux
+
+
+def _node_build(name: str, aux: Any, names: list[str], children: list[Any]) -> Any:
+    cls, _, unflatten = _BY_NAME[name]
+    if unflatten is not None:
+        return unflatten(aux, dict(zip(names, children)))
+    leaf = jax.tree.structure(0)
+    treedef = jax.tree_util.PyTreeDef.from_node_data_and_children(
+        jax.tree_util.default_registry, (cls, aux), [leaf] * len(children))
+    return jax.tree.unflatten(treedef, children)
+
+
+# --- save ------------------------------------------------------------------------------
+
+
+def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] | None = None
+         ) -> None:
+    """Writes ``tree`` to a safetensors file at ``path``, atomically.
+
+    Args:
+      path: destination file (conventionally ``*.safetensors``); its directory must exist.
+      tree: a pytree of arrays, `QTensor` s, Python scalars and ``None`` (see module doc).
+      metadata: optional JSON-serialisable mapping, returned by `load_metadata`.
+
+    Raises:
+      TypeError: naming the path of a leaf or node that cannot be stored.
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp, jaxopt_lab as jol
+      >>> d = tempfile.mkdtemp()
+      >>> jol.save(os.path.join(d, "m.safetensors"), {"w": jnp.ones(3)}, metadata={"step": 7})
+      >>> jol.load(os.path.join(d, "m.safetensors"), with_metadata=True)[1]
+      {'step': 7}
+    """
+    path = os.fspath(path)
+    tensors: list[tuple[str, np.ndarray]] = []
+    spec = _serial.encode_tree(tree, tensors, _BY_TYPE, _node_parts)
+    user = _serial.to_json(metadata or {}, "metadata")
+    header, blobs = _serial.safetensors_header(tensors)
+    crc = 0
+    for b in blobs:
+        crc = zlib.crc32(b, crc)
+    info = {"format": FORMAT, "version": VERSION, "tree": spec, "metadata": user, "crc32": crc}
+    header["__metadata__"] = {"format": FORMAT, FORMAT: json.dumps(info, separators=(",", ":"))}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8-byte aligned tensor data, as safetensors writes it
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for b in blobs:
+                f.write(b)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --- load ------------------------------------------------------------------------------
+
+
+def _read_header(f, path: str, size: int) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(tensor table, jaxopt_lab info, data start) of an open file, validated."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {len(head)} bytes)")
+    n = int.from_bytes(head, "little")
+    if n < 2 or 8 + n > size:
+        raise ValueError(f"{path}: not a safetensors file or truncated (header length {n}, "
+                         f"file size {size})")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupted safetensors header ({e})") from None
+    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or FORMAT not in meta:
+        raise ValueError(f"{path}: a safetensors file not written by jaxopt_lab.save (no "
+                         f"'{FORMAT}' entry in __metadata__); read it with safetensors instead")
+    try:
+        info = json.loads(meta[FORMAT])
+        if info.get("format") != FORMAT or not isinstance(info.get("tree"), dict):
+            raise ValueError("missing tree")
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: corrupted jaxopt_lab metadata ({e})") from None
+    if info.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: written by a newer jaxopt_lab (format version "
+                         f"{info['version']} > {VERSION})")
+    return header, info, 8 + n
+
+
+def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The user ``metadata`` mapping saved with the tree (reads only the header)."""
+    path = _existing(path)
+    with open(path, "rb") as f:
+        _, info, _ = _read_header(f, path, os.fstat(f.fileno()).st_size)
+    return _serial.from_json(info.get("metadata", {}))
+
+
+def _existing(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint file")
+    return path
+
+
+def load(path: str | os.PathLike, *, with_metadata: bool = False) -> Params | tuple[Params, Any]:
+    """Reads a tree written by `save`, exactly as it was saved.
+
+    Args:
+      path: the file.
+      with_metadata: also return the user metadata: ``(tree, metadata)``.
+
+    Returns:
+      The tree (jax arrays come back as jax arrays, numpy as numpy, `QTensor` with its
+      integer storage), or ``(tree, metadata)``.
+
+    Raises:
+      ValueError: naming the file, if it is missing (`CheckpointNotFoundError`), truncated,
+        corrupted (header, tensor table or CRC32 of the data), or not a jaxopt_lab file.
+    """
+    path = _existing(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header, info, start = _read_header(f, path, size)
+        try:
+            table = _serial.check_table(header, size - start)
+        except ValueError as e:
+            raise ValueError(f"{path}: corrupted or truncated safetensors file: {e}") from None
+        data = bytearray(f.read())
+    if zlib.crc32(data) != info.get("crc32"):
+        raise ValueError(f"{path}: tensor data corrupted (CRC32 mismatch)")
+    try:
+        tree = _serial.decode_tree(info["tree"], table, data, _BY_NAME, _node_build)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: corrupted jaxopt_lab tree record: {e}") from None
+    if with_metadata:
+        return tree, _serial.from_json(info.get("metadata", {}))
+    return tree

@@ -1,1 +1,0 @@
-"""Classification and regression metrics in pure jnp, agreeing with scikit-learn."""

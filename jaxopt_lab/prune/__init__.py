@@ -1,0 +1,23 @@
+"""Pruning: exact mask functions, sparsity schedules, the ``prune`` optax transformation,
+channel compaction and sparse storage."""
+
+from jaxopt_lab.prune.masks import magnitude_mask, random_mask, saliency_mask
+from jaxopt_lab.prune.schedules import constant_schedule, one_shot_schedule, polynomial_schedule
+from jaxopt_lab.prune.structured import channel_mask, nm_mask
+from jaxopt_lab.prune.transform import PruneState, Sparsity, apply_mask, prune, sparsity
+
+__all__ = (
+    "PruneState",
+    "Sparsity",
+    "apply_mask",
+    "channel_mask",
+    "constant_schedule",
+    "magnitude_mask",
+    "nm_mask",
+    "one_shot_schedule",
+    "polynomial_schedule",
+    "prune",
+    "random_mask",
+    "saliency_mask",
+    "sparsity",
+)

@@ -1,0 +1,113 @@
+"""Sparsity schedules: plain jit-able functions ``step -> sparsity`` (float32 scalar)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
+
+
+def _check_fraction(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_step(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def constant_schedule(sparsity: float) -> Schedule:
+    """The same sparsity at every step.
+
+    Raises:
+      ValueError: ``sparsity`` outside ``[0, 1]``.
+
+    Examples:
+      >>> import jaxopt_lab as jol
+      >>> float(jol.constant_schedule(0.5)(123))
+      0.5
+    """
+    value = _check_fraction("sparsity", sparsity)
+
+    def schedule(step):
+        del step
+        return jnp.asarray(value, jnp.float32)
+
+    return schedule
+
+
+def one_shot_schedule(sparsity: float, step: int) -> Schedule:
+    """0 before ``step``, ``sparsity`` from ``step`` on (one-shot pruning at a chosen step).
+
+    Examples:
+      >>> import jaxopt_lab as jol
+      >>> [float(jol.one_shot_schedule(0.9, 10)(t)) for t in (9, 10)]
+      [0.0, 0.8999999761581421]
+    """
+    value = _check_fraction("sparsity", sparsity)
+    at = _check_step("step", step)
+
+    def schedule(t):
+        return jnp.where(jnp.asarray(t) >= at, jnp.float32(value), jnp.float32(0.0))
+
+    return schedule
+
+
+def polynomial_schedule(
+    init_sparsity: float,
+    final_sparsity: float,
+    begin_step: int,
+    end_step: int,
+    *,
+    frequency: int = 1,
+    power: float = 3,
+) -> Schedule:
+    """Zhu & Gupta (2017) gradual pruning.
+
+    ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0)) ** power`` for ``t0 <= t <= t1``,
+    ``s_i`` before ``t0`` and ``s_f`` from ``t1`` on. The value changes only every
+    ``frequency`` steps after ``t0`` (so masks are recomputed only then), and reaches
+    ``s_f`` exactly at ``t1``.
+
+    Raises:
+      ValueError: sparsities outside ``[0, 1]``, ``end_step <= begin_step``, negative
+        steps, ``frequency < 1`` or ``power <= 0``.
+
+    Examples:
+      >>> import jaxopt_lab as jol
+      >>> s = jol.polynomial_schedule(0.0, 0.8, 0, 100)
+      >>> [round(float(s(t)), 3) for t in (0, 50, 100, 200)]
+      [0.0, 0.7, 0.8, 0.8]
+    """
+    s_i = _check_fraction("init_sparsity", init_sparsity)
+    s_f = _check_fraction("final_sparsity", final_sparsity)
+    t0 = _check_step("begin_step", begin_step)
+    t1 = _check_step("end_step", end_step)
+    if t1 <= t0:
+        raise ValueError(f"end_step ({end_step}) must be > begin_step ({begin_step})")
+    freq = _check_step("frequency", frequency)
+    if freq < 1:
+        raise ValueError(f"frequency must be >= 1, got {frequency}")
+    if not float(power) > 0:
+        raise ValueError(f"power must be > 0, got {power!r}")
+
+    def schedule(t):
+        t = jnp.asarray(t, jnp.int32)
+        held = t0 + (jnp.maximum(t - t0, 0) // freq) * freq  # last update step
+        frac = jnp.clip((held - t0) / (t1 - t0), 0.0, 1.0).astype(jnp.float32)
+        s = s_f + (s_i - s_f) * (1.0 - frac) ** power
+        s = jnp.where(t <= t0, s_i, jnp.where(t >= t1, s_f, s))
+        return jnp.asarray(s, jnp.float32)
+
+    return schedule

@@ -1,0 +1,173 @@
+"""Structured mask functions: N:M groups and whole output channels.
+
+Both follow the ``mask_fn(tree, sparsity, ...) -> mask tree`` protocol of
+:mod:`jaxopt_lab.prune.masks` (True = keep, all-True for unselected leaves, ``previous``
+for nested masks) and select leaves with ``where``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_lab import _select
+from jaxopt_lab.prune import select
+from jaxopt_lab.prune.masks import _overrides, check_sparsity, previous_leaves
+
+Params = Any
+
+
+def _check_nm(name: str, n: Any, m: Any) -> None:
+    for label, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name}: {label} must be an int, got {v!r}")
+    if m < 1 or n < 0 or n > m:
+        raise ValueError(f"{name}: need 0 <= n <= m and m >= 1, got n={n}, m={m}")
+
+
+def _group_keep(scores: jax.Array, keep_per_group: jax.Array) -> jax.Array:
+    """Within the last axis (size M), keeps the ``keep_per_group`` highest scores.
+
+    Rank of entry i = number of entries that beat it (higher score, or equal score at
+    a lower index); M is small so the pairwise comparison is cheaper than a sort.
+    """
+    m = scores.shape[-1]
+    a = scores[..., :, None]
+    b = scores[..., None, :]
+    lower_index = np.arange(m)[None, :] < np.arange(m)[:, None]  # [i, j]: j < i
+    lower_index = lower_index.reshape((1,) * (scores.ndim - 1) + (m, m))
+    beats = (b > a) | ((b == a) & lower_index)
+    rank = beats.sum(axis=-1)
+    return rank < keep_per_group
+
+
+def nm_mask(
+    tree: Params,
+    sparsity: Any = None,
+    *,
+    n: int = 2,
+    m: int = 4,
+    axis: int = -2,
+    where: Any = None,
+    previous: Params | None = None,
+) -> Params:
+    """N:M structured sparsity: every group of ``m`` consecutive entries along ``axis``
+    keeps at most ``n`` (the largest magnitudes; ties by index).
+
+    ``axis`` is the contraction axis: -2 is the input axis of a Flax ``(in, out)`` Dense
+    kernel and of an HWIO conv kernel, which is what sparse tensor cores want (2:4).
+
+    Args:
+      tree: a pytree of arrays.
+      sparsity: ``None`` for the full N:M pattern. A number (e.g. from a schedule) ramps
+        to it: each group prunes ``min(m - n, floor(sparsity * m))`` entries, so a
+        schedule rising to ``1 - n/m`` reaches N:M through nested steps (1:4 pruned at
+        25%, 2:4 at 50%).
+      n: entries kept per group. m: group size.
+      axis: the grouped axis; its length must be divisible by ``m``.
+      where: leaf selection. A callable may return ``{"n": .., "m": .., "axis": ..}``.
+      previous: a mask tree whose False entries are pruned first.
+
+    Raises:
+      ValueError: ``n > m``, ``m < 1``, sparsity outside ``[0, 1]``, a selected leaf
+        with too few dimensions or whose ``axis`` length is not divisible by ``m``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxopt_lab as jol
+      >>> w = jnp.array([[1.0], [-4.0], [3.0], [0.5]])
+      >>> jol.nm_mask({"w": w}, n=2, m=4)["w"][:, 0].tolist()
+      [False, True, True, False]
+    """
+    _check_nm("nm_mask", n, m)
+    check_sparsity(sparsity)
+    prev = previous_leaves(tree, previous)
+    out = []
+    for i, (path, leaf, choice) in enumerate(_select.leaf_choices(tree, where)):
+        shape = np.shape(leaf)
+        if choice is False:
+            out.append(jnp.ones(shape, bool))
+            continue
+        name = _select.path_str(path)
+        s = _overrides(path, choice, ("n", "m", "axis"))
+        ln, lm, lax_ = s.get("n", n), s.get("m", m), s.get("axis", axis)
+        _check_nm(name, ln, lm)
+        if not -len(shape) <= lax_ < len(shape):
+            raise ValueError(f"{name}: axis {lax_} is out of range for shape {shape}")
+        if shape[lax_] % lm:
+            raise ValueError(
+                f"{name}: axis {lax_} has length {shape[lax_]}, not divisible by m={lm}"
+            )
+        prune = lm - ln
+        if sparsity is not None:
+            prune = jnp.minimum(lm - ln, select.count_to_prune(sparsity, lm))
+        scores = jnp.moveaxis(select.magnitude_scores(leaf, prev[i]), lax_, -1)
+        moved = scores.shape
+        grouped = scores.reshape(*moved[:-1], moved[-1] // lm, lm)
+        keep = _group_keep(grouped, lm - prune).reshape(moved)
+        out.append(jnp.moveaxis(keep, -1, lax_))
+    return jax.tree.unflatten(jax.tree.structure(tree), out)
+
+
+def channel_norms(x: jax.Array, axis: int, norm: str) -> jax.Array:
+    """L1 or L2 norm of each index of ``axis`` over all other axes, in float32."""
+    x = jnp.moveaxis(jnp.asarray(x, jnp.float32), axis, -1)
+    x = x.reshape(-1, x.shape[-1])
+    if norm == "l1":
+        return jnp.abs(x).sum(axis=0)
+    return jnp.sqrt(jnp.square(x).sum(axis=0))
+
+
+def channel_mask(
+    tree: Params,
+    sparsity: Any,
+    *,
+    norm: str = "l2",
+    axis: int = -1,
+    where: Any = None,
+    previous: Params | None = None,
+) -> Params:
+    """Prunes whole output channels (filters) with the smallest L1/L2 norm.
+
+    Each selected leaf loses exactly ``floor(sparsity * C)`` of its ``C`` channels along
+    ``axis`` (-1: the output features of a Flax Dense or Conv kernel). The mask has the
+    leaf's shape, constant along every other axis. A channel that ``previous`` prunes
+    anywhere ranks lowest. See :func:`jaxopt_lab.compact` to remove the channels.
+
+    Raises:
+      ValueError: sparsity outside ``[0, 1]``, unknown ``norm``, ``axis`` out of range.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxopt_lab as jol
+      >>> w = jnp.array([[1.0, 0.1, 2.0], [1.0, 0.1, -2.0]])
+      >>> jol.channel_mask({"w": w}, 1 / 3)["w"].tolist()
+      [[True, False, True], [True, False, True]]
+    """
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+    if sparsity is None:
+        raise ValueError("sparsity is required (a number in [0, 1] or a schedule value)")
+    check_sparsity(sparsity)
+    prev = previous_leaves(tree, previous)
+    out = []
+    for i, (path, leaf, choice) in enumerate(_select.leaf_choices(tree, where)):
+        shape = np.shape(leaf)
+        if choice is False:
+            out.append(jnp.ones(shape, bool))
+            continue
+        name = _select.path_str(path)
+        s = _overrides(path, choice, ("sparsity",)).get("sparsity", sparsity)
+        check_sparsity(s, f"{name}: sparsity")
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(f"{name}: axis {axis} is out of range for shape {shape}")
+        alive = None
+        if prev[i] is not None:
+            alive = jnp.moveaxis(prev[i], axis, -1).reshape(-1, shape[axis]).all(axis=0)
+        scores = select.magnitude_scores(channel_norms(leaf, axis, norm), alive)
+        keep = select.keep_above_k_lowest([scores], select.count_to_prune(s, shape[axis]))[0]
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        out.append(jnp.broadcast_to(keep.reshape(view), shape))
+    return jax.tree.unflatten(jax.tree.structure(tree), out)

@@ -1,0 +1,304 @@
+"""Integer matmul and convolution: int8 x int8 -> int32 accumulation, then float rescaling.
+
+``x ~ (q_x - z_x) * s_x`` and ``w ~ q_w * s_w`` give
+``sum_k x_k w_k ~ s_x * s_w * (sum_k q_x q_w - z_x * sum_k q_w)``: the contraction runs on
+integers (``preferred_element_type=int32``; exact while the contraction length stays below
+``2**31 / 128**2 ~ 131k``) and the scales are applied once to the result. Scales may vary
+along any axis that is *not* contracted -- per token (rows of the activations), per output
+channel of the weights -- never along a contracted axis.
+
+Every scale and zero point is given in *keepdims* form: either a scalar, or an array with
+its operand's rank whose contracted axes have size 1 (what ``jnp.max(..., keepdims=True)``
+returns).
+
+Examples:
+  >>> import jax.numpy as jnp, jaxopt_lab as jol
+  >>> x = jnp.array([[0.5, -1.0], [2.0, 0.25]])
+  >>> w = jnp.array([[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]])
+  >>> qx, sx = jol.quantize_activations(x, reduce_axes=(1,))  # per-token scales
+  >>> qw = jol.quantize(w, bits=8, granularity="channel")      # per-output-channel
+  >>> y = jol.int8_dot_general(qx, qw.qvalue, (((1,), (0,)), ((), ())),
+  ...                          lhs_scale=sx, rhs_scale=qw.scale[None, :])
+  >>> bool(jnp.allclose(y, x @ w, atol=0.05))
+  True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxopt_lab.quant.affine import affine_params, integer_range
+
+ArrayLike = jax.typing.ArrayLike
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+
+
+def quantize_with(
+    x: ArrayLike, scale: ArrayLike, zero_point: ArrayLike | None = None
+) -> jax.Array:
+    """``int8`` codes ``clip(round(x / scale) + zero_point)`` for a known (static) scale.
+
+    Symmetric codes (``zero_point=None``) use ``[-127, 127]``; asymmetric ``[-128, 127]``.
+    NaN in ``x`` gives an arbitrary code: keep NaN visible through the scale instead.
+    """
+    symmetric = zero_point is None
+    qmin, qmax = integer_range(8, symmetric)
+    # Multiplying by the reciprocal (not dividing) keeps this cheap on the hot path; a
+    # one-ulp difference only moves exact ties, which the error bound s/2 already allows.
+    q = jnp.round(jnp.asarray(x, jnp.float32) * (1.0 / jnp.asarray(scale, jnp.float32)))
+    if not symmetric:
+        q = q + jnp.asarray(zero_point, jnp.float32)
+    return jnp.clip(q, qmin, qmax).astype(jnp.int8)
+
+
+def quantize_activations(
+    x: ArrayLike, *, reduce_axes: Sequence[int] | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Dynamic symmetric int8 quantization: one scale per slice over ``reduce_axes``.
+
+    Args:
+      x: float activations.
+      reduce_axes: axes sharing a scale (the contracted axes for per-token scales);
+        ``None`` for a single per-tensor scale.
+
+    Returns:
+      ``(codes, scale)``: ``int8`` codes of ``x``'s shape and a float32 keepdims scale
+      (scalar when ``reduce_axes`` is ``None``). An all-zero slice gets scale 1; NaN/Inf in
+      a slice make that slice's scale NaN/Inf, so it shows in the output.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    keep = reduce_axes is not None
+    amax = jnp.max(jnp.abs(x), axis=None if not keep else tuple(reduce_axes), keepdims=keep)
+    scale, _ = affine_params(-amax, amax, bits=8, symmetric=True)
+    return quantize_with(x, scale), scale
+
+
+def _check_int8(name: str, x: ArrayLike) -> jax.Array:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) != jnp.int8:
+        raise TypeError(f"{name} must be an int8 array, got {type(x).__name__} of dtype {dtype}")
+    return jnp.asarray(x)
+
+
+def _keepdims(name: str, t: ArrayLike | None, operand: jax.Array,
+              contracted: Sequence[int]) -> jax.Array | None:
+    """Checks a scale/zero point is scalar or keepdims-shaped against ``operand``."""
+    if t is None:
+        return None
+    t = jnp.asarray(t)
+    if t.ndim == 0:
+        return t
+    ok = t.ndim == operand.ndim and all(
+        d == 1 if i in contracted else d in (1, operand.shape[i]) for i, d in enumerate(t.shape))
+    if not ok:
+        raise ValueError(f"{name} of shape {t.shape} must be a scalar or keepdims-shaped for "
+                         f"an operand of shape {operand.shape} with size 1 on the contracted "
+                         f"axes {tuple(contracted)}")
+    return t
+
+
+def _to_output(t: jax.Array, *groups: Sequence[int] | int) -> jax.Array:
+    """Lays a keepdims array out along the output axes.
+
+    Each group is either a tuple of ``t``'s axes (kept, in that order) or a count of
+    size-1 output axes to insert; ``t``'s remaining axes must have size 1 and are dropped.
+    """
+    if t.ndim == 0:
+        return t
+    axes = [a for g in groups if not isinstance(g, int) for a in g]
+    shape: list[int] = []
+    for g in groups:
+        shape += [1] * g if isinstance(g, int) else [t.shape[a] for a in g]
+    rest = tuple(i for i in range(t.ndim) if i not in axes)
+    return jnp.transpose(t, tuple(axes) + rest).reshape(shape)
+
+
+def int8_dot_general(
+    lhs: ArrayLike,
+    rhs: ArrayLike,
+    dimension_numbers: DimensionNumbers,
+    *,
+    lhs_scale: ArrayLike,
+    rhs_scale: ArrayLike,
+    lhs_zero_point: ArrayLike | None = None,
+    out_dtype=jnp.float32,
+) -> jax.Array:
+    """``lax.dot_general`` of int8 codes with int32 accumulation, rescaled to float.
+
+    Args:
+      lhs: ``int8`` activation codes; ``rhs``: ``int8`` (symmetric) weight codes.
+      dimension_numbers: as for ``lax.dot_general``: ``((lhs_contract, rhs_contract),
+        (lhs_batch, rhs_batch))``. Output axes: batch, lhs free, rhs free.
+      lhs_scale: scalar or keepdims over ``lhs`` (per-token scales vary on free axes).
+      rhs_scale: scalar or keepdims over ``rhs`` (per-channel scales on free axes).
+      lhs_zero_point: optional asymmetric activation zero point, shaped like ``lhs_scale``.
+      out_dtype: dtype of the result.
+
+    Returns:
+      ``s_lhs * s_rhs * (lhs - z) . rhs`` in ``out_dtype``.
+
+    Raises:
+      TypeError: operands that are not ``int8``.
+      ValueError: a scale or zero point that varies along a contracted axis.
+    """
+    lhs, rhs = _check_int8("lhs", lhs), _check_int8("rhs", rhs)
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(int(a) % n for a in axes) for axes, n in
+                      ((lc, lhs.ndim), (rc, rhs.ndim), (lb, lhs.ndim), (rb, rhs.ndim)))
+    l_free = [i for i in range(lhs.ndim) if i not in lc + lb]
+    r_free = [i for i in range(rhs.ndim) if i not in rc + rb]
+    s_l = _keepdims("lhs_scale", lhs_scale, lhs, lc)
+    s_r = _keepdims("rhs_scale", rhs_scale, rhs, rc)
+    z_l = _keepdims("lhs_zero_point", lhs_zero_point, lhs, lc)
+    acc = lax.dot_general(lhs, rhs, ((lc, rc), (lb, rb)), preferred_element_type=jnp.int32)
+    lhs_out = lambda t: _to_output(t, lb, l_free, len(r_free))  # noqa: E731
+    rhs_out = lambda t: _to_output(t, rb, len(l_free), r_free)  # noqa: E731
+    if z_l is not None:
+        wsum = jnp.sum(rhs.astype(jnp.int32), axis=rc, keepdims=True)
+        acc = acc - lhs_out(z_l.astype(jnp.int32)) * rhs_out(wsum)
+    scale = lhs_out(s_l.astype(jnp.float32)) * rhs_out(s_r.astype(jnp.float32))
+    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+
+
+def _along(vec: jax.Array, axis: int, ndim: int) -> jax.Array:
+    """A scalar or a 1-D array laid out along ``axis`` of an ``ndim`` output."""
+    if vec.ndim == 0:
+        return vec
+    return vec.reshape(tuple(vec.size if i == axis else 1 for i in range(ndim)))
+
+
+def int8_conv_general_dilated(
+    lhs: ArrayLike,
+    rhs: ArrayLike,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    *,
+    lhs_scale: ArrayLike,
+    rhs_scale: ArrayLike,
+    lhs_zero_point: ArrayLike | None = None,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    out_dtype=jnp.float32,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` of int8 codes with int32 accumulation, rescaled to float.
+
+    Args:
+      lhs, rhs: ``int8`` input and (symmetric) kernel codes; the other positional and
+        keyword arguments mean what they mean for ``lax.conv_general_dilated``.
+      lhs_scale: scalar, or keepdims over ``lhs`` varying only along its batch axis.
+      rhs_scale: scalar, or keepdims over ``rhs`` varying only along its output-feature axis.
+      lhs_zero_point: optional scalar zero point. Padding (and input dilation) then inserts
+        the zero point, the code of a real 0, instead of the integer 0.
+      out_dtype: dtype of the result.
+
+    Returns:
+      The rescaled convolution in ``out_dtype``.
+    """
+    lhs, rhs = _check_int8("lhs", lhs), _check_int8("rhs", rhs)
+    dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    lhs_spec, rhs_spec, out_spec = dnums
+    n_sp = lhs.ndim - 2
+    s_l = _keepdims("lhs_scale", lhs_scale, lhs,
+                    [i for i in range(lhs.ndim) if i != lhs_spec[0]])
+    s_r = _keepdims("rhs_scale", rhs_scale, rhs,
+                    [i for i in range(rhs.ndim) if i != rhs_spec[0]])
+    z_l = None if lhs_zero_point is None else jnp.asarray(lhs_zero_point)
+    if z_l is not None and z_l.ndim:
+        raise ValueError(f"lhs_zero_point must be a scalar for a convolution, got shape "
+                         f"{z_l.shape}")
+    if z_l is not None:
+        dil = tuple(lhs_dilation or (1,) * n_sp)
+        if isinstance(padding, str):
+            if dil != (1,) * n_sp:
+                raise ValueError("string padding with lhs_dilation is not supported")
+            rdil = tuple(rhs_dilation or (1,) * n_sp)
+            window = [(rhs.shape[rhs_spec[2 + i]] - 1) * rdil[i] + 1 for i in range(n_sp)]
+            padding = lax.padtype_to_pads([lhs.shape[lhs_spec[2 + i]] for i in range(n_sp)],
+                                          window, window_strides, padding)
+        config = [(0, 0, 0)] * lhs.ndim
+        for i, (lo, hi) in enumerate(padding):
+            config[lhs_spec[2 + i]] = (int(lo), int(hi), dil[i] - 1)
+        lhs = lax.pad(lhs, z_l.astype(jnp.int8), config)
+        padding, lhs_dilation = [(0, 0)] * n_sp, None
+    acc = lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dnums,
+        feature_group_count=feature_group_count, preferred_element_type=jnp.int32)
+    per_out = lambda t: _along(t.reshape(-1) if t.ndim else t, out_spec[1], acc.ndim)  # noqa: E731
+    per_batch = lambda t: _along(t.reshape(-1) if t.ndim else t, out_spec[0], acc.ndim)  # noqa: E731
+    if z_l is not None:
+        wsum = jnp.sum(rhs.astype(jnp.int32), axis=tuple(rhs_spec[1:]))
+        acc = acc - z_l.astype(jnp.int32) * per_out(wsum)
+    scale = per_batch(s_l.astype(jnp.float32)) * per_out(s_r.astype(jnp.float32))
+    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+
+
+def parse_einsum(spec: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]:
+    """Splits a two-operand explicit einsum into letter strings, ellipses expanded."""
+    spec = spec.replace(" ", "")
+    if "->" not in spec or spec.count(",") != 1:
+        raise ValueError(f"einsum spec must be explicit with two operands, got {spec!r}")
+    ins, out = spec.split("->")
+    a, b = ins.split(",")
+    spare = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                 if c not in spec)
+    n_ell = max([nd - len(t.replace("...", "")) for t, nd in ((a, lhs_ndim), (b, rhs_ndim))
+                 if "..." in t] or [0])
+    ell = "".join(next(spare) for _ in range(n_ell))
+
+    def expand(term: str, ndim: int) -> str:
+        if "..." not in term:
+            return term
+        k = ndim - len(term.replace("...", ""))
+        return term.replace("...", ell[len(ell) - k:] if k > 0 else "")
+
+    a, b, out = expand(a, lhs_ndim), expand(b, rhs_ndim), out.replace("...", ell)
+    for term, nd in ((a, lhs_ndim), (b, rhs_ndim), (out, None)):
+        if (nd is not None and len(term) != nd) or len(set(term)) != len(term):
+            raise ValueError(f"einsum spec {spec!r}: term {term!r} has repeated letters or "
+                             f"does not match its operand's rank {nd}")
+    lonely = [c for c in a + b if c not in out and not (c in a and c in b)]
+    if lonely:
+        raise ValueError(f"einsum spec {spec!r} sums letters {lonely} within one operand; "
+                         f"the int8 path supports contractions between the operands only")
+    return a, b, out
+
+
+def int8_einsum(
+    spec: str,
+    lhs: ArrayLike,
+    rhs: ArrayLike,
+    *,
+    lhs_scale: ArrayLike,
+    rhs_scale: ArrayLike,
+    lhs_zero_point: ArrayLike | None = None,
+    out_dtype=jnp.float32,
+) -> jax.Array:
+    """Two-operand ``jnp.einsum`` of int8 codes with int32 accumulation, rescaled to float.
+
+    Scales and the zero point are keepdims over their operand (size 1 on letters that are
+    contracted). See `int8_dot_general`.
+    """
+    lhs, rhs = _check_int8("lhs", lhs), _check_int8("rhs", rhs)
+    a, b, out = parse_einsum(spec, lhs.ndim, rhs.ndim)
+    s_l = _keepdims("lhs_scale", lhs_scale, lhs, [i for i, c in enumerate(a) if c not in out])
+    s_r = _keepdims("rhs_scale", rhs_scale, rhs, [i for i, c in enumerate(b) if c not in out])
+    z_l = _keepdims("lhs_zero_point", lhs_zero_point, lhs,
+                    [i for i, c in enumerate(a) if c not in out])
+    acc = jnp.einsum(f"{a},{b}->{out}", lhs, rhs, preferred_element_type=jnp.int32)
+
+    def place(t: jax.Array, term: str) -> jax.Array:
+        return _to_output(t, *[(term.index(c),) if c in term else 1 for c in out])
+
+    if z_l is not None:
+        wsum = jnp.sum(rhs.astype(jnp.int32), keepdims=True,
+                       axis=tuple(i for i, c in enumerate(b) if c not in out))
+        acc = acc - place(z_l.astype(jnp.int32), a) * place(wsum, b)
+    scale = place(s_l.astype(jnp.float32), a) * place(s_r.astype(jnp.float32), b)
+    return (acc.astype(jnp.float32) * scale).astype(out_dtype)

@@ -1,0 +1,141 @@
+"""The main job: train the teacher, build every variant, measure them, write the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import optax
+
+import jaxopt_lab as jol
+from jaxopt_lab import train
+from jaxopt_lab.report import measure, pipeline, render, variants
+from jaxopt_lab.report.models import as_model_input, models_for
+from jaxopt_lab.report.settings import VARIANTS, JobSettings
+from jaxopt_lab.report.training import check_devices
+
+BUILDERS: dict[str, Callable[[variants.JobContext], variants.Variant]] = {
+    "baseline": variants.baseline,
+    "bn_folded": variants.bn_folded,
+    "int8_ptq": variants.int8_ptq,
+    "int4_group_ptq": variants.int4_group_ptq,
+    "int4_qat": variants.int4_qat,
+    "prune50_gradual": variants.prune50_gradual,
+    "prune90_gradual": variants.prune90_gradual,
+    "nm24": variants.nm24,
+    "channel_compact": variants.channel_compact,
+    "student_kd": variants.student_kd,
+    "pipeline": pipeline.pipeline,
+}
+assert tuple(BUILDERS) == VARIANTS
+
+
+def select_variants(only: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The variants to build, in report order; the baseline is always included.
+
+    Raises:
+      ValueError: an unknown or empty name.
+    """
+    if only is None:
+        return VARIANTS
+    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only)]
+    if not names or any(not n for n in names):
+        raise ValueError(f"--only needs comma-separated variant names, got {only!r}")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(VARIANTS)}")
+    wanted = {"baseline", *names}
+    return tuple(n for n in VARIANTS if n in wanted)
+
+
+def load_data(path: str | None, seed: int) -> tuple[train.Dataset, str]:
+    """The embedded digits, or a user ``.npz`` with ``x`` and ``y``, ready for the models.
+
+    Raises:
+      ValueError: an unreadable file, bad arrays, or too few examples for three splits.
+    """
+    if path is None:
+        data, name = train.load_digits(seed=seed), "digits (scikit-learn, embedded)"
+    else:
+        data, name = train.load_npz(path, seed=seed), os.path.basename(path)
+    splits = [train.Split(as_model_input(s.x), s.y) for s in (data.train, data.val, data.test)]
+    for label, split in zip(("train", "validation", "test"), splits):
+        if len(split.y) == 0:
+            raise ValueError(f"{name}: too few examples for a {label} split "
+                             f"({sum(len(s.y) for s in splits)} in all)")
+    return train.Dataset(*splits, data.num_classes), name
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "jaxopt_lab": jol.__version__,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def _progress(items, settings: JobSettings, desc: str):
+    if not settings.progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
+            only: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the whole job and writes ``report.json``, ``report.md`` and ``pareto.png``.
+
+    Models are saved under ``out/models/``. Returns the report dict (what
+    ``report.json`` holds).
+
+    Raises:
+      ValueError: bad settings, data or selection (nothing is trained then).
+    """
+    start = time.perf_counter()
+    names = select_variants(only)
+    check_devices(settings.devices)
+    data, data_name = load_data(data_path, settings.seed)
+    pair = models_for(data.train.x, data.num_classes)
+    model_dir = os.path.join(out, "models")
+    os.makedirs(model_dir, exist_ok=True)
+
+    t0 = time.perf_counter()
+    ctx = variants.JobContext(data, pair, None, settings)
+    ctx.teacher_variables = ctx.fit(pair.teacher, optax.adam(settings.learning_rate),
+                                    epochs=settings.teacher_epochs, patience=settings.patience)
+    timings: dict[str, Any] = {"teacher_training_s": time.perf_counter() - t0, "variants": {}}
+
+    rows = []
+    for name in _progress(names, settings, "variants"):
+        t0 = time.perf_counter()
+        variant = BUILDERS[name](ctx)
+        t1 = time.perf_counter()
+        rows.append(measure.measure(variant, data, model_dir, seed=settings.seed,
+                                    repeats=settings.latency_repeats))
+        timings["variants"][name] = {"build_s": t1 - t0,
+                                     "measure_s": time.perf_counter() - t1}
+    measure.add_ratios(rows, rows[0])
+    timings["total_s"] = time.perf_counter() - start
+    report = {
+        "data": {"name": data_name, "train": len(data.train.y), "val": len(data.val.y),
+                 "test": len(data.test.y), "num_classes": data.num_classes,
+                 "input_shape": list(data.train.x.shape[1:]), "models": pair.kind},
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
+        "environment": environment(),
+        "baseline": "baseline",
+        "variants": rows,
+        "timings": timings,
+    }
+    render.write_all(report, out)
+    return report

@@ -1,0 +1,124 @@
+"""Measuring one variant: accuracy, counts, the saved file's size, latency.
+
+Every figure is taken from the tree read back from the file ``jol.save`` wrote, so a
+variant is measured exactly as it would be deployed. Latency is the median of repeated
+runs of the jitted inference path, after a compile-and-warm-up call; ratios to the
+baseline are only meaningful between figures of one process (see :func:`add_ratios`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+import jaxopt_lab as jol
+from jaxopt_lab import train
+from jaxopt_lab.report.variants import Variant
+
+LATENCY_BATCHES = (1, 256)
+
+
+@functools.cache
+def _jitted(infer: Callable) -> Callable:
+    # One jitted function per inference path, so variants sharing a path (same model,
+    # same storage layout) share its compiled program.
+    return jax.jit(infer)
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int, inner: int = 1) -> float:
+    """Median wall time of ``fn()`` (blocked) over ``repeats`` runs of ``inner`` calls."""
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def latency_inputs(x: np.ndarray) -> dict[int, np.ndarray]:
+    """Test inputs at every latency batch size (rows repeated if the split is smaller)."""
+    return {b: np.resize(x, (b, *x.shape[1:])) for b in LATENCY_BATCHES}
+
+
+def latency_ms(variant: Variant, stored: Any, inputs: dict[int, np.ndarray], *,
+               repeats: int) -> dict[int, float]:
+    """Median milliseconds per call of the variant's inference path, per batch size."""
+    fn = _jitted(variant.infer)
+    stored = jax.device_put(stored)
+    out = {}
+    for batch, x in inputs.items():
+        call = functools.partial(fn, stored, jax.device_put(x))
+        inner = 10 if batch == 1 else 1  # batch 1 is too quick to time one call at a time
+        out[batch] = 1e3 * median_seconds(call, repeats=repeats, inner=inner)
+    return out
+
+
+def save_and_reload(variant: Variant, directory: str, metadata: dict) -> tuple[str, int, Any]:
+    """Writes the variant with ``jol.save``; returns the path, its size and the reloaded tree."""
+    path = os.path.join(directory, f"{variant.name}.safetensors")
+    jol.save(path, variant.stored, metadata=metadata)
+    return path, os.path.getsize(path), jol.load(path)
+
+
+def counts(params: Any) -> dict[str, Any]:
+    """Parameter count, nonzero count and the fraction of zeros in the kernels."""
+    report = jol.sparsity(params)
+    nonzero = sum(int(np.count_nonzero(np.asarray(p))) for p in jax.tree.leaves(params))
+    return {
+        "params": train.param_count(params),
+        "nonzero_params": nonzero,
+        "sparsity": float(report.overall),
+    }
+
+
+def measure(variant: Variant, data: train.Dataset, directory: str, *, seed: int,
+            repeats: int) -> dict[str, Any]:
+    """Every figure of one report row, except the ratios to the baseline."""
+    path, size, loaded = save_and_reload(variant, directory,
+                                         {"variant": variant.name, "seed": seed})
+    variables = variant.to_variables(loaded)
+    scores = train.evaluate(variant.model, variables, data.test, num_classes=data.num_classes)
+    latency = latency_ms(variant, loaded, latency_inputs(data.test.x), repeats=repeats)
+    row = {
+        "name": variant.name,
+        "description": variant.description,
+        "accuracy": scores["accuracy"],
+        "f1_macro": scores["f1_macro"],
+        **counts(variables["params"]),
+        "sparsity_target": variant.sparsity_target,
+        "size_bytes": size,
+        "file": os.path.basename(path),
+        "seed": seed,
+        **(variant.extra or {}),
+    }
+    for batch, ms in latency.items():
+        row[f"latency_b{batch}_ms"] = ms
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> None:
+    """Adds the changes against ``baseline`` (same process) to every row, in place."""
+    for row in rows:
+        row["accuracy_delta"] = row["accuracy"] - baseline["accuracy"]
+        row["f1_macro_delta"] = row["f1_macro"] - baseline["f1_macro"]
+        row["size_ratio"] = row["size_bytes"] / baseline["size_bytes"]
+        for batch in LATENCY_BATCHES:
+            key = f"latency_b{batch}_ms"
+            row[f"latency_b{batch}_ratio"] = row[key] / baseline[key]
+
+
+def all_finite(row: dict[str, Any]) -> bool:
+    """True if every number in the row is finite."""
+    return all(math.isfinite(v) for v in row.values()
+               if isinstance(v, (int, float)) and not isinstance(v, bool))

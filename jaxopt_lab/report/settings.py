@@ -1,0 +1,73 @@
+"""The main job's settings: one frozen record, with a default and a ``--quick`` preset."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Every variant the job can build, in report order; "baseline" is always built.
+VARIANTS = (
+    "baseline",
+    "bn_folded",
+    "int8_ptq",
+    "int4_group_ptq",
+    "int4_qat",
+    "prune50_gradual",
+    "prune90_gradual",
+    "nm24",
+    "channel_compact",
+    "student_kd",
+    "pipeline",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSettings:
+    """How much work the main job does; everything else follows from the seed.
+
+    Attributes:
+      seed: initialisation, shuffling and split seed; same seed, same figures.
+      quick: the small preset (whole job well under a minute on a 2-core CPU).
+      teacher_epochs: maximum epochs of the baseline teacher (early-stopped).
+      finetune_epochs: epochs of each fine-tune (QAT, pruning, 2:4, channel pruning).
+      student_epochs: maximum epochs of the distilled student.
+      pipeline_epochs: epochs of each fine-tuning stage of the composed pipeline.
+      patience: early-stopping patience of the from-scratch runs.
+      batch_size: global training batch (rounded up to a multiple of ``devices``).
+      learning_rate: Adam learning rate of the from-scratch runs.
+      finetune_learning_rate: Adam learning rate of the fine-tunes.
+      temperature: distillation temperature.
+      alpha: weight of the soft-target term of the distillation loss.
+      pipeline_sparsity: the pruning target of the composed pipeline.
+      group_size: elements sharing one scale in int4 per-group quantization.
+      latency_repeats: timed runs per latency figure (the median is reported).
+      devices: train data-parallel over this many devices (None: one device, no mesh).
+      progress: show progress bars.
+    """
+
+    seed: int = 0
+    quick: bool = False
+    teacher_epochs: int = 15
+    finetune_epochs: int = 4
+    student_epochs: int = 20
+    pipeline_epochs: int = 4
+    patience: int | None = 4
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    finetune_learning_rate: float = 5e-4
+    temperature: float = 4.0
+    alpha: float = 0.9
+    pipeline_sparsity: float = 0.5
+    group_size: int = 16
+    latency_repeats: int = 30
+    devices: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def preset(cls, *, quick: bool = False, **overrides) -> JobSettings:
+        """The default settings, or the ``--quick`` ones, with ``overrides`` applied."""
+        if quick:
+            base = dict(quick=True, teacher_epochs=4, finetune_epochs=1, student_epochs=6,
+                        pipeline_epochs=1, patience=None, latency_repeats=7)
+        else:
+            base = {}
+        return cls(**{**base, **overrides})

@@ -1,0 +1,124 @@
+"""Training for the main job: ``jol.train.fit`` on one device, or the same loop on a mesh.
+
+With ``devices`` set, every run (teacher, fine-tunes, distillation) goes through
+``jol.train.mesh_train_step``: ``jit`` with the batch sharded over a 1-D device mesh, the
+state replicated, early stopping on validation accuracy exactly as ``fit`` does it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from jaxopt_lab import train
+from jaxopt_lab.train.step import LossFn, ParamTransform
+
+Variables = Any
+
+
+def check_devices(devices: int | None) -> None:
+    """Raises ``ValueError`` unless ``devices`` is None or between 1 and the device count."""
+    if devices is None:
+        return
+    available = jax.device_count()
+    if devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {devices}")
+    if devices > available:
+        hint = (" (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before "
+                "starting to get N host devices)" if jax.default_backend() == "cpu" else "")
+        raise ValueError(
+            f"--devices {devices} asked for, but only {available} {jax.default_backend()} "
+            f"device(s) are available{hint}"
+        )
+
+
+def global_batch(batch_size: int, num_train: int, devices: int | None) -> int:
+    """The batch actually used: at most the training set, a multiple of ``devices``."""
+    n = devices or 1
+    batch = min(batch_size, num_train)
+    batch = n * math.ceil(batch / n)
+    if batch > num_train:
+        raise ValueError(
+            f"{num_train} training examples are too few for a batch over {n} devices"
+        )
+    return batch
+
+
+def _fit_on_mesh(model, data, tx, *, devices, epochs, batch_size, seed, variables, loss,
+                 param_transform, patience, progress, keep_last):
+    mesh = train.data_mesh(devices)
+    step, put_state, put_batch = train.mesh_train_step(
+        model, tx, mesh, loss=loss, param_transform=param_transform)
+    state = put_state(train.create_train_state(model, tx, data.train.x, seed=seed,
+                                               variables=variables))
+
+    def current(s):
+        p = s.params if param_transform is None else param_transform(s.params)
+        return {"params": p, **s.model_state}
+
+    stopper = train.early_stopping_init("max")
+    best = state
+    epoch_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_iter = tqdm(epoch_iter, desc=f"train {type(model).__name__} on {devices} devices",
+                          leave=False)
+    for epoch in epoch_iter:
+        for x, y in train.batches(data.train, batch_size, seed=seed, epoch=epoch):
+            state, _ = step(state, *put_batch(x, y))
+        val = train.evaluate(model, current(state), data.val,
+                             num_classes=data.num_classes)["accuracy"]
+        stopper, improved, stop = train.early_stopping_update(
+            stopper, val, epoch, patience=patience if patience is not None else epochs)
+        if improved:
+            best = state
+        if patience is not None and stop:
+            break
+    best = jax.device_get(state if keep_last else best)
+    return {"params": best.params, **best.model_state}
+
+
+def fit_model(
+    model: nn.Module,
+    data: train.Dataset,
+    tx: optax.GradientTransformation,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    devices: int | None = None,
+    variables: Variables | None = None,
+    loss: LossFn | None = None,
+    param_transform: ParamTransform | None = None,
+    patience: int | None = None,
+    progress: bool = False,
+    keep_last: bool = False,
+) -> Variables:
+    """Trains and returns the best variables (``fit``'s contract), on a mesh if ``devices``.
+
+    ``keep_last`` returns the final variables instead of the best on validation: a
+    gradual-pruning run must end at its final sparsity, not at an earlier, denser epoch.
+    Returned variables are host (numpy) arrays, so later steps never depend on where
+    training ran.
+    """
+    batch = global_batch(batch_size, len(data.train.y), devices)
+    if devices is None:
+        out, history = train.fit(model, data, tx, epochs=epochs, batch_size=batch, seed=seed,
+                                 variables=variables, loss=loss,
+                                 param_transform=param_transform, patience=patience,
+                                 progress=progress)
+        if keep_last:
+            final = history["final_state"]
+            out = {"params": final.params, **final.model_state}
+    else:
+        out = _fit_on_mesh(model, data, tx, devices=devices, epochs=epochs, batch_size=batch,
+                           seed=seed, variables=variables, loss=loss,
+                           param_transform=param_transform, patience=patience,
+                           progress=progress, keep_last=keep_last)
+    return jax.tree.map(np.asarray, out)

@@ -1,0 +1,208 @@
+"""Saving and resuming a whole training run with orbax-checkpoint.
+
+A checkpoint holds the full :class:`~jaxopt_lab.train.TrainState` (step, params, model
+collections, the optax state with prune masks and QAT step sizes, the PRNG key) plus the
+data-iterator position, under ``<directory>/<step>/``. orbax writes each step into a
+temporary directory and renames it into place only once every file is written, so a
+process killed mid-save leaves the earlier checkpoints intact; the half-written temporary
+directory is ignored and removed the next time a :class:`Checkpointer` opens the directory.
+
+Restoring needs a *target*: a state of the right structure (e.g. a freshly created one, or
+``jax.ShapeDtypeStruct`` leaves). The restored tree has the target's exact types
+(``NamedTuple`` optimizer states come back as themselves) and its shardings.
+
+Examples:
+  >>> import tempfile, optax, jaxopt_lab as jol
+  >>> model, tx = jol.train.MLP(hidden=(8,)), optax.adam(1e-3)
+  >>> state = jol.train.create_train_state(model, tx, jol.train.load_digits().train.x)
+  >>> with jol.train.Checkpointer(tempfile.mkdtemp()) as ckpt:
+  ...     ckpt.save(0, state, jol.train.DataPosition(epoch=0, batch=0))
+  ...     restored, position = ckpt.restore(state)
+  >>> position
+  DataPosition(epoch=0, batch=0)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import LatestN
+
+PyTree = Any
+
+
+class DataPosition(NamedTuple):
+    """Where the data iterator stands: ``batch`` batches of ``epoch`` are consumed."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+def _leaf_name(path) -> str:
+    """orbax's name for a leaf: key names joined by dots (``opt_state.0.1.mask.Dense_0``)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return ".".join(parts)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+    """Atomic, resumable checkpoints of a training state and its data position.
+
+    Args:
+      directory: where step directories are written (created if missing).
+      max_to_keep: keep only the newest this many checkpoints (``None``: keep all).
+      asynchronous: write in a background thread so training continues during the save;
+        :meth:`wait_until_finished` (called by :meth:`restore` and :meth:`close`) blocks.
+
+    In a multi-process job every process constructs the Checkpointer and calls
+    :meth:`save` / :meth:`restore` with the same arguments; orbax coordinates the writes.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 asynchronous: bool = False):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            cleanup_tmp_directories=True,  # drop the leftovers of a save that was killed
+            enable_async_checkpointing=asynchronous,
+            preservation_policy=LatestN(max_to_keep),  # n=None keeps every step
+        )
+        # Named handlers let a fresh process read metadata before the first restore.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
+
+    def save(self, step: int, state: PyTree, data_position: DataPosition | None = None, *,
+             metadata: dict | None = None) -> None:
+        """Writes checkpoint ``step``: ``state``, ``data_position`` and JSON ``metadata``.
+
+        ``data_position`` defaults to the start of epoch 0. The step is complete on disk when
+        this returns (or, with ``asynchronous=True``, after :meth:`wait_until_finished`).
+
+        Raises:
+          ValueError: a negative step, or a checkpoint for ``step`` already exists.
+        """
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"checkpoint step must be >= 0, got {step}")
+        if step in self.all_steps():
+            raise ValueError(f"checkpoint step {step} already exists in {self.directory}")
+        data_position = data_position or DataPosition()
+        info = {"step": step, "epoch": int(data_position.epoch),
+                "batch": int(data_position.batch), "metadata": metadata or {}}
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    data=ocp.args.JsonSave(info)),
+            force=True,
+        )
+
+    def restore(self, target: PyTree, *, step: int | None = None) -> tuple[PyTree, DataPosition]:
+        """Loads checkpoint ``step`` (default: the latest) into the structure of ``target``.
+
+        Args:
+          target: a tree with the saved structure (arrays or ``jax.ShapeDtypeStruct``);
+            restored leaves take its types and shardings.
+          step: which checkpoint; ``None`` for the latest.
+
+        Returns:
+          ``(state, data_position)``.
+
+        Raises:
+          FileNotFoundError: no checkpoint (or not that step) in the directory.
+          ValueError: the target's structure, shapes or dtypes differ from the checkpoint;
+            the message names the checkpoint and the first offending leaves.
+        """
+        self.wait_until_finished()
+        step = self.latest_step() if step is None else int(step)
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint {'' if step is None else step} in {self.directory} "
+                f"(available steps: {list(self.all_steps())})"
+            )
+        abstract = _abstract(target)
+        self._check_target(step, abstract)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                    data=ocp.args.JsonRestore()),
+        )
+        info = restored.data
+        return restored.state, DataPosition(int(info["epoch"]), int(info["batch"]))
+
+    def restore_latest(self, target: PyTree) -> tuple[PyTree, DataPosition, int] | None:
+        """``(state, data_position, step)`` of the newest checkpoint, or ``None`` if none."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        state, position = self.restore(target, step=step)
+        return state, position, step
+
+    def metadata(self, step: int | None = None) -> dict:
+        """The JSON ``metadata`` dict stored with a checkpoint (default: the latest)."""
+        self.wait_until_finished()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self._manager.restore(
+            step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
+        ).data["metadata"]
+
+    def _check_target(self, step: int, abstract: PyTree) -> None:
+        where = os.path.join(self.directory, str(step))
+        saved = self._manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        on_disk = {_leaf_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        wanted = {_leaf_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+        missing, extra = sorted(wanted.keys() - on_disk.keys()), sorted(on_disk.keys() - wanted)
+        if missing or extra:
+            raise ValueError(
+                f"checkpoint {where} does not match the target structure: leaves missing "
+                f"from the checkpoint {missing[:5]}, leaves not in the target {extra[:5]}"
+            )
+        for name, a in wanted.items():
+            m = on_disk[name]
+            if not hasattr(a, "shape") or jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+                continue  # Python scalars and typed PRNG keys are stored in another form
+            if tuple(m.shape) != tuple(a.shape) or np.dtype(m.dtype) != np.dtype(a.dtype):
+                raise ValueError(
+                    f"checkpoint {where}: leaf {name!r} is {np.dtype(m.dtype)}{tuple(m.shape)} "
+                    f"on disk but {np.dtype(a.dtype)}{tuple(a.shape)} in the target"
+                )
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or ``None``."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of every complete checkpoint, ascending (half-written saves are excluded)."""
+        return sorted(self._manager.all_steps())
+
+    def wait_until_finished(self) -> None:
+        """Blocks until a pending asynchronous save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases orbax's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

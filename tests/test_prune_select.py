@@ -1,0 +1,107 @@
+"""Exact k-lowest selection: radix path == sort path == numpy reference, exact counts."""
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jaxopt_lab.prune import select
+
+SHAPES = [(64, 128), (100,), (3, 5, 7)]  # 8192 (radix) + small leaves
+TOTAL = sum(math.prod(s) for s in SHAPES)
+
+_radix = jax.jit(select._radix_keep)
+_sort = jax.jit(select._sort_keep)
+_keep = jax.jit(select.keep_above_k_lowest)
+
+
+def reference_keep(scores, k):
+    """Prunes the k lowest (score, array index, flat index) in numpy."""
+    flat = np.concatenate([np.asarray(s).ravel() for s in scores])
+    order = np.lexsort((np.arange(flat.size), flat))
+    keep = np.ones(flat.size, bool)
+    keep[order[:k]] = False
+    out, start = [], 0
+    for s in scores:
+        out.append(keep[start : start + s.size].reshape(s.shape))
+        start += s.size
+    return out
+
+
+def _scores(draw, shape, spread):
+    return draw(hnp.arrays(np.int32, shape, elements=st.integers(0, spread)))
+
+
+@st.composite
+def score_sets(draw):
+    spread = draw(st.sampled_from([0, 3, 1000, 2**31 - 1]))  # all ties ... all distinct
+    scores = [jnp.asarray(_scores(draw, s, spread)) for s in SHAPES]
+    return scores, draw(st.integers(0, TOTAL))
+
+
+@given(score_sets())
+def test_radix_and_sort_match_reference(case):
+    scores, k = case
+    want = reference_keep(scores, k)
+    for got in (_radix(scores, jnp.int32(k)), _sort(scores, jnp.int32(k))):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), w)
+
+
+@given(st.integers(0, 64 * 128), st.sampled_from([0, 1, 7, 2**20]))
+def test_single_large_leaf_exact_count(k, spread):
+    rng = np.random.default_rng(k)
+    s = jnp.asarray(rng.integers(0, spread + 1, (64, 128)), jnp.int32)
+    (keep,) = _keep([s], jnp.int32(k))
+    assert int((~keep).sum()) == k
+    np.testing.assert_array_equal(np.asarray(keep), reference_keep([s], k)[0])
+
+
+def test_k_is_clipped_and_empty_inputs():
+    s = [jnp.arange(10, dtype=jnp.int32)]
+    assert bool(select.keep_above_k_lowest(s, -3)[0].all())
+    assert not bool(select.keep_above_k_lowest(s, 99)[0].any())
+    assert select.keep_above_k_lowest([jnp.zeros((0, 4), jnp.int32)], 2)[0].shape == (0, 4)
+
+
+NASTY = [0.0, -0.0, 1e-45, -1e-45, 1e-38, 1.0, -1.0, 3.4e38, -3.4e38, np.inf, -np.inf, np.nan]
+
+
+@given(hnp.arrays(np.float32, 64, elements=st.sampled_from(NASTY) | st.floats(width=32)))
+def test_magnitude_scores_order_like_abs(x):
+    s = np.asarray(select.magnitude_scores(jnp.asarray(x))).astype(np.int64)
+    nan = np.isnan(x)
+    mag = np.where(nan, 0.0, np.abs(x).astype(np.float64))
+    assert (s >= 1).all()
+    for i in range(64):
+        want = np.sign(nan[i].astype(int) - nan.astype(int))  # NaN above everything
+        want = np.where(want == 0, (mag[i] > mag).astype(int) - (mag[i] < mag), want)
+        np.testing.assert_array_equal(np.sign(s[i] - s), want)
+
+
+def test_previous_mask_ranks_lowest():
+    x = jnp.asarray([5.0, 0.0, 1.0, 2.0])
+    prev = jnp.asarray([False, True, True, True])
+    s = select.magnitude_scores(x, prev)
+    assert int(s[0]) == 0 and bool((s[1:] > 0).all())
+
+
+@pytest.mark.parametrize("sparsity,size", [(0.7, 10), (0.3, 10), (0.8, 8192), (0.9, 1000),
+                                           (1.0, 77), (0.0, 5), (0.5, 3)])
+def test_count_to_prune_python_and_traced_agree(sparsity, size):
+    want = math.floor(sparsity * size)
+    assert int(select.count_to_prune(sparsity, size)) == want
+    traced = jax.jit(lambda s: select.count_to_prune(s, size))(jnp.float32(sparsity))
+    assert int(traced) == want
+
+
+def test_count_to_prune_traced_nan_and_out_of_range_clip():
+    f = jax.jit(lambda s: select.count_to_prune(s, 10))
+    assert int(f(jnp.float32(np.nan))) == 0
+    assert int(f(jnp.float32(-1.0))) == 0
+    assert int(f(jnp.float32(2.0))) == 10
