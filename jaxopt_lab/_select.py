@@ -45,19 +45,38 @@ def default_where(path: KeyPath, leaf: Any) -> bool:
     return is_float_array(leaf) and np.ndim(leaf) >= 2
 
 
+class _Overrides:
+    """Opaque (non-pytree) wrapper of a per-leaf settings mapping inside a mask tree."""
+
+    def __init__(self, mapping: Mapping[str, Any]):
+        self.mapping = mapping
+
+
+def _wrap_overrides(mask: Any, tree: Any) -> Any:
+    """Tells mask-tree dicts (same keys as the tree's dict there) from settings mappings."""
+    if isinstance(mask, Mapping):
+        if isinstance(tree, Mapping) and set(mask) == set(tree):
+            return type(mask)({k: _wrap_overrides(mask[k], tree[k]) for k in mask})
+        return _Overrides(mask)
+    if type(mask) in (list, tuple) and type(mask) is type(tree) and len(mask) == len(tree):
+        return type(mask)(_wrap_overrides(m, t) for m, t in zip(mask, tree))
+    return mask
+
+
 def _broadcast_mask(tree: Params, mask: Params, is_leaf) -> list[Choice]:
     """Expands a mask tree (or a prefix of the tree's structure) to one choice per leaf."""
-    is_choice = lambda x: isinstance(x, (bool, np.bool_, Mapping)) or x is None  # noqa: E731
+    is_choice = lambda x: isinstance(x, (bool, np.bool_, _Overrides)) or x is None  # noqa: E731
     try:
         expanded = jax.tree.map(
             lambda m, sub: jax.tree.map(lambda _: m, sub, is_leaf=is_leaf),
-            mask,
+            _wrap_overrides(mask, tree),
             tree,
             is_leaf=is_choice,
         )
     except ValueError as e:
         raise ValueError(f"`where` mask tree does not match the params tree: {e}") from None
     choices = jax.tree.leaves(expanded, is_leaf=is_choice)
+    choices = [c.mapping if isinstance(c, _Overrides) else c for c in choices]
     for c in choices:
         if not isinstance(c, (bool, np.bool_, Mapping)) and c is not None:
             raise ValueError(f"`where` mask entries must be bools, got {c!r}")

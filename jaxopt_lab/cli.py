@@ -105,11 +105,11 @@ def _run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     import json
 
-    from jaxopt_lab import sweep as sweeps
+    from jaxopt_lab.sweep import format_table, sweep_student
 
-    result = sweeps.sweep_student(param=args.param, values=args.values, epochs=args.epochs,
-                                  seed=args.seed)
-    print(sweeps.format_table(result))
+    result = sweep_student(param=args.param, values=args.values, epochs=args.epochs,
+                           seed=args.seed)
+    print(format_table(result))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -199,6 +199,7 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
     for b in blobs:
         crc = zlib.crc32(b, crc)
     info = {"format": FORMAT, "version": VERSION, "tree": spec, "metadata": user, "crc32": crc}
+    info["header_crc32"] = _header_crc(header, FORMAT, info)
     header["__metadata__"] = {"format": FORMAT, FORMAT: json.dumps(info, separators=(",", ":"))}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # 8-byte aligned tensor data, as safetensors writes it
@@ -221,6 +222,17 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
 
 
 # --- load ------------------------------------------------------------------------------
+
+
+def _header_crc(table: Mapping[str, Any], fmt: Any, info: Mapping[str, Any]) -> int:
+    """CRC32 of the canonical JSON of everything in the header but this checksum.
+
+    A flipped byte can leave the JSON valid (a renamed key, a changed digit); this catches it.
+    """
+    rest = {k: v for k, v in info.items() if k != "header_crc32"}
+    canon = json.dumps({"tensors": table, "format": fmt, "info": rest}, sort_keys=True,
+                       separators=(",", ":"))
+    return zlib.crc32(canon.encode())
 
 
 def _read_header(f, path: str, size: int) -> tuple[dict[str, Any], dict[str, Any], int]:
@@ -246,6 +258,8 @@ def _read_header(f, path: str, size: int) -> tuple[dict[str, Any], dict[str, Any
             raise ValueError("missing tree")
     except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: corrupted jaxopt_lab metadata ({e})") from None
+    if info.get("header_crc32") != _header_crc(header, meta.get("format"), info):
+        raise ValueError(f"{path}: corrupted safetensors header (checksum mismatch)")
     if info.get("version", 0) > VERSION:
         raise ValueError(f"{path}: written by a newer jaxopt_lab (format version "
                          f"{info['version']} > {VERSION})")

@@ -55,8 +55,8 @@ def test_errors_match_sklearn(data, n, outputs, multioutput, weighted):
         y_pred = y_true + values(data, shape, zeros=False) * 1e-3  # near-perfect predictions
     weight = np.array(data.draw(st.lists(st.floats(0.1, 10), min_size=n, max_size=n))) \
         if weighted else None
-    if multioutput == "weights":
-        multioutput = np.arange(1.0, (outputs or 1) + 1)
+    if multioutput == "weights":  # sklearn only takes output weights for several outputs
+        multioutput = np.arange(1.0, outputs + 1) if outputs and outputs > 1 else "raw_values"
     for name, (ours, theirs) in ERRORS.items():
         expected = theirs(y_true, y_pred, sample_weight=weight, multioutput=multioutput)
         got = ours(y_true, y_pred, sample_weight=weight, multioutput=multioutput)

@@ -179,7 +179,9 @@ def distill_loss(
         and padded positions (their logits and labels) never affect value or gradient.
 
     Returns:
-      The scalar loss (0 when ``mask`` marks nothing valid).
+      The scalar loss (0 when ``mask`` marks nothing valid). Under ``pmap`` it is the
+      per-device mean; a step that ``pmean`` s the gradients then averages the devices,
+      which is the global per-token mean when devices hold equal numbers of valid tokens.
 
     Raises:
       ValueError: mismatched shapes or class counts, non-float logits, empty logits,

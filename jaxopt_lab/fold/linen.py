@@ -11,8 +11,9 @@ import numpy as np
 from flax.core import FrozenDict, freeze, unfreeze
 
 from jaxopt_lab.fold import arith
-from jaxopt_lab.fold.report import FoldedPair, FoldReport
-from jaxopt_lab.fold.trace import Path, PairPlan, path_name, plan_linen
+from jaxopt_lab.fold.report import FoldedPair, FoldReport, warn_if_training
+from jaxopt_lab.fold.plan import Path, PairPlan, path_name
+from jaxopt_lab.fold.trace import plan_linen
 
 Variables = Any
 
@@ -81,12 +82,26 @@ def _fold_pair(out: dict, plan: PairPlan) -> str:
     return res.shift_in
 
 
+_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
+def _check_leaves(node, path: str) -> None:
+    """Every leaf must be a plain array: a QTensor, say, means the fold comes too late."""
+    if isinstance(node, Mapping):
+        for key, child in node.items():
+            _check_leaves(child, f"{path}/{key}" if path else str(key))
+    elif not isinstance(node, _ARRAY_TYPES):
+        raise TypeError(f"{path} must be an array, got {type(node).__name__} (fold batch norm "
+                        "before quantizing or other transforms that replace arrays)")
+
+
 def _check_inputs(model, variables) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise TypeError("variables must be a linen variables dict with a 'params' collection, "
                         f"got {type(variables).__name__}")
+    _check_leaves(variables, "")
 
 
 def _shift_in(plan: PairPlan) -> str:
@@ -170,6 +185,7 @@ def bn_fold(model: nn.Module, variables: Variables, *example_args,
       'layer_bias'
     """
     pairs, report = _plan(model, variables, example_args, example_kwargs)
+    warn_if_training(report)
     frozen = isinstance(variables, FrozenDict)
     out = dict(unfreeze(variables) if frozen else variables)
     for plan in pairs:

@@ -19,8 +19,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxopt_lab.fold import arith
-from jaxopt_lab.fold.report import FoldedPair, FoldReport
-from jaxopt_lab.fold.trace import (
+from jaxopt_lab.fold.report import FoldedPair, FoldReport, warn_if_training
+from jaxopt_lab.fold.plan import (
     BNCall,
     LayerCall,
     Path,
@@ -35,7 +35,7 @@ LAYER_TYPES = (nnx.Conv, nnx.ConvTranspose, nnx.Linear, nnx.LinearGeneral)
 _PATCH_LOCK = threading.Lock()
 
 
-def _shape(v) -> tuple[int, ...] | None:
+def _variable_shape(v) -> tuple[int, ...] | None:
     return None if v is None else tuple(np.shape(v[...]))
 
 
@@ -47,7 +47,7 @@ def _record_layer(module, y, paths, layers: list):
     k = len(module.out_features) if isinstance(module, nnx.LinearGeneral) else 1
     layers.append(LayerCall(
         path=paths[id(module)], out=y, tag=tag, feature_axes=tuple(range(y.ndim - k, y.ndim)),
-        kernel_shape=_shape(module.kernel), bias_shape=_shape(module.bias),
+        kernel_shape=_variable_shape(module.kernel), bias_shape=_variable_shape(module.bias),
         kernel_features_last=not (isinstance(module, nnx.ConvTranspose)
                                   and module.transpose_kernel),
     ))
@@ -130,7 +130,7 @@ def _plan(module: nnx.Module, args, kwargs):
 
     def stored_shape(collection: str, path: Path, name: str):
         del collection
-        return _shape(getattr(modules.get(path), name, None))
+        return _variable_shape(getattr(modules.get(path), name, None))
 
     return plan_calls(layers, bns, uses, stored_shape)
 
@@ -200,4 +200,5 @@ def bn_fold_nnx(module: nnx.Module, *example_args, return_report: bool = False,
     done = tuple(FoldedPair(path_name(p.layer), path_name(p.batch_norm), _fold_pair(modules, p))
                  for p in pairs)
     report = FoldReport(done, tuple(skipped))
+    warn_if_training(report)
     return (folded, report) if return_report else folded

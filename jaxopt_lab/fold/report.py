@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
+
+TRAINING_MODE = "it runs in training mode"
 
 
 class FoldedPair(NamedTuple):
@@ -51,3 +54,15 @@ class FoldReport(NamedTuple):
                   for p in self.folded]
         lines += [f"  skipped {s.batch_norm}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
+
+
+def warn_if_training(report: FoldReport) -> None:
+    """Warns when BatchNorms were left because the trace ran them in training mode."""
+    names = [s.batch_norm for s in report.skipped if s.reason.startswith(TRAINING_MODE)]
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        warnings.warn(
+            f"bn_fold left {len(names)} BatchNorm(s) unfolded because they ran in training "
+            f"mode ({shown}); pass the eval arguments, e.g. train=False",
+            stacklevel=3,
+        )

@@ -13,7 +13,7 @@ import numpy as np
 from jaxopt_lab.fold import arith
 from jaxopt_lab.fold.linen import bn_fold_report
 from jaxopt_lab.fold.report import FoldReport
-from jaxopt_lab.fold.trace import path_name
+from jaxopt_lab.fold.plan import path_name
 
 
 def _concrete(*xs) -> bool:

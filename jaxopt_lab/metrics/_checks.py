@@ -59,7 +59,9 @@ def check_finite(name: str, x: jax.Array) -> None:
         bad = np.flatnonzero(~np.isfinite(values.ravel()))
         if bad.size:
             i = bad[0]
-            raise ValueError(f"{name} contains NaN or Inf: {name}.ravel()[{i}] = {values.ravel()[i]}")
+            raise ValueError(
+                f"{name} contains NaN or Inf: {name}.ravel()[{i}] = {values.ravel()[i]}"
+            )
 
 
 def check_class_labels(name: str, y: jax.Array) -> None:

@@ -66,7 +66,8 @@ def accuracy(
 
     Raises:
       ValueError: for mismatched lengths, empty or non-1-D inputs, NaN or non-integer
-        labels, or negative weights (value checks only on concrete inputs).
+        labels, or weights that are negative or sum to zero (value checks only on
+        concrete inputs).
 
     Examples:
       >>> from jaxopt_lab import metrics
@@ -95,15 +96,19 @@ def _nanaverage(values, weights=None):
     return jnp.where(total > 0, weighted, plain)
 
 
-@functools.partial(jax.jit, static_argnames=("average", "axis_name"))
-def _prf(y_true, y_pred, labels, weight, zero_division, *, average, axis_name):
-    """Precision, recall and F1 from one-vs-rest counts over ``labels``."""
+@functools.partial(jax.jit, static_argnames=("axis_name",))
+def _confusion_counts(y_true, y_pred, labels, weight, *, axis_name):
+    """Per-label (weighted) true positives, true counts and predicted counts."""
     dtype = weight.dtype
     is_true = (y_true[:, None] == labels[None, :]).astype(dtype)
     is_pred = (y_pred[:, None] == labels[None, :]).astype(dtype)
     w = weight[:, None]
     counts = (jnp.sum(is_true * is_pred * w, 0), jnp.sum(is_true * w, 0), jnp.sum(is_pred * w, 0))
-    tp, true_sum, pred_sum = _psum(counts, axis_name)
+    return _psum(counts, axis_name)
+
+
+def _prf(tp, true_sum, pred_sum, zero_division, average):
+    """Precision, recall and F1 from one-vs-rest counts, averaged as sklearn does."""
     if average == "micro":
         tp, true_sum, pred_sum = jnp.sum(tp), jnp.sum(true_sum), jnp.sum(pred_sum)
     precision = _safe_divide(tp, pred_sum, zero_division)
@@ -149,8 +154,9 @@ def _scores(y_true, y_pred, *, labels, num_classes, pos_label, average, sample_w
         )
     dtype = _checks.float_dtype(y_true, y_pred)
     weight = _weights_or_ones(weight, y_true.shape[0], dtype)
-    return _prf(y_true, y_pred, jnp.asarray(label_set), weight, jnp.asarray(zero_division, dtype),
-                average=average, axis_name=axis_name)
+    counts = _confusion_counts(y_true, y_pred, jnp.asarray(label_set), weight,
+                               axis_name=axis_name)
+    return _prf(*counts, jnp.asarray(zero_division, dtype), average)
 
 
 _PRF_DOC = """{summary}
@@ -161,7 +167,8 @@ _PRF_DOC = """{summary}
       labels: the classes to score and average over (sklearn's ``labels``); must be
         concrete. Values outside it count as negatives for every listed class.
       num_classes: shorthand for ``labels=range(num_classes)``; use it under ``jit``,
-        where the class set cannot be inferred. Concrete labels outside the range raise.
+        where the class set cannot be inferred. Concrete labels outside the range raise;
+        under ``jit`` they cannot be checked and count as no listed class.
       pos_label: the positive class for ``average="binary"`` (ignored otherwise).
       average: ``"binary"`` (sklearn's default: the score of ``pos_label``; at most two
         classes), ``"micro"`` (global counts), ``"macro"`` (unweighted mean over labels),
@@ -178,9 +185,10 @@ _PRF_DOC = """{summary}
 
     Raises:
       ValueError: for mismatched lengths, empty or non-1-D inputs, NaN or non-integer
-        labels, labels outside ``num_classes``, an unsupported ``average``, more than two
-        classes with ``average="binary"``, or a non-binary average under ``jit`` without
-        ``num_classes``/``labels``. Value checks only run on concrete inputs.
+        labels, weights that are negative or sum to zero (sklearn would return
+        ``zero_division``), labels outside ``num_classes``, an unsupported ``average``,
+        more than two classes with ``average="binary"``, or a non-binary average under
+        ``jit`` without ``num_classes``/``labels``. Value checks only on concrete inputs.
 
     Examples:
       >>> import jax

@@ -132,8 +132,9 @@ def roc_auc(
       A scalar, or ``(C,)`` per-class AUCs for ``average=None``.
 
     Raises:
-      ValueError: for mismatched lengths, empty inputs, wrong ranks, NaN/Inf, a single
-        class, columns that do not match the labels, rows that do not sum to 1, or an
+      ValueError: for mismatched lengths, empty inputs, wrong ranks, NaN/Inf, weights
+        that are negative or sum to zero, a single class, columns that do not match the
+        labels, rows that do not sum to 1, or an
         unsupported ``average``/``multi_class``. Value checks only on concrete inputs.
 
     Examples:

@@ -33,12 +33,13 @@ _ARGS_DOC = """Args:
       A scalar, or ``(K,)`` for ``multioutput="raw_values"``.
 
     Raises:
-      ValueError: for shape mismatches, empty inputs, ranks other than 1 or 2, NaN/Inf or
-        negative weights (value checks only on concrete inputs), or a bad ``multioutput``.
+      ValueError: for shape mismatches, empty inputs, ranks other than 1 or 2, NaN/Inf,
+        weights that are negative or sum to zero (value checks only on concrete inputs),
+        or a bad ``multioutput``.
 """
 
 
-def _regression_inputs(y_true, y_pred, sample_weight, dtype=None):
+def _regression_inputs(y_true, y_pred, sample_weight):
     y_true = _checks.as_array("y_true", y_true, (1, 2))
     y_pred = _checks.as_array("y_pred", y_pred, (1, 2))
     if y_true.shape != y_pred.shape:
@@ -55,7 +56,9 @@ def _regression_inputs(y_true, y_pred, sample_weight, dtype=None):
 def _combine_outputs(per_output: jax.Array, multioutput) -> jax.Array:
     if isinstance(multioutput, str):
         if multioutput not in _MULTIOUTPUT:
-            raise ValueError(f"multioutput={multioutput!r}; choose one of {_MULTIOUTPUT} or weights")
+            raise ValueError(
+                f"multioutput={multioutput!r}; choose one of {_MULTIOUTPUT} or output weights"
+            )
         return per_output if multioutput == "raw_values" else jnp.mean(per_output)
     weights = jnp.asarray(multioutput, per_output.dtype)
     if weights.shape != per_output.shape:

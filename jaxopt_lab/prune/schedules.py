@@ -107,7 +107,7 @@ def polynomial_schedule(
         held = t0 + (jnp.maximum(t - t0, 0) // freq) * freq  # last update step
         frac = jnp.clip((held - t0) / (t1 - t0), 0.0, 1.0).astype(jnp.float32)
         s = s_f + (s_i - s_f) * (1.0 - frac) ** power
-        s = jnp.where(t <= t0, s_i, jnp.where(t >= t1, s_f, s))
+        s = jnp.where(held <= t0, s_i, jnp.where(t >= t1, s_f, s))
         return jnp.asarray(s, jnp.float32)
 
     return schedule

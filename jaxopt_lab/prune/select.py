@@ -116,6 +116,7 @@ def _tie_cuts(ties: Sequence[jax.Array], need: jax.Array) -> list[jax.Array]:
     return cuts
 
 
+@jax.jit  # also makes eager mask calls fast (compiled once per shape)
 def _radix_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     t, below, equal = _radix_threshold(scores, jnp.maximum(k, 1))
     need = k - below  # how many scores equal to t are pruned, in position order
@@ -132,6 +133,7 @@ def _radix_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     return keep
 
 
+@jax.jit
 def _sort_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     flat = jnp.concatenate([s.reshape(-1) for s in scores])
     order = jnp.argsort(flat, stable=True)

@@ -209,7 +209,8 @@ class Sparsity(NamedTuple):
 def sparsity(tree: Params, *, where: Any = None) -> Sparsity:
     """Fractions of exact zeros, per leaf and over the ``where``-selected leaves.
 
-    A bool tree (a mask) counts False as zero. Works under ``jit``.
+    ``where`` defaults to float or bool leaves with ``ndim >= 2``; a bool tree (a mask)
+    counts False as zero. Works under ``jit``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxopt_lab as jol
@@ -217,6 +218,11 @@ def sparsity(tree: Params, *, where: Any = None) -> Sparsity:
       >>> float(s.overall), float(s.per_leaf["b"]), int(s.nonzero["w"])
       (0.75, 0.0, 1)
     """
+    if where is None:  # kernels, as for every technique; masks (bool) count too
+        where = lambda p, x: np.ndim(x) >= 2 and (  # noqa: E731
+            _select.is_float_array(x) or np.dtype(getattr(x, "dtype", None)) == bool
+        )
+
     def nonzero(x):
         return jnp.count_nonzero(jnp.asarray(x)).astype(jnp.int32)
 

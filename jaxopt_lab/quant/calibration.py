@@ -236,6 +236,10 @@ def calibration_range(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if state.histogram.ndim > 1:  # stacked states (e.g. pmap outputs): one range each
+        return jax.vmap(lambda s: calibration_range(
+            s, method=method, percentile=percentile, bits=bits, symmetric=symmetric,
+            num_candidates=num_candidates))(state)
     if not isinstance(state.count, jax.core.Tracer) and int(np.max(state.count)) == 0:
         raise ValueError("calibration_range: no batches observed yet (count == 0)")
     if method == "minmax":

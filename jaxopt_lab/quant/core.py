@@ -23,6 +23,7 @@ features); when ``axis`` resolves to 0 it is axis 1, and for a 1-D array it is a
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -171,6 +172,7 @@ def quantize_array(x: jax.typing.ArrayLike, **settings: Any) -> QTensor:
     return QTensor(storage, _stored(scale, shape, s), zero, bits=s["bits"], **meta)
 
 
+@functools.partial(jax.jit, static_argnames=SETTING_KEYS + ("group_axis",))
 def fake_quantize_array(x: jax.Array, **settings: Any) -> tuple[jax.Array, jax.Array]:
     """``dequantize(quantize_array(x))`` without packing, and the not-clipped mask.
 
@@ -182,8 +184,10 @@ def fake_quantize_array(x: jax.Array, **settings: Any) -> tuple[jax.Array, jax.A
     codes, scale, zero = _codes(view, red, s)
     ratio = view / scale
     if s["dtype"] is not None:
-        fmax = float(jnp.finfo(s["dtype"]).max)
-        x_hat, mask = codes.astype(jnp.float32) * scale, jnp.abs(ratio) <= fmax
+        info = jnp.finfo(s["dtype"])
+        fmax = float(info.max)
+        half_ulp = 2.0 ** (math.floor(math.log2(fmax)) - info.nmant - 1)  # at the top binade
+        x_hat, mask = codes.astype(jnp.float32) * scale, jnp.abs(ratio) <= fmax + half_ulp
     else:
         qmin, qmax = integer_range(s["bits"], s["symmetric"])
         vals = codes.astype(jnp.float32)

@@ -1,0 +1,127 @@
+"""Inference time of the digits TeacherCNN, folded (BatchNorms skipped) vs unfolded.
+
+Both run in this one process, jitted and warmed up, at batch 1 and 256. Timings are
+interleaved (the order reversed every other repeat, so drift and other processes' load hit
+all variants alike) and the medians over repeats are reported, with their ratio. Process
+CPU time is reported too: it is far less sensitive than wall time to other processes
+competing for the cores (the load average is recorded alongside). Also reported: the
+folded variables run through the plain ``model.apply`` (BatchNorms computed, as identities),
+and the max relative output difference (a correctness check, not a timing).
+
+Run: ``.venv/bin/python benchmarks/bn_fold.py [--repeats N]``. Prints JSON and writes
+``benchmarks/results/bn_fold.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxopt_lab as jol
+from jaxopt_lab.train.models import TeacherCNN
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "bn_fold.json"
+
+
+def _variables(model, x, seed=0):
+    """Initialised weights with random, valid running statistics (values do not affect time)."""
+    v = jax.jit(model.init)(jax.random.PRNGKey(seed), x[:1])
+    rng = np.random.default_rng(seed)
+    stats = {name: {"mean": jnp.asarray(rng.normal(0.0, 0.5, s["mean"].shape), jnp.float32),
+                    "var": jnp.asarray(rng.uniform(0.2, 3.0, s["var"].shape), jnp.float32)}
+             for name, s in v["batch_stats"].items()}
+    return {**v, "batch_stats": stats}
+
+
+def _per_call_seconds(fn, variables, x, calls: int) -> tuple[float, float]:
+    """(wall-clock, process CPU) seconds per call, averaged over ``calls`` calls."""
+    out = fn(variables, x)
+    jax.block_until_ready(out)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        out = fn(variables, x)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
+
+
+def measure(batch: int, repeats: int) -> dict:
+    model = TeacherCNN()
+    x = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, 8, 8, 1)), jnp.float32)
+    v = _variables(model, x)
+    folded, report = jol.bn_fold(model, v, x, train=False, return_report=True)
+    runs = {
+        "unfolded": (jax.jit(lambda v, x: model.apply(v, x, train=False)), v),
+        "folded_bn_skipped": (jax.jit(lambda v, x: jol.folded_apply(
+            model, v, x, report=report, train=False)), folded),
+        "folded_plain_apply": (jax.jit(lambda v, x: model.apply(v, x, train=False)), folded),
+    }
+    want = np.asarray(runs["unfolded"][0](v, x))
+    max_rel_err = max(
+        float(np.abs(np.asarray(fn(vars_, x)) - want).max() / np.abs(want).max())
+        for fn, vars_ in runs.values())
+    calls = 100 if batch == 1 else 3
+    for fn, vars_ in runs.values():  # warm-up beyond compilation (allocations, caches)
+        _per_call_seconds(fn, vars_, x, 5 * calls)
+    wall = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn, vars_ = runs[name]
+            w, c = _per_call_seconds(fn, vars_, x, calls)
+            wall[name].append(w)
+            cpu[name].append(c)
+    med = {name: statistics.median(ts) for name, ts in wall.items()}
+    med_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
+    paired = statistics.median(u / f for u, f in zip(wall["unfolded"],
+                                                     wall["folded_bn_skipped"]))
+    ms = lambda d: {k: round(t * 1e3, 5) for k, t in d.items()}  # noqa: E731
+    return {
+        "batch": batch,
+        "calls_per_repeat": calls,
+        "repeats": repeats,
+        "median_wall_ms": ms(med),
+        "min_wall_ms": ms({k: min(ts) for k, ts in wall.items()}),
+        "median_process_cpu_ms": ms(med_cpu),
+        "speedup_folded_vs_unfolded": round(med["unfolded"] / med["folded_bn_skipped"], 4),
+        "speedup_median_of_paired_repeats": round(paired, 4),
+        "speedup_process_cpu": round(med_cpu["unfolded"] / med_cpu["folded_bn_skipped"], 4),
+        "folded_not_slower": med["folded_bn_skipped"] <= med["unfolded"],
+        "folded_not_slower_cpu": med_cpu["folded_bn_skipped"] <= med_cpu["unfolded"],
+        "pairs_folded": len(report.folded),
+        "max_rel_output_diff": max_rel_err,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=51)
+    args = parser.parse_args()
+    result = {
+        "benchmark": "bn_fold",
+        "model": "TeacherCNN (digits, 8x8x1 inputs)",
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": [round(a, 2) for a in os.getloadavg()],
+        "results": [measure(b, args.repeats) for b in (1, 256)],
+    }
+    result["load_average_after"] = [round(a, 2) for a in os.getloadavg()]
+    text = json.dumps(result, indent=2)
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Knowledge distillation on digits: StudentCNN with KD from TeacherCNN vs without KD.
+
+Everything runs in one process: the teacher is trained once, then the student is trained
+with the same optimizer, epochs, early stopping and seeds with and without distillation.
+Temperature and alpha are chosen on the *validation* split (mean over the tuning seeds)
+before any test accuracy is looked at; the test split is used only for the final report.
+
+Usage: ``.venv/bin/python benchmarks/distillation.py [--quick]``. Prints JSON and writes
+``benchmarks/results/distillation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import optax
+
+import jaxopt_lab as jol
+
+SEEDS = (0, 1, 2)
+TEACHER_SEED = 0
+
+
+def _summary(values: list[float]) -> dict:
+    return {
+        "values": values,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def _train(model, data, *, epochs, lr, seed, patience, loss=None):
+    t0 = time.perf_counter()
+    variables, history = jol.train.fit(model, data, optax.adam(lr), epochs=epochs,
+                                       batch_size=64, seed=seed, loss=loss, patience=patience)
+    seconds = time.perf_counter() - t0
+    return variables, history, seconds
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="few epochs, for smoke tests")
+    args = parser.parse_args()
+    epochs = 5 if args.quick else 40
+    patience = 2 if args.quick else 10
+    teacher_epochs = 5 if args.quick else 30
+    lr = 3e-3
+    temperatures = (2.0, 4.0, 8.0)
+    alphas = (0.5, 0.9)
+    tune_seeds = (10,) if args.quick else (10, 11)  # disjoint from the reported seeds
+
+    data = jol.train.load_digits(seed=0)
+    teacher, student = jol.train.TeacherCNN(), jol.train.StudentCNN()
+
+    # Warm-up: compile the jitted eval path once so no measured run pays for it alone.
+    jol.train.evaluate(student, jol.train.init_model(student, data.train.x), data.val)
+
+    t_vars, t_hist, t_seconds = _train(teacher, data, epochs=teacher_epochs, lr=1e-3,
+                                       seed=TEACHER_SEED, patience=patience)
+    teacher_test = jol.train.evaluate(teacher, t_vars, data.test)
+    teacher_val = jol.train.evaluate(teacher, t_vars, data.val)
+
+    # Tune (temperature, alpha) on validation accuracy only.
+    grid = []
+    for temperature, alpha in itertools.product(temperatures, alphas):
+        loss = jol.distill.kd_loss(teacher, t_vars, temperature=temperature, alpha=alpha)
+        vals = []
+        for seed in tune_seeds:
+            v, _, _ = _train(student, data, epochs=epochs, lr=lr, seed=seed, patience=patience,
+                             loss=loss)
+            vals.append(jol.train.evaluate(student, v, data.val)["accuracy"])
+        grid.append({"temperature": temperature, "alpha": alpha,
+                     "val_accuracy_mean": statistics.fmean(vals)})
+    best = max(grid, key=lambda g: g["val_accuracy_mean"])
+    kd = jol.distill.kd_loss(teacher, t_vars, temperature=best["temperature"],
+                             alpha=best["alpha"])
+
+    runs = {"baseline": [], "kd": []}
+    for seed in SEEDS:
+        for name, loss in (("baseline", None), ("kd", kd)):
+            v, hist, seconds = _train(student, data, epochs=epochs, lr=lr, seed=seed,
+                                      patience=patience, loss=loss)
+            runs[name].append({
+                "seed": seed,
+                "test": jol.train.evaluate(student, v, data.test),
+                "val_accuracy": jol.train.evaluate(student, v, data.val)["accuracy"],
+                "best_epoch": hist["best_epoch"],
+                "epochs_run": len(hist["val_accuracy"]),
+                "train_seconds": seconds,
+                "seconds_per_epoch": seconds / len(hist["val_accuracy"]),
+            })
+
+    t_params = jol.train.param_count(t_vars["params"])
+    s_params = jol.train.param_count(jol.train.init_model(student, data.train.x)["params"])
+    acc = {k: _summary([r["test"]["accuracy"] for r in v]) for k, v in runs.items()}
+    f1 = {k: _summary([r["test"]["f1_macro"] for r in v]) for k, v in runs.items()}
+    spe = {k: statistics.median(r["seconds_per_epoch"] for r in v) for k, v in runs.items()}
+    gap_points = 100 * (teacher_test["accuracy"] - acc["kd"]["mean"])
+    result = {
+        "benchmark": "distillation",
+        "data": "sklearn digits 8x8 (train/val/test = 70/10/20%, split seed 0)",
+        "device": str(jax.devices()[0]),
+        "platform": platform.platform(),
+        "settings": {
+            "optimizer": f"adam(lr={lr}), batch 64",
+            "max_epochs": epochs, "early_stopping_patience_on_val_accuracy": patience,
+            "teacher": f"adam(lr=1e-3), max {teacher_epochs} epochs, seed {TEACHER_SEED}",
+            "seeds": list(SEEDS), "tuning_seeds": list(tune_seeds),
+            "tuning": "temperature x alpha grid, chosen by mean validation accuracy",
+        },
+        "teacher": {"params": t_params, "test": teacher_test,
+                    "val_accuracy": teacher_val["accuracy"], "train_seconds": t_seconds,
+                    "best_epoch": t_hist["best_epoch"]},
+        "student_params": s_params,
+        "param_ratio_student_to_teacher": s_params / t_params,
+        "tuning_grid": grid,
+        "chosen": {"temperature": best["temperature"], "alpha": best["alpha"]},
+        "runs": runs,
+        "test_accuracy": acc,
+        "test_f1_macro": f1,
+        "kd_minus_baseline_points": 100 * (acc["kd"]["mean"] - acc["baseline"]["mean"]),
+        "teacher_minus_kd_points": gap_points,
+        "median_seconds_per_epoch": spe,
+        "kd_epoch_time_ratio": spe["kd"] / spe["baseline"],
+        "targets": {
+            "kd_at_least_baseline": acc["kd"]["mean"] >= acc["baseline"]["mean"],
+            "kd_within_1.5_points_of_teacher": gap_points <= 1.5,
+            "student_at_most_quarter_of_teacher_params": s_params <= t_params / 4,
+        },
+    }
+    if not args.quick:  # a smoke run must not overwrite the real figures
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                           "distillation.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

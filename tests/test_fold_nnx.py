@@ -1,0 +1,68 @@
+"""bn_fold_nnx (jaxopt_lab/fold/nnx.py): the NNX path folds exactly, leaves the input alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxopt_lab as jol
+from _fold_testing import leaves_equal, nnx_call, random_nnx, rel_err
+from jaxopt_lab.train.models import NNXMLP
+
+
+def _state(module):
+    return jax.tree.map(np.array, nnx.state(module))
+
+
+def test_nnx_mlp_folds_exactly_and_input_is_untouched():
+    model = random_nnx(lambda: NNXMLP(din=16, hidden=32, rngs=nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4, 4)), jnp.float32)
+    before = _state(model)
+    folded, report = jol.bn_fold_nnx(model, x, return_report=True)
+    assert [(p.layer, p.batch_norm, p.shift_in) for p in report.folded] == [
+        ("linear1", "bn", "layer_bias")]
+    assert leaves_equal(_state(model), before) and model.bn.use_running_average is False
+    assert folded.bn.use_running_average is True
+    model.eval()
+    assert rel_err(nnx_call(folded, x), nnx_call(model, x)) < 1e-5
+    assert leaves_equal(_state(jol.bn_fold_nnx(folded, x)), _state(folded))
+
+
+@pytest.mark.parametrize("groups,use_bias,use_scale,bn_bias", [
+    (1, True, True, True), (2, False, True, True), (4, False, False, False), (1, False, True, False),
+])
+def test_nnx_conv_stacks_fold_exactly(groups, use_bias, use_scale, bn_bias):
+    def build():
+        rngs = nnx.Rngs(1)
+        return nnx.Sequential(
+            nnx.Conv(4, 8, (3, 3), feature_group_count=groups, use_bias=use_bias, rngs=rngs),
+            nnx.BatchNorm(8, use_scale=use_scale, use_bias=bn_bias, rngs=rngs),
+            nnx.tanh,
+            nnx.ConvTranspose(8, 4, (2, 2), use_bias=use_bias, rngs=rngs),
+            nnx.BatchNorm(4, use_scale=use_scale, use_bias=bn_bias, rngs=rngs),
+        )
+
+    model = random_nnx(build, seed=groups)
+    model.eval()
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 5, 4)), jnp.float32)
+    folded, report = jol.bn_fold_nnx(model, x, return_report=True)
+    assert len(report.folded) == 2 and not report.skipped
+    assert rel_err(nnx_call(folded, x), nnx_call(model, x)) < 1e-5
+
+
+def test_nnx_unfoldable_batchnorm_is_reported_and_untouched():
+    model = random_nnx(lambda: nnx.Sequential(
+        nnx.Linear(3, 4, rngs=nnx.Rngs(2)), nnx.relu, nnx.BatchNorm(4, rngs=nnx.Rngs(2))))
+    folded, report = jol.bn_fold_nnx(model, jnp.ones((2, 3)), return_report=True)
+    assert not report.folded and "direct output" in report.skipped[0].reason
+    assert leaves_equal(_state(folded), _state(model))
+
+
+def test_nnx_bad_inputs_raise():
+    with pytest.raises(TypeError, match="nnx.Module"):
+        jol.bn_fold_nnx({"params": {}}, jnp.ones((1, 3)))
+    model = random_nnx(lambda: NNXMLP(din=3, hidden=4, rngs=nnx.Rngs(3)))
+    model.bn.var.set_value(jnp.full((4,), -1.0))
+    with pytest.raises(ValueError, match="bn into linear1.*positive"):
+        jol.bn_fold_nnx(model, jnp.ones((2, 3)))

@@ -1,0 +1,85 @@
+"""Compaction: the smaller model computes what the channel-masked model computes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxopt_lab as jol
+from jaxopt_lab.prune.compaction import compact, expand_channel_mask
+from jaxopt_lab.train.models import MLP, NNXMLP, StudentCNN, TeacherCNN
+
+X = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 1))
+
+
+def random_variables(model, seed=0):
+    """Init, then random weights and BatchNorm statistics (so nothing is trivially zero)."""
+    v = model.init(jax.random.PRNGKey(seed), X[:1])
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if "var" in jax.tree_util.keystr(path):
+            return jnp.asarray(rng.uniform(0.2, 2.0, leaf.shape), leaf.dtype)
+        return jnp.asarray(rng.normal(size=leaf.shape) * 0.3, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, v)
+
+
+def not_head(head):
+    return lambda path, leaf: leaf.ndim >= 2 and head not in jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize(
+    "model,head,sparsity",
+    [(TeacherCNN(), "Dense_1", 0.5), (TeacherCNN(), "Dense_1", 0.9), (MLP(), "Dense_2", 0.6),
+     (StudentCNN(), "Dense_1", 0.25)],
+    ids=["teacher50", "teacher90", "mlp60", "student25"],
+)
+def test_compacted_model_equals_masked_model(model, head, sparsity):
+    v = random_variables(model)
+    mask = jol.channel_mask(v["params"], sparsity, where=not_head(head))
+    expanded = expand_channel_mask(model, v, mask, X[:1])
+    want = model.apply({**v, "params": jol.apply_mask(v["params"], expanded)}, X)
+    small, sv = compact(model, v, mask, X[:1])
+    got = small.apply(sv, X)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    kept = jol.train.param_count(sv["params"])
+    assert kept < jol.train.param_count(v["params"]) * (1 - sparsity) + 2000
+    if "batch_stats" in v:
+        assert jax.tree.structure(sv["batch_stats"]) == jax.tree.structure(v["batch_stats"])
+
+
+def test_mixed_mask_zeroes_unstructured_entries_and_removes_dead_channels():
+    model = MLP(hidden=(16, 8))
+    v = model.init(jax.random.PRNGKey(0), X[:1])
+    mask = jol.magnitude_mask(v["params"], 0.3)
+    mask["Dense_0"]["kernel"] = mask["Dense_0"]["kernel"].at[:, :4].set(False)
+    small, sv = compact(model, v, mask, X[:1])
+    assert small.hidden == (12, 8)
+    want = model.apply({"params": jol.apply_mask(
+        v["params"], expand_channel_mask(model, v, mask, X[:1]))}, X)
+    np.testing.assert_allclose(np.asarray(small.apply(sv, X)), np.asarray(want), atol=1e-5)
+
+
+def test_nothing_pruned_is_identity_and_head_outputs_are_kept():
+    model = MLP(hidden=(8,))
+    v = model.init(jax.random.PRNGKey(0), X[:1])
+    all_pruned_head = jax.tree.map(lambda x: jnp.ones(x.shape, bool), v["params"])
+    all_pruned_head["Dense_1"]["kernel"] = jnp.zeros((8, 10), bool)
+    small, sv = compact(model, v, all_pruned_head, X[:1])
+    assert small.hidden == (8,) and sv["params"]["Dense_1"]["kernel"].shape == (8, 10)
+
+
+def test_bad_input():
+    model = MLP(hidden=(8,))
+    v = model.init(jax.random.PRNGKey(0), X[:1])
+    dead = jax.tree.map(lambda x: jnp.ones(x.shape, bool), v["params"])
+    dead["Dense_0"]["kernel"] = jnp.zeros_like(dead["Dense_0"]["kernel"])
+    with pytest.raises(ValueError, match="Dense_0 would lose all its channels"):
+        compact(model, v, dead, X[:1])
+    with pytest.raises(ValueError, match="mask tree does not match"):
+        compact(model, v, {"Dense_0": dead["Dense_0"]}, X[:1])
+    with pytest.raises(TypeError, match="resize"):
+        from jaxopt_lab.prune.compaction import _default_resize
+
+        _default_resize(NNXMLP, [1])

@@ -1,0 +1,154 @@
+"""Properties of the int8 x int8 -> int32 ops: they equal float math on dequantized codes."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import jaxopt_lab as jol
+from jaxopt_lab.quant.int8_ops import parse_einsum, quantize_with
+
+codes = functools.partial(hnp.arrays, np.int8, elements=st.integers(-127, 127))
+pos_scales = functools.partial(hnp.arrays, np.float32,
+                               elements=st.sampled_from([2.0 ** -8, 0.01, 0.5, 1.0, 3.0]))
+DOT = (((2,), (1,)), ((0,), (0,)))  # (b, m, k) x (b, k, n) -> (b, m, n)
+
+
+def dequant(q, s, z=None):
+    q = q.astype(jnp.float32)
+    return (q - (0.0 if z is None else jnp.float32(z))) * s
+
+
+dot_int8 = jax.jit(jol.int8_dot_general, static_argnums=2)
+
+
+@given(codes((2, 3, 5)), codes((2, 5, 4)), pos_scales((2, 3, 1)), pos_scales((2, 1, 4)),
+       st.sampled_from([None, -128, -3, 0, 17, 127]))
+def test_dot_general_equals_float_dot_of_dequantized_codes(ql, qr, sl, sr, z):
+    if z is not None:
+        ql = np.maximum(ql, -128)
+    y = dot_int8(jnp.asarray(ql), jnp.asarray(qr), DOT, lhs_scale=sl, rhs_scale=sr,
+                 lhs_zero_point=None if z is None else np.int8(z))
+    ref = jax.lax.dot_general(dequant(ql, sl, z), dequant(qr, sr), DOT,
+                              precision=jax.lax.Precision.HIGHEST)
+    chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("dims, lhs_shape, rhs_shape", [
+    ((((1,), (0,)), ((), ())), (4, 6), (6, 3)),          # Dense
+    ((((0,), (1,)), ((), ())), (6, 4), (3, 6)),          # transposed operands
+    ((((1, 2), (0, 1)), ((), ())), (4, 2, 3), (2, 3, 5)),  # DenseGeneral, two axes
+    ((((2,), (1,)), ((1,), (0,))), (4, 3, 6), (3, 6, 2)),  # batch axis in the middle
+])
+def test_dot_general_layouts_and_per_token_scales(dims, lhs_shape, rhs_shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(lhs_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
+    (lc, rc), _ = dims
+    qx, sx = jol.quantize_activations(x, reduce_axes=lc)
+    w_amax = jnp.max(jnp.abs(w), axis=rc, keepdims=True)
+    sw = w_amax / 127
+    qw = quantize_with(w, sw)
+    y = jol.int8_dot_general(qx, qw, dims, lhs_scale=sx, rhs_scale=sw)
+    ref = jax.lax.dot_general(dequant(qx, sx), dequant(qw, sw), dims,
+                              precision=jax.lax.Precision.HIGHEST)
+    chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-5)
+    full = jax.lax.dot_general(x, w, dims, precision=jax.lax.Precision.HIGHEST)
+    # Each product is off by at most |x| dw/2 + |w| dx/2 + dx dw/4.
+    bound = jax.lax.dot_general(jnp.abs(x) + sx / 2, jnp.broadcast_to(sw / 2, w.shape), dims) \
+        + jax.lax.dot_general(jnp.broadcast_to(sx / 2, x.shape), jnp.abs(w), dims)
+    assert bool(jnp.all(jnp.abs(y - full) <= bound * 1.001 + 1e-6))
+
+
+@given(hnp.arrays(np.float32, (3, 8), elements=st.one_of(
+    st.floats(-1e6, 1e6, width=32), st.sampled_from([0.0, 1e-30, -1e-30]))))
+def test_dynamic_activation_codes_are_within_half_a_step(x):
+    q, s = jol.quantize_activations(x, reduce_axes=(1,))
+    assert q.dtype == jnp.int8 and s.shape == (3, 1)
+    assert bool(jnp.all((s > 0) & jnp.isfinite(s)))
+    err = jnp.abs(dequant(q, s) - x)
+    assert bool(jnp.all(err <= s / 2 * (1 + 1e-5) + 1e-37))
+    np.testing.assert_array_equal(np.asarray(q)[x == 0], 0)
+
+
+def test_nan_activations_make_the_output_nan_not_a_finite_number():
+    x = jnp.array([[1.0, jnp.nan], [0.5, -0.5]])
+    q, s = jol.quantize_activations(x, reduce_axes=(1,))
+    y = jol.int8_dot_general(q, jnp.ones((2, 3), jnp.int8), (((1,), (0,)), ((), ())),
+                             lhs_scale=s, rhs_scale=1.0)
+    assert bool(jnp.isnan(y[0]).all()) and bool(jnp.isfinite(y[1]).all())
+
+
+CONV_CASES = [
+    dict(window_strides=(1, 1), padding="SAME"),
+    dict(window_strides=(2, 1), padding="VALID", rhs_dilation=(2, 1)),
+    dict(window_strides=(1, 2), padding=((2, 0), (1, 1)), lhs_dilation=(2, 1)),
+    dict(window_strides=(1, 1), padding="SAME", feature_group_count=2),
+]
+
+
+@pytest.mark.parametrize("conv", CONV_CASES)
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_conv_equals_float_conv_of_dequantized_codes(conv, asymmetric):
+    rng = np.random.default_rng(1)
+    dn = ("NHWC", "HWIO", "NHWC")
+    x = jnp.asarray(rng.uniform(0.0, 2.0, (2, 7, 6, 4)), jnp.float32)  # post-ReLU like
+    cin = 4 // conv.get("feature_group_count", 1)
+    qk = jnp.asarray(rng.integers(-127, 128, (3, 2, cin, 6)), jnp.int8)
+    sk = jnp.asarray(rng.uniform(0.01, 0.1, (1, 1, 1, 6)), jnp.float32)
+    if asymmetric:
+        s, z = jol.quant.affine_params(x.min(), x.max(), bits=8, symmetric=False)
+        qx, sx = quantize_with(x, s, z), s
+    else:
+        (qx, sx), z = jol.quantize_activations(x, reduce_axes=(1, 2, 3)), None
+    y = jax.jit(functools.partial(jol.int8_conv_general_dilated, dimension_numbers=dn, **conv))(
+        qx, qk, lhs_scale=sx, rhs_scale=sk, lhs_zero_point=z)
+    ref = jax.lax.conv_general_dilated(dequant(qx, sx, z), dequant(qk, sk), dimension_numbers=dn,
+                                       precision=jax.lax.Precision.HIGHEST, **conv)
+    chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec, lhs_shape, rhs_shape, reduce_axes, channel_axis", [
+    ("btk,kn->btn", (2, 3, 5), (5, 4), (2,), 1),
+    ("...k,kn->...n", (2, 3, 5), (5, 4), (2,), 1),
+    ("bhk,khn->bnh", (2, 3, 5), (5, 3, 4), (2,), 2),
+    ("bk,nk->nb", (3, 5), (4, 5), (1,), 0),
+])
+def test_einsum_equals_float_einsum(spec, lhs_shape, rhs_shape, reduce_axes, channel_axis):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.uniform(-0.2, 3.0, lhs_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
+    qw = jol.quantize(w, bits=8, granularity="channel", axis=channel_axis)
+    sw = qw.scale.reshape([n if i == channel_axis else 1 for i, n in enumerate(rhs_shape)])
+    s, z = jol.quant.affine_params(x.min(), x.max(), bits=8, symmetric=False)
+    for qx, sx, zx in [(*jol.quantize_activations(x, reduce_axes=reduce_axes), None),
+                       (quantize_with(x, s, z), s, z)]:
+        y = jol.int8_einsum(spec, qx, qw.qvalue, lhs_scale=sx, rhs_scale=sw, lhs_zero_point=zx)
+        ref = jnp.einsum(spec, dequant(qx, sx, zx), qw.dequantize(),
+                         precision=jax.lax.Precision.HIGHEST)
+        chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_bad_inputs_raise():
+    q = jnp.ones((2, 3), jnp.int8)
+    dims = (((1,), (0,)), ((), ()))
+    with pytest.raises(TypeError, match="int8"):
+        jol.int8_dot_general(q.astype(jnp.float32), q.T, dims, lhs_scale=1.0, rhs_scale=1.0)
+    with pytest.raises(ValueError, match="lhs_scale.*contracted"):
+        jol.int8_dot_general(q, q.T, dims, lhs_scale=jnp.ones((2, 3)), rhs_scale=1.0)
+    with pytest.raises(ValueError, match="rhs_scale"):
+        jol.int8_dot_general(q, q.T, dims, lhs_scale=1.0, rhs_scale=jnp.ones((3,)))
+    with pytest.raises(ValueError, match="zero_point must be a scalar"):
+        jol.int8_conv_general_dilated(q[None, :, :, None], q[:, :, None, None], (1, 1), "SAME",
+                                      lhs_scale=1.0, rhs_scale=1.0,
+                                      lhs_zero_point=jnp.zeros((1, 1, 1, 1), jnp.int8),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    for spec in ("ab,bc", "ab,bc,cd->ad", "aa,ab->b", "ab,bc->c"):
+        with pytest.raises(ValueError, match="einsum"):
+            parse_einsum(spec, 2, 2)
