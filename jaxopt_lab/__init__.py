@@ -38,10 +38,13 @@ from jaxopt_lab.quant.model_calibration import activation_scales, calibrate, obs
 from jaxopt_lab import prune as pruning
 from jaxopt_lab.prune import (
     PruneState,
+    SparseTensor,
     Sparsity,
     apply_mask,
     channel_mask,
+    compact,
     constant_schedule,
+    expand_channel_mask,
     magnitude_mask,
     nm_mask,
     one_shot_schedule,
@@ -50,6 +53,8 @@ from jaxopt_lab.prune import (
     random_mask,
     saliency_mask,
     sparsity,
+    to_dense,
+    to_sparse,
 )
 # --- end pruning ---
 
@@ -80,6 +85,7 @@ __all__ = (
     "PruneState",
     "QTensor",
     "SkippedBatchNorm",
+    "SparseTensor",
     "Sparsity",
     "activation_scales",
     "apply_mask",
@@ -92,10 +98,12 @@ __all__ = (
     "calibration_range",
     "calibration_scale",
     "channel_mask",
+    "compact",
     "constant_schedule",
     "dequantize",
     "distill",
     "distill_loss",
+    "expand_channel_mask",
     "fake_quant",
     "feature_distill_loss",
     "fold",
@@ -124,6 +132,8 @@ __all__ = (
     "saliency_mask",
     "save",
     "sparsity",
+    "to_dense",
+    "to_sparse",
     "train",
     "tree_nbytes",
 )

@@ -111,7 +111,8 @@ def encode_tree(tree: Any, tensors: list, by_type: Mapping[type, Any], node_part
         if type(x) is dict:
             bad = [k for k in x if isinstance(k, bool) or not isinstance(k, (str, int))]
             if bad:
-                raise TypeError(f"{prefix or '<root>'}: dict keys must be str or int, got {bad[0]!r}")
+                raise TypeError(f"{prefix or '<root>'}: dict keys must be str or int, "
+                                f"got {bad[0]!r}")
             return {"t": "dict", "keys": list(x),
                     "children": [enc(v, join(k)) for k, v in x.items()]}
         if type(x) in (list, tuple):

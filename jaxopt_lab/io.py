@@ -11,7 +11,8 @@ so a crash never leaves a half-written file under the final name.
 
 Supported tree nodes: dict (str or int keys, insertion order kept), list, tuple, None,
 Python bool/int/float/str leaves, numpy and jax arrays (returned as what they were),
-`QTensor`, ``flax.core.FrozenDict``, and any class added with `register_node`.
+`QTensor`, ``flax.core.FrozenDict``, ``nnx.State`` and flax's ``nnx.Variable`` kinds
+(``nnx.Param``, ``nnx.BatchStat``...), and any class added with `register_node`.
 
 Registering your own node (e.g. a sparse-storage node)::
 
@@ -139,10 +140,25 @@ def _qtensor_unflatten(aux: dict[str, Any], ch: dict[str, Any]) -> QTensor:
 
 register_node(QTensor, "jaxopt_lab.QTensor", flatten=_qtensor_flatten,
               unflatten=_qtensor_unflatten)
-try:
+
+
+def _register_flax() -> None:
+    """Flax containers: linen's FrozenDict, nnx.State and every nnx.Variable kind."""
+    from flax import nnx
     from flax.core import FrozenDict
 
     register_node(FrozenDict, "flax.FrozenDict")
+    register_node(nnx.State, "flax.nnx.State")
+    todo = [nnx.Variable]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.startswith("flax."):
+            register_node(cls, f"flax.nnx.{cls.__qualname__}")
+
+
+try:
+    _register_flax()
 except ImportError:  # pragma: no cover - flax is a dependency, but keep io usable without
     pass
 

@@ -100,3 +100,28 @@ def test_is_identity_rejects_ordinary_statistics():
     v = np.full(3, arith.identity_variance(1e-5, np.float32))
     assert arith.is_identity(np.zeros(3), v, np.ones(3, np.float32), 1e-5, np.float32)
     assert not arith.is_identity(np.zeros(3), v, np.full(3, 2.0, np.float32), 1e-5, np.float32)
+
+
+@given(seed=st.integers(0, 2**16), var_exp=st.integers(-8, 6), scale_exp=st.integers(-3, 3),
+       mean_scale=st.sampled_from([0.0, 1.0, 1e3]), zero=st.booleans())
+def test_fold_is_backward_stable_over_wide_ranges(seed, var_exp, scale_exp, mean_scale, zero):
+    """Error stays within float32 rounding of the terms involved, for tiny/huge statistics."""
+    rng = np.random.default_rng(seed)
+    c = 6
+    var = (10.0 ** var_exp * rng.uniform(0.5, 2.0, c)).astype(np.float32)
+    scale = (10.0 ** scale_exp * rng.normal(size=c)).astype(np.float32)
+    if zero:
+        var[0], scale[1] = 0.0, 0.0
+    a = _inputs(rng, c)._replace(mean=(mean_scale * rng.normal(size=c)).astype(np.float32),
+                                 var=var, scale=scale, epsilon=1e-3)
+    out = arith.fold(a)
+    x = rng.normal(size=(5, 3 * 3 * 2))
+    w = a.kernel.reshape(-1, c).astype(np.float64)
+    y = x @ w + a.bias
+    want = _bn(y, a, a.mean, a.var, a.scale, a.beta)
+    got = _bn(x @ out.kernel.reshape(-1, c) + out.bias, a, out.mean, out.var, out.scale,
+              out.beta)
+    m = np.abs(a.scale) / np.sqrt(a.var.astype(np.float64) + a.epsilon)
+    terms = m * (np.abs(x) @ np.abs(w) + np.abs(a.bias) + np.abs(a.mean)) + np.abs(a.beta)
+    assert np.all(np.isfinite(got))
+    assert np.all(np.abs(got - want) <= 1e-6 * terms + 1e-30)

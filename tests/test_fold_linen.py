@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _fold_testing import leaves_equal, random_variables, rel_err
 from flax.core import FrozenDict, freeze, unfreeze
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxopt_lab as jol
-from _fold_testing import leaves_equal, random_variables, rel_err
 from jaxopt_lab.fold import arith
 from jaxopt_lab.train.models import StudentCNN, TeacherCNN
 
@@ -92,6 +92,17 @@ def test_fold_twice_is_a_noop_and_input_untouched():
     once = jol.bn_fold(model, v, DIGITS)
     assert leaves_equal(v, before)
     assert leaves_equal(jol.bn_fold(model, once, DIGITS), once)
+
+
+def test_sharded_variables_keep_their_sharding():
+    model = StudentCNN()
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    v = jax.device_put(random_variables(model, DIGITS, seed=5), replicated)
+    folded = jol.bn_fold(model, v, DIGITS)
+    for leaf in jax.tree.leaves(folded):
+        assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
+    assert rel_err(_jit_apply(model)(folded, DIGITS), _jit_apply(model)(v, DIGITS)) < 1e-5
 
 
 def test_frozen_dict_in_frozen_dict_out():

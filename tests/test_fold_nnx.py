@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fold_testing import leaves_equal, nnx_call, random_nnx, rel_err
 from flax import nnx
 
 import jaxopt_lab as jol
-from _fold_testing import leaves_equal, nnx_call, random_nnx, rel_err
 from jaxopt_lab.train.models import NNXMLP
 
 
@@ -27,10 +27,14 @@ def test_nnx_mlp_folds_exactly_and_input_is_untouched():
     model.eval()
     assert rel_err(nnx_call(folded, x), nnx_call(model, x)) < 1e-5
     assert leaves_equal(_state(jol.bn_fold_nnx(folded, x)), _state(folded))
+    lean = jol.bn_fold_nnx(model, x, remove_batchnorms=True)
+    assert isinstance(lean.bn, jol.fold.FoldedBatchNorm) and lean.bn.shift is None
+    np.testing.assert_allclose(nnx_call(lean, x), nnx_call(folded, x), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("groups,use_bias,use_scale,bn_bias", [
-    (1, True, True, True), (2, False, True, True), (4, False, False, False), (1, False, True, False),
+    (1, True, True, True), (2, False, True, True), (4, False, False, False),
+    (1, False, True, False),
 ])
 def test_nnx_conv_stacks_fold_exactly(groups, use_bias, use_scale, bn_bias):
     def build():
@@ -48,7 +52,13 @@ def test_nnx_conv_stacks_fold_exactly(groups, use_bias, use_scale, bn_bias):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 5, 4)), jnp.float32)
     folded, report = jol.bn_fold_nnx(model, x, return_report=True)
     assert len(report.folded) == 2 and not report.skipped
-    assert rel_err(nnx_call(folded, x), nnx_call(model, x)) < 1e-5
+    want = nnx_call(model, x)
+    assert rel_err(nnx_call(folded, x), want) < 1e-5
+    # The skip-BatchNorm runner: stand-ins that only add the shift give the same output.
+    lean = jol.bn_fold_nnx(model, x, remove_batchnorms=True)
+    kinds = [type(m).__name__ for _, m in nnx.iter_modules(lean)]
+    assert kinds.count("FoldedBatchNorm") == 2 and "BatchNorm" not in kinds
+    np.testing.assert_allclose(lean(x), folded(x), rtol=1e-6, atol=1e-6)
 
 
 def test_nnx_unfoldable_batchnorm_is_reported_and_untouched():

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fold_testing import random_variables, rel_err
 
 import jaxopt_lab as jol
-from _fold_testing import random_variables, rel_err
 from jaxopt_lab.train.models import TeacherCNN
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 1)), jnp.float32)

@@ -6,9 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from _fold_testing import leaves_equal, random_variables
 
 import jaxopt_lab as jol
-from _fold_testing import leaves_equal, random_variables
 from jaxopt_lab.fold.trace import plan_linen
 
 X = jnp.ones((2, 6, 6, 3))

@@ -216,3 +216,16 @@ def test_tree_nbytes_counts_packed_storage_tracers_and_shape_structs():
     assert jol.tree_nbytes(jax.eval_shape(lambda: w["k"])) == 64 * 32 * 4
     assert jol.tree_nbytes(jnp.zeros(5, jnp.int4)) == 3
     jax.jit(lambda t: jnp.float32(jol.tree_nbytes(t)))(w)  # works on tracers
+
+
+def test_nnx_state_with_quantized_params_roundtrips(tmp_path):
+    from flax import nnx
+
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    q = jol.quantize(nnx.state(model), bits=4)
+    jol.save(tmp_path / "nnx.safetensors", q)
+    back = jol.load(tmp_path / "nnx.safetensors")
+    assert isinstance(back, nnx.State) and isinstance(back["kernel"], nnx.Param)
+    _assert_same(back, q)
+    nnx.update(model, jol.dequantize(back))
+    chex.assert_trees_all_equal(model.kernel[...], jol.dequantize(q)["kernel"][...])

@@ -98,8 +98,8 @@ CASES = [(fn, average) for fn in PRF for average in ("micro", "macro", "weighted
 def every_setting(k):
     """All metrics and averages for k classes in one compiled function (few compiles)."""
     def run(y_true, y_pred, weight):
-        out = {(name, a): PRF[name][0](y_true, y_pred, average=a, num_classes=k,
-                                         sample_weight=weight) for name, a in CASES}
+        out = {f"{name}/{a}": PRF[name][0](y_true, y_pred, average=a, num_classes=k,
+                                             sample_weight=weight) for name, a in CASES}
         out["binary"] = [fn(y_true, y_pred, sample_weight=weight) for fn, _ in PRF.values()]
         out["accuracy"] = M.accuracy(y_true, y_pred, sample_weight=weight)
         return out
@@ -114,7 +114,7 @@ def test_jit_equals_eager_with_num_classes(data, n, k):
     jitted_out = every_setting(k)(jnp.asarray(y_true), jnp.asarray(y_pred), jnp.asarray(weight))
     for name, average in CASES:
         eager = PRF[name][0](y_true, y_pred, average=average, num_classes=k, sample_weight=weight)
-        assert_close(jitted_out[name, average], eager, atol=1e-12)
+        assert_close(jitted_out[f"{name}/{average}"], eager, atol=1e-12)
     if k == 2:
         eager = [fn(y_true, y_pred, sample_weight=weight) for fn, _ in PRF.values()]
         assert_close(jitted_out["binary"], eager, atol=1e-12)

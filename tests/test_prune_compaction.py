@@ -1,5 +1,7 @@
 """Compaction: the smaller model computes what the channel-masked model computes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +14,10 @@ from jaxopt_lab.train.models import MLP, NNXMLP, StudentCNN, TeacherCNN
 X = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 1))
 
 
+@functools.lru_cache
 def random_variables(model, seed=0):
     """Init, then random weights and BatchNorm statistics (so nothing is trivially zero)."""
-    v = model.init(jax.random.PRNGKey(seed), X[:1])
+    v = jax.jit(model.init)(jax.random.PRNGKey(seed), X[:1])
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -25,8 +28,10 @@ def random_variables(model, seed=0):
     return jax.tree_util.tree_map_with_path(fill, v)
 
 
-def not_head(head):
-    return lambda path, leaf: leaf.ndim >= 2 and head not in jax.tree_util.keystr(path)
+@functools.lru_cache
+def channel_mask_fn(head):
+    where = lambda path, leaf: leaf.ndim >= 2 and head not in jax.tree_util.keystr(path)  # noqa: E731
+    return jax.jit(lambda p, s: jol.channel_mask(p, s, where=where))
 
 
 @pytest.mark.parametrize(
@@ -37,11 +42,11 @@ def not_head(head):
 )
 def test_compacted_model_equals_masked_model(model, head, sparsity):
     v = random_variables(model)
-    mask = jol.channel_mask(v["params"], sparsity, where=not_head(head))
+    mask = channel_mask_fn(head)(v["params"], sparsity)
     expanded = expand_channel_mask(model, v, mask, X[:1])
-    want = model.apply({**v, "params": jol.apply_mask(v["params"], expanded)}, X)
+    want = jax.jit(model.apply)({**v, "params": jol.apply_mask(v["params"], expanded)}, X)
     small, sv = compact(model, v, mask, X[:1])
-    got = small.apply(sv, X)
+    got = jax.jit(small.apply)(sv, X)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     kept = jol.train.param_count(sv["params"])
     assert kept < jol.train.param_count(v["params"]) * (1 - sparsity) + 2000
@@ -51,7 +56,7 @@ def test_compacted_model_equals_masked_model(model, head, sparsity):
 
 def test_mixed_mask_zeroes_unstructured_entries_and_removes_dead_channels():
     model = MLP(hidden=(16, 8))
-    v = model.init(jax.random.PRNGKey(0), X[:1])
+    v = jax.jit(model.init)(jax.random.PRNGKey(0), X[:1])
     mask = jol.magnitude_mask(v["params"], 0.3)
     mask["Dense_0"]["kernel"] = mask["Dense_0"]["kernel"].at[:, :4].set(False)
     small, sv = compact(model, v, mask, X[:1])

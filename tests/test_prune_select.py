@@ -15,8 +15,8 @@ from jaxopt_lab.prune import select
 SHAPES = [(64, 128), (100,), (3, 5, 7)]  # 8192 (radix) + small leaves
 TOTAL = sum(math.prod(s) for s in SHAPES)
 
-_radix = jax.jit(select._radix_keep)
-_sort = jax.jit(select._sort_keep)
+_radix = jax.jit(select.radix_keep)
+_sort = jax.jit(select.sort_keep)
 _keep = jax.jit(select.keep_above_k_lowest)
 
 

@@ -85,12 +85,12 @@ def test_quantize_is_idempotent_and_jit_equals_no_jit(c):
 
 def test_no_jit_equals_jit():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 8))
-    for kw in (dict(bits=3, symmetric=False), dict(bits=8, granularity="group", group_size=2)):
-        with jax.disable_jit():
-            eager = jol.quantize(x, **kw)
-            deq = jol.dequantize(eager)
-        chex.assert_trees_all_equal(eager, jol.quantize(x, **kw))
-        chex.assert_trees_all_equal(deq, jax.jit(jol.dequantize)(eager))
+    kw = dict(bits=3, symmetric=False, granularity="group", group_size=2)
+    with jax.disable_jit():
+        eager = jol.quantize(x, **kw)
+        deq = jol.dequantize(eager)
+    chex.assert_trees_all_equal(eager, jol.quantize(x, **kw))
+    chex.assert_trees_all_equal(deq, jax.jit(jol.dequantize)(eager))
 
 
 @pytest.mark.parametrize("fmt, rel, tiny", [("float8_e4m3fn", 2.0**-4, 2.0**-9),
@@ -155,6 +155,9 @@ def test_where_mapping_gives_mixed_precision():
     (dict(granularity="group"), "positive int group_size"),
     (dict(granularity="group", group_size=3), r"\['w'\]: group_size 3 does not divide axis 0"),
     (dict(dtype="float16"), "dtype must be one of"),
+    (dict(dtype="nonsense"), "dtype must be one of"),
+    (dict(scale_dtype="float16"), "scale_dtype must be one of"),
+    (dict(symmetric="yes"), "symmetric must be a bool"),
     (dict(dtype="float8_e4m3fn", bits=4), "fp8 quantization is symmetric 8-bit"),
     (dict(axis=2), r"\['w'\]: axis 2 out of range"),
     (dict(where=lambda p, x: {"bits": 7}), r"\['w'\]: bits must be one of"),
@@ -186,12 +189,32 @@ def test_nan_under_tracing_stays_visible():
         assert np.isfinite(out[:, 1]).all()
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_bfloat16_scales_round_up_and_keep_the_bounds(sym):
+    x = np.array(jax.random.normal(jax.random.PRNGKey(5), (16, 8)))
+    x[:, 2] = 0.0
+    kw = dict(bits=4, granularity="group", group_size=4, symmetric=sym, scale_dtype="bfloat16")
+    qt = jol.quantize(jnp.asarray(x), **kw)
+    ref = jol.quantize(jnp.asarray(x), **{**kw, "scale_dtype": "float32"})
+    assert qt.scale.dtype == jnp.bfloat16
+    assert np.all(np.asarray(qt.scale, np.float32) >= np.asarray(ref.scale))
+    xh = np.asarray(jol.dequantize(qt))
+    s = _full_scale(qt)
+    assert np.all(np.abs(x - xh) <= 0.5 * s * (1 + 1e-6)) and np.all(xh[:, 2] == 0)
+    chex.assert_trees_all_equal(jol.fake_quant(jnp.asarray(x), **kw), jnp.asarray(xh))
+    again = jol.quantize(jnp.asarray(xh), **kw)
+    if sym:
+        chex.assert_trees_all_equal(again, qt)
+
+
 def test_contract_storage_ratios():
     w = {"k": jnp.zeros((1024, 1024)), "b": jnp.zeros(1024)}
     fp = jol.tree_nbytes(w)
     assert fp / jol.tree_nbytes(jol.quantize(w, bits=8)) >= 3.95
     q4 = jol.quantize(w, bits=4, granularity="group", group_size=128)
     assert fp / jol.tree_nbytes(q4) >= 7.45
+    q4 = jol.quantize(w, bits=4, granularity="group", group_size=128, scale_dtype="bfloat16")
+    assert fp / jol.tree_nbytes(q4) >= 7.7
 
 
 def test_affine_params_zero_is_exact_and_rounding_is_half_away():

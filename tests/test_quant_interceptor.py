@@ -101,10 +101,9 @@ def test_weight_only_and_w8a8_stay_close_to_float(name):
         "static": runner(name, "w8a8")(qvars, x, scales),
         "static_asym": runner(name, "w8a8")(qvars, x, asym),
     }
-    limits = {"weight_only": 1, "dynamic": 1, "static": 1, "static_asym": 1}
+    limits = {"weight_only": 0.03, "dynamic": 0.05, "static": 0.07, "static_asym": 0.05}
     for kind, y in outs.items():
         chex.assert_shape(y, ref.shape)
-        print(name, kind, _rel_err(y, ref), float(jnp.mean(jnp.argmax(y, -1) == jnp.argmax(ref, -1))))
         assert _rel_err(y, ref) < limits[kind], (kind, _rel_err(y, ref))
         assert float(jnp.mean(jnp.argmax(y, -1) == jnp.argmax(ref, -1))) >= 0.9, kind
     # Weight-only is exactly the float model on dequantized weights.

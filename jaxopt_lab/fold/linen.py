@@ -11,8 +11,8 @@ import numpy as np
 from flax.core import FrozenDict, freeze, unfreeze
 
 from jaxopt_lab.fold import arith
+from jaxopt_lab.fold.plan import PairPlan, Path, path_name
 from jaxopt_lab.fold.report import FoldedPair, FoldReport, warn_if_training
-from jaxopt_lab.fold.plan import Path, PairPlan, path_name
 from jaxopt_lab.fold.trace import plan_linen
 
 Variables = Any
@@ -169,9 +169,14 @@ def bn_fold(model: nn.Module, variables: Variables, *example_args,
       The folded variables (same structure and dtypes), or ``(folded, report)``.
 
     Raises:
-      TypeError: if ``model`` is not a linen Module or ``variables`` has no ``params``.
+      TypeError: if ``model`` is not a linen Module, ``variables`` has no ``params``, or a
+        leaf is not an array (a ``QTensor``, say: fold before quantizing); names the path.
       ValueError: naming the pair, if its statistics are not finite or ``var + eps <= 0``,
         or its kernel is not a floating-point array.
+
+    Warns:
+      UserWarning: if BatchNorms were left unfolded because the trace ran them in training
+        mode (the eval keyword arguments were probably forgotten).
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxopt_lab as jol

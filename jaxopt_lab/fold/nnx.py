@@ -19,17 +19,17 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxopt_lab.fold import arith
-from jaxopt_lab.fold.report import FoldedPair, FoldReport, warn_if_training
 from jaxopt_lab.fold.plan import (
     BNCall,
     LayerCall,
-    Path,
     PairPlan,
+    Path,
     consumers,
     new_tag,
     path_name,
     plan_calls,
 )
+from jaxopt_lab.fold.report import FoldedPair, FoldReport, warn_if_training
 
 LAYER_TYPES = (nnx.Conv, nnx.ConvTranspose, nnx.Linear, nnx.LinearGeneral)
 _PATCH_LOCK = threading.Lock()
@@ -69,7 +69,8 @@ def _record_bn(module, args, kwargs, paths, layers: list, bns: list):
         else:
             kwargs = {**kwargs, "x": x}
     # NNX promotes x and every statistic to one dtype before computing var + eps.
-    present = [v[...] for v in (module.mean, module.var, module.scale, module.bias) if v is not None]
+    present = [v[...] for v in (module.mean, module.var, module.scale, module.bias)
+               if v is not None]
     stat_dtype = np.dtype(module.dtype or jnp.result_type(x, *present))
     axes = tuple(sorted(a % x.ndim for a in (module.axis if isinstance(module.axis, tuple)
                                              else (module.axis,))))
@@ -158,8 +159,43 @@ def _fold_pair(modules: dict, plan: PairPlan) -> str:
     return res.shift_in
 
 
+class FoldedBatchNorm(nnx.Module):
+    """Stands in for a folded ``nnx.BatchNorm``: adds the shift it carried, nothing else.
+
+    Only inference is meaningful (a folded BatchNorm has no statistics left to use).
+    """
+
+    def __init__(self, shift: jax.Array | None, axis: int, dtype: Any = None):
+        self.shift = None if shift is None else nnx.Param(shift)
+        self.axis = axis
+        self.dtype = dtype
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        del use_running_average, mask
+        if self.shift is not None:
+            shape = [1] * x.ndim
+            shape[self.axis] = x.shape[self.axis]
+            x = x + self.shift[...].reshape(shape)
+        return x if self.dtype is None else jnp.asarray(x, self.dtype)
+
+
+def _replace_batchnorm(root: nnx.Module, path: Path, shift_in: str) -> None:
+    raw = next(p for p, _ in nnx.iter_modules(root) if tuple(str(k) for k in p) == path)
+    parent = root
+    for key in raw[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    bn = parent[raw[-1]] if isinstance(raw[-1], int) else getattr(parent, raw[-1])
+    shift = {arith.SHIFT_IN_BN_BIAS: lambda: bn.bias[...],
+             arith.SHIFT_IN_BN_MEAN: lambda: -bn.mean[...]}.get(shift_in, lambda: None)()
+    stand_in = FoldedBatchNorm(shift, bn.axis, bn.dtype)
+    if isinstance(raw[-1], int):
+        parent[raw[-1]] = stand_in
+    else:
+        setattr(parent, raw[-1], stand_in)
+
+
 def bn_fold_nnx(module: nnx.Module, *example_args, return_report: bool = False,
-                **example_kwargs) -> Any:
+                remove_batchnorms: bool = False, **example_kwargs) -> Any:
     """Folds every ``nnx.BatchNorm`` fed directly by an ``nnx.Conv``/``Linear`` (NNX path).
 
     Same rule and arithmetic as ``bn_fold``: the module is traced once (on a copy, in eval
@@ -171,6 +207,9 @@ def bn_fold_nnx(module: nnx.Module, *example_args, return_report: bool = False,
       module: the NNX module; it is not modified.
       *example_args: example inputs for ``module(...)``.
       return_report: also return a ``FoldReport``.
+      remove_batchnorms: replace each folded BatchNorm by a ``FoldedBatchNorm`` that only
+        adds its shift (or does nothing), so inference skips the BatchNorm computation.
+        The module's state then no longer has those BatchNorms' variables.
       **example_kwargs: keyword arguments for ``module(...)``.
 
     Returns:
@@ -200,5 +239,8 @@ def bn_fold_nnx(module: nnx.Module, *example_args, return_report: bool = False,
     done = tuple(FoldedPair(path_name(p.layer), path_name(p.batch_norm), _fold_pair(modules, p))
                  for p in pairs)
     report = FoldReport(done, tuple(skipped))
+    if remove_batchnorms:
+        for pair in done:
+            _replace_batchnorm(folded, tuple(pair.batch_norm.split("/")), pair.shift_in)
     warn_if_training(report)
     return (folded, report) if return_report else folded

@@ -12,8 +12,8 @@ import numpy as np
 
 from jaxopt_lab.fold import arith
 from jaxopt_lab.fold.linen import bn_fold_report
-from jaxopt_lab.fold.report import FoldReport
 from jaxopt_lab.fold.plan import path_name
+from jaxopt_lab.fold.report import FoldReport
 
 
 def _concrete(*xs) -> bool:

@@ -110,7 +110,8 @@ def roc_auc(
     Binary: ``y_score`` is ``(N,)`` and the larger of the two labels in ``y_true`` is the
     positive class (as in sklearn, e.g. 1 for {0, 1} or {-1, 1}). Multiclass:
     ``y_score`` is ``(N, C)`` class probabilities and the result is one-vs-rest.
-    Tied scores count one half, exactly like sklearn's trapezoid over thresholds.
+    Tied scores count one half, exactly like sklearn's trapezoid over thresholds. (XLA
+    flushes subnormal floats to zero, so scores below ~1e-308 tie with 0.0.)
 
     Where sklearn returns NaN with a warning (``y_true`` holding one class only, or a
     listed class absent from it under a macro average), this function raises a

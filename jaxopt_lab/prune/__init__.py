@@ -1,17 +1,22 @@
 """Pruning: exact mask functions, sparsity schedules, the ``prune`` optax transformation,
 channel compaction and sparse storage."""
 
+from jaxopt_lab.prune.compaction import compact, expand_channel_mask
 from jaxopt_lab.prune.masks import magnitude_mask, random_mask, saliency_mask
 from jaxopt_lab.prune.schedules import constant_schedule, one_shot_schedule, polynomial_schedule
+from jaxopt_lab.prune.sparse import SparseTensor, to_dense, to_sparse
 from jaxopt_lab.prune.structured import channel_mask, nm_mask
 from jaxopt_lab.prune.transform import PruneState, Sparsity, apply_mask, prune, sparsity
 
 __all__ = (
     "PruneState",
+    "SparseTensor",
     "Sparsity",
     "apply_mask",
     "channel_mask",
+    "compact",
     "constant_schedule",
+    "expand_channel_mask",
     "magnitude_mask",
     "nm_mask",
     "one_shot_schedule",
@@ -20,4 +25,6 @@ __all__ = (
     "random_mask",
     "saliency_mask",
     "sparsity",
+    "to_dense",
+    "to_sparse",
 )

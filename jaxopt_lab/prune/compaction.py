@@ -87,10 +87,12 @@ def expand_channel_mask(
       in the last layer), the layer's bias and the following BatchNorm's scale and bias
       set False too: ``apply_mask(params, expanded)`` makes those channels output 0.
     """
-    params = variables["params"]
-    mask = check_masks(params, mask)
     layers = _trace_layers(model, variables, example_args, example_kwargs)
-    out = jax.tree.map(np.asarray, mask)
+    return _expand(layers, variables["params"], mask)
+
+
+def _expand(layers: list[_Layer], params: Params, mask: Params) -> Params:
+    out = jax.tree.map(np.asarray, check_masks(params, mask))
     for layer, alive in zip(layers, _dead_channels(layers, out)):
         for path in filter(None, (layer.path, layer.bn)):
             node = _get(out, path)
@@ -166,8 +168,8 @@ def compact(
       ((4,), (4, 4))
     """
     params = variables["params"]
-    expanded = expand_channel_mask(model, variables, mask, *example_args, **example_kwargs)
     layers = _trace_layers(model, variables, example_args, example_kwargs)
+    expanded = _expand(layers, params, mask)
     masked = {**variables, "params": apply_mask(params, expanded)}
     out = jax.tree.map(np.asarray, masked)
     widths = []

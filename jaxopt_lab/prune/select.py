@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Below this many scores in total a stable argsort beats two histogram passes.
+# Below this many scores in total a stable argsort beats two histogram passes; from
+# SAMPLED_FROM on, the sampled one-pass select (``prune.sampled``) beats the radix select.
 SORT_BELOW = 4096
+SAMPLED_FROM = 1 << 16
 _HIGH_BITS = 16  # top digit: scores >> 15 < 2**16 because scores < 2**31
 _LOW_BITS = 15
 _LOW_MASK = (1 << _LOW_BITS) - 1
@@ -51,7 +53,7 @@ def random_scores(key: jax.Array, shape, previous: jax.Array | None = None) -> j
     return s
 
 
-def _first_reaching(hist: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
+def first_reaching(hist: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Smallest bin ``b`` with ``sum(hist[:b+1]) >= target`` and ``sum(hist[:b])``.
 
     Two-level prefix sums (rows, then one row) avoid a long cumsum, which is slow on CPU.
@@ -66,7 +68,7 @@ def _first_reaching(hist: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.
     return r * _ROW + c, within[c] - rows[r, c]
 
 
-def _histogram(digits: Sequence[jax.Array], length: int) -> jax.Array:
+def histogram(digits: Sequence[jax.Array], length: int) -> jax.Array:
     """Counts of each digit value in ``[0, length)`` summed over arrays (others dropped)."""
     hist = jnp.zeros((length,), jnp.int32)
     for d in digits:
@@ -74,15 +76,15 @@ def _histogram(digits: Sequence[jax.Array], length: int) -> jax.Array:
     return hist
 
 
-def _radix_threshold(
+def radix_threshold(
     scores: Sequence[jax.Array], k: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(t, below, equal)``: the k-th lowest score (k >= 1), how many are < t and == t."""
-    high = _histogram([s >> _LOW_BITS for s in scores], 1 << _HIGH_BITS)
-    b_high, below_high = _first_reaching(high, k)
+    high = histogram([s >> _LOW_BITS for s in scores], 1 << _HIGH_BITS)
+    b_high, below_high = first_reaching(high, k)
     lows = [jnp.where((s >> _LOW_BITS) == b_high, s & _LOW_MASK, 1 << _LOW_BITS) for s in scores]
-    low = _histogram(lows, 1 << _LOW_BITS)
-    b_low, below_low = _first_reaching(low, k - below_high)
+    low = histogram(lows, 1 << _LOW_BITS)
+    b_low, below_low = first_reaching(low, k - below_high)
     return (b_high << _LOW_BITS) | b_low, below_high + below_low, low[b_low]
 
 
@@ -117,8 +119,9 @@ def _tie_cuts(ties: Sequence[jax.Array], need: jax.Array) -> list[jax.Array]:
 
 
 @jax.jit  # also makes eager mask calls fast (compiled once per shape)
-def _radix_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
-    t, below, equal = _radix_threshold(scores, jnp.maximum(k, 1))
+def radix_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
+    """Exact two-pass radix select; ``k >= 1``."""
+    t, below, equal = radix_threshold(scores, jnp.maximum(k, 1))
     need = k - below  # how many scores equal to t are pruned, in position order
     cuts = lax.cond(
         need >= equal,
@@ -129,12 +132,12 @@ def _radix_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     for s, cut in zip(scores, cuts):
         idx = lax.broadcasted_iota(jnp.int32, (s.size,), 0).reshape(s.shape)
         pruned = (s < t) | ((s == t) & (idx < cut))
-        keep.append(~pruned | (k <= 0))
+        keep.append(~pruned)
     return keep
 
 
 @jax.jit
-def _sort_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
+def sort_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     flat = jnp.concatenate([s.reshape(-1) for s in scores])
     order = jnp.argsort(flat, stable=True)
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(flat.shape[0], dtype=order.dtype))
@@ -157,13 +160,16 @@ def keep_above_k_lowest(scores: Sequence[jax.Array], k) -> list[jax.Array]:
       One bool array per score array, with exactly ``total - k`` True in total; ties are
       pruned in order of array, then flat index.
     """
+    from jaxopt_lab.prune import sampled  # noqa: PLC0415  (sampled builds on this module)
+
     total = sum(s.size for s in scores)
     if total == 0:
         return [jnp.ones(s.shape, bool) for s in scores]
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
     if total < SORT_BELOW:
-        return _sort_keep(scores, k)
-    return _radix_keep(scores, k)
+        return sort_keep(scores, k)
+    keep = (radix_keep if total < SAMPLED_FROM else sampled.sampled_keep)(scores, k)
+    return [m | (k <= 0) for m in keep]
 
 
 def count_to_prune(sparsity, size: int) -> jax.Array:

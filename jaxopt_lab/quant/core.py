@@ -9,6 +9,8 @@ Numerics (DESIGN.md): ``q = clip(round(x / s) + z, qmin, qmax)``, ``x_hat = (q -
 * An all-zero slice gets ``s = 1``; a slice whose scale would underflow gets the smallest
   normal float32, so scales are always positive and finite for finite input. NaN/Inf in
   traced input propagate into the scale, so they show up in `dequantize`, never hidden.
+* ``round`` rounds half away from zero (`round_half_away`); asymmetric range ends are
+  pinned to ``qmin``/``qmax``, so quantize(dequantize(q)) reproduces the codes.
 * fp8 (``dtype="float8_e4m3fn"|"float8_e5m2"``): ``s = max|x| / finfo(dtype).max`` and the
   codes are ``(x / s)`` cast to that format.
 
@@ -23,7 +25,6 @@ features); when ``axis`` resolves to 0 it is axis 1, and for a 1-D array it is a
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,17 +39,21 @@ from jaxopt_lab.quant.affine import (
     affine_codes,
     affine_params,
     integer_range,
+    round_half_away,
 )
 from jaxopt_lab.quant.qtensor import FP8_DTYPES, GRANULARITIES, INT_BITS, QTensor, is_qtensor, pack
 
 Params = Any
-SETTING_KEYS = ("bits", "granularity", "group_size", "symmetric", "axis", "dtype")
+SETTING_KEYS = (
+    "bits", "granularity", "group_size", "symmetric", "axis", "dtype", "scale_dtype",
+)
+SCALE_DTYPES = ("float32", "bfloat16")
 
 
 def _check_settings(where: str, s: Mapping[str, Any]) -> None:
     """Validates leaf-independent settings (``where`` names their origin in messages)."""
     if s["dtype"] is not None:
-        if str(jnp.dtype(s["dtype"]).name) not in FP8_DTYPES:
+        if _dtype_name(s["dtype"]) not in FP8_DTYPES:
             raise ValueError(f"{where}: dtype must be one of {FP8_DTYPES}, got {s['dtype']!r}")
         if s["bits"] != 8 or not s["symmetric"]:
             raise ValueError(f"{where}: fp8 quantization is symmetric 8-bit, got "
@@ -65,6 +70,18 @@ def _check_settings(where: str, s: Mapping[str, Any]) -> None:
                              f"got {g!r}")
     if not isinstance(s["axis"], (int, np.integer)) or isinstance(s["axis"], bool):
         raise ValueError(f"{where}: axis must be an int, got {s['axis']!r}")
+    if not isinstance(s["symmetric"], (bool, np.bool_)):
+        raise ValueError(f"{where}: symmetric must be a bool, got {s['symmetric']!r}")
+    if _dtype_name(s["scale_dtype"]) not in SCALE_DTYPES:
+        raise ValueError(f"{where}: scale_dtype must be one of {SCALE_DTYPES}, "
+                         f"got {s['scale_dtype']!r}")
+
+
+def _dtype_name(d: Any) -> str | None:
+    try:
+        return jnp.dtype(d).name
+    except TypeError:
+        return None
 
 
 def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any) -> dict[str, Any]:
@@ -129,21 +146,39 @@ def _stored(param: jax.Array, shape: tuple[int, ...], s: Mapping[str, Any]) -> j
     return jnp.squeeze(param, s["group_axis"] + 1)
 
 
+def _round_scale_up(scale: jax.Array, dtype: Any) -> jax.Array:
+    """The smallest value of ``dtype`` >= ``scale`` (as float32), so nothing new clips."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return scale
+    low = scale.astype(dtype)
+    up = jnp.nextafter(low, jnp.array(jnp.inf, dtype))
+    up = jnp.minimum(up, jnp.finfo(dtype).max)
+    return jnp.where(low.astype(jnp.float32) < scale, up, low).astype(jnp.float32)
+
+
 def _codes(view: jax.Array, red: tuple[int, ...], s: Mapping[str, Any]):
     """Codes of the grouped ``view`` with keepdims scale and zero point (``None``)."""
     if s["dtype"] is not None:
         fmax = float(jnp.finfo(s["dtype"]).max)
         amax = jnp.max(jnp.abs(view), axis=red, keepdims=True)
-        scale = _safe_scale(_exact_div(amax, fmax), amax)
+        scale = _round_scale_up(_safe_scale(_exact_div(amax, fmax), amax), s["scale_dtype"])
         return jnp.clip(view / scale, -fmax, fmax).astype(s["dtype"]), scale, None
     lo = jnp.min(view, axis=red, keepdims=True)
     hi = jnp.max(view, axis=red, keepdims=True)
-    scale, zero = affine_params(lo, hi, bits=s["bits"], symmetric=s["symmetric"])
-    codes = affine_codes(view, scale, zero, bits=s["bits"], symmetric=s["symmetric"])
-    if not s["symmetric"]:
+    bits, sym = s["bits"], s["symmetric"]
+    scale, zero = affine_params(lo, hi, bits=bits, symmetric=sym)
+    exact_scale = jnp.dtype(s["scale_dtype"]) == jnp.float32
+    if not exact_scale:
+        scale = _round_scale_up(scale, s["scale_dtype"])
+        if not sym:
+            qmin, qmax = integer_range(bits, False)
+            zero = jnp.clip(round_half_away(qmin - jnp.minimum(lo, 0.0) / scale), qmin, qmax)
+            zero = zero.astype(jnp.int8)
+    codes = affine_codes(view, scale, zero, bits=bits, symmetric=sym)
+    if not sym and exact_scale:
         # Float noise in near-ties can leave a range end one code short of qmin/qmax; pin it
         # (error still <= s/2 + rounding), so dequantized values reproduce the same (s, z).
-        qmin, qmax = integer_range(s["bits"], False)
+        qmin, qmax = integer_range(bits, False)
         codes = jnp.where((view == hi) & (hi > 0), jnp.int8(qmax), codes)
         codes = jnp.where((view == lo) & (lo < 0), jnp.int8(qmin), codes)
     return codes, scale, zero
@@ -164,38 +199,12 @@ def quantize_array(x: jax.typing.ArrayLike, **settings: Any) -> QTensor:
                 group_axis=s["group_axis"],
                 group_size=None if s["group_axis"] is None else s["group_size"])
     codes = codes.reshape(shape or (1,))
+    scale = _stored(scale, shape, s).astype(s["scale_dtype"])  # exact: rounded in _codes
     if s["dtype"] is not None:
         fp8 = jnp.dtype(s["dtype"]).name
-        return QTensor(codes, _stored(scale, shape, s), None, bits=8, fp8=fp8, **meta)
+        return QTensor(codes, scale, None, bits=8, fp8=fp8, **meta)
     zero = None if zero is None else _stored(zero, shape, s)
-    storage = pack(codes, s["bits"])
-    return QTensor(storage, _stored(scale, shape, s), zero, bits=s["bits"], **meta)
-
-
-@functools.partial(jax.jit, static_argnames=SETTING_KEYS + ("group_axis",))
-def fake_quantize_array(x: jax.Array, **settings: Any) -> tuple[jax.Array, jax.Array]:
-    """``dequantize(quantize_array(x))`` without packing, and the not-clipped mask.
-
-    The mask is True where ``x / s + z`` lies within half a code of ``[qmin, qmax]`` (for fp8
-    within ``[-max, max]``): there rounding, not clipping, decided the value.
-    """
-    s = settings
-    view, red = _grouped(x.astype(jnp.float32), s)
-    codes, scale, zero = _codes(view, red, s)
-    ratio = view / scale
-    if s["dtype"] is not None:
-        info = jnp.finfo(s["dtype"])
-        fmax = float(info.max)
-        half_ulp = 2.0 ** (math.floor(math.log2(fmax)) - info.nmant - 1)  # at the top binade
-        x_hat, mask = codes.astype(jnp.float32) * scale, jnp.abs(ratio) <= fmax + half_ulp
-    else:
-        qmin, qmax = integer_range(s["bits"], s["symmetric"])
-        vals = codes.astype(jnp.float32)
-        if zero is not None:
-            vals, ratio = vals - zero.astype(jnp.float32), ratio + zero.astype(jnp.float32)
-        x_hat = vals * scale
-        mask = (ratio >= qmin - 0.5) & (ratio <= qmax + 0.5)
-    return x_hat.reshape(x.shape).astype(x.dtype), mask.reshape(x.shape)
+    return QTensor(pack(codes, s["bits"]), scale, zero, bits=s["bits"], **meta)
 
 
 def _is_bare_array(tree: Any) -> bool:
@@ -212,6 +221,7 @@ def quantize(
     axis: int = -1,
     where: _select.Where = None,
     dtype: Any = None,
+    scale_dtype: Any = "float32",
 ) -> Params:
     """Replaces the selected float leaves of ``tree`` by `QTensor` s.
 
@@ -229,6 +239,9 @@ def quantize(
         ``ndim >= 2``. A callable/mask may return a mapping of per-leaf overrides of the
         settings above, e.g. ``{"bits": 8}`` for the first layer (mixed precision).
       dtype: ``"float8_e4m3fn"`` or ``"float8_e5m2"`` for fp8 codes instead of integers.
+      scale_dtype: ``"float32"`` (default) or ``"bfloat16"`` storage for the scales; bfloat16
+        scales are rounded *up* before the codes are computed (nothing extra clips) and save
+        2 bytes per scale (int4 with 128-element groups: 7.5x -> 7.75x smaller than fp32).
 
     Returns:
       ``tree`` with selected leaves replaced by `QTensor`; other leaves untouched.
@@ -249,7 +262,7 @@ def quantize(
       True
     """
     base = dict(bits=bits, granularity=granularity, group_size=group_size,
-                symmetric=symmetric, axis=axis, dtype=dtype)
+                symmetric=symmetric, axis=axis, dtype=dtype, scale_dtype=scale_dtype)
     _check_settings("quantize", base)
     if where is None and _is_bare_array(tree):
         where = True

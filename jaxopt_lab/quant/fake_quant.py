@@ -28,12 +28,38 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_lab import _select
-from jaxopt_lab.quant.affine import round_half_away
-from jaxopt_lab.quant.core import _check_settings, _is_bare_array, fake_quantize_array
+from jaxopt_lab.quant.affine import integer_range, round_half_away
+from jaxopt_lab.quant.core import SETTING_KEYS, _check_settings, _codes, _grouped, _is_bare_array
 from jaxopt_lab.quant.core import leaf_settings
 from jaxopt_lab.quant.qtensor import INT_BITS, is_qtensor
 
 Params = Any
+
+
+@functools.partial(jax.jit, static_argnames=SETTING_KEYS + ("group_axis",))
+def fake_quantize_array(x: jax.Array, **settings: Any) -> tuple[jax.Array, jax.Array]:
+    """``dequantize(quantize_array(x))`` without packing, and the not-clipped mask.
+
+    The mask is True where ``x / s + z`` lies within half a step of ``[qmin, qmax]`` (fp8:
+    of ``[-max, max]``): there rounding, not clipping, decided the value.
+    """
+    s = settings
+    view, red = _grouped(x.astype(jnp.float32), s)
+    codes, scale, zero = _codes(view, red, s)
+    ratio = view / scale
+    if s["dtype"] is not None:
+        info = jnp.finfo(s["dtype"])
+        fmax = float(info.max)
+        half_ulp = 2.0 ** (math.floor(math.log2(fmax)) - info.nmant - 1)  # at the top binade
+        x_hat, mask = codes.astype(jnp.float32) * scale, jnp.abs(ratio) <= fmax + half_ulp
+    else:
+        qmin, qmax = integer_range(s["bits"], s["symmetric"])
+        vals = codes.astype(jnp.float32)
+        if zero is not None:
+            vals, ratio = vals - zero.astype(jnp.float32), ratio + zero.astype(jnp.float32)
+        x_hat = vals * scale
+        mask = (ratio >= qmin - 0.5) & (ratio <= qmax + 0.5)
+    return x_hat.reshape(x.shape).astype(x.dtype), mask.reshape(x.shape)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -58,12 +84,13 @@ def fake_quant(
     axis: int = -1,
     where: _select.Where = None,
     dtype: Any = None,
+    scale_dtype: Any = "float32",
 ) -> Params:
     """Quantize-dequantize with the straight-through estimator, for QAT inside a loss.
 
     Args:
       tree_or_array: one float array (always selected) or a pytree of arrays.
-      bits, granularity, group_size, symmetric, axis, where, dtype: as in
+      bits, granularity, group_size, symmetric, axis, where, dtype, scale_dtype: as in
         `jaxopt_lab.quantize` (``where`` may return per-leaf overrides).
 
     Returns:
@@ -83,7 +110,7 @@ def fake_quant(
       [[0.0, -2.0], [0.0, 2.0]]
     """
     base = dict(bits=bits, granularity=granularity, group_size=group_size,
-                symmetric=symmetric, axis=axis, dtype=dtype)
+                symmetric=symmetric, axis=axis, dtype=dtype, scale_dtype=scale_dtype)
     _check_settings("fake_quant", base)
     if where is None and _is_bare_array(tree_or_array):
         where = True
@@ -184,7 +211,7 @@ def lsq_init(
         s = _lsq_leaf_bits(name, base, choice)
         qs = leaf_settings(name, leaf, dict(bits=s["bits"], granularity=s["granularity"],
                                              group_size=None, symmetric=True, axis=s["axis"],
-                                             dtype=None), True)
+                                             dtype=None, scale_dtype="float32"), True)
         if qs["granularity"] == "group":
             raise ValueError(f"{name}: LSQ steps are per tensor or per channel, not per group")
         x = jnp.abs(jnp.asarray(leaf, jnp.float32))

@@ -118,7 +118,8 @@ class QTensor:
     Build one with `jaxopt_lab.quantize`; read it back with `dequantize`. Fields:
 
     * ``qvalue``: storage (see the module docstring for the layout);
-    * ``scale``: float32, ``x_hat = (q - zero_point) * scale``;
+    * ``scale``: float32 (bfloat16 if quantized with ``scale_dtype="bfloat16"``),
+      ``x_hat = (q - zero_point) * scale``;
     * ``zero_point``: ``int8`` of ``scale``'s shape, or ``None`` for symmetric codes;
     * ``bits``, ``granularity`` (``"tensor"|"channel"|"group"``), ``axis`` (channel axis,
       non-negative, or ``None``), ``group_axis`` and ``group_size`` (``None`` unless

@@ -55,7 +55,7 @@ def latency_ms(variant: Variant, stored: Any, inputs: dict[int, np.ndarray], *,
                repeats: int) -> dict[int, float]:
     """Median milliseconds per call of the variant's inference path, per batch size."""
     fn = _jitted(variant.infer)
-    stored = jax.device_put(stored)
+    stored = jax.device_put(variant.prepare(stored))
     out = {}
     for batch, x in inputs.items():
         call = functools.partial(fn, stored, jax.device_put(x))

@@ -66,14 +66,14 @@ def pipeline(ctx: JobContext) -> Variant:
     folded, report = jol.bn_fold(student, qat, ctx.x_example, train=False, return_report=True)
     stored = {**folded, "params": to_storage(folded["params"])}
 
-    def infer(tree, x):
-        return jol.folded_apply(student, from_storage(tree), x, report=report, train=False)
+    def infer(codes, x):  # int8 codes in memory, expanded inside the program
+        return jol.folded_apply(student, jol.dequantize(codes), x, report=report, train=False)
 
     before = float(jol.sparsity(folded["params"]).overall)
     return Variant(
         "pipeline",
         f"distill -> {round(100 * target)}% gradual prune -> int8 QAT -> BN fold -> int8 "
         "quantize (sparse codes) -> save",
-        student, stored, from_storage, infer, sparsity_target=target,
+        student, stored, from_storage, infer, prepare=jol.to_dense, sparsity_target=target,
         extra={"sparsity_before_quantization": before},
     )

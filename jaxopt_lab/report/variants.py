@@ -1,10 +1,12 @@
 """One small function per variant, each built only from jaxopt_lab's public API.
 
 A :class:`Variant` is what the job measures: the model, the tree ``jol.save`` writes
-(``stored``: `QTensor` s, folded or compacted variables...), how that tree becomes float
-variables for ``jol.train.evaluate`` and how it runs at inference (``infer``, timed for the
-latency figures). Accuracy, sizes and latency are all measured on the tree read back
-from the saved file, so the report describes what a user would deploy.
+(``stored``: `QTensor` s, sparse, folded or compacted variables...), how that tree becomes
+float variables for ``jol.train.evaluate``, what is done once when it is loaded
+(``prepare``: sparse storage is expanded, integer weights stay integer) and how it runs
+at inference (``infer``, timed for the latency figures). Accuracy, sizes and latency are
+all measured on the tree read back from the saved file, so the report describes what a
+user would deploy.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class Variant(NamedTuple):
       model: the linen module that runs it.
       stored: the tree written with ``jol.save`` (what is deployed).
       to_variables: ``stored -> float variables`` for ``jol.train.evaluate``.
-      infer: pure ``(stored, x) -> logits``, the deployed inference path (timed).
+      infer: pure ``(prepared, x) -> logits``, the deployed inference path (timed).
+      prepare: ``stored -> prepared``, done once at load time (not timed).
       sparsity_target: the pruning target, for variants that prune.
       extra: further figures for the report (e.g. sparsity before quantization).
     """
@@ -50,6 +53,7 @@ class Variant(NamedTuple):
     stored: Tree
     to_variables: Callable[[Tree], Variables]
     infer: Callable[[Tree, jax.Array], jax.Array]
+    prepare: Callable[[Tree], Tree] = lambda stored: stored
     sparsity_target: float | None = None
     extra: dict | None = None
 
@@ -100,14 +104,9 @@ def dequant_infer(model: nn.Module) -> Callable:
     return lambda stored, x: model.apply(jol.dequantize(stored), x, train=False)
 
 
-@functools.cache
-def sparse_infer(model: nn.Module) -> Callable:
-    """Sparse storage (bitmask + nonzeros) expanded inside the program, then dense compute."""
-    return lambda stored, x: model.apply(jol.to_dense(stored), x, train=False)
-
-
 def sparse_stored(variables: Variables) -> Variables:
-    """Pruned kernels as ``jol.to_sparse`` storage; everything else as it is."""
+    """Pruned kernels as ``jol.to_sparse`` storage (expanded at load time: there are no
+    sparse kernels to run them); everything else as it is."""
     return _with_params(variables, jol.to_sparse(variables["params"]))
 
 
@@ -157,7 +156,8 @@ def bn_folded(ctx: JobContext) -> Variant:
 def _quantized(ctx: JobContext, name: str, description: str, variables: Variables,
                **settings) -> Variant:
     teacher = ctx.models.teacher
-    stored = _with_params(variables, jol.quantize(variables["params"], **settings))
+    quantize = jax.jit(functools.partial(jol.quantize, **settings))  # one compile, not per op
+    stored = _with_params(variables, quantize(variables["params"]))
     return Variant(name, description, teacher, stored, jol.dequantize, dequant_infer(teacher))
 
 
@@ -210,8 +210,8 @@ def _pruned(ctx: JobContext, target: float) -> Variant:
     pct = round(100 * target)
     return Variant(f"prune{pct}_gradual", f"{pct}% magnitude pruning, polynomial schedule "
                    f"over {ctx.settings.finetune_epochs} fine-tuning epoch(s), sparse storage",
-                   teacher, sparse_stored(tuned), jol.to_dense, sparse_infer(teacher),
-                   sparsity_target=target)
+                   teacher, sparse_stored(tuned), jol.to_dense, float_infer(teacher),
+                   prepare=jol.to_dense, sparsity_target=target)
 
 
 def prune50_gradual(ctx: JobContext) -> Variant:
@@ -231,7 +231,7 @@ def nm24(ctx: JobContext) -> Variant:
                     keep_last=True)
     return Variant("nm24", "2:4 sparsity along the inputs (kernels with a multiple of 4 "
                    "inputs), fine-tuned, sparse storage", teacher, sparse_stored(tuned),
-                   jol.to_dense, sparse_infer(teacher))
+                   jol.to_dense, float_infer(teacher), prepare=jol.to_dense)
 
 
 def student_variables(ctx: JobContext) -> Variables:

@@ -1,0 +1,169 @@
+// int8 x int8 -> int32 matrix multiply for x86 CPUs with AVX512-VNNI, as an XLA FFI handler.
+//
+// C[M, N] = A[M, K] @ B[K, N], all row-major, exact int32 accumulation.
+//
+// VNNI's vpdpbusd multiplies unsigned by signed bytes, four at a time per int32 lane, so
+// each A quad is flipped to unsigned (a + 128, one XOR of the broadcast word) and
+// 128 * colsum(B) is subtracted at the end. B is packed one panel of 64 columns at a time
+// into [K/4][64][4] (zero-padded), the layout vpdpbusd reads with one 64-byte load per
+// 16 columns; the packing also yields the column sums. A 6 x 64 register tile of int32
+// accumulators runs over the whole K for each row block.
+//
+// Threads: panels are claimed from an atomic counter by the calling thread and by tasks
+// scheduled on XLA's intra-op thread pool. The caller only waits for panels that some
+// running thread has already claimed, so it can never wait on a task that has not started
+// (no deadlock when the pool is busy); late tasks find no panel left and return.
+//
+// Built at run time by jaxopt_lab/quant/native.py with -mavx512f -mavx512bw -mavx512vnni.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kRows = 6;      // rows of A per register tile
+constexpr int kBlocks = 4;    // 16-column blocks per tile
+constexpr int kPanel = 16 * kBlocks;
+
+struct Shared {
+  const int8_t* a;
+  const int8_t* b;
+  int32_t* c;
+  int64_t m, k, n, panels;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;
+};
+
+// Packs columns [j0, j0 + 64) of B into [k4][64][4] and returns their column sums.
+void PackPanel(const int8_t* b, int64_t k, int64_t n, int64_t j0, int8_t* packed,
+               int32_t* colsum) {
+  const int64_t k4 = (k + 3) / 4;
+  std::memset(packed, 0, static_cast<size_t>(k4) * kPanel * 4);
+  std::memset(colsum, 0, sizeof(int32_t) * kPanel);
+  const int64_t width = std::min<int64_t>(kPanel, n - j0);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int8_t* row = b + kk * n + j0;
+    int8_t* dst = packed + (kk / 4) * kPanel * 4 + (kk % 4);
+    for (int64_t j = 0; j < width; ++j) {
+      dst[j * 4] = row[j];
+      colsum[j] += row[j];
+    }
+  }
+}
+
+inline int32_t LoadQuad(const int8_t* p, int64_t remaining) {
+  int32_t v = 0;
+  std::memcpy(&v, p, remaining >= 4 ? 4 : static_cast<size_t>(remaining));
+  return v;
+}
+
+void Tile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t i0,
+          int64_t j0) {
+  const int64_t rows = std::min<int64_t>(kRows, s.m - i0);
+  const int64_t k4 = (s.k + 3) / 4;
+  const int64_t full = s.k / 4;  // quads that can be read with one 4-byte load
+  __m512i acc[kRows][kBlocks];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kBlocks; ++c) acc[r][c] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  for (int64_t q = 0; q < k4; ++q) {
+    __m512i bv[kBlocks];
+    for (int c = 0; c < kBlocks; ++c)
+      bv[c] = _mm512_loadu_si512(packed + (q * kPanel + c * 16) * 4);
+    for (int r = 0; r < kRows; ++r) {
+      if (r < rows) {
+        const int8_t* ap = s.a + (i0 + r) * s.k + 4 * q;
+        int32_t word;
+        if (q < full) {
+          std::memcpy(&word, ap, 4);
+        } else {
+          word = LoadQuad(ap, s.k - 4 * q);
+        }
+        // Padding bytes past K meet zero weights, so flipping them is harmless.
+        const __m512i av = _mm512_xor_si512(_mm512_set1_epi32(word), flip);
+        for (int c = 0; c < kBlocks; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, bv[c]);
+      }
+    }
+  }
+  const int64_t width = std::min<int64_t>(kPanel, s.n - j0);
+  for (int c = 0; c < kBlocks; ++c) {
+    const int64_t cols = std::min<int64_t>(16, width - 16 * c);
+    if (cols <= 0) break;
+    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
+    const __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask, colsum + 16 * c), 7);
+    for (int64_t r = 0; r < rows; ++r) {
+      _mm512_mask_storeu_epi32(s.c + (i0 + r) * s.n + j0 + 16 * c, mask,
+                               _mm512_sub_epi32(acc[r][c], corr));
+    }
+  }
+}
+
+// Claims and computes panels until none is left.
+void Work(Shared& s) {
+  const int64_t k4 = (s.k + 3) / 4;
+  int8_t* packed = nullptr;
+  alignas(64) int32_t colsum[kPanel];
+  for (int64_t p = s.next.fetch_add(1); p < s.panels; p = s.next.fetch_add(1)) {
+    if (packed == nullptr) {
+      packed = static_cast<int8_t*>(std::aligned_alloc(64, static_cast<size_t>(k4) * kPanel * 4));
+    }
+    const int64_t j0 = p * kPanel;
+    PackPanel(s.b, s.k, s.n, j0, packed, colsum);
+    for (int64_t i0 = 0; i0 < s.m; i0 += kRows) Tile(s, packed, colsum, i0, j0);
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (++s.done == s.panels) s.cv.notify_all();
+  }
+  std::free(packed);
+}
+
+ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::S8> b,
+                      ffi::ResultBuffer<ffi::S32> c) {
+  const auto ad = a.dimensions();
+  const auto bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || ad[1] != bd[0]) {
+    return ffi::Error::InvalidArgument("int8 matmul expects (M, K) @ (K, N)");
+  }
+  auto s = std::make_shared<Shared>();
+  s->a = a.typed_data();
+  s->b = b.typed_data();
+  s->c = c->typed_data();
+  s->m = ad[0];
+  s->k = ad[1];
+  s->n = bd[1];
+  s->panels = (s->n + kPanel - 1) / kPanel;
+  if (s->m == 0 || s->n == 0) return ffi::Error::Success();
+  if (s->k == 0) {
+    std::memset(s->c, 0, sizeof(int32_t) * s->m * s->n);
+    return ffi::Error::Success();
+  }
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), s->panels - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s] { Work(*s); });
+  Work(*s);
+  std::unique_lock<std::mutex> lock(s->mu);
+  s->cv.wait(lock, [&] { return s->done == s->panels; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JolInt8Matmul, Int8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
