@@ -25,8 +25,9 @@ def _binary_auc(positive: jax.Array, score: jax.Array, weight: jax.Array) -> jax
     is_positive = positive.astype(jnp.int32)
 
     def negatives_before_positives(tie_order):
-        # Sorted by score, ties broken by tie_order: for each positive, the negative weight
-        # placed before it is the negative weight scoring lower (+ the tied one if first).
+        # Sorted by score, ties broken by tie_order: the negative weight placed before a
+        # positive is the weight scoring lower, plus the tied weight when negatives sort
+        # first among ties.
         *_, pos, neg = jax.lax.sort((score, tie_order, w_pos, w_neg), num_keys=2)
         return jnp.sum(pos * (jnp.cumsum(neg) - neg))
 

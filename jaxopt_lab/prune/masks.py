@@ -25,7 +25,8 @@ from jaxopt_lab import _select
 from jaxopt_lab.prune import select
 
 Params = Any
-ScoreFn = Callable[[Any, Any, Any], jax.Array]  # (path, leaf, previous leaf mask) -> scores
+# (path, leaf, previous leaf mask) -> the operands of ``select.SCORE_KINDS[kind]``
+OperandsFn = Callable[[Any, Any, Any], tuple]
 
 
 def check_sparsity(sparsity: Any, what: str = "sparsity") -> None:
@@ -68,13 +69,15 @@ def previous_leaves(tree: Params, previous: Params | None) -> list[Any]:
 def ranked_mask(
     tree: Params,
     sparsity: Any,
-    score_fn: ScoreFn,
+    kind: str,
+    operands_fn: OperandsFn,
     *,
     scope: str,
     where: Any,
     previous: Params | None,
 ) -> Params:
-    """Shared driver: prunes the lowest ``score_fn`` scores per leaf or globally."""
+    """Shared driver: prunes the lowest scores (``select.SCORE_KINDS[kind]`` applied to
+    ``operands_fn(path, leaf, previous)``) per leaf or globally."""
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     if sparsity is None:
@@ -89,25 +92,25 @@ def ranked_mask(
             out.append(jnp.ones(np.shape(leaf), bool))
             continue
         settings = _overrides(path, choice, ("sparsity",))
-        scores = score_fn(path, leaf, prev[i])
+        operands = operands_fn(path, leaf, prev[i])
+        size = int(np.size(leaf))
         out.append(None)
         if scope == "global":
             if settings:
                 raise ValueError(
                     f"{_select.path_str(path)}: a per-leaf sparsity needs scope='layer'"
                 )
-            pooled.append((i, scores))
+            pooled.append((i, operands, size))
             continue
         s = settings.get("sparsity", sparsity)
         check_sparsity(s, f"{_select.path_str(path)}: sparsity")
-        k = select.count_to_prune(s, scores.size)
-        out[i] = select.keep_above_k_lowest([scores], k)[0]
+        out[i] = select.keep_lowest(kind, [operands], select.count_to_prune(s, size))[0]
     if pooled:
-        total = sum(s.size for _, s in pooled)
-        keep = select.keep_above_k_lowest(
-            [s for _, s in pooled], select.count_to_prune(sparsity, total)
+        total = sum(n for _, _, n in pooled)
+        keep = select.keep_lowest(
+            kind, [ops for _, ops, _ in pooled], select.count_to_prune(sparsity, total)
         )
-        for (i, _), m in zip(pooled, keep):
+        for (i, _, _), m in zip(pooled, keep):
             out[i] = m
     return jax.tree.unflatten(treedef, out)
 
@@ -147,7 +150,8 @@ def magnitude_mask(
     return ranked_mask(
         tree,
         sparsity,
-        lambda path, x, prev: select.magnitude_scores(x, prev),
+        "magnitude",
+        lambda path, x, prev: (x, prev),
         scope=scope,
         where=where,
         previous=previous,
@@ -178,10 +182,11 @@ def random_mask(
         raise ValueError("random_mask needs a PRNG `key`")
     index = {path: i for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0])}
 
-    def scores(path, x, prev):
-        return select.random_scores(jax.random.fold_in(key, index[path]), np.shape(x), prev)
+    def operands(path, x, prev):
+        return (jax.random.fold_in(key, index[path]), x, prev)
 
-    return ranked_mask(tree, sparsity, scores, scope=scope, where=where, previous=previous)
+    return ranked_mask(tree, sparsity, "random", operands, scope=scope, where=where,
+                       previous=previous)
 
 
 def saliency_mask(
@@ -214,13 +219,13 @@ def saliency_mask(
     _select.check_same_structure(grads, tree, "grads", "params")
     g_by_path = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
 
-    def scores(path, x, prev):
+    def operands(path, x, prev):
         g = g_by_path[path]
         if np.shape(g) != np.shape(x):
             raise ValueError(
                 f"{_select.path_str(path)}: grads shape {np.shape(g)} != leaf shape {np.shape(x)}"
             )
-        prod = jnp.asarray(x, jnp.float32) * jnp.asarray(g, jnp.float32)
-        return select.magnitude_scores(prod, prev)
+        return (x, g, prev)
 
-    return ranked_mask(tree, sparsity, scores, scope=scope, where=where, previous=previous)
+    return ranked_mask(tree, sparsity, "product", operands, scope=scope, where=where,
+                       previous=previous)

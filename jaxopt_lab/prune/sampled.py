@@ -80,11 +80,11 @@ def _lexicographic_min_cut(scores, digits, j) -> list[jax.Array]:
     return out
 
 
-@jax.jit
-def sampled_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
-    """Same contract as ``select.keep_above_k_lowest`` for ``1 <= k``; large inputs."""
+def sampled_keep(make_scores: select.MakeScores, k: jax.Array) -> list[jax.Array]:
+    """Same contract as ``select.keep_lowest`` (``0 <= k <= total``)."""
+    scores = make_scores()
     total = sum(s.size for s in scores)
-    k = jnp.maximum(k, 1)
+    k_wanted, k = k, jnp.maximum(k, 1)
     lo, span = _bracket(_sample(scores, total), k, total)
     shift = _shift_for(span)
     digits = [_digits(s, lo, shift) for s in scores]
@@ -94,10 +94,11 @@ def sampled_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     fits = (j >= 1) & (j <= BINS)
     case = jnp.where(fits & (rank == count), 0, jnp.where(fits & (rank == 1), 1, 2))
     return lax.switch(
-        case,
+        jnp.where(k_wanted <= 0, 3, case),
         [
             lambda: [d > j for d in digits],
-            lambda: _lexicographic_min_cut(scores, digits, j),
-            lambda: select.radix_keep(scores, k),
+            lambda: _lexicographic_min_cut(make_scores(), digits, j),
+            lambda: select.radix_keep(make_scores, k),
+            lambda: [jnp.ones(s.shape, bool) for s in scores],
         ],
     )

@@ -14,7 +14,9 @@ Small inputs (where a sort is cheaper than two histograms) use a stable argsort.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import math
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,7 @@ _ROW = 256  # prefix sums over histograms are done as (rows, _ROW) two-level sca
 # Scores: 0 is reserved for "already pruned" (ranks below everything), magnitudes
 # start at 1; NaN ranks above +inf so a NaN weight is never silently chosen to prune.
 _INF_BITS = 0x7F800000
+MakeScores = Callable[[], list[jax.Array]]  # builds the score arrays where it is called
 
 
 def magnitude_scores(x: jax.Array, previous: jax.Array | None = None) -> jax.Array:
@@ -68,11 +71,24 @@ def first_reaching(hist: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.A
     return r * _ROW + c, within[c] - rows[r, c]
 
 
+_SCATTER_DIMS = lax.ScatterDimensionNumbers(
+    update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+)
+
+
 def histogram(digits: Sequence[jax.Array], length: int) -> jax.Array:
-    """Counts of each digit value in ``[0, length)`` summed over arrays (others dropped)."""
+    """Counts of each digit value, summed over arrays; every digit must be in ``[0, length)``.
+
+    A raw ``lax.scatter_add`` promising in-bounds indices: ``.at[].add`` would first copy
+    the indices to wrap negative ones, an extra pass over the data.
+    """
     hist = jnp.zeros((length,), jnp.int32)
     for d in digits:
-        hist = hist.at[d.reshape(-1)].add(1, mode="drop")
+        flat = d.reshape(-1, 1)
+        ones = jnp.ones((flat.shape[0],), jnp.int32)
+        hist = lax.scatter_add(
+            hist, flat, ones, _SCATTER_DIMS, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS
+        )
     return hist
 
 
@@ -83,7 +99,7 @@ def radix_threshold(
     high = histogram([s >> _LOW_BITS for s in scores], 1 << _HIGH_BITS)
     b_high, below_high = first_reaching(high, k)
     lows = [jnp.where((s >> _LOW_BITS) == b_high, s & _LOW_MASK, 1 << _LOW_BITS) for s in scores]
-    low = histogram(lows, 1 << _LOW_BITS)
+    low = histogram(lows, (1 << _LOW_BITS) + _ROW)  # bin 2**15 collects the other buckets
     b_low, below_low = first_reaching(low, k - below_high)
     return (b_high << _LOW_BITS) | b_low, below_high + below_low, low[b_low]
 
@@ -118,9 +134,9 @@ def _tie_cuts(ties: Sequence[jax.Array], need: jax.Array) -> list[jax.Array]:
     return cuts
 
 
-@jax.jit  # also makes eager mask calls fast (compiled once per shape)
-def radix_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
-    """Exact two-pass radix select; ``k >= 1``."""
+def radix_keep(make_scores: MakeScores, k: jax.Array) -> list[jax.Array]:
+    """Exact two-pass radix select (any ``k`` in ``[0, total]``)."""
+    scores = make_scores()
     t, below, equal = radix_threshold(scores, jnp.maximum(k, 1))
     need = k - below  # how many scores equal to t are pruned, in position order
     cuts = lax.cond(
@@ -136,8 +152,8 @@ def radix_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     return keep
 
 
-@jax.jit
 def sort_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
+    """Exact select by a stable argsort (for small inputs)."""
     flat = jnp.concatenate([s.reshape(-1) for s in scores])
     order = jnp.argsort(flat, stable=True)
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(flat.shape[0], dtype=order.dtype))
@@ -149,27 +165,61 @@ def sort_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     return out
 
 
-def keep_above_k_lowest(scores: Sequence[jax.Array], k) -> list[jax.Array]:
-    """Bool masks (True = keep) pruning exactly the ``k`` lowest of all ``scores`` together.
+def _given(s, previous=None):
+    return s if previous is None else jnp.where(previous, s, 0)
+
+
+def _product(x, g, previous=None):
+    return magnitude_scores(jnp.asarray(x, jnp.float32) * jnp.asarray(g, jnp.float32), previous)
+
+
+def _random(key, x, previous=None):
+    return random_scores(key, jnp.shape(x), previous)
+
+
+# How each mask function turns its per-leaf operands into scores.
+SCORE_KINDS: dict[str, Callable[..., jax.Array]] = {
+    "given": _given,
+    "magnitude": magnitude_scores,
+    "product": _product,
+    "random": _random,
+}
+
+
+@functools.partial(jax.jit, static_argnames="kind")  # eager calls compile once per shape
+def keep_lowest(kind: str, operands: Sequence[tuple], k) -> list[jax.Array]:
+    """Bool masks (True = keep) pruning exactly the ``k`` lowest scores of all arrays.
 
     Args:
-      scores: int32 arrays of non-negative scores (any shapes).
-      k: number to prune (int, possibly traced); clipped to ``[0, total size]``.
+      kind: a key of ``SCORE_KINDS``: how ``operands`` become int32 scores.
+      operands: one tuple of arguments per array, e.g. ``(x, previous_mask_or_None)``.
+      k: number to prune (possibly traced); clipped to ``[0, total size]``.
 
     Returns:
-      One bool array per score array, with exactly ``total - k`` True in total; ties are
-      pruned in order of array, then flat index.
+      One bool array per score array, ``total - k`` True in total; ties are pruned in
+      order of array, then flat index. Scores are built inside the branches that need
+      them, so nothing but the selected path reads the data.
     """
     from jaxopt_lab.prune import sampled  # noqa: PLC0415  (sampled builds on this module)
 
-    total = sum(s.size for s in scores)
+    score = SCORE_KINDS[kind]
+
+    def make_scores():
+        return [score(*ops) for ops in operands]
+
+    shapes = [s.shape for s in jax.eval_shape(make_scores)]
+    total = sum(math.prod(sh) for sh in shapes)
     if total == 0:
-        return [jnp.ones(s.shape, bool) for s in scores]
+        return [jnp.ones(sh, bool) for sh in shapes]
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
     if total < SORT_BELOW:
-        return sort_keep(scores, k)
-    keep = (radix_keep if total < SAMPLED_FROM else sampled.sampled_keep)(scores, k)
-    return [m | (k <= 0) for m in keep]
+        return sort_keep(make_scores(), k)
+    return (radix_keep if total < SAMPLED_FROM else sampled.sampled_keep)(make_scores, k)
+
+
+def keep_above_k_lowest(scores: Sequence[jax.Array], k) -> list[jax.Array]:
+    """``keep_lowest`` on ready-made int32 score arrays."""
+    return keep_lowest("given", [(s,) for s in scores], k)
 
 
 def count_to_prune(sparsity, size: int) -> jax.Array:
@@ -179,8 +229,6 @@ def count_to_prune(sparsity, size: int) -> jax.Array:
     that, e.g., ``float32(0.7) * 10`` counts 7, not 6.
     """
     if isinstance(sparsity, (int, float)):
-        import math
-
         return jnp.int32(math.floor(sparsity * size))
     s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
     s = jnp.where(jnp.isnan(s), 0.0, s)

@@ -165,8 +165,10 @@ def channel_mask(
         alive = None
         if prev[i] is not None:
             alive = jnp.moveaxis(prev[i], axis, -1).reshape(-1, shape[axis]).all(axis=0)
-        scores = select.magnitude_scores(channel_norms(leaf, axis, norm), alive)
-        keep = select.keep_above_k_lowest([scores], select.count_to_prune(s, shape[axis]))[0]
+        norms = channel_norms(leaf, axis, norm)
+        keep = select.keep_lowest(
+            "magnitude", [(norms, alive)], select.count_to_prune(s, shape[axis])
+        )[0]
         view = [1] * len(shape)
         view[axis] = shape[axis]
         out.append(jnp.broadcast_to(keep.reshape(view), shape))

@@ -53,10 +53,39 @@ struct Shared {
 void PackPanel(const int8_t* b, int64_t k, int64_t n, int64_t j0, int8_t* packed,
                int32_t* colsum) {
   const int64_t k4 = (k + 3) / 4;
-  std::memset(packed, 0, static_cast<size_t>(k4) * kPanel * 4);
-  std::memset(colsum, 0, sizeof(int32_t) * kPanel);
   const int64_t width = std::min<int64_t>(kPanel, n - j0);
-  for (int64_t kk = 0; kk < k; ++kk) {
+  std::memset(colsum, 0, sizeof(int32_t) * kPanel);
+  int64_t kk = 0;
+  if (width == kPanel) {
+    // Four rows x 64 columns -> 64 column quads: byte and word interleaves within 128-bit
+    // lanes, then a 4 x 4 transpose of the lanes. Column sums come from vpdpbusd with ones.
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i sum[kBlocks];
+    for (int c = 0; c < kBlocks; ++c) sum[c] = _mm512_setzero_si512();
+    for (; kk + 4 <= k; kk += 4) {
+      const int8_t* src = b + kk * n + j0;
+      const __m512i r0 = _mm512_loadu_si512(src), r1 = _mm512_loadu_si512(src + n);
+      const __m512i r2 = _mm512_loadu_si512(src + 2 * n), r3 = _mm512_loadu_si512(src + 3 * n);
+      const __m512i lo01 = _mm512_unpacklo_epi8(r0, r1), hi01 = _mm512_unpackhi_epi8(r0, r1);
+      const __m512i lo23 = _mm512_unpacklo_epi8(r2, r3), hi23 = _mm512_unpackhi_epi8(r2, r3);
+      const __m512i v0 = _mm512_unpacklo_epi16(lo01, lo23), v1 = _mm512_unpackhi_epi16(lo01, lo23);
+      const __m512i v2 = _mm512_unpacklo_epi16(hi01, hi23), v3 = _mm512_unpackhi_epi16(hi01, hi23);
+      const __m512i t0 = _mm512_shuffle_i32x4(v0, v1, 0x44), t1 = _mm512_shuffle_i32x4(v0, v1, 0xEE);
+      const __m512i t2 = _mm512_shuffle_i32x4(v2, v3, 0x44), t3 = _mm512_shuffle_i32x4(v2, v3, 0xEE);
+      const __m512i out[kBlocks] = {
+          _mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xDD),
+          _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xDD)};
+      int8_t* dst = packed + (kk / 4) * kPanel * 4;
+      for (int c = 0; c < kBlocks; ++c) {
+        _mm512_storeu_si512(dst + 64 * c, out[c]);
+        sum[c] = _mm512_dpbusd_epi32(sum[c], ones, out[c]);
+      }
+    }
+    for (int c = 0; c < kBlocks; ++c) _mm512_storeu_si512(colsum + 16 * c, sum[c]);
+  }
+  // Whatever the fast path left: the last rows (K % 4) or a narrow last panel.
+  std::memset(packed + (kk / 4) * kPanel * 4, 0, static_cast<size_t>(k4 - kk / 4) * kPanel * 4);
+  for (; kk < k; ++kk) {
     const int8_t* row = b + kk * n + j0;
     int8_t* dst = packed + (kk / 4) * kPanel * 4 + (kk % 4);
     for (int64_t j = 0; j < width; ++j) {
@@ -66,50 +95,70 @@ void PackPanel(const int8_t* b, int64_t k, int64_t n, int64_t j0, int8_t* packed
   }
 }
 
-inline int32_t LoadQuad(const int8_t* p, int64_t remaining) {
-  int32_t v = 0;
-  std::memcpy(&v, p, remaining >= 4 ? 4 : static_cast<size_t>(remaining));
-  return v;
+// One quad of A (four int8 values) broadcast to every lane, flipped to unsigned.
+inline __m512i Quad(const int8_t* p, int64_t remaining) {
+  int32_t word = 0;
+  std::memcpy(&word, p, remaining >= 4 ? 4 : static_cast<size_t>(remaining));
+  // Padding bytes past K meet zero weights, so flipping them is harmless.
+  return _mm512_xor_si512(_mm512_set1_epi32(word), _mm512_set1_epi32(0x80808080u));
 }
 
+// R rows (a compile-time constant, so the R x 4 accumulators stay in registers).
+template <int R>
 void Tile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t i0,
           int64_t j0) {
-  const int64_t rows = std::min<int64_t>(kRows, s.m - i0);
   const int64_t k4 = (s.k + 3) / 4;
   const int64_t full = s.k / 4;  // quads that can be read with one 4-byte load
-  __m512i acc[kRows][kBlocks];
-  for (int r = 0; r < kRows; ++r)
+  const int8_t* a = s.a + i0 * s.k;
+  __m512i acc[R][kBlocks];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int c = 0; c < kBlocks; ++c) acc[r][c] = _mm512_setzero_si512();
-  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
   for (int64_t q = 0; q < k4; ++q) {
-    __m512i bv[kBlocks];
-    for (int c = 0; c < kBlocks; ++c)
-      bv[c] = _mm512_loadu_si512(packed + (q * kPanel + c * 16) * 4);
-    for (int r = 0; r < kRows; ++r) {
-      if (r < rows) {
-        const int8_t* ap = s.a + (i0 + r) * s.k + 4 * q;
-        int32_t word;
-        if (q < full) {
-          std::memcpy(&word, ap, 4);
-        } else {
-          word = LoadQuad(ap, s.k - 4 * q);
-        }
-        // Padding bytes past K meet zero weights, so flipping them is harmless.
-        const __m512i av = _mm512_xor_si512(_mm512_set1_epi32(word), flip);
-        for (int c = 0; c < kBlocks; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, bv[c]);
-      }
+    const int8_t* bq = packed + q * kPanel * 4;
+    const __m512i b0 = _mm512_loadu_si512(bq);
+    const __m512i b1 = _mm512_loadu_si512(bq + 64);
+    const __m512i b2 = _mm512_loadu_si512(bq + 128);
+    const __m512i b3 = _mm512_loadu_si512(bq + 192);
+    const int64_t remaining = q < full ? 4 : s.k - 4 * q;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512i av = Quad(a + r * s.k + 4 * q, remaining);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, b3);
     }
   }
+  // Epilogue with compile-time indices only, so the accumulators never leave registers.
   const int64_t width = std::min<int64_t>(kPanel, s.n - j0);
+  __mmask16 mask[kBlocks];
+  __m512i corr[kBlocks];
+#pragma GCC unroll 4
   for (int c = 0; c < kBlocks; ++c) {
-    const int64_t cols = std::min<int64_t>(16, width - 16 * c);
-    if (cols <= 0) break;
-    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
-    const __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask, colsum + 16 * c), 7);
-    for (int64_t r = 0; r < rows; ++r) {
-      _mm512_mask_storeu_epi32(s.c + (i0 + r) * s.n + j0 + 16 * c, mask,
-                               _mm512_sub_epi32(acc[r][c], corr));
+    const int64_t cols = std::max<int64_t>(0, std::min<int64_t>(16, width - 16 * c));
+    mask[c] = static_cast<__mmask16>((1u << cols) - 1u);
+    corr[c] = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask[c], colsum + 16 * c), 7);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    int32_t* row = s.c + (i0 + r) * s.n + j0;
+#pragma GCC unroll 4
+    for (int c = 0; c < kBlocks; ++c) {
+      _mm512_mask_storeu_epi32(row + 16 * c, mask[c], _mm512_sub_epi32(acc[r][c], corr[c]));
     }
+  }
+}
+
+void TailTile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t i0,
+              int64_t j0, int64_t rows) {
+  switch (rows) {
+    case 1: return Tile<1>(s, packed, colsum, i0, j0);
+    case 2: return Tile<2>(s, packed, colsum, i0, j0);
+    case 3: return Tile<3>(s, packed, colsum, i0, j0);
+    case 4: return Tile<4>(s, packed, colsum, i0, j0);
+    default: return Tile<5>(s, packed, colsum, i0, j0);
   }
 }
 
@@ -124,7 +173,9 @@ void Work(Shared& s) {
     }
     const int64_t j0 = p * kPanel;
     PackPanel(s.b, s.k, s.n, j0, packed, colsum);
-    for (int64_t i0 = 0; i0 < s.m; i0 += kRows) Tile(s, packed, colsum, i0, j0);
+    int64_t i0 = 0;
+    for (; i0 + kRows <= s.m; i0 += kRows) Tile<kRows>(s, packed, colsum, i0, j0);
+    if (i0 < s.m) TailTile(s, packed, colsum, i0, j0, s.m - i0);
     std::lock_guard<std::mutex> lock(s.mu);
     if (++s.done == s.panels) s.cv.notify_all();
   }

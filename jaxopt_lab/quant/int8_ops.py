@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxopt_lab.quant.affine import affine_params, integer_range
+from jaxopt_lab.quant.native import int8_matmul
 
 ArrayLike = jax.typing.ArrayLike
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
@@ -117,6 +119,17 @@ def _to_output(t: jax.Array, *groups: Sequence[int] | int) -> jax.Array:
     return jnp.transpose(t, tuple(axes) + rest).reshape(shape)
 
 
+def _integer_contraction(lhs, rhs, lc, rc, lb, rb, l_free, r_free) -> jax.Array:
+    """Exact int32 ``dot_general``; without batch axes, a 2-D `int8_matmul` (native on CPU)."""
+    if lb:
+        return lax.dot_general(lhs, rhs, ((lc, rc), (lb, rb)), preferred_element_type=jnp.int32)
+    k = math.prod(lhs.shape[i] for i in lc)
+    a = jnp.transpose(lhs, tuple(l_free) + lc).reshape(-1, k)
+    b = jnp.transpose(rhs, rc + tuple(r_free)).reshape(k, -1)
+    out_shape = tuple(lhs.shape[i] for i in l_free) + tuple(rhs.shape[i] for i in r_free)
+    return int8_matmul(a, b).reshape(out_shape)
+
+
 def int8_dot_general(
     lhs: ArrayLike,
     rhs: ArrayLike,
@@ -154,7 +167,7 @@ def int8_dot_general(
     s_l = _keepdims("lhs_scale", lhs_scale, lhs, lc)
     s_r = _keepdims("rhs_scale", rhs_scale, rhs, rc)
     z_l = _keepdims("lhs_zero_point", lhs_zero_point, lhs, lc)
-    acc = lax.dot_general(lhs, rhs, ((lc, rc), (lb, rb)), preferred_element_type=jnp.int32)
+    acc = _integer_contraction(lhs, rhs, lc, rc, lb, rb, l_free, r_free)
     lhs_out = lambda t: _to_output(t, lb, l_free, len(r_free))  # noqa: E731
     rhs_out = lambda t: _to_output(t, rb, len(l_free), r_free)  # noqa: E731
     if z_l is not None:
@@ -287,18 +300,11 @@ def int8_einsum(
     """
     lhs, rhs = _check_int8("lhs", lhs), _check_int8("rhs", rhs)
     a, b, out = parse_einsum(spec, lhs.ndim, rhs.ndim)
-    s_l = _keepdims("lhs_scale", lhs_scale, lhs, [i for i, c in enumerate(a) if c not in out])
-    s_r = _keepdims("rhs_scale", rhs_scale, rhs, [i for i, c in enumerate(b) if c not in out])
-    z_l = _keepdims("lhs_zero_point", lhs_zero_point, lhs,
-                    [i for i, c in enumerate(a) if c not in out])
-    acc = jnp.einsum(f"{a},{b}->{out}", lhs, rhs, preferred_element_type=jnp.int32)
-
-    def place(t: jax.Array, term: str) -> jax.Array:
-        return _to_output(t, *[(term.index(c),) if c in term else 1 for c in out])
-
-    if z_l is not None:
-        wsum = jnp.sum(rhs.astype(jnp.int32), keepdims=True,
-                       axis=tuple(i for i, c in enumerate(b) if c not in out))
-        acc = acc - place(z_l.astype(jnp.int32), a) * place(wsum, b)
-    scale = place(s_l.astype(jnp.float32), a) * place(s_r.astype(jnp.float32), b)
-    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+    contract = [c for c in a if c in b and c not in out]
+    batch = [c for c in a if c in b and c in out]
+    dims = ((tuple(a.index(c) for c in contract), tuple(b.index(c) for c in contract)),
+            (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)))
+    y = int8_dot_general(lhs, rhs, dims, lhs_scale=lhs_scale, rhs_scale=rhs_scale,
+                         lhs_zero_point=lhs_zero_point, out_dtype=out_dtype)
+    produced = batch + [c for c in a if c not in b] + [c for c in b if c not in a]
+    return jnp.transpose(y, tuple(produced.index(c) for c in out))

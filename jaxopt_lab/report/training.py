@@ -51,12 +51,23 @@ def global_batch(batch_size: int, num_train: int, devices: int | None) -> int:
     return batch
 
 
+def run_once(fn, *args):
+    """``fn(*args)`` as one program compiled for a single run.
+
+    On CPU the backend's optimisation passes cost seconds and buy nothing for a program
+    that runs once (initialisation, quantization), so they are turned off there; eager
+    execution would instead compile every op separately.
+    """
+    lowered = jax.jit(fn).lower(*args)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return lowered.compile(compiler_options=options)(*args)
+
+
 def init_variables(model: nn.Module, x_example, seed: int) -> Variables:
-    """``create_train_state``'s initialisation, jitted: one compile instead of one per op
-    (eager ``model.init`` compiles every initializer separately, seconds on a small CPU)."""
+    """``create_train_state``'s initialisation (same key), compiled once with :func:`run_once`."""
     init_key, _ = jax.random.split(jax.random.PRNGKey(seed))
-    init = jax.jit(functools.partial(model.init, train=False))
-    return init(init_key, jnp.asarray(x_example[:1]))
+    return run_once(functools.partial(model.init, train=False), init_key,
+                    jnp.asarray(x_example[:1]))
 
 
 def _fit_on_mesh(model, data, tx, *, devices, epochs, batch_size, seed, variables, loss,

@@ -26,7 +26,7 @@ from jaxopt_lab import train
 from jaxopt_lab.report import models
 from jaxopt_lab.report.models import ModelPair
 from jaxopt_lab.report.settings import JobSettings
-from jaxopt_lab.report.training import fit_model
+from jaxopt_lab.report.training import fit_model, run_once
 
 Variables = Any
 Tree = Any
@@ -156,8 +156,8 @@ def bn_folded(ctx: JobContext) -> Variant:
 def _quantized(ctx: JobContext, name: str, description: str, variables: Variables,
                **settings) -> Variant:
     teacher = ctx.models.teacher
-    quantize = jax.jit(functools.partial(jol.quantize, **settings))  # one compile, not per op
-    stored = _with_params(variables, quantize(variables["params"]))
+    stored = _with_params(variables, run_once(functools.partial(jol.quantize, **settings),
+                                              variables["params"]))
     return Variant(name, description, teacher, stored, jol.dequantize, dequant_infer(teacher))
 
 

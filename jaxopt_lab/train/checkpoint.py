@@ -28,6 +28,7 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import LatestN
@@ -55,6 +56,30 @@ def _leaf_name(path) -> str:
 
 def _abstract(tree: PyTree) -> PyTree:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+# orbax refuses zero-size arrays, so they are written as None and listed (name -> shape,
+# dtype) in the JSON item; restore checks the list against the target and rebuilds them.
+def _is_empty(a) -> bool:
+    return 0 in tuple(getattr(a, "shape", ()))
+
+
+def _empty_leaves(tree: PyTree) -> dict[str, list]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_leaf_name(p): [list(a.shape), str(a.dtype)] for p, a in leaves if _is_empty(a)}
+
+
+def _without_empty(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: None if _is_empty(a) else a, tree)
+
+
+def _with_empty(abstract: PyTree, restored: PyTree) -> PyTree:
+    def fill(a, r):
+        if not _is_empty(a):
+            return r
+        return jnp.zeros(a.shape, a.dtype, device=getattr(a, "sharding", None))
+
+    return jax.tree.map(fill, abstract, restored)
 
 
 class Checkpointer:
@@ -86,6 +111,11 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
         )
+        # orbax removes leftover temporary directories in a background thread; finish that
+        # now, or a Checkpointer opened next on the same directory races it to delete them.
+        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
 
     def save(self, step: int, state: PyTree, data_position: DataPosition | None = None, *,
              metadata: dict | None = None) -> None:
@@ -104,10 +134,11 @@ class Checkpointer:
             raise ValueError(f"checkpoint step {step} already exists in {self.directory}")
         data_position = data_position or DataPosition()
         info = {"step": step, "epoch": int(data_position.epoch),
-                "batch": int(data_position.batch), "metadata": metadata or {}}
+                "batch": int(data_position.batch), "metadata": metadata or {},
+                "empty_leaves": _empty_leaves(state)}
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_without_empty(state)),
                                     data=ocp.args.JsonSave(info)),
             force=True,
         )
@@ -136,14 +167,20 @@ class Checkpointer:
                 f"(available steps: {list(self.all_steps())})"
             )
         abstract = _abstract(target)
-        self._check_target(step, abstract)
+        info = self._info(step)
+        saved_empty, wanted_empty = info.get("empty_leaves", {}), _empty_leaves(abstract)
+        if saved_empty != wanted_empty:
+            raise ValueError(
+                f"checkpoint {os.path.join(self.directory, str(step))}: zero-size leaves "
+                f"differ, on disk {saved_empty} but in the target {wanted_empty}"
+            )
+        stripped = _without_empty(abstract)
+        self._check_target(step, stripped)
         restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                    data=ocp.args.JsonRestore()),
-        )
-        info = restored.data
-        return restored.state, DataPosition(int(info["epoch"]), int(info["batch"]))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(stripped))
+        ).state
+        state = _with_empty(abstract, restored)
+        return state, DataPosition(int(info["epoch"]), int(info["batch"]))
 
     def restore_latest(self, target: PyTree) -> tuple[PyTree, DataPosition, int] | None:
         """``(state, data_position, step)`` of the newest checkpoint, or ``None`` if none."""
@@ -159,9 +196,12 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self._info(step)["metadata"]
+
+    def _info(self, step: int) -> dict:
         return self._manager.restore(
             step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
-        ).data["metadata"]
+        ).data
 
     def _check_target(self, step: int, abstract: PyTree) -> None:
         where = os.path.join(self.directory, str(step))

@@ -19,6 +19,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 
@@ -74,6 +75,17 @@ def _stream(split, batch_size, position, seed, num_batches):
         epoch, skip = epoch + 1, 0
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_step(model, tx, mesh, loss, param_transform):
+    """The jitted step and placement helpers, cached so that resuming in the same process
+    (a notebook, a retry loop) reuses the compiled step instead of compiling it again."""
+    kwargs = {"loss": loss, "param_transform": param_transform}
+    if mesh is not None:
+        return mesh_train_step(model, tx, mesh, **kwargs)
+    step = jax.jit(make_train_step(model, tx, **kwargs))
+    return step, lambda state: state, lambda x, y: (x, y)
+
+
 def train_resumable(
     model: nn.Module,
     data: Dataset,
@@ -121,12 +133,15 @@ def train_resumable(
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     state = create_train_state(model, tx, data.train.x, seed=seed, variables=variables)
-    kwargs = {"loss": loss, "param_transform": param_transform}
-    if mesh is None:
-        step_fn, put_batch = jax.jit(make_train_step(model, tx, **kwargs)), lambda x, y: (x, y)
+    key = (model, tx, mesh, loss, param_transform)
+    try:
+        hash(key)
+    except TypeError:  # e.g. a module with a list attribute: build the step uncached
+        build = _compiled_step.__wrapped__
     else:
-        step_fn, put_state, put_batch = mesh_train_step(model, tx, mesh, **kwargs)
-        state = put_state(state)
+        build = _compiled_step
+    step_fn, put_state, put_batch = build(*key)
+    state = put_state(state)
     with Checkpointer(ckpt_dir, max_to_keep=max_to_keep) as ckpt:
         done, position = 0, DataPosition()
         restored = ckpt.restore_latest(state)

@@ -1,0 +1,292 @@
+"""Quantization benchmark: storage, accuracy and CPU speed, jaxopt_lab next to Qwix.
+
+Everything is measured in this one process on the same weights and inputs:
+
+* storage ratio fp32 / quantized (`jol.tree_nbytes`, packed bytes) for the digits teacher
+  and an MLP 1024 -> 4096 -> 1024: int8 per channel and int4 per group of 128;
+* digits teacher test accuracy: fp32, int8 PTQ, int4 group PTQ, int4 QAT (fine-tuning with
+  `fake_quant` through `fit(param_transform=...)`), and W8A8 (static and dynamic scales);
+* forward time of the MLP at batch 1024: fp32, weight-only int8, W8A8 (native VNNI kernel
+  and XLA's own int8 dot), interleaved rounds, medians and ratios;
+* the same figures for Qwix (PTQ provider) where its API allows.
+
+Run: ``.venv/bin/python benchmarks/quantization.py [--quick]``; prints JSON and writes
+``benchmarks/results/quantization.json``. Timings share the machine with whatever else
+runs; the ratios come from interleaved rounds, so slow phases hit all variants alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxopt_lab as jol
+from jaxopt_lab.quant import native
+
+RESULTS = pathlib.Path(__file__).with_name("results") / "quantization.json"
+GROUP = 128
+
+
+def int4_where(path, leaf):
+    """int4 per group of 128 along the contraction axis where it divides, else per channel."""
+    del path
+    if jnp.ndim(leaf) < 2:
+        return False
+    if leaf.shape[-2] % GROUP == 0:
+        return {"bits": 4, "granularity": "group", "group_size": GROUP}
+    return {"bits": 4, "granularity": "channel"}
+
+
+def int4_where_bf16(path, leaf):
+    choice = int4_where(path, leaf)
+    return choice and {**choice, "scale_dtype": "bfloat16"}
+
+
+def ratio(a: float, b: float) -> float:
+    return round(float(a) / float(b), 3)
+
+
+def storage(params) -> dict:
+    fp32 = jol.tree_nbytes(params)
+    out = {"fp32_bytes": fp32}
+    for name, q in {
+        "int8_channel": jol.quantize(params, bits=8),
+        "int4_group128": jol.quantize(params, where=int4_where),
+        "int4_group128_bf16_scales": jol.quantize(params, where=int4_where_bf16),
+    }.items():
+        out[name] = {"bytes": jol.tree_nbytes(q), "ratio": ratio(fp32, jol.tree_nbytes(q))}
+    return out
+
+
+def accuracy(fn, x, y) -> float:
+    return round(100.0 * float(np.mean(np.argmax(np.asarray(fn(x)), -1) == y)), 2)
+
+
+def time_interleaved(fns: dict, args: dict, rounds: int) -> dict:
+    """Median seconds per call, one call of every variant per round (compiled first)."""
+    for k, f in fns.items():
+        jax.block_until_ready(f(*args[k]))
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args[k]))
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def rel_err(y, ref) -> float:
+    return round(float(jnp.abs(y - ref).max() / jnp.abs(ref).max()), 5)
+
+
+# --------------------------------------------------------------------------- teacher
+def teacher_section(quick: bool) -> dict:
+    data = jol.train.load_digits()
+    model = jol.train.TeacherCNN()
+    epochs, qat_epochs = (3, 1) if quick else (30, 8)
+    t0 = time.perf_counter()
+    variables, hist = jol.train.fit(model, data, optax.adam(1e-3), epochs=epochs,
+                                    batch_size=64, patience=6)
+    train_s = time.perf_counter() - t0
+    x, y = jnp.asarray(data.test.x), np.asarray(data.test.y)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    fp32 = accuracy(lambda x: apply(variables, x), x, y)
+
+    q8 = jol.quantize(variables, bits=8)
+    q4 = jol.quantize(variables, where=int4_where)
+    res = {"fp32_accuracy": fp32, "train_seconds": round(train_s, 1),
+           "best_epoch": hist["best_epoch"]}
+    res["int8_ptq_accuracy"] = accuracy(lambda x: apply(jol.dequantize(q8), x), x, y)
+    res["int4_group_ptq_accuracy"] = accuracy(lambda x: apply(jol.dequantize(q4), x), x, y)
+
+    def w8a8(scales):
+        f = jax.jit(lambda q, s, x: jol.quantized_apply(model, q, x, mode="w8a8",
+                                                      act_scales=s, train=False))
+        return lambda x: f(q8, scales, x)
+
+    calib = [jnp.asarray(data.train.x[i:i + 128]) for i in range(0, 512, 128)]
+    static = jol.calibrate(model, variables, calib, train=False, method="percentile")
+    res["int8_w8a8_static_accuracy"] = accuracy(w8a8(static), x, y)
+    dyn = jax.jit(lambda q, x: jol.quantized_apply(model, q, x, mode="w8a8", train=False))
+    res["int8_w8a8_dynamic_accuracy"] = accuracy(lambda x: dyn(q8, x), x, y)
+
+    t0 = time.perf_counter()
+    qat_vars, qat_hist = jol.train.fit(
+        model, data, optax.adam(2e-4), epochs=qat_epochs, batch_size=64, variables=variables,
+        param_transform=lambda p: jol.fake_quant(p, where=int4_where), patience=4)
+    res["int4_qat_seconds"] = round(time.perf_counter() - t0, 1)
+    q4_qat = jol.quantize(qat_vars, where=int4_where)
+    res["int4_qat_accuracy"] = accuracy(lambda x: apply(jol.dequantize(q4_qat), x), x, y)
+    for k in ("int8_ptq", "int4_group_ptq", "int4_qat", "int8_w8a8_static",
+              "int8_w8a8_dynamic"):
+        res[f"{k}_drop_points"] = round(fp32 - res[f"{k}_accuracy"], 2)
+    res["storage"] = storage(variables["params"])
+    res["int4_policy"] = (f"int4 per group of {GROUP} along the contraction axis where it "
+                          "divides (Dense kernels), int4 per output channel elsewhere (convs)")
+    res["qwix"] = qwix_teacher(model, variables, x, y, fp32)
+    return res
+
+
+# --------------------------------------------------------------------------- MLP speed
+def mlp_section(quick: bool) -> dict:
+    model = jol.train.MLP(hidden=(4096,), num_classes=1024)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1024, 1024)), jnp.float32)
+    variables = jax.jit(lambda k, x: model.init(k, x))(jax.random.PRNGKey(0), x[:1])
+    q8 = jol.quantize(variables, bits=8)
+    scales = jol.calibrate(model, variables, [x[:512], x[512:]], method="percentile")
+
+    def qapply(mode, native_on=True, static=False):
+        def f(q, x, s=None):
+            return jol.quantized_apply(model, q, x, mode=mode, act_scales=s)
+        jitted = jax.jit(f)
+        if mode == "weight_only":
+            return jitted
+        with native.use_native_int8(native_on):  # decides at trace (first call) time
+            jitted(q8, x, scales if static else None)
+        return jitted
+
+    fns = {
+        "fp32": jax.jit(lambda v, x: model.apply(v, x)),
+        "weight_only_int8": qapply("weight_only"),
+        "w8a8_dynamic": qapply("w8a8"),
+        "w8a8_static": qapply("w8a8", static=True),
+        "w8a8_dynamic_xla_dot": qapply("w8a8", native_on=False),
+    }
+    args = {k: (q8, x) for k in fns}
+    args["fp32"] = (variables, x)
+    args["w8a8_static"] = (q8, x, scales)
+    qwix_fns, qwix_info = qwix_mlp(model, variables, x)
+    for k, (f, a) in qwix_fns.items():
+        fns[k], args[k] = f, a
+    rounds = 5 if quick else 25
+    t = time_interleaved(fns, args, rounds)
+    ref = fns["fp32"](*args["fp32"])
+    res = {
+        "batch": 1024, "rounds": rounds,
+        "median_ms": {k: round(v * 1e3, 2) for k, v in t.items()},
+        "speedup_vs_fp32": {k: ratio(t["fp32"], v) for k, v in t.items() if k != "fp32"},
+        "relative_max_error_vs_fp32": {k: rel_err(fns[k](*args[k]), ref)
+                                       for k in fns if k != "fp32"},
+        "native_int8_kernel": native.native_int8_status(),
+        "storage": storage(variables["params"]),
+        "qwix": qwix_info,
+    }
+    return res
+
+
+# --------------------------------------------------------------------------- Qwix
+def _qwix():
+    try:
+        import qwix
+        return qwix, None
+    except Exception as e:  # not installed or broken: reported, not fatal
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _qwix_quantize(qwix, model, params, x_example, rule: dict, init_kwargs=None):
+    qmodel = qwix.quantize_model(
+        model, qwix.PtqProvider([qwix.QuantizationRule(module_path=".*", **rule)]))
+    abstract = jax.eval_shape(lambda k, x: qmodel.init(k, x, **(init_kwargs or {})),
+                              jax.random.PRNGKey(0), x_example)
+    return qmodel, qwix.quantize_params(params, abstract["params"])
+
+
+def _qwix_bytes(tree) -> dict:
+    leaves = jax.tree.leaves(tree)
+    reported = sum(int(leaf.nbytes) for leaf in leaves)
+    nominal = sum(int(np.ceil(leaf.size * jnp.iinfo(leaf.dtype).bits / 8))
+                  if jnp.issubdtype(leaf.dtype, jnp.integer) else int(leaf.nbytes)
+                  for leaf in leaves)
+    return {"bytes_reported_by_jax": reported, "bytes_if_packed": nominal}
+
+
+QWIX_RULES = {
+    "int8_weight_only": {"weight_qtype": jnp.int8},
+    "int8_w8a8_dynamic": {"weight_qtype": jnp.int8, "act_qtype": jnp.int8},
+    "int4_group128": {"weight_qtype": jnp.int4, "tile_size": GROUP},
+}
+
+
+def qwix_mlp(model, variables, x):
+    qwix, err = _qwix()
+    if qwix is None:
+        return {}, {"error": err}
+    info, fns = {"version": getattr(qwix, "__version__", "?")}, {}
+    fp32 = jol.tree_nbytes(variables["params"])
+    for name, rule in QWIX_RULES.items():
+        try:
+            qmodel, qp = _qwix_quantize(qwix, model, variables["params"], x[:1], rule)
+            size = _qwix_bytes(qp)
+            info[name] = {**size, "ratio_reported": ratio(fp32, size["bytes_reported_by_jax"]),
+                          "ratio_if_packed": ratio(fp32, size["bytes_if_packed"])}
+            if name != "int4_group128":
+                fns[f"qwix_{name}"] = (jax.jit(lambda p, x, m=qmodel: m.apply({"params": p}, x)),
+                                       (qp, x))
+        except Exception as e:
+            info[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+    return fns, info
+
+
+def qwix_teacher(model, variables, x, y, fp32_acc):
+    qwix, err = _qwix()
+    if qwix is None:
+        return {"error": err}
+    out = {}
+    others = {k: v for k, v in variables.items() if k != "params"}
+    for name, rule in QWIX_RULES.items():
+        try:
+            qmodel, qp = _qwix_quantize(qwix, model, variables["params"], x[:1], rule,
+                                        {"train": False})
+            f = jax.jit(lambda p, x, m=qmodel: m.apply({"params": p, **others}, x, train=False))
+            acc = accuracy(lambda x: f(qp, x), x, y)
+            size = _qwix_bytes(qp)
+            out[name] = {"accuracy": acc, "drop_points": round(fp32_acc - acc, 2), **size,
+                         "ratio_reported": ratio(jol.tree_nbytes(variables["params"]),
+                                                 size["bytes_reported_by_jax"])}
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few epochs/rounds (smoke run)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    result = {
+        "benchmark": "quantization",
+        "quick": args.quick,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                    "backend": jax.default_backend()},
+        "targets": {"storage_int8": ">= 3.95x", "storage_int4_group128": ">= 7.5x",
+                    "int8_ptq_drop": "<= 0.5 points", "int4_ptq_drop": "<= 2 points",
+                    "int4_qat_drop": "<= 1 point", "w8a8_speedup": ">= 1.5x",
+                    "weight_only_slowdown": "<= 1.1x (speedup >= 0.909)"},
+    }
+    for name, section in (("mlp_1024_4096_1024", mlp_section), ("digits_teacher", teacher_section)):
+        try:
+            result[name] = section(args.quick)
+        except Exception:
+            result[name] = {"error": traceback.format_exc()[-2000:]}
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
