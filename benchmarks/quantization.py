@@ -147,25 +147,25 @@ def mlp_section(quick: bool) -> dict:
     scales = jol.calibrate(model, variables, [x[:512], x[512:]], method="percentile")
 
     def qapply(mode, native_on=True, static=False):
-        def f(q, x, s=None):
+        """A jitted forward and its arguments, traced with the native kernel on or off."""
+        def f(q, x, s):
             return jol.quantized_apply(model, q, x, mode=mode, act_scales=s)
-        jitted = jax.jit(f)
-        if mode == "weight_only":
-            return jitted
-        with native.use_native_int8(native_on):  # decides at trace (first call) time
-            jitted(q8, x, scales if static else None)
-        return jitted
+        jitted, call_args = jax.jit(f), (q8, x, scales if static else None)
+        with native.use_native_int8(native_on):  # the choice is made when tracing
+            jax.block_until_ready(jitted(*call_args))
+        return jitted, call_args
 
-    fns = {
-        "fp32": jax.jit(lambda v, x: model.apply(v, x)),
+    variants = {
         "weight_only_int8": qapply("weight_only"),
         "w8a8_dynamic": qapply("w8a8"),
         "w8a8_static": qapply("w8a8", static=True),
         "w8a8_dynamic_xla_dot": qapply("w8a8", native_on=False),
+        "w8a8_static_xla_dot": qapply("w8a8", native_on=False, static=True),
     }
-    args = {k: (q8, x) for k in fns}
-    args["fp32"] = (variables, x)
-    args["w8a8_static"] = (q8, x, scales)
+    fns = {"fp32": jax.jit(lambda v, x: model.apply(v, x))}
+    args = {"fp32": (variables, x)}
+    for k, (f, a) in variants.items():
+        fns[k], args[k] = f, a
     qwix_fns, qwix_info = qwix_mlp(model, variables, x)
     for k, (f, a) in qwix_fns.items():
         fns[k], args[k] = f, a

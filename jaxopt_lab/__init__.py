@@ -76,6 +76,11 @@ from jaxopt_lab.fold import (
 )
 # --- end folding ---
 
+# --- main job ---
+from jaxopt_lab import report
+from jaxopt_lab.sweep import sweep
+# --- end main job ---
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -129,9 +134,11 @@ __all__ = (
     "quantize_activations",
     "quantized_apply",
     "random_mask",
+    "report",
     "saliency_mask",
     "save",
     "sparsity",
+    "sweep",
     "to_dense",
     "to_sparse",
     "train",

@@ -30,7 +30,9 @@ def random_variables(model, seed=0):
 
 @functools.lru_cache
 def channel_mask_fn(head):
-    where = lambda path, leaf: leaf.ndim >= 2 and head not in jax.tree_util.keystr(path)  # noqa: E731
+    def where(path, leaf):
+        return leaf.ndim >= 2 and head not in jax.tree_util.keystr(path)
+
     return jax.jit(lambda p, s: jol.channel_mask(p, s, where=where))
 
 

@@ -107,3 +107,36 @@ def test_count_to_prune_traced_nan_and_out_of_range_clip():
     assert int(f(jnp.float32(np.nan))) == 0
     assert int(f(jnp.float32(-1.0))) == 0
     assert int(f(jnp.float32(2.0))) == 10
+
+
+BIG = [(256, 300), (300, 100)]  # above SAMPLED_FROM: the sampled one-pass path
+_big_keep = jax.jit(lambda xs, k: select.keep_lowest("magnitude", [(x, None) for x in xs], k))
+
+
+def _big_values(kind, rng, n):
+    x = rng.normal(size=n)
+    if kind == "ties":
+        x = np.round(x * 3)
+    elif kind == "half_zero":
+        x[: n // 2] = 0
+    elif kind == "pairs":  # the k-th value's bin holds two entries: the argmin branch
+        x = rng.permutation(np.repeat(x[: n // 2], 2))
+    elif kind == "sorted":
+        x = np.sort(x)
+    elif kind == "periodic":
+        x = np.tile(x[:96], n // 96 + 1)[:n]
+    return x.astype(np.float32)
+
+
+@given(st.sampled_from(["normal", "ties", "half_zero", "pairs", "sorted", "periodic"]),
+       st.integers(0, 2**32 - 1), st.data())
+def test_large_inputs_match_reference(kind, seed, data):
+    rng = np.random.default_rng(seed)
+    n = sum(math.prod(s) for s in BIG)
+    flat = _big_values(kind, rng, n)
+    xs = [jnp.asarray(flat[:76800].reshape(BIG[0])), jnp.asarray(flat[76800:].reshape(BIG[1]))]
+    k = data.draw(st.integers(0, n) | st.sampled_from([n // 2, n // 2 + 1, 1, n - 1, n]))
+    got = _big_keep(xs, jnp.int32(k))
+    want = reference_keep([select.magnitude_scores(x) for x in xs], k)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), w)

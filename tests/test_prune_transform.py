@@ -108,14 +108,15 @@ def test_pmap_replicas_agree_with_single_device(axis_name):
     n = jax.device_count()
     assert n == 8
     tx, pstep = _pmapped_run(axis_name)
-    single = jax.jit(make_step(optax.chain(optax.adam(3e-2), jol.prune(jol.magnitude_mask, RISING))))
+    plain = optax.chain(optax.adam(3e-2), jol.prune(jol.magnitude_mask, RISING))
+    single = jax.jit(make_step(plain))
     rep = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), (PARAMS, tx.init(PARAMS)))
     p, s = PARAMS, tx.init(PARAMS)
     for _ in range(8):
         rep = pstep(*rep)
         p, s = single(p, s)
     for replica in range(n):
-        got = jax.tree.map(lambda a: a[replica], rep[1][1].masks)
+        got = jax.tree.map(lambda a, i=replica: a[i], rep[1][1].masks)
         jax.tree.map(np.testing.assert_array_equal, got, s[1].masks)
 
 

@@ -55,7 +55,7 @@ def running_job(work: Path):
     kills whatever still runs (also when the body raised) and fails readably on any error."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
-    port, procs, logs = _free_port(), [], []
+    port, procs, logs, timed_out = _free_port(), [], [], False
     deadline = time.monotonic() + JOB_TIMEOUT_S
     try:
         for i in range(NUM_PROCESSES):
@@ -67,10 +67,12 @@ def running_job(work: Path):
                     env=env, stdout=log, stderr=subprocess.STDOUT,
                 ))
         yield
-        for p in procs:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
+        # Wait for all; stop early once one fails (the others would block on it).
+        while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            time.sleep(0.1)
     finally:
         for p in procs:  # only our own children, by handle
             if p.poll() is None:
@@ -80,9 +82,8 @@ def running_job(work: Path):
     if codes != [0] * NUM_PROCESSES:
         report = "\n".join(f"--- process {i} (exit {c}) ---\n{_tail(log)}"
                            for i, (c, log) in enumerate(zip(codes, logs)))
-        pytest.fail(f"multi-process job failed or exceeded {JOB_TIMEOUT_S}s "
-                    f"(exit None = still running when killed, negative = killed by that "
-                    f"signal):\n{report}")
+        why = f"ran past {JOB_TIMEOUT_S}s and was killed" if timed_out else "failed"
+        pytest.fail(f"multi-process job {why} (negative exit = killed by that signal):\n{report}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,9 +209,12 @@ def test_put_process_batch_names_the_bad_leaf():
     (("127.0.0.1:1234", 0, 0), "num_processes"),
     (("127.0.0.1:1234", 2, 2), "process_id"),
     (("127.0.0.1:1234", 2, -1), "process_id"),
+    ((None, None, -1), "process_id"),
 ])
 def test_initialize_rejects_bad_settings_before_touching_jax(args, match):
     with pytest.raises(ValueError, match=match):
         dist.initialize(*args)
     with pytest.raises(ValueError, match="local_device_count"):
         dist.initialize("127.0.0.1:1234", 2, 0, local_device_count=0)
+    with pytest.raises(ValueError, match="cpu_collectives"):
+        dist.initialize("127.0.0.1:1234", 2, 0, cpu_collectives="nccl")

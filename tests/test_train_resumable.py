@@ -203,7 +203,8 @@ def test_bad_arguments_raise(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         batches_from(split, 0)
     model, tx, data, variables = setup()
-    kwargs = dict(ckpt_dir=tmp_path, variables=variables, batch_size=BATCH)
+    kwargs = dict(ckpt_dir=tmp_path, variables=variables, batch_size=BATCH,
+                  param_transform=_param_transform)
     for bad in ({"steps": 0, "save_every": 1}, {"steps": 2, "save_every": -1},
                 {"steps": 2, "save_every": 1, "stop_after": 0}):
         with pytest.raises(ValueError, match="must be positive"):

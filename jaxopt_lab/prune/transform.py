@@ -57,7 +57,8 @@ def check_masks(params: Params, masks: Params) -> Params:
     """
     _select.check_same_structure(masks, params, "mask", "params")
     out = []
-    for (path, p), m in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(masks)):
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, p), m in zip(flat, jax.tree.leaves(masks)):
         try:
             shape = np.broadcast_shapes(np.shape(m), np.shape(p))
         except ValueError:
@@ -185,7 +186,9 @@ def apply_mask(tree: Params, mask: Params) -> Params:
       Array([1., 0.], dtype=float32)
     """
     masks = check_masks(tree, mask)
-    return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), jnp.asarray(x).dtype)), tree, masks)
+    return jax.tree.map(
+        lambda x, m: jnp.where(m, x, jnp.zeros((), jnp.asarray(x).dtype)), tree, masks
+    )
 
 
 class Sparsity(NamedTuple):
@@ -231,7 +234,8 @@ def sparsity(tree: Params, *, where: Any = None) -> Sparsity:
         lambda x, c: 1.0 - c / max(np.size(x), 1) if np.size(x) else jnp.float32(0.0),
         tree, counts,
     )
-    picked = [(x, c) for (_, x, ch), c in zip(_select.leaf_choices(tree, where), jax.tree.leaves(counts)) if ch is not False]
+    choices = _select.leaf_choices(tree, where)
+    picked = [(x, c) for (_, x, ch), c in zip(choices, jax.tree.leaves(counts)) if ch is not False]
     size = int(sum(np.size(x) for x, _ in picked))
     nz = sum((c for _, c in picked), jnp.int32(0))
     overall = 1.0 - nz / size if size else jnp.float32(0.0)

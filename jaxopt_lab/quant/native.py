@@ -101,7 +101,10 @@ def native_int8_available() -> bool:
 
 @contextlib.contextmanager
 def use_native_int8(enabled: bool):
-    """Switches the native kernel on or off for code *traced* inside the block."""
+    """Switches the native kernel on or off for code *traced* inside the block.
+
+    ``jax.jit`` caches traces: use a jitted function first called inside the block.
+    """
     global _enabled
     old, _enabled = _enabled, bool(enabled)
     try:
@@ -130,6 +133,6 @@ def int8_matmul(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike) -> jax.Array:
 
     def native(a, b):
         out = jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.int32)
-        return jax.ffi.ffi_call(_TARGET, out)(a, b)
+        return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(a, b)
 
     return lax.platform_dependent(a, b, cpu=native, default=xla)

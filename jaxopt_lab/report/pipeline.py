@@ -18,12 +18,8 @@ import numpy as np
 import optax
 
 import jaxopt_lab as jol
-from jaxopt_lab.report.variants import (
-    JobContext,
-    Variant,
-    gradual_prune,
-    student_variables,
-)
+from jaxopt_lab.report.context import JobContext
+from jaxopt_lab.report.variants import Variant, gradual_prune, kd_loss, student_variables
 
 Tree = Any
 QAT_SETTINGS = dict(bits=8, granularity="channel")
@@ -55,8 +51,7 @@ def pipeline(ctx: JobContext) -> Variant:
     """Builds the composed pipeline from the (shared) distilled student."""
     s, student = ctx.settings, ctx.models.student
     target = s.pipeline_sparsity
-    loss = jol.distill.kd_loss(ctx.models.teacher, ctx.teacher_variables,
-                               temperature=s.temperature, alpha=s.alpha)
+    loss = kd_loss(ctx)
     distilled = student_variables(ctx)
     pruned = gradual_prune(ctx, target, student=True, variables=distilled, loss=loss,
                            epochs=s.pipeline_epochs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 # Every variant the job can build, in report order; "baseline" is always built.
 VARIANTS = (
@@ -41,13 +42,16 @@ class JobSettings:
       group_size: elements sharing one scale in int4 per-group quantization.
       latency_repeats: timed runs per latency figure (the median is reported).
       devices: train data-parallel over this many devices (None: one device, no mesh).
+      workers: variants built at once in threads (None: one per CPU core, at most 4; 1
+        with ``devices``). Building is mostly XLA compilation, which runs in parallel;
+        measuring is always done one variant at a time.
       progress: show progress bars.
     """
 
     seed: int = 0
     quick: bool = False
     teacher_epochs: int = 15
-    finetune_epochs: int = 4
+    finetune_epochs: int = 5
     student_epochs: int = 20
     pipeline_epochs: int = 4
     patience: int | None = 4
@@ -60,14 +64,23 @@ class JobSettings:
     group_size: int = 16
     latency_repeats: int = 30
     devices: int | None = None
+    workers: int | None = None
     progress: bool = True
+
+    def build_workers(self) -> int:
+        """How many variants to build at once."""
+        if self.workers is not None:
+            return max(1, self.workers)
+        if self.devices is not None:
+            return 1  # multi-device programs are not run concurrently
+        return max(1, min(4, os.cpu_count() or 1))
 
     @classmethod
     def preset(cls, *, quick: bool = False, **overrides) -> JobSettings:
         """The default settings, or the ``--quick`` ones, with ``overrides`` applied."""
         if quick:
-            base = dict(quick=True, teacher_epochs=4, finetune_epochs=1, student_epochs=6,
-                        pipeline_epochs=1, patience=None, latency_repeats=7)
+            base = dict(quick=True, teacher_epochs=4, finetune_epochs=3, student_epochs=6,
+                        pipeline_epochs=2, patience=None, latency_repeats=7)
         else:
             base = {}
         return cls(**{**base, **overrides})

@@ -11,7 +11,6 @@ user would deploy.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -22,11 +21,9 @@ import numpy as np
 import optax
 
 import jaxopt_lab as jol
-from jaxopt_lab import train
 from jaxopt_lab.report import models
-from jaxopt_lab.report.models import ModelPair
-from jaxopt_lab.report.settings import JobSettings
-from jaxopt_lab.report.training import fit_model, run_once
+from jaxopt_lab.report.context import JobContext
+from jaxopt_lab.report.training import run_once
 
 Variables = Any
 Tree = Any
@@ -56,37 +53,6 @@ class Variant(NamedTuple):
     prepare: Callable[[Tree], Tree] = lambda stored: stored
     sparsity_target: float | None = None
     extra: dict | None = None
-
-
-@dataclasses.dataclass
-class JobContext:
-    """What every variant builder needs: data, models, the trained teacher, settings.
-
-    ``cache`` holds results shared by several variants (the distilled student feeds both
-    ``student_kd`` and the composed pipeline), so each is trained once.
-    """
-
-    data: train.Dataset
-    models: ModelPair
-    teacher_variables: Variables
-    settings: JobSettings
-    cache: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def x_example(self) -> np.ndarray:
-        return self.data.train.x[:1]
-
-    def steps_per_epoch(self) -> int:
-        from jaxopt_lab.report.training import global_batch
-
-        s = self.settings
-        return max(1, len(self.data.train.y) // global_batch(
-            s.batch_size, len(self.data.train.y), s.devices))
-
-    def fit(self, model, tx, *, epochs, **kwargs) -> Variables:
-        s = self.settings
-        return fit_model(model, self.data, tx, epochs=epochs, batch_size=s.batch_size,
-                         seed=s.seed, devices=s.devices, progress=s.progress, **kwargs)
 
 
 # --- inference paths (cached per model so variants sharing one compile once) ----------
@@ -188,17 +154,21 @@ def int4_qat(ctx: JobContext) -> Variant:
                       "quantization-aware fine-tuning (fake_quant + STE)", tuned, **settings)
 
 
+def gradual_schedule(ctx: JobContext, target: float, epochs: int):
+    """Zhu & Gupta from 0 to ``target`` over the first half of ``epochs`` (in ten steps);
+    the second half recovers at the target."""
+    end = max(1, ctx.steps_per_epoch() * epochs // 2)
+    return jol.polynomial_schedule(0.0, target, 0, end, frequency=max(1, end // 10))
+
+
 def gradual_prune(ctx: JobContext, target: float, *, student: bool = False,
                   variables: Variables | None = None, loss=None, epochs: int | None = None,
                   ) -> Variables:
-    """Fine-tunes with Zhu & Gupta's schedule from 0 to ``target`` over 3/4 of the steps."""
+    """Fine-tunes with gradual magnitude pruning to ``target`` (:func:`gradual_schedule`)."""
     s = ctx.settings
     epochs = s.finetune_epochs if epochs is None else epochs
-    steps = ctx.steps_per_epoch() * epochs
-    end = max(1, (3 * steps) // 4)
-    schedule = jol.polynomial_schedule(0.0, target, 0, end, frequency=max(1, end // 10))
     tx = optax.chain(optax.adam(s.finetune_learning_rate),
-                     jol.prune(jol.magnitude_mask, schedule))
+                     jol.prune(jol.magnitude_mask, gradual_schedule(ctx, target, epochs)))
     model = ctx.models.student if student else ctx.models.teacher
     start = ctx.teacher_variables if variables is None else variables
     return ctx.fit(model, tx, epochs=epochs, variables=start, loss=loss, keep_last=True)
@@ -234,16 +204,19 @@ def nm24(ctx: JobContext) -> Variant:
                    jol.to_dense, float_infer(teacher), prepare=jol.to_dense)
 
 
+def kd_loss(ctx: JobContext):
+    """Hinton distillation from the trained teacher, with the job's T and alpha."""
+    s = ctx.settings
+    return jol.distill.kd_loss(ctx.models.teacher, ctx.teacher_variables,
+                               temperature=s.temperature, alpha=s.alpha)
+
+
 def student_variables(ctx: JobContext) -> Variables:
     """The distilled student (trained once, shared with the composed pipeline)."""
-    if "student_kd" not in ctx.cache:
-        s = ctx.settings
-        loss = jol.distill.kd_loss(ctx.models.teacher, ctx.teacher_variables,
-                                   temperature=s.temperature, alpha=s.alpha)
-        ctx.cache["student_kd"] = ctx.fit(ctx.models.student, optax.adam(s.learning_rate),
-                                          epochs=s.student_epochs, loss=loss,
-                                          patience=s.patience)
-    return ctx.cache["student_kd"]
+    s = ctx.settings
+    return ctx.shared("student_kd", lambda: ctx.fit(
+        ctx.models.student, optax.adam(s.learning_rate), epochs=s.student_epochs,
+        loss=kd_loss(ctx), patience=s.patience))
 
 
 def student_kd(ctx: JobContext) -> Variant:
@@ -258,9 +231,7 @@ def channel_compact(ctx: JobContext, target: float = 0.5) -> Variant:
     s, teacher, head = ctx.settings, ctx.models.teacher, ctx.models.teacher_head
     where = lambda path, leaf: (np.ndim(leaf) >= 2  # noqa: E731
                                 and jax.tree_util.keystr(path[:1]) != f"['{head}']")
-    steps = ctx.steps_per_epoch() * s.finetune_epochs
-    end = max(1, (3 * steps) // 4)
-    schedule = jol.polynomial_schedule(0.0, target, 0, end, frequency=max(1, end // 10))
+    schedule = gradual_schedule(ctx, target, s.finetune_epochs)
     tx = optax.chain(optax.adam(s.finetune_learning_rate),
                      jol.prune(jol.channel_mask, schedule, where=where))
     tuned = ctx.fit(teacher, tx, epochs=s.finetune_epochs, variables=ctx.teacher_variables,

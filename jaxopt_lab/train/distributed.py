@@ -38,9 +38,9 @@ PyTree = Any
 
 
 def initialize(
-    coordinator_address: str,
-    num_processes: int,
-    process_id: int,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
     *,
     local_device_count: int | None = None,
     cpu_collectives: str = "gloo",
@@ -50,6 +50,9 @@ def initialize(
 
     Args:
       coordinator_address: ``"host:port"`` of process 0, where the coordinator listens.
+        Leave all three of ``coordinator_address``, ``num_processes`` and ``process_id``
+        as ``None`` on Cloud TPU, SLURM or Open MPI: JAX then reads them from the
+        environment (``JAX_COORDINATOR_ADDRESS`` also works anywhere).
       num_processes: total number of processes in the job.
       process_id: this process's rank, ``0 <= process_id < num_processes``.
       local_device_count: number of host CPU devices this process exposes (CPU only; the
@@ -61,13 +64,18 @@ def initialize(
     Raises:
       ValueError: a malformed address, ``num_processes < 1`` or ``process_id`` out of range.
     """
-    host, sep, port = coordinator_address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"coordinator_address must be 'host:port', got {coordinator_address!r}")
-    if num_processes < 1:
+    if coordinator_address is not None:
+        host, sep, port = coordinator_address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(
+                f"coordinator_address must be 'host:port', got {coordinator_address!r}"
+            )
+    if num_processes is not None and num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-    if not 0 <= process_id < num_processes:
+    if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    if cpu_collectives not in ("gloo", "mpi"):
+        raise ValueError(f"cpu_collectives must be 'gloo' or 'mpi', got {cpu_collectives!r}")
     if local_device_count is not None:
         if local_device_count < 1:
             raise ValueError(f"local_device_count must be >= 1, got {local_device_count}")

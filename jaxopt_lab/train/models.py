@@ -6,6 +6,7 @@ updates ``batch_stats``; ``train=False`` uses the running averages.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -93,4 +94,5 @@ def param_count(params) -> int:
 
 def init_model(model: nn.Module, x, seed: int = 0):
     """Initialises a linen model on an example batch; returns its variables dict."""
-    return model.init(jax.random.PRNGKey(seed), x[:1], train=False)
+    init = jax.jit(functools.partial(model.init, train=False))
+    return init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]))

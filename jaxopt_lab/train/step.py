@@ -17,6 +17,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -71,7 +72,9 @@ def create_train_state(
     """Initialises the model (unless ``variables`` is given) and the optimizer state."""
     init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
     if variables is None:
-        variables = model.init(init_key, jnp.asarray(x_example[:1]), train=False)
+        # Jitted: eager init of a conv net dispatches op by op and is much slower.
+        init = jax.jit(functools.partial(model.init, train=False))
+        variables = init(init_key, jnp.asarray(x_example[:1]))
     params, model_state = split_variables(variables)
     return TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params), rng)
 

@@ -1,0 +1,176 @@
+"""``jaxopt-lab``: the whole ``run --quick`` job end to end (once), and bad input.
+
+The quick job runs once per session, in process (``main([...])``), in a temporary
+folder; every report test reads what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jaxopt_lab as jol
+from jaxopt_lab.cli import main
+from jaxopt_lab.report import VARIANTS
+
+NUMERIC = ("accuracy", "f1_macro", "accuracy_delta", "f1_macro_delta", "params",
+           "nonzero_params", "sparsity", "size_bytes", "size_ratio", "latency_b1_ms",
+           "latency_b256_ms", "latency_b1_ratio", "latency_b256_ratio", "seed")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    code = main(["run", "--quick", "--out", str(out), "--no-progress"])
+    with open(out / "report.json") as f:
+        report = json.load(f)
+    return code, out, report, {row["name"]: row for row in report["variants"]}
+
+
+def test_quick_run_succeeds_and_writes_every_file(quick_run):
+    code, out, report, _ = quick_run
+    assert code == 0
+    for name in ("report.json", "report.md", "pareto.png"):
+        assert (out / name).stat().st_size > 0
+    with open(out / "pareto.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert all(f"| {name} |" in md for name in VARIANTS)
+
+
+def test_report_has_every_variant_with_finite_figures(quick_run):
+    _, out, report, rows = quick_run
+    assert [r["name"] for r in report["variants"]] == list(VARIANTS)
+    for row in report["variants"]:
+        for key in NUMERIC:
+            assert isinstance(row[key], (int, float)), (row["name"], key)
+            assert math.isfinite(row[key]), (row["name"], key, row[key])
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["sparsity"] <= 1.0
+        assert 0 <= row["nonzero_params"] <= row["params"]
+        assert row["seed"] == 0
+        assert row["latency_b1_ms"] > 0 and row["latency_b256_ms"] > 0
+    assert rows["baseline"]["accuracy_delta"] == 0.0
+    assert rows["baseline"]["latency_b256_ratio"] == 1.0
+    assert rows["baseline"]["accuracy"] > 0.9  # the teacher learned digits
+
+
+def test_sizes_are_the_files_written_and_reload(quick_run):
+    _, out, report, rows = quick_run
+    for row in report["variants"]:
+        path = out / "models" / row["file"]
+        assert path.stat().st_size == row["size_bytes"]
+    loaded = jol.load(out / "models" / rows["int8_ptq"]["file"])
+    kernels = [x for x in jax.tree.leaves(loaded, is_leaf=jol.quant.is_qtensor)
+               if jol.quant.is_qtensor(x)]
+    assert kernels and all(k.qvalue.dtype == np.int8 for k in kernels)
+
+
+def test_int8_within_one_point_of_baseline(quick_run):
+    rows = quick_run[3]
+    assert abs(rows["int8_ptq"]["accuracy"] - rows["baseline"]["accuracy"]) <= 0.01
+
+
+def test_pipeline_smaller_than_int8_and_sparsity_survives_quantization(quick_run):
+    rows = quick_run[3]
+    pipe = rows["pipeline"]
+    assert pipe["size_bytes"] < rows["int8_ptq"]["size_bytes"]
+    assert pipe["sparsity"] == pytest.approx(pipe["sparsity_target"], abs=1e-3)
+    assert pipe["sparsity"] == pipe["sparsity_before_quantization"]
+
+
+def test_pruned_and_compacted_variants_do_what_they_say(quick_run):
+    rows = quick_run[3]
+    for name in ("prune50_gradual", "prune90_gradual"):
+        assert rows[name]["sparsity"] == pytest.approx(rows[name]["sparsity_target"], abs=1e-3)
+        assert rows[name]["size_bytes"] < rows["baseline"]["size_bytes"]
+    assert rows["nm24"]["sparsity"] > 0.45
+    assert rows["channel_compact"]["params"] < rows["baseline"]["params"]
+    assert rows["student_kd"]["params"] < rows["channel_compact"]["params"]
+    assert rows["bn_folded"]["accuracy"] == pytest.approx(rows["baseline"]["accuracy"],
+                                                          abs=1 / 300)
+
+
+def test_printed_table_names_every_variant(quick_run, capsys):
+    # The fixture's own stdout was captured before this test; rendering is deterministic.
+    from jaxopt_lab.report import render
+
+    table = render.table(quick_run[2]["variants"])
+    assert table.count("\n") == len(VARIANTS) + 1
+
+
+# --- bad input: one line on stderr, non-zero exit --------------------------------------
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("jaxopt-lab: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--seed", "-1"],
+    ["run", "--devices", "0"],
+    ["run", "--quick", "--bogus"],
+    ["sweep", "--values", "0.5,abc"],
+    [],
+])
+def test_bad_arguments_exit_2_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--only", "int8_ptq,nope"], "unknown variant"),
+    (["--only", ","], "--only"),
+    (["--devices", "99"], "only"),
+    (["--data", "/nonexistent/data.npz"], "does not exist"),
+])
+def test_bad_run_options_fail_before_training(extra, words, tmp_path, capsys):
+    code = main(["run", "--quick", "--out", str(tmp_path / "r"), *extra])
+    assert code != 0
+    assert words in _one_error_line(capsys.readouterr().err)
+
+
+def test_out_that_is_a_file_is_an_error(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["run", "--quick", "--out", str(target)]) != 0
+    assert "not a folder" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("arrays, words", [
+    (dict(x=np.zeros((10, 4)), z=np.zeros(10)), "must hold arrays 'x' and 'y'"),
+    (dict(x=np.zeros((10, 4)), y=np.zeros(9)), "labels"),
+    (dict(x=np.full((10, 4), np.nan), y=np.arange(10) % 2), "NaN"),
+    (dict(x=np.zeros((10, 4)), y=np.arange(10) - 1.0), ">= 0"),
+])
+def test_bad_data_files(arrays, words, tmp_path, capsys):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    assert main(["run", "--quick", "--data", str(path), "--out", str(tmp_path / "r")]) != 0
+    assert words in _one_error_line(capsys.readouterr().err)
+
+
+def test_module_entry_point_reports_a_corrupt_file_without_traceback(tmp_path):
+    path = tmp_path / "corrupt.npz"
+    path.write_bytes(b"this is not a zip file")
+    env = {k: v for k, v in os.environ.items() if k != "JAXOPT_LAB_DEBUG"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxopt_lab", "run", "--quick", "--data", str(path),
+         "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1
+    line = _one_error_line(proc.stderr)
+    assert "not a readable .npz file" in line
+    assert proc.stdout == ""
