@@ -54,17 +54,23 @@ def int4_where_bf16(path, leaf):
 
 
 def ratio(a: float, b: float) -> float:
-    return round(float(a) / float(b), 3)
+    return round(float(a) / float(b), 4)
+
+
+def quantized_variants(tree) -> dict:
+    """The weight formats compared: int8 per channel, int4 per group; fp32 or bf16 scales."""
+    return {
+        "int8_channel": jol.quantize(tree, bits=8),
+        "int8_channel_bf16_scales": jol.quantize(tree, bits=8, scale_dtype="bfloat16"),
+        "int4_group128": jol.quantize(tree, where=int4_where),
+        "int4_group128_bf16_scales": jol.quantize(tree, where=int4_where_bf16),
+    }
 
 
 def storage(params) -> dict:
     fp32 = jol.tree_nbytes(params)
     out = {"fp32_bytes": fp32}
-    for name, q in {
-        "int8_channel": jol.quantize(params, bits=8),
-        "int4_group128": jol.quantize(params, where=int4_where),
-        "int4_group128_bf16_scales": jol.quantize(params, where=int4_where_bf16),
-    }.items():
+    for name, q in quantized_variants(params).items():
         out[name] = {"bytes": jol.tree_nbytes(q), "ratio": ratio(fp32, jol.tree_nbytes(q))}
     return out
 
@@ -103,12 +109,14 @@ def teacher_section(quick: bool) -> dict:
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     fp32 = accuracy(lambda x: apply(variables, x), x, y)
 
-    q8 = jol.quantize(variables, bits=8)
-    q4 = jol.quantize(variables, where=int4_where)
     res = {"fp32_accuracy": fp32, "train_seconds": round(train_s, 1),
-           "best_epoch": hist["best_epoch"]}
-    res["int8_ptq_accuracy"] = accuracy(lambda x: apply(jol.dequantize(q8), x), x, y)
-    res["int4_group_ptq_accuracy"] = accuracy(lambda x: apply(jol.dequantize(q4), x), x, y)
+           "best_epoch": hist["best_epoch"], "test_examples": int(len(y))}
+    ptq = quantized_variants(variables)
+    q8 = ptq["int8_channel"]
+    res["ptq_accuracy"] = {k: accuracy(lambda x, q=q: apply(jol.dequantize(q), x), x, y)
+                           for k, q in ptq.items()}
+    res["int8_ptq_accuracy"] = res["ptq_accuracy"]["int8_channel"]
+    res["int4_group_ptq_accuracy"] = res["ptq_accuracy"]["int4_group128"]
 
     def w8a8(scales):
         f = jax.jit(lambda q, s, x: jol.quantized_apply(model, q, x, mode="w8a8",
@@ -131,6 +139,7 @@ def teacher_section(quick: bool) -> dict:
     for k in ("int8_ptq", "int4_group_ptq", "int4_qat", "int8_w8a8_static",
               "int8_w8a8_dynamic"):
         res[f"{k}_drop_points"] = round(fp32 - res[f"{k}_accuracy"], 2)
+    res["ptq_drop_points"] = {k: round(fp32 - v, 2) for k, v in res["ptq_accuracy"].items()}
     res["storage"] = storage(variables["params"])
     res["int4_policy"] = (f"int4 per group of {GROUP} along the contraction axis where it "
                           "divides (Dense kernels), int4 per output channel elsewhere (convs)")
@@ -249,7 +258,7 @@ def qwix_teacher(model, variables, x, y, fp32_acc):
             qmodel, qp = _qwix_quantize(qwix, model, variables["params"], x[:1], rule,
                                         {"train": False})
             f = jax.jit(lambda p, x, m=qmodel: m.apply({"params": p, **others}, x, train=False))
-            acc = accuracy(lambda x: f(qp, x), x, y)
+            acc = accuracy(lambda x, f=f, qp=qp: f(qp, x), x, y)
             size = _qwix_bytes(qp)
             out[name] = {"accuracy": acc, "drop_points": round(fp32_acc - acc, 2), **size,
                          "ratio_reported": ratio(jol.tree_nbytes(variables["params"]),

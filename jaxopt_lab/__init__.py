@@ -31,6 +31,7 @@ from jaxopt_lab.quant.int8_ops import (
     quantize_activations,
 )
 from jaxopt_lab.quant.interceptor import quantized_apply
+from jaxopt_lab.quant.native import int8_matmul, use_native_int8
 from jaxopt_lab.quant.model_calibration import activation_scales, calibrate, observe_activations
 # --- end quantization ---
 
@@ -116,6 +117,7 @@ __all__ = (
     "int8_conv_general_dilated",
     "int8_dot_general",
     "int8_einsum",
+    "int8_matmul",
     "io",
     "load",
     "load_metadata",
@@ -143,4 +145,5 @@ __all__ = (
     "to_sparse",
     "train",
     "tree_nbytes",
+    "use_native_int8",
 )

@@ -17,6 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hypothesis import event
 from hypothesis import strategies as st
 
 import jaxopt_lab as jol
@@ -31,7 +32,7 @@ KINDS = ("normal", "zeros", "constant", "huge", "tiny", "subnormal", "nan", "inf
 FINITE_KINDS = tuple(k for k in KINDS if k not in ("nan", "inf"))
 # Kernels (ndim >= 2, what the default `where` selects) and everything else.
 KERNEL_SHAPES = ((1, 4), (4, 4), (2, 2, 4))
-OTHER_SHAPES = ((), (0,), (4,), (0, 4))
+OTHER_SHAPES = ((), (0,), (4,), (0, 4), (4, 0))
 SHAPES = KERNEL_SHAPES + OTHER_SHAPES
 
 
@@ -95,6 +96,13 @@ def arrays(draw, shapes=SHAPES, dtypes=FLOAT_DTYPES + INT_DTYPES, kinds=KINDS, a
 
 
 @st.composite
+def like(draw, x, dtypes=FLOAT_DTYPES, kinds=KINDS):
+    """An array with the shape of ``x`` (values and dtype drawn afresh)."""
+    return fill(np.shape(x), draw(st.sampled_from(dtypes)), draw(st.sampled_from(kinds)),
+                draw(st.integers(0, 2**16)))
+
+
+@st.composite
 def trees(draw, leaves=None, allow_scalars=True):
     """A pytree of arrays in one of several layouts (bare leaf, dicts, lists, tuples, None)."""
     leaf = leaves if leaves is not None else arrays()
@@ -120,11 +128,20 @@ def attempt(fn, *args, **kwargs):
 
     Any other exception propagates and fails the test (hypothesis then shrinks the input).
     """
+    name = getattr(fn, "__name__", type(fn).__name__)
     try:
-        return fn(*args, **kwargs), None
+        result = fn(*args, **kwargs)
     except ALLOWED_ERRORS as e:
-        assert str(e).strip(), f"{type(e).__name__} without a message from {fn}"
+        assert str(e).strip(), f"{type(e).__name__} without a message from {name}"
+        event(f"{name}: {type(e).__name__}")
         return None, e
+    event(f"{name}: returned")
+    return result, None
+
+
+def checked() -> None:
+    """Counts an example whose result went through every property check."""
+    event("properties checked")
 
 
 def jax_view(x) -> np.ndarray:

@@ -3,13 +3,16 @@
 Every mask function reduces its ranking to non-negative int32 *scores* (for magnitudes,
 the bit pattern of ``|w|`` as float32, which is monotone in the value) and asks for the
 ``k`` lowest to be pruned, ties broken by position (leaf order, then flat index), so the
-count is exact and the result deterministic.
+count is exact and the result deterministic. Three exact methods, by input size:
 
-Large inputs use a two-pass radix select: a 65,536-bin histogram of the top 16 bits
-finds the bucket holding the k-th score, a 32,768-bin histogram of the low 15 bits inside
-that bucket pins it down exactly. Each pass is one scatter-add over the data, so a
-recompute costs about as much as three elementwise passes, against ~50 for a full sort.
-Small inputs (where a sort is cheaper than two histograms) use a stable argsort.
+* small (< ``SORT_BELOW``): a stable argsort;
+* medium: a two-pass radix select -- a 65,536-bin histogram of the top 16 bits finds the
+  bucket holding the k-th score, a histogram of the low 15 bits inside it pins it down;
+* large (>= ``SAMPLED_FROM``): :mod:`jaxopt_lab.prune.sampled`, usually one histogram
+  pass, falling back to the radix select when its sample-based guess does not settle it.
+
+Each pass is one scatter-add over the data, so a recompute costs a few elementwise passes
+where a full sort costs ~50 (``benchmarks/pruning.py`` measures it).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def first_reaching(hist: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.A
     Two-level prefix sums (rows, then one row) avoid a long cumsum, which is slow on CPU.
     """
     rows = hist.reshape(-1, _ROW)
-    row_tot = rows.sum(axis=1)
+    row_tot = jnp.dot(rows, jnp.ones((_ROW,), jnp.int32), preferred_element_type=jnp.int32)
     row_cum = jnp.cumsum(row_tot)
     r = jnp.minimum(jnp.sum(row_cum < target), rows.shape[0] - 1)
     before_row = row_cum[r] - row_tot[r]
@@ -92,11 +95,34 @@ def histogram(digits: Sequence[jax.Array], length: int) -> jax.Array:
     return hist
 
 
+_SPREAD = 16
+
+
+def spread_lane(shape: tuple[int, ...], lanes: int) -> jax.Array:
+    """A counter index in ``[0, lanes)`` per entry, cycling along the last axis."""
+    if not shape:
+        return jnp.zeros((), jnp.int32)
+    return lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) & (lanes - 1)
+
+
+def _spread_zero(digit: jax.Array) -> jax.Array:
+    """Moves digit 0 (already-pruned entries, often most of them) to 16 counters chosen by
+    position, and the others up by 15: scatter-adds into one counter serialise on it."""
+    return jnp.where(digit == 0, spread_lane(digit.shape, _SPREAD), digit + _SPREAD - 1)
+
+
+def _merge_spread(hist: jax.Array) -> jax.Array:
+    """Undoes ``_spread_zero`` on a histogram: back to one count per digit."""
+    merged = jnp.concatenate([hist[:_SPREAD].sum(keepdims=True), hist[_SPREAD:]])
+    return merged[: 1 << _HIGH_BITS]
+
+
 def radix_threshold(
     scores: Sequence[jax.Array], k: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(t, below, equal)``: the k-th lowest score (k >= 1), how many are < t and == t."""
-    high = histogram([s >> _LOW_BITS for s in scores], 1 << _HIGH_BITS)
+    high = _merge_spread(histogram([_spread_zero(s >> _LOW_BITS) for s in scores],
+                                   (1 << _HIGH_BITS) + _ROW))
     b_high, below_high = first_reaching(high, k)
     lows = [jnp.where((s >> _LOW_BITS) == b_high, s & _LOW_MASK, 1 << _LOW_BITS) for s in scores]
     low = histogram(lows, (1 << _LOW_BITS) + _ROW)  # bin 2**15 collects the other buckets

@@ -153,11 +153,13 @@ def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
     t1 = time.perf_counter()
     built, build_s = build_variants(ctx, names)
     t2 = time.perf_counter()
-    rows, measure_s = [], {}
+    rows, measure_s, baseline_calls = [], {}, None
     for name in _progress(names, settings, "measure variants"):
         t = time.perf_counter()
-        rows.append(measure.measure(built[name], data, model_dir, seed=settings.seed,
-                                    repeats=settings.latency_repeats))
+        row, calls = measure.measure(built[name], data, model_dir, seed=settings.seed,
+                                     repeats=settings.latency_repeats, baseline=baseline_calls)
+        baseline_calls = baseline_calls or calls  # names[0] is the baseline
+        rows.append(row)
         measure_s[name] = time.perf_counter() - t
     measure.add_ratios(rows, rows[0])
     timings = {

@@ -2,8 +2,9 @@
 
 Every figure is taken from the tree read back from the file ``jol.save`` wrote, so a
 variant is measured exactly as it would be deployed. Latency is the median of repeated
-runs of the jitted inference path, after a compile-and-warm-up call; ratios to the
-baseline are only meaningful between figures of one process (see :func:`add_ratios`).
+runs of the jitted inference path, after a compile-and-warm-up call; its ratio to the
+baseline comes from runs alternating with the baseline's in the same process, so a
+change of machine load during the job moves both.
 """
 
 from __future__ import annotations
@@ -34,17 +35,30 @@ def _jitted(infer: Callable) -> Callable:
     return jax.jit(infer)
 
 
-def median_seconds(fn: Callable[[], Any], *, repeats: int, inner: int = 1) -> float:
-    """Median wall time of ``fn()`` (blocked) over ``repeats`` runs of ``inner`` calls."""
+def _timed(fn: Callable[[], Any], inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / inner
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int, inner: int = 1,
+                   against: Callable[[], Any] | None = None) -> tuple[float, float | None]:
+    """Median wall time of ``fn()`` (blocked) over ``repeats`` runs of ``inner`` calls.
+
+    With ``against``, its runs alternate with ``fn``'s and its median is returned too:
+    a ratio of the two then compares them under the same machine load.
+    """
     jax.block_until_ready(fn())  # compile and warm up
-    times = []
+    if against is not None:
+        jax.block_until_ready(against())
+    times, other = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
+        times.append(_timed(fn, inner))
+        if against is not None:
+            other.append(_timed(against, inner))
+    return statistics.median(times), statistics.median(other) if other else None
 
 
 def latency_inputs(x: np.ndarray) -> dict[int, np.ndarray]:
@@ -52,16 +66,26 @@ def latency_inputs(x: np.ndarray) -> dict[int, np.ndarray]:
     return {b: np.resize(x, (b, *x.shape[1:])) for b in LATENCY_BATCHES}
 
 
-def latency_ms(variant: Variant, stored: Any, inputs: dict[int, np.ndarray], *,
-               repeats: int) -> dict[int, float]:
-    """Median milliseconds per call of the variant's inference path, per batch size."""
+def latency_calls(variant: Variant, stored: Any, inputs: dict[int, np.ndarray]
+                  ) -> dict[int, Callable[[], Any]]:
+    """Zero-argument calls of the variant's jitted inference path, one per batch size."""
     fn = _jitted(variant.infer)
-    stored = jax.device_put(run_once(variant.prepare, stored))
+    prepared = jax.device_put(run_once(variant.prepare, stored))
+    return {b: functools.partial(fn, prepared, jax.device_put(x)) for b, x in inputs.items()}
+
+
+def latency(calls: dict[int, Callable[[], Any]], *, repeats: int,
+            baseline: dict[int, Callable[[], Any]] | None = None) -> dict[str, float]:
+    """``latency_b{B}_ms`` per batch size, and ``_ratio`` to ``baseline`` timed alternately."""
     out = {}
-    for batch, x in inputs.items():
-        call = functools.partial(fn, stored, jax.device_put(x))
+    for batch, call in calls.items():
         inner = 10 if batch == 1 else 1  # batch 1 is too quick to time one call at a time
-        out[batch] = 1e3 * median_seconds(call, repeats=repeats, inner=inner)
+        ms, base = median_seconds(call, repeats=repeats, inner=inner,
+                                  against=None if baseline is None else baseline[batch])
+        out[f"latency_b{batch}_ms"] = 1e3 * ms
+        out[f"latency_b{batch}_ratio"] = 1.0 if base is None else ms / base
+        if base is not None:
+            out[f"latency_b{batch}_baseline_ms"] = 1e3 * base
     return out
 
 
@@ -90,13 +114,19 @@ def counts(params: Any) -> dict[str, Any]:
 
 
 def measure(variant: Variant, data: train.Dataset, directory: str, *, seed: int,
-            repeats: int) -> dict[str, Any]:
-    """Every figure of one report row, except the ratios to the baseline."""
+            repeats: int, baseline: dict[int, Callable[[], Any]] | None = None
+            ) -> tuple[dict[str, Any], dict[int, Callable[[], Any]]]:
+    """Every figure of one report row but the accuracy and size changes (:func:`add_ratios`).
+
+    Latency ratios are to the ``baseline`` calls, timed alternately with the variant's.
+    Returns the row and the variant's own latency calls (the baseline's are passed to
+    every later variant).
+    """
     path, size, loaded = save_and_reload(variant, directory,
                                          {"variant": variant.name, "seed": seed})
     variables = run_once(variant.to_variables, loaded)
     scores = train.evaluate(variant.model, variables, data.test, num_classes=data.num_classes)
-    latency = latency_ms(variant, loaded, latency_inputs(data.test.x), repeats=repeats)
+    calls = latency_calls(variant, loaded, latency_inputs(data.test.x))
     row = {
         "name": variant.name,
         "description": variant.description,
@@ -108,21 +138,17 @@ def measure(variant: Variant, data: train.Dataset, directory: str, *, seed: int,
         "file": os.path.basename(path),
         "seed": seed,
         **(variant.extra or {}),
+        **latency(calls, repeats=repeats, baseline=baseline),
     }
-    for batch, ms in latency.items():
-        row[f"latency_b{batch}_ms"] = ms
-    return row
+    return row, calls
 
 
 def add_ratios(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> None:
-    """Adds the changes against ``baseline`` (same process) to every row, in place."""
+    """Adds the accuracy, F1 and size changes against ``baseline`` to every row, in place."""
     for row in rows:
         row["accuracy_delta"] = row["accuracy"] - baseline["accuracy"]
         row["f1_macro_delta"] = row["f1_macro"] - baseline["f1_macro"]
         row["size_ratio"] = row["size_bytes"] / baseline["size_bytes"]
-        for batch in LATENCY_BATCHES:
-            key = f"latency_b{batch}_ms"
-            row[f"latency_b{batch}_ratio"] = row[key] / baseline[key]
 
 
 def all_finite(row: dict[str, Any]) -> bool:

@@ -1,0 +1,81 @@
+"""Measurement: exact counts, file sizes, latency figures and ratios."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import jaxopt_lab as jol
+from jaxopt_lab.report import measure
+from jaxopt_lab.report.variants import Variant
+
+
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, max_side=6),
+                  elements=st.sampled_from([0.0, -0.0, 1.5, -2.0, 1e-30])),
+       hnp.arrays(np.float32, st.integers(0, 5), elements=st.sampled_from([0.0, 3.0])))
+def test_counts_are_exact(kernel, bias):
+    c = measure.counts({"k": kernel, "b": bias})
+    assert c["params"] == kernel.size + bias.size
+    assert c["nonzero_params"] == int(np.count_nonzero(kernel)) + int(np.count_nonzero(bias))
+    assert c["sparsity"] == pytest.approx(1 - np.count_nonzero(kernel) / kernel.size)
+    assert c["sparsity"] == pytest.approx(float(jol.sparsity({"k": kernel, "b": bias}).overall))
+
+
+def test_counts_of_a_tree_without_kernels():
+    assert measure.counts({"b": np.zeros(3, np.float32)}) == {
+        "params": 3, "nonzero_params": 0, "sparsity": 0.0}
+
+
+def test_median_seconds_alternates_with_the_baseline():
+    calls = []
+    a = lambda: calls.append("a") or jnp.ones(2)  # noqa: E731
+    b = lambda: calls.append("b") or jnp.ones(2)  # noqa: E731
+    t, tb = measure.median_seconds(a, repeats=3, inner=2, against=b)
+    assert t > 0 and tb > 0
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert measure.median_seconds(a, repeats=2)[1] is None
+
+
+def _variant(model_scale=1.0):
+    def infer(v, x):
+        return x.reshape(x.shape[0], -1) @ v["params"]["w"] * model_scale
+
+    stored = {"params": {"w": np.eye(4, 3, dtype=np.float32)}}
+    return Variant("toy", "a toy", None, stored, lambda v: v, infer)
+
+
+def test_latency_figures_and_ratios():
+    variant = _variant()
+    inputs = measure.latency_inputs(np.ones((5, 2, 2), np.float32))
+    assert {b: x.shape for b, x in inputs.items()} == {1: (1, 2, 2), 256: (256, 2, 2)}
+    calls = measure.latency_calls(variant, variant.stored, inputs)
+    own = measure.latency(calls, repeats=2)
+    assert own["latency_b1_ratio"] == own["latency_b256_ratio"] == 1.0
+    other = measure.latency(calls, repeats=3, baseline=calls)
+    for b in measure.LATENCY_BATCHES:
+        assert other[f"latency_b{b}_ms"] > 0
+        assert math.isclose(other[f"latency_b{b}_ratio"],
+                            other[f"latency_b{b}_ms"] / other[f"latency_b{b}_baseline_ms"])
+
+
+def test_save_and_reload_sizes_the_written_file(tmp_path):
+    variant = _variant()
+    path, size, loaded = measure.save_and_reload(variant, str(tmp_path), {"seed": 1})
+    assert size == (tmp_path / "toy.safetensors").stat().st_size and path.endswith("toy.safetensors")
+    np.testing.assert_array_equal(loaded["params"]["w"], variant.stored["params"]["w"])
+    assert jol.load_metadata(path) == {"seed": 1}
+
+
+def test_add_ratios_and_all_finite():
+    rows = [{"accuracy": 0.9, "f1_macro": 0.8, "size_bytes": 100},
+            {"accuracy": 0.85, "f1_macro": 0.9, "size_bytes": 25}]
+    measure.add_ratios(rows, rows[0])
+    assert rows[0]["accuracy_delta"] == 0 and rows[0]["size_ratio"] == 1
+    assert rows[1]["accuracy_delta"] == pytest.approx(-0.05)
+    assert rows[1]["f1_macro_delta"] == pytest.approx(0.1) and rows[1]["size_ratio"] == 0.25
+    assert measure.all_finite(rows[1])
+    assert not measure.all_finite({"x": float("nan")}) and measure.all_finite({"ok": True})
