@@ -32,7 +32,12 @@ from jaxopt_lab.quant.int8_ops import (
 )
 from jaxopt_lab.quant.interceptor import quantized_apply
 from jaxopt_lab.quant.native import int8_matmul, use_native_int8
-from jaxopt_lab.quant.model_calibration import activation_scales, calibrate, observe_activations
+from jaxopt_lab.quant.model_calibration import (
+    activation_scales,
+    activation_stats_init,
+    calibrate,
+    observe_activations,
+)
 # --- end quantization ---
 
 # --- pruning ---
@@ -94,6 +99,7 @@ __all__ = (
     "SparseTensor",
     "Sparsity",
     "activation_scales",
+    "activation_stats_init",
     "apply_mask",
     "bn_fold",
     "bn_fold_nnx",

@@ -10,13 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jaxopt_lab.prune import sampled, select
+from jaxopt_lab.prune import select
 
 SHAPES = [(64, 128), (100,), (3, 5, 7)]  # 8192 (radix) + small leaves
 TOTAL = sum(math.prod(s) for s in SHAPES)
 
 _radix = jax.jit(lambda scores, k: select.radix_keep(lambda: scores, k))
-_sampled = jax.jit(lambda scores, k: sampled.sampled_keep(lambda: scores, k))
 _sort = jax.jit(select.sort_keep)
 _keep = jax.jit(select.keep_above_k_lowest)
 
@@ -49,8 +48,7 @@ def score_sets(draw):
 def test_radix_and_sort_match_reference(case):
     scores, k = case
     want = reference_keep(scores, k)
-    for got in (_radix(scores, jnp.int32(k)), _sort(scores, jnp.int32(k)),
-                _sampled(scores, jnp.int32(k))):
+    for got in (_radix(scores, jnp.int32(k)), _sort(scores, jnp.int32(k))):
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g), w)
 

@@ -41,6 +41,7 @@ def kernels(p):
 
 
 RISING = jol.polynomial_schedule(0.0, 0.9, 2, 22, frequency=4)
+FAST = jol.polynomial_schedule(0.3, 0.9, 0, 3)  # a new mask on each of 4 steps
 
 
 @pytest.mark.parametrize(
@@ -93,7 +94,7 @@ def test_jit_and_eager_give_same_masks():
 
 @functools.lru_cache
 def _pmapped_run(axis_name):
-    tx = optax.chain(optax.adam(3e-2), jol.prune(jol.magnitude_mask, RISING, axis_name=axis_name))
+    tx = optax.chain(optax.adam(3e-2), jol.prune(jol.magnitude_mask, FAST, axis_name=axis_name))
 
     def step(p, s):
         g = jax.lax.pmean(jax.grad(loss)(p), "d")
@@ -108,13 +109,14 @@ def test_pmap_replicas_agree_with_single_device(axis_name):
     n = jax.device_count()
     assert n == 8
     tx, pstep = _pmapped_run(axis_name)
-    plain = optax.chain(optax.adam(3e-2), jol.prune(jol.magnitude_mask, RISING))
+    plain = optax.chain(optax.adam(3e-2), jol.prune(jol.magnitude_mask, FAST))
     single = jax.jit(make_step(plain))
     rep = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), (PARAMS, tx.init(PARAMS)))
     p, s = PARAMS, tx.init(PARAMS)
-    for _ in range(8):
+    for _ in range(4):
         rep = pstep(*rep)
         p, s = single(p, s)
+    assert int((~s[1].masks["l0"]["kernel"]).sum()) == math.floor(0.9 * 16 * 64)
     for replica in range(n):
         got = jax.tree.map(lambda a, i=replica: a[i], rep[1][1].masks)
         jax.tree.map(np.testing.assert_array_equal, got, s[1].masks)

@@ -155,7 +155,7 @@ def test_pmap_replicas_agree_with_one_device_on_the_global_batch(batches):
 
 
 def test_jit_matches_eager():
-    batches = [np.linspace(-2, 3, 12, dtype=np.float32), np.float32([7.0, -0.5])]
+    batches = [np.linspace(-2, 3, 12, dtype=np.float32), np.linspace(-0.5, 7, 12, dtype=np.float32)]
     eager = jol.calibration_init(num_bins=NUM_BINS)
     for b in batches:
         eager = jol.calibration_observe(eager, jnp.asarray(b), momentum=0.5)

@@ -50,20 +50,25 @@ def test_dot_general_layouts_and_per_token_scales(dims, lhs_shape, rhs_shape):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(lhs_shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
-    (lc, rc), _ = dims
-    qx, sx = jol.quantize_activations(x, reduce_axes=lc)
-    w_amax = jnp.max(jnp.abs(w), axis=rc, keepdims=True)
-    sw = w_amax / 127
-    qw = quantize_with(w, sw)
-    y = jol.int8_dot_general(qx, qw, dims, lhs_scale=sx, rhs_scale=sw)
-    ref = jax.lax.dot_general(dequant(qx, sx), dequant(qw, sw), dims,
-                              precision=jax.lax.Precision.HIGHEST)
+
+    @jax.jit
+    def check(x, w):
+        (lc, rc), _ = dims
+        qx, sx = jol.quantize_activations(x, reduce_axes=lc)
+        sw = jnp.max(jnp.abs(w), axis=rc, keepdims=True) / 127
+        qw = quantize_with(w, sw)
+        y = jol.int8_dot_general(qx, qw, dims, lhs_scale=sx, rhs_scale=sw)
+        hi = functools.partial(jax.lax.dot_general, dimension_numbers=dims,
+                               precision=jax.lax.Precision.HIGHEST)
+        ref = hi(dequant(qx, sx), dequant(qw, sw))
+        # Each product is off by at most |x| dw/2 + |w| dx/2 + dx dw/4.
+        bound = hi(jnp.abs(x) + sx / 2, jnp.broadcast_to(sw / 2, w.shape)) \
+            + hi(jnp.broadcast_to(sx / 2, x.shape), jnp.abs(w))
+        return y, ref, jnp.abs(y - hi(x, w)) <= bound * 1.001 + 1e-6
+
+    y, ref, within = check(x, w)
     chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-5)
-    full = jax.lax.dot_general(x, w, dims, precision=jax.lax.Precision.HIGHEST)
-    # Each product is off by at most |x| dw/2 + |w| dx/2 + dx dw/4.
-    bound = jax.lax.dot_general(jnp.abs(x) + sx / 2, jnp.broadcast_to(sw / 2, w.shape), dims) \
-        + jax.lax.dot_general(jnp.broadcast_to(sx / 2, x.shape), jnp.abs(w), dims)
-    assert bool(jnp.all(jnp.abs(y - full) <= bound * 1.001 + 1e-6))
+    assert bool(within.all())
 
 
 @given(hnp.arrays(np.float32, (3, 8), elements=st.one_of(
@@ -124,14 +129,23 @@ def test_einsum_equals_float_einsum(spec, lhs_shape, rhs_shape, reduce_axes, cha
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.uniform(-0.2, 3.0, lhs_shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
-    qw = jol.quantize(w, bits=8, granularity="channel", axis=channel_axis)
-    sw = qw.scale.reshape([n if i == channel_axis else 1 for i, n in enumerate(rhs_shape)])
-    s, z = jol.quant.affine_params(x.min(), x.max(), bits=8, symmetric=False)
-    for qx, sx, zx in [(*jol.quantize_activations(x, reduce_axes=reduce_axes), None),
-                       (quantize_with(x, s, z), s, z)]:
-        y = jol.int8_einsum(spec, qx, qw.qvalue, lhs_scale=sx, rhs_scale=sw, lhs_zero_point=zx)
-        ref = jnp.einsum(spec, dequant(qx, sx, zx), qw.dequantize(),
-                         precision=jax.lax.Precision.HIGHEST)
+
+    @jax.jit
+    def check(x, w):
+        qw = jol.quantize(w, bits=8, granularity="channel", axis=channel_axis)
+        sw = qw.scale.reshape([n if i == channel_axis else 1 for i, n in enumerate(rhs_shape)])
+        s, z = jol.quant.affine_params(x.min(), x.max(), bits=8, symmetric=False)
+        outs = []
+        for qx, sx, zx in [(*jol.quantize_activations(x, reduce_axes=reduce_axes), None),
+                           (quantize_with(x, s, z), s, z)]:
+            y = jol.int8_einsum(spec, qx, qw.qvalue, lhs_scale=sx, rhs_scale=sw,
+                                lhs_zero_point=zx)
+            ref = jnp.einsum(spec, dequant(qx, sx, zx), qw.dequantize(),
+                             precision=jax.lax.Precision.HIGHEST)
+            outs.append((y, ref))
+        return outs
+
+    for y, ref in check(x, w):
         chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-4)
 
 

@@ -27,6 +27,7 @@ class GeneralEinsum(nn.Module):
         return h
 
 
+@functools.cache
 def _data(n=32):
     x = jol.train.load_digits().test.x[:n]
     return jnp.asarray(x)
@@ -66,13 +67,21 @@ def setup(name):
 
 
 @functools.cache
-def runner(name, mode, dynamic=False):
-    """One jitted forward per (model, mode, scale kind), shared by the tests."""
+def runner(name):
+    """All variants of one model in one jitted function: one compilation per model."""
     model = MODELS[name]
 
-    def run(qvars, x, scales=None):
-        scales = "dynamic" if dynamic else scales
-        return jol.quantized_apply(model, qvars, x, mode=mode, act_scales=scales, train=False)
+    def run(qvars, x, scales, asym):
+        def q(mode, act_scales=None):
+            return jol.quantized_apply(model, qvars, x, mode=mode, act_scales=act_scales,
+                                       train=False)
+        return {
+            "weight_only": q("weight_only"),
+            "dynamic": q("w8a8", "dynamic"),
+            "static": q("w8a8", scales),
+            "static_asym": q("w8a8", asym),
+            "plain": model.apply(jol.dequantize(qvars), x, train=False),
+        }
     return jax.jit(run)
 
 
@@ -89,25 +98,20 @@ def _rel_err(y, ref):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_weight_only_and_w8a8_stay_close_to_float(name):
     model, variables, qvars, x, ref = setup(name)
-    stats = None
+    stats = jol.activation_stats_init(model, variables, x[:16], train=False)
     for xb in (x[:16], x[16:]):
         stats = observe(name)(variables, stats, xb)
     scales = jol.activation_scales(stats)
     asym = jol.activation_scales(stats, method="mse", symmetric=False)
     assert sorted(scales) == sorted(asym) and len(scales) == N_INT8_LAYERS[name]
-    outs = {
-        "weight_only": runner(name, "weight_only")(qvars, x),
-        "dynamic": runner(name, "w8a8", True)(qvars, x),
-        "static": runner(name, "w8a8")(qvars, x, scales),
-        "static_asym": runner(name, "w8a8")(qvars, x, asym),
-    }
+    outs = runner(name)(qvars, x, scales, asym)
+    plain = outs.pop("plain")
     limits = {"weight_only": 0.03, "dynamic": 0.05, "static": 0.07, "static_asym": 0.05}
     for kind, y in outs.items():
         chex.assert_shape(y, ref.shape)
         assert _rel_err(y, ref) < limits[kind], (kind, _rel_err(y, ref))
         assert float(jnp.mean(jnp.argmax(y, -1) == jnp.argmax(ref, -1))) >= 0.9, kind
     # Weight-only is exactly the float model on dequantized weights.
-    plain = jax.jit(lambda v, x: model.apply(v, x, train=False))(jol.dequantize(qvars), x)
     chex.assert_trees_all_close(outs["weight_only"], plain, atol=1e-6)
 
 
@@ -122,10 +126,10 @@ def test_w8a8_really_runs_int8_contractions(name):
 def test_jit_matches_eager_for_w8a8():
     model, variables, qvars, x, _ = setup("mlp")
     scales = jol.calibrate(model, variables, [x], train=False, symmetric=False)
-    for s in ("dynamic", scales):
-        eager = jol.quantized_apply(model, qvars, x, mode="w8a8", act_scales=s, train=False)
-        jitted = runner("mlp", "w8a8", s == "dynamic")(qvars, x, None if s == "dynamic" else s)
-        chex.assert_trees_all_close(eager, jitted, rtol=1e-5, atol=1e-5)
+    eager = jol.quantized_apply(model, qvars, x, mode="w8a8", act_scales=scales, train=False)
+    jitted = jax.jit(lambda q, x, s: jol.quantized_apply(model, q, x, mode="w8a8",
+                                                         act_scales=s, train=False))
+    chex.assert_trees_all_close(eager, jitted(qvars, x, scales), rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_kernels_fall_back_to_float():
@@ -134,8 +138,11 @@ def test_unsupported_kernels_fall_back_to_float():
     mixed = jol.quantize(variables, bits=8, where=lambda p, leaf: leaf.ndim >= 2 and (
         {"bits": 4, "granularity": "group", "group_size": 8} if "Conv_1" in jax.tree_util.keystr(p)
         else {"dtype": "float8_e4m3fn"} if "Dense_1" in jax.tree_util.keystr(p) else True))
-    w8a8 = runner("teacher", "w8a8", True)(mixed, x)
-    wo = runner("teacher", "weight_only")(mixed, x)
+
+    def both(q, x):
+        return [jol.quantized_apply(model, q, x, mode=m, train=False)
+                for m in ("w8a8", "weight_only")]
+    w8a8, wo = jax.jit(both)(mixed, x)
     assert _rel_err(w8a8, wo) < 0.05
     jaxpr = str(jax.make_jaxpr(
         lambda q, x: jol.quantized_apply(model, q, x, mode="w8a8", train=False))(mixed, x))

@@ -43,7 +43,7 @@ def _like(new: np.ndarray, old):
 
 def _check_float(plan: PairPlan, kernel) -> None:
     dtype = getattr(kernel, "dtype", None)
-    if dtype is None or not np.issubdtype(np.dtype(dtype), np.floating):
+    if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):  # bf16 too
         raise ValueError(
             f"params/{path_name(plan.layer)}/kernel must be a floating-point array to fold "
             f"into, got {type(kernel).__name__} of dtype {dtype} (fold before quantizing)"

@@ -140,7 +140,7 @@ def _fold_pair(modules: dict, plan: PairPlan) -> str:
     layer, bn = modules[plan.layer], modules[plan.batch_norm]
     get = lambda v: None if v is None else np.asarray(v[...])  # noqa: E731
     kernel = get(layer.kernel)
-    if not np.issubdtype(kernel.dtype, np.floating):
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):  # bfloat16 too
         raise ValueError(f"{path_name(plan.layer)}.kernel must be floating-point to fold into, "
                          f"got dtype {kernel.dtype}")
     try:

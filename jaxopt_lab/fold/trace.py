@@ -73,6 +73,9 @@ def _record_bn(module, args, kwargs, layers: list, bns: list):
         else:
             kwargs = {**kwargs, "x": x}
     var = module.get_variable("batch_stats", "var")
+    if var is None:  # variables without batch_stats (e.g. only params): say so, don't crash
+        raise ValueError(f"BatchNorm {'/'.join(module.scope.path)} has no batch_stats['var'] "
+                         "in the variables; pass the full variables, not only 'params'")
     stat_dtype = np.dtype(var.dtype if module.force_float32_reductions else module.param_dtype)
     axes = _canonical_axes(module.axis, x.ndim)
     bns.append(BNCall(

@@ -55,7 +55,7 @@ def check_finite(name: str, x: jax.Array) -> None:
     if is_traced(x):
         return
     values = np.asarray(x)
-    if np.issubdtype(values.dtype, np.floating):
+    if jnp.issubdtype(values.dtype, jnp.floating):  # bfloat16 too
         bad = np.flatnonzero(~np.isfinite(values.ravel()))
         if bad.size:
             i = bad[0]
@@ -70,7 +70,7 @@ def check_class_labels(name: str, y: jax.Array) -> None:
     if is_traced(y):
         return
     values = np.asarray(y)
-    if np.issubdtype(values.dtype, np.floating):
+    if jnp.issubdtype(values.dtype, jnp.floating):  # bfloat16 too
         bad = np.flatnonzero(values != np.round(values))
         if bad.size:
             raise ValueError(

@@ -229,18 +229,24 @@ def keep_lowest(kind: str, operands: Sequence[tuple], k) -> list[jax.Array]:
     from jaxopt_lab.prune import sampled  # noqa: PLC0415  (sampled builds on this module)
 
     score = SCORE_KINDS[kind]
+    shapes = [s.shape for s in jax.eval_shape(lambda: [score(*ops) for ops in operands])]
+    full = [i for i, sh in enumerate(shapes) if math.prod(sh)]  # empty arrays: nothing to do
 
     def make_scores():
-        return [score(*ops) for ops in operands]
+        return [score(*operands[i]) for i in full]
 
-    shapes = [s.shape for s in jax.eval_shape(make_scores)]
-    total = sum(math.prod(sh) for sh in shapes)
+    total = sum(math.prod(shapes[i]) for i in full)
+    out = [jnp.ones(sh, bool) for sh in shapes]
     if total == 0:
-        return [jnp.ones(sh, bool) for sh in shapes]
+        return out
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
     if total < SORT_BELOW:
-        return sort_keep(make_scores(), k)
-    return (radix_keep if total < SAMPLED_FROM else sampled.sampled_keep)(make_scores, k)
+        keep = sort_keep(make_scores(), k)
+    else:
+        keep = (radix_keep if total < SAMPLED_FROM else sampled.sampled_keep)(make_scores, k)
+    for i, m in zip(full, keep):
+        out[i] = m
+    return out
 
 
 def keep_above_k_lowest(scores: Sequence[jax.Array], k) -> list[jax.Array]:

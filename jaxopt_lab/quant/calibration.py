@@ -91,7 +91,8 @@ def _check_batch(x: jax.typing.ArrayLike, name: str) -> jax.Array:
     x = jnp.asarray(x)
     if x.size == 0:
         raise ValueError(f"{name}: cannot calibrate on an empty array of shape {x.shape}")
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.isfinite(x).all()):
+    # NumPy on the host: a closed-over constant inside a trace stays concrete this way.
+    if not isinstance(x, jax.core.Tracer) and not np.isfinite(np.asarray(x)).all():
         raise ValueError(f"{name}: activations contain NaN or Inf")
     return x.astype(jnp.float32)
 

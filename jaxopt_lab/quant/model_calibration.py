@@ -23,11 +23,13 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from jaxopt_lab.quant.calibration import (
     CalibrationState,
@@ -86,6 +88,26 @@ def observe_activations(
     return new
 
 
+@functools.partial(jax.jit, static_argnames=("method", "symmetric", "percentile",
+                                             "num_candidates"))
+def _scale(state, *, method, symmetric, percentile, num_candidates):
+    return calibration_scale(state, method=method, bits=8, symmetric=symmetric,
+                             percentile=percentile, num_candidates=num_candidates)
+
+
+def activation_stats_init(
+    model: nn.Module, variables: Variables, *args: Any, num_bins: int = 2048, **kwargs: Any
+) -> Stats:
+    """Empty statistics for every layer the forward pass on ``args`` would observe.
+
+    Traces the model abstractly (nothing is computed), so a jitted calibration loop starting
+    from these states keeps one pytree structure and compiles once.
+    """
+    keys = jax.eval_shape(lambda v: observe_activations(model, v, None, *args, **kwargs),
+                          variables)
+    return {key: calibration_init(num_bins=num_bins) for key in keys}
+
+
 def activation_scales(
     stats: Mapping[str, CalibrationState],
     *,
@@ -100,9 +122,13 @@ def activation_scales(
     double the resolution for non-negative inputs (after a ReLU) at the cost of a
     correction term in the int8 layers.
     """
-    return {key: calibration_scale(state, method=method, bits=8, symmetric=symmetric,
-                                   percentile=percentile, num_candidates=num_candidates)
-            for key, state in stats.items()}
+    out = {}
+    for key, state in stats.items():
+        if not isinstance(state.count, jax.core.Tracer) and int(np.min(state.count)) == 0:
+            raise ValueError(f"layer {key!r}: no batches observed yet")
+        out[key] = _scale(state, method=method, symmetric=symmetric,
+                          percentile=float(percentile), num_candidates=int(num_candidates))
+    return out
 
 
 def calibrate(
@@ -141,8 +167,8 @@ def calibrate(
     for batch in batches:
         batch_args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
         if stats is None:  # the full structure up front, so the loop compiles once
-            keys = jax.eval_shape(step, variables, None, batch_args)
-            stats = {k: calibration_init(num_bins=num_bins) for k in keys}
+            stats = activation_stats_init(model, variables, *batch_args, num_bins=num_bins,
+                                          **kwargs)
         stats = step(variables, stats, batch_args)
     if stats is None:
         raise ValueError("calibrate needs at least one batch")

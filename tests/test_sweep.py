@@ -1,0 +1,97 @@
+"""Vmapped sweeps: one compiled program, same results as the configurations one by one."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxopt_lab as jol
+from jaxopt_lab.cli import main
+from jaxopt_lab import sweep as _  # noqa: F401  (the module is shadowed by the function)
+from jaxopt_lab.sweep import (
+    epoch_batches,
+    format_table,
+    sparsity_optimizer,
+    sweep_student,
+    training_run,
+)
+
+DATA = jol.train.load_digits()
+MLP = jol.train.MLP(hidden=(16,))
+
+
+def test_epoch_batches_are_fits_batches():
+    xs, ys = epoch_batches(DATA.train, 64, 2, seed=3)
+    want = [b for e in range(2) for b in jol.train.batches(DATA.train, 64, seed=3, epoch=e)]
+    assert xs.shape == (len(want), 64, 8, 8, 1) and ys.shape == (len(want), 64)
+    np.testing.assert_array_equal(xs[-1], want[-1][0])
+    np.testing.assert_array_equal(ys[0], want[0][1])
+    with pytest.raises(ValueError, match="exceeds"):
+        epoch_batches(DATA.train, 10_000, 1, seed=0)
+
+
+def test_vmapped_sweep_equals_each_configuration_alone():
+    lrs, traces = [1e-3, 1e-2, 3e-2], []
+
+    def make(lr):
+        traces.append(1)
+        return optax.adam(lr)
+
+    rows = jol.sweep(MLP, DATA, make, lrs, epochs=1, name="learning_rate")
+    assert len(traces) == 1  # vmap traces one configuration for all values
+    assert [r["learning_rate"] for r in rows] == pytest.approx(lrs)
+    run = jax.jit(training_run(MLP, DATA, lambda lr: optax.adam(lr), epochs=1, batch_size=64,
+                               seed=0))
+    for row, lr in zip(rows, lrs):
+        alone = run(jnp.float32(lr))
+        assert row["accuracy"] == pytest.approx(float(alone["accuracy"]), abs=1 / 359 + 1e-6)
+        assert row["train_loss"] == pytest.approx(float(alone["train_loss"]), rel=1e-3, abs=1e-4)
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert all(r["kernel_sparsity"] == pytest.approx(0, abs=1e-6) for r in rows)
+
+
+def test_sparsity_sweep_reaches_each_target():
+    targets = [0.0, 0.5, 0.9]
+    make = sparsity_optimizer(learning_rate=1e-3, end_step=10)
+    rows = jol.sweep(MLP, DATA, make, targets, epochs=1, name="sparsity")
+    for row, target in zip(rows, targets):
+        # magnitude_mask prunes floor(target * size) per kernel
+        assert row["kernel_sparsity"] == pytest.approx(target, abs=1e-3)
+
+
+def test_sweep_command_trains_the_student(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    assert main(["sweep", "--param", "learning_rate", "--values", "0.001,0.003",
+                 "--epochs", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["learning_rate"] for r in rows] == pytest.approx([0.001, 0.003])
+    assert all(r["accuracy"] > 0.3 for r in rows)  # the student learns in one epoch
+    assert format_table(rows) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("values", [[], [[0.1]], [float("nan")], [0.1, float("inf")]])
+def test_bad_values(values):
+    with pytest.raises(ValueError, match="values"):
+        jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), values, epochs=1)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="epochs"):
+        jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], epochs=0)
+    with pytest.raises(ValueError, match="clashes"):
+        jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], name="accuracy")
+    with pytest.raises(ValueError, match="param"):
+        sweep_student(param="momentum")
+
+
+def test_format_table():
+    rows = [{"lr": 0.001, "accuracy": 0.5, "train_loss": 1.0, "kernel_sparsity": 0.0}]
+    table = format_table(rows)
+    assert table.splitlines()[0] == "| lr | accuracy | train_loss | kernel_sparsity |"
+    assert "| 0.001 | 0.5000 |" in table
+    assert format_table([]) == ""
+    chex.assert_equal(len(table.splitlines()), 3)
