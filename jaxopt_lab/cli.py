@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jaxopt_lab.report.settings import VARIANTS
+
 PROG = "jaxopt-lab"
 DEBUG_ENV = "JAXOPT_LAB_DEBUG"  # set to 1 to see the traceback of an unexpected error
 
@@ -67,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="your own data: an .npz file with arrays x (examples first) and y "
                      "(integer labels); images as (N, H, W[, C])")
     run.add_argument("--only", metavar="NAMES",
-                     help="comma-separated variants to build (the baseline always is)")
+                     help="comma-separated variants to build (the baseline always is), from: "
+                     + ", ".join(VARIANTS))
     run.add_argument("--devices", type=_positive_int, metavar="N",
-                     help="train data-parallel on a mesh of N devices")
+                     help="train data-parallel on a mesh of the first N devices "
+                     "(jol.train.mesh_train_step); N must not exceed the devices JAX sees")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sweep = sub.add_parser("sweep", help="train several configurations of the student at "

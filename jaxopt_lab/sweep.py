@@ -2,12 +2,16 @@
 
 A configuration is one value of a scalar hyperparameter (a learning rate, a final
 sparsity...), and ``make_optimizer(value)`` builds its optax transformation from the
-traced value. :func:`sweep` stacks the values, ``jax.vmap`` s a whole training run --
-initialisation, every step of every epoch under ``lax.scan``, and the test evaluation --
-over them, and compiles it once: on an accelerator (or a CPU with idle cores) eight small
-models train in little more than the time of one. Convolutions run as patch matrix
-products inside the sweep (see ``jaxopt_lab._conv_matmul``), because vmapped convolutions
-become grouped ones, which are slow on CPU.
+traced value. :func:`sweep` stacks the values, ``jax.vmap`` s a whole training run from
+shared initial variables -- every step of every epoch under ``lax.scan``, then the test
+evaluation -- over them, and compiles it once. Convolutions run as patch matrix products inside the
+sweep (see ``jaxopt_lab._conv_matmul``): vmapped convolutions become grouped ones, which
+XLA's CPU backend runs very slowly.
+
+What it buys depends on the hardware: one compile instead of one per configuration, and
+the configurations share whatever parallelism one small model leaves idle. A 2-core CPU
+has none to spare, and there the vmapped run is slower than the same configurations run
+one after another (``benchmarks/sweep.py`` measures both, with and without compilation).
 
 Examples:
   >>> import optax, jaxopt_lab as jol
@@ -144,6 +148,14 @@ def sweep(
     Raises:
       ValueError: empty or non-finite values, a ``name`` clashing with a result key,
         ``epochs < 1``, a batch larger than the training split.
+
+    Examples:
+      >>> import optax, jaxopt_lab as jol
+      >>> data = jol.train.load_digits()
+      >>> rows = jol.sweep(jol.train.MLP(hidden=(16,)), data, lambda lr: optax.sgd(lr),
+      ...                  [0.01, 0.1], epochs=1, name="learning_rate")
+      >>> [r["learning_rate"] for r in rows]
+      [0.009999999776482582, 0.10000000149011612]
     """
     arr = _check_values(values)
     if name in ("accuracy", "train_loss", "kernel_sparsity"):

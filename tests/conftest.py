@@ -8,7 +8,11 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -27,3 +31,19 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def quick_report(tmp_path_factory):
+    """One in-process ``jaxopt-lab run --quick --seed 0 --no-progress`` for the whole session.
+
+    Returns ``(exit code, output folder, printed stdout)``; tests that need the quick job's
+    output share this run instead of paying for their own.
+    """
+    from jaxopt_lab.cli import main
+
+    out = tmp_path_factory.mktemp("quick_report")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["run", "--quick", "--out", str(out), "--seed", "0", "--no-progress"])
+    return code, out, printed.getvalue()

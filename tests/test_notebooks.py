@@ -35,10 +35,15 @@ def kernel_dirs(tmp_path_factory) -> dict[str, str]:
         "language": "python",
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    ipython = tmp_path_factory.mktemp("ipython")  # no user profile; plain-text tracebacks
+    (ipython / "profile_default").mkdir()
+    (ipython / "profile_default" / "ipython_kernel_config.py").write_text(
+        'c.InteractiveShell.colors = "nocolor"\n'
+    )
     return {
         "JUPYTER_PATH": str(jupyter),
         "JUPYTER_RUNTIME_DIR": str(tmp_path_factory.mktemp("jupyter_runtime")),
-        "IPYTHONDIR": str(tmp_path_factory.mktemp("ipython")),
+        "IPYTHONDIR": str(ipython),
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAXOPT_LAB_NOTEBOOK_QUICK": "1",
@@ -59,7 +64,8 @@ def test_notebook_is_saved_without_outputs(path):
     assert all(not c.outputs and c.execution_count is None for c in code), (
         f"{path.name} was saved with outputs; clear them before committing"
     )
-    assert "google.colab" in code[0].source, f"{path.name}: first code cell must be the Colab install"
+    first = code[0].source
+    assert "google.colab" in first, f"{path.name}: the first code cell must be the Colab install"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -80,3 +86,7 @@ def test_notebook_runs(path, kernel_dirs, tmp_path, monkeypatch):
     assert all(c.execution_count is not None for c in code), "some cells did not run"
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
+    if path.stem == "quickstart":  # the report it shows was written where the kernel ran
+        report = tmp_path / "jaxopt_lab_report"
+        assert (report / "report.md").stat().st_size > 0
+        assert (report / "pareto.png").stat().st_size > 0

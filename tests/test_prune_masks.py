@@ -144,3 +144,19 @@ def test_bad_arguments_raise_value_error():
         jol.magnitude_mask(tree, 0.5, where=lambda p, x: {"bits": 4})
     with pytest.raises(ValueError, match="required"):
         jol.magnitude_mask(tree, None)
+
+
+def test_eager_and_jit_agree_for_every_mask_function():
+    rng = np.random.default_rng(1)
+    tree = {"w": jnp.asarray(rng.normal(size=(16, 12)), jnp.float32), "b": jnp.ones(12)}
+    grads = jax.tree.map(lambda x: x * 0.5 + 1.0, tree)
+    key = jax.random.PRNGKey(0)
+    fns = [
+        lambda t: jol.random_mask(t, 0.4, key=key),
+        lambda t: jol.saliency_mask(t, 0.4, grads=grads),
+        lambda t: jol.nm_mask(t, n=1, m=4),
+        lambda t: jol.channel_mask(t, 0.5, norm="l1"),
+        lambda t: jol.magnitude_mask(t, 0.4, scope="global"),
+    ]
+    for fn in fns:
+        jax.tree.map(np.testing.assert_array_equal, fn(tree), jax.jit(fn)(tree))

@@ -141,8 +141,8 @@ def test_large_inputs_match_reference(kind, seed, data):
 
 
 def test_scalar_and_empty_leaves_mixed_with_large_ones():
-    xs = [jnp.float32(0.5), jnp.zeros((0, 3)), jnp.arange(1.0, 70001.0).reshape(700, 100)]
-    for k in (0, 1, 2, 70000, 70001):
+    xs = [jnp.float32(0.5), jnp.zeros((0, 3)), jnp.arange(1.0, 10001.0).reshape(100, 100)]
+    for k in (0, 1, 2, 10000, 10001):
         got = select.keep_lowest("magnitude", [(x, None) for x in xs], k)
         want = reference_keep([select.magnitude_scores(x) for x in xs], k)
         for g, w in zip(got, want):

@@ -81,36 +81,18 @@ def test_masks_recomputed_only_on_schedule_steps():
     assert seen[-1][0] == np.float32(0.8)
 
 
-def test_jit_and_eager_give_same_masks():
-    tx = optax.chain(optax.adam(3e-2), jol.prune(jol.magnitude_mask, jol.constant_schedule(0.6)))
-    eager, jitted = make_step(tx), jax.jit(make_step(tx))
-    pe = pj = PARAMS
-    se = sj = tx.init(PARAMS)
-    for _ in range(1):
-        pe, se = eager(pe, se)
-        pj, sj = jitted(pj, sj)
-    jax.tree.map(np.testing.assert_array_equal, se[1].masks, sj[1].masks)
+def test_pmap_replicas_agree_with_single_device():
+    n = jax.device_count()
+    assert n == 8
+    tx = optax.chain(optax.adam(3e-2), jol.prune(jol.magnitude_mask, FAST))
 
-
-@functools.lru_cache
-def _pmapped_run(axis_name):
-    tx = optax.chain(optax.adam(3e-2), jol.prune(jol.magnitude_mask, FAST, axis_name=axis_name))
-
-    def step(p, s):
+    def pstep(p, s):
         g = jax.lax.pmean(jax.grad(loss)(p), "d")
         updates, s = tx.update(g, s, p)
         return optax.apply_updates(p, updates), s
 
-    return tx, jax.pmap(step, axis_name="d")
-
-
-@pytest.mark.parametrize("axis_name", [None, "d"])
-def test_pmap_replicas_agree_with_single_device(axis_name):
-    n = jax.device_count()
-    assert n == 8
-    tx, pstep = _pmapped_run(axis_name)
-    plain = optax.chain(optax.adam(3e-2), jol.prune(jol.magnitude_mask, FAST))
-    single = jax.jit(make_step(plain))
+    pstep = jax.pmap(pstep, axis_name="d")
+    single = jax.jit(make_step(tx))
     rep = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), (PARAMS, tx.init(PARAMS)))
     p, s = PARAMS, tx.init(PARAMS)
     for _ in range(4):
@@ -120,6 +102,18 @@ def test_pmap_replicas_agree_with_single_device(axis_name):
     for replica in range(n):
         got = jax.tree.map(lambda a, i=replica: a[i], rep[1][1].masks)
         jax.tree.map(np.testing.assert_array_equal, got, s[1].masks)
+
+
+def test_axis_name_makes_drifted_replicas_agree():
+    tx = jol.prune(jol.magnitude_mask, 0.5, axis_name="d")
+    n = jax.device_count()
+    noise = jax.random.normal(K[3], (n, 16, 64)) * 0.3  # replicas drifted apart
+    params = {"w": PARAMS["l0"]["kernel"][None] + noise}
+    _, state = jax.pmap(lambda p: tx.update(p, tx.init(p), p), axis_name="d")(params)
+    masks = np.asarray(state.masks["w"])
+    assert (masks == masks[:1]).all() and int((~masks[0]).sum()) == 512
+    mean = {"w": params["w"].mean(0)}
+    np.testing.assert_array_equal(masks[0], np.asarray(jol.magnitude_mask(mean, 0.5)["w"]))
 
 
 def test_mesh_sharded_params_give_same_masks():

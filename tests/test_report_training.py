@@ -62,10 +62,9 @@ def _tiny_data():
     return train.make_dataset(x, y, seed=0, fractions=(0.5, 0.25, 0.25))
 
 
-@pytest.mark.parametrize("keep_last", [True, False])
-def test_mesh_path_agrees_with_single_device(keep_last):
+def test_mesh_path_agrees_with_single_device():
     data, model = _tiny_data(), DenseBNNet(hidden=(8,), num_classes=2)
-    kwargs = dict(epochs=2, batch_size=16, seed=0, keep_last=keep_last)
+    kwargs = dict(epochs=2, batch_size=16, seed=0)  # best on validation, as fit does
     single = fit_model(model, data, optax.adam(1e-2), **kwargs)
     mesh = fit_model(model, data, optax.adam(1e-2), devices=2, **kwargs)
     chex.assert_trees_all_close(single, mesh, atol=1e-4)

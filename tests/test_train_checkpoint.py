@@ -169,6 +169,11 @@ def test_bad_requests_raise_clear_errors(tmp_path):
             ckpt.save(1, tree)
         with pytest.raises(ValueError, match="must be >= 0"):
             ckpt.save(-1, tree)
+        with pytest.raises(ValueError, match="non-negative"):
+            ckpt.save(2, tree, DataPosition(0, -1))
+        with pytest.raises(TypeError, match="JSON"):
+            ckpt.save(2, tree, metadata={"bad": object()})
+        assert ckpt.all_steps() == [1]
         with pytest.raises(FileNotFoundError, match=r"no checkpoint 7 .*\[1\]"):
             ckpt.restore(tree, step=7)
         where = os.path.join(str(tmp_path), "1")

@@ -22,8 +22,8 @@ def _check_fraction(name: str, value) -> float:
 def _check_step(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0 <= value <= np.iinfo(np.int32).max:  # steps are int32 (optax counts)
+        raise ValueError(f"{name} must be in [0, 2**31 - 1], got {value}")
     return int(value)
 
 
@@ -107,7 +107,7 @@ def polynomial_schedule(
         held = t0 + (jnp.maximum(t - t0, 0) // freq) * freq  # last update step
         frac = jnp.clip((held - t0) / (t1 - t0), 0.0, 1.0).astype(jnp.float32)
         s = s_f + (s_i - s_f) * (1.0 - frac) ** power
-        s = jnp.where(held <= t0, s_i, jnp.where(t >= t1, s_f, s))
+        s = jnp.where(t >= t1, s_f, jnp.where(held <= t0, s_i, s))  # s_f from t1 on, always
         return jnp.asarray(s, jnp.float32)
 
     return schedule

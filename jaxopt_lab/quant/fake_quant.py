@@ -205,6 +205,10 @@ def lsq_init(
       ((1, 1), None, 0.7559)
     """
     base = dict(bits=bits, granularity=granularity, axis=axis, signed=signed)
+    _lsq_leaf_bits("lsq_init", base, True)  # bad bits raise even when no leaf is selected
+    if granularity not in ("tensor", "channel"):
+        raise ValueError(f"lsq_init: granularity must be 'tensor' or 'channel', got "
+                         f"{granularity!r}")
 
     def one(path, leaf, choice):
         name = _select.path_str(path)
@@ -250,6 +254,7 @@ def lsq_fake_quant(
       [[0.0, -0.75], [0.25, 0.75]]
     """
     base = dict(bits=bits, signed=signed, granularity="tensor", axis=-1)
+    _lsq_leaf_bits("lsq_fake_quant", base, True)  # bad bits raise even with no stepped leaf
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     choices = ([c for _, _, c in _select.leaf_choices(params, where)] if where is not None
                else [True] * len(flat))

@@ -126,6 +126,11 @@ def activation_scales(
     for key, state in stats.items():
         if not isinstance(state.count, jax.core.Tracer) and int(np.min(state.count)) == 0:
             raise ValueError(f"layer {key!r}: no batches observed yet")
+        extremes = np.asarray([state.min, state.max]) if not isinstance(
+            state.min, jax.core.Tracer) else None
+        if extremes is not None and not np.isfinite(extremes).all():
+            raise ValueError(f"layer {key!r}: observed activations hold NaN or Inf (a jitted "
+                             "pass cannot check them; did an earlier layer overflow?)")
         out[key] = _scale(state, method=method, symmetric=symmetric,
                           percentile=float(percentile), num_candidates=int(num_candidates))
     return out

@@ -42,10 +42,14 @@ def select_variants(only: str | Sequence[str] | None) -> tuple[str, ...]:
 
     Raises:
       ValueError: an unknown or empty name.
+      TypeError: a name that is not a string.
     """
     if only is None:
         return VARIANTS
-    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only)]
+    names = only.split(",") if isinstance(only, str) else list(only)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"variant names must be strings, got {only!r}")
+    names = [n.strip() for n in names]
     if not names or any(not n for n in names):
         raise ValueError(f"--only needs comma-separated variant names, got {only!r}")
     unknown = [n for n in names if n not in VARIANTS]
@@ -101,28 +105,36 @@ _BUILD_ORDER = ("pipeline", "channel_compact", "int4_qat", "prune90_gradual",
 assert sorted(_BUILD_ORDER) == sorted(VARIANTS)
 
 
-def build_variants(ctx: JobContext, names: Sequence[str]
-                   ) -> tuple[dict[str, variants.Variant], dict[str, float]]:
-    """Builds the named variants, several at once in threads; returns them and seconds each.
+def build_and_measure(ctx: JobContext, names: Sequence[str], model_dir: str
+                      ) -> tuple[dict[str, tuple[dict, dict]], dict[str, float]]:
+    """Builds, saves, reloads and evaluates the named variants, several at once in threads.
 
-    Every builder is deterministic on its own, so the result does not depend on how the
-    threads interleave.
+    Returns each variant's row without latency and its compiled latency calls, and the
+    seconds each took. Every builder is deterministic on its own, so nothing depends on
+    how the threads interleave. Latency is timed afterwards, one variant at a time.
     """
-    def build(name):
+    def work(name):
         t0 = time.perf_counter()
-        return BUILDERS[name](ctx), time.perf_counter() - t0
+        variant = BUILDERS[name](ctx)
+        out = measure.measure(variant, ctx.data, model_dir, seed=ctx.settings.seed)
+        return out, time.perf_counter() - t0
 
     ordered = [n for n in _BUILD_ORDER if n in names]
     workers = ctx.settings.build_workers()
     if workers == 1:
-        done = {n: build(n) for n in _progress(ordered, ctx.settings, "build variants")}
+        done = {n: work(n) for n in _progress(ordered, ctx.settings, "build variants")}
     else:
         with concurrent.futures.ThreadPoolExecutor(workers, "jaxopt-lab-build") as pool:
-            futures = {pool.submit(build, n): n for n in ordered}
+            futures = {pool.submit(work, n): n for n in ordered}
             done = {}
-            for future in _progress(concurrent.futures.as_completed(futures), ctx.settings,
-                                    "build variants", total=len(futures)):
-                done[futures[future]] = future.result()
+            try:
+                for future in _progress(concurrent.futures.as_completed(futures),
+                                        ctx.settings, "build variants", total=len(futures)):
+                    done[futures[future]] = future.result()
+            except BaseException:  # a failed builder or Ctrl-C: start nothing more
+                for future in futures:
+                    future.cancel()
+                raise
     return {n: done[n][0] for n in names}, {n: done[n][1] for n in names}
 
 
@@ -130,11 +142,31 @@ def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
             only: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the whole job and writes ``report.json``, ``report.md`` and ``pareto.png``.
 
-    Models are saved under ``out/models/``. Returns the report dict (what
-    ``report.json`` holds).
+    Trains the teacher, builds the selected variants (several at once, see
+    ``JobSettings.workers``), saves each with ``jol.save`` under ``out/models/``, reloads
+    and evaluates it on the test split, then times every variant's inference alternately
+    with the baseline's.
+
+    Args:
+      settings: what to do (``JobSettings.preset(quick=...)``).
+      out: output folder (created).
+      data_path: an ``.npz`` with ``x`` and ``y``; None for the embedded digits.
+      only: variant names (comma-separated or a sequence); the baseline is always built.
+
+    Returns:
+      The report dict (what ``report.json`` holds); ``report["variants"]`` has one row per
+      variant. Everything but ``latency_*`` and ``timings`` depends only on the seed.
 
     Raises:
       ValueError: bad settings, data or selection (nothing is trained then).
+
+    Examples:
+      >>> import tempfile
+      >>> from jaxopt_lab.report import JobSettings, run_job
+      >>> settings = JobSettings.preset(quick=True, teacher_epochs=1, progress=False)
+      >>> report = run_job(settings, out=tempfile.mkdtemp(), only="int8_ptq")
+      >>> [row["name"] for row in report["variants"]]
+      ['baseline', 'int8_ptq']
     """
     start = time.perf_counter()
     names = select_variants(only)
@@ -151,23 +183,24 @@ def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
                                     epochs=settings.teacher_epochs, patience=settings.patience,
                                     progress=settings.progress)
     t1 = time.perf_counter()
-    built, build_s = build_variants(ctx, names)
+    measured, build_s = build_and_measure(ctx, names, model_dir)
     t2 = time.perf_counter()
-    rows, measure_s, baseline_calls = [], {}, None
-    for name in _progress(names, settings, "measure variants"):
+    rows, latency_s, baseline_calls = [], {}, measured["baseline"][1]
+    for name in _progress(names, settings, "time latency"):
         t = time.perf_counter()
-        row, calls = measure.measure(built[name], data, model_dir, seed=settings.seed,
-                                     repeats=settings.latency_repeats, baseline=baseline_calls)
-        baseline_calls = baseline_calls or calls  # names[0] is the baseline
+        row, calls = measured[name]
+        row.update(measure.latency(calls, repeats=settings.latency_repeats,
+                                   baseline=None if name == "baseline" else baseline_calls))
         rows.append(row)
-        measure_s[name] = time.perf_counter() - t
+        latency_s[name] = time.perf_counter() - t
     measure.add_ratios(rows, rows[0])
     timings = {
         "teacher_training_s": t1 - t0,
-        "build_s": t2 - t1,
-        "measure_s": time.perf_counter() - t2,
+        "build_and_evaluate_s": t2 - t1,
+        "latency_s": time.perf_counter() - t2,
         "build_workers": settings.build_workers(),
-        "variants": {n: {"build_s": build_s[n], "measure_s": measure_s[n]} for n in names},
+        "variants": {n: {"build_and_evaluate_s": build_s[n], "latency_s": latency_s[n]}
+                     for n in names},
     }
     timings["total_s"] = time.perf_counter() - start
     report = {

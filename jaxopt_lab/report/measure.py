@@ -113,20 +113,21 @@ def counts(params: Any) -> dict[str, Any]:
     }
 
 
-def measure(variant: Variant, data: train.Dataset, directory: str, *, seed: int,
-            repeats: int, baseline: dict[int, Callable[[], Any]] | None = None
+def measure(variant: Variant, data: train.Dataset, directory: str, *, seed: int
             ) -> tuple[dict[str, Any], dict[int, Callable[[], Any]]]:
-    """Every figure of one report row but the accuracy and size changes (:func:`add_ratios`).
+    """Saves, reloads and evaluates a variant: every figure of its row but latency.
 
-    Latency ratios are to the ``baseline`` calls, timed alternately with the variant's.
-    Returns the row and the variant's own latency calls (the baseline's are passed to
-    every later variant).
+    Returns the row and the variant's latency calls, compiled and warmed up, for
+    :func:`latency`. Safe to run for several variants at once in threads; time the
+    latency calls one variant at a time.
     """
     path, size, loaded = save_and_reload(variant, directory,
                                          {"variant": variant.name, "seed": seed})
     variables = run_once(variant.to_variables, loaded)
     scores = train.evaluate(variant.model, variables, data.test, num_classes=data.num_classes)
     calls = latency_calls(variant, loaded, latency_inputs(data.test.x))
+    for call in calls.values():
+        jax.block_until_ready(call())  # compile now, so timing later measures runs only
     row = {
         "name": variant.name,
         "description": variant.description,
@@ -138,7 +139,6 @@ def measure(variant: Variant, data: train.Dataset, directory: str, *, seed: int,
         "file": os.path.basename(path),
         "seed": seed,
         **(variant.extra or {}),
-        **latency(calls, repeats=repeats, baseline=baseline),
     }
     return row, calls
 

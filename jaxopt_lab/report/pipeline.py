@@ -53,8 +53,7 @@ def pipeline(ctx: JobContext) -> Variant:
     target = s.pipeline_sparsity
     loss = kd_loss(ctx)
     distilled = student_variables(ctx)
-    pruned = gradual_prune(ctx, target, student=True, variables=distilled, loss=loss,
-                           epochs=s.pipeline_epochs)
+    pruned = gradual_prune(ctx, student, distilled, target, epochs=s.pipeline_epochs, loss=loss)
     tx = optax.chain(optax.adam(s.finetune_learning_rate), jol.prune(kept_mask(pruned["params"])))
     qat = ctx.fit(student, tx, epochs=s.pipeline_epochs, variables=pruned, loss=loss,
                   param_transform=lambda p: jol.fake_quant(p, **QAT_SETTINGS))

@@ -145,3 +145,44 @@ def fit_model(
                            param_transform=param_transform, patience=patience,
                            progress=progress, keep_last=keep_last)
     return jax.tree.map(np.asarray, out)
+
+
+def fit_each(
+    model: nn.Module,
+    data: train.Dataset,
+    make_tx,
+    values,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    variables: Variables,
+    devices: int | None = None,
+) -> list[Variables]:
+    """Fine-tunes ``variables`` once per value of a scalar setting of the optimizer.
+
+    ``make_tx(value)`` builds the optax transformation; the value is an argument of one
+    jitted step, so every run shares one compiled program (a pruning step compiles in
+    seconds on a small CPU). Each run is ``fit_model(..., keep_last=True)`` with
+    ``make_tx(value)``. With ``devices``, runs go through :func:`fit_model` one by one.
+    """
+    if devices is not None:
+        return [fit_model(model, data, make_tx(v), epochs=epochs, batch_size=batch_size,
+                          seed=seed, devices=devices, variables=variables, keep_last=True)
+                for v in values]
+    batch = global_batch(batch_size, len(data.train.y), None)
+
+    @jax.jit
+    def step(state, x, y, value):
+        return train.make_train_step(model, make_tx(value))(state, x, y)
+
+    out = []
+    for v in values:
+        value = jnp.float32(v)
+        state = train.create_train_state(model, make_tx(value), data.train.x, seed=seed,
+                                         variables=variables)
+        for epoch in range(epochs):
+            for x, y in train.batches(data.train, batch, seed=seed, epoch=epoch):
+                state, _ = step(state, x, y, value)
+        out.append(jax.tree.map(np.asarray, {"params": state.params, **state.model_state}))
+    return out

@@ -23,7 +23,7 @@ import optax
 import jaxopt_lab as jol
 from jaxopt_lab.report import models
 from jaxopt_lab.report.context import JobContext
-from jaxopt_lab.report.training import run_once
+from jaxopt_lab.report.training import fit_each, run_once
 
 Variables = Any
 Tree = Any
@@ -70,23 +70,20 @@ def dequant_infer(model: nn.Module) -> Callable:
     return lambda stored, x: model.apply(jol.dequantize(stored), x, train=False)
 
 
+def _with_params(variables: Variables, params: Tree) -> Variables:
+    return {**variables, "params": params}
+
+
 def sparse_stored(variables: Variables) -> Variables:
     """Pruned kernels as ``jol.to_sparse`` storage (expanded at load time: there are no
     sparse kernels to run them); everything else as it is."""
     return _with_params(variables, jol.to_sparse(variables["params"]))
 
 
-def folded_infer(model: nn.Module, report, *, quantized: bool = False) -> Callable:
+def folded_infer(model: nn.Module, report) -> Callable:
     """A folded model with its identity BatchNorms skipped (``jol.folded_apply``)."""
-    def infer(stored, x):
-        variables = jol.dequantize(stored) if quantized else stored
-        return jol.folded_apply(model, variables, x, report=report, train=False)
-
-    return infer
-
-
-def _with_params(variables: Variables, params: Tree) -> Variables:
-    return {**variables, "params": params}
+    return lambda variables, x: jol.folded_apply(model, variables, x, report=report,
+                                                 train=False)
 
 
 def kernel_where(condition: Callable[[tuple[int, ...]], Any]) -> Callable:
@@ -161,21 +158,38 @@ def gradual_schedule(ctx: JobContext, target: float, epochs: int):
     return jol.polynomial_schedule(0.0, target, 0, end, frequency=max(1, end // 10))
 
 
-def gradual_prune(ctx: JobContext, target: float, *, student: bool = False,
-                  variables: Variables | None = None, loss=None, epochs: int | None = None,
-                  ) -> Variables:
+def gradual_prune(ctx: JobContext, model, variables: Variables, target: float, *,
+                  epochs: int, loss=None) -> Variables:
     """Fine-tunes with gradual magnitude pruning to ``target`` (:func:`gradual_schedule`)."""
-    s = ctx.settings
-    epochs = s.finetune_epochs if epochs is None else epochs
-    tx = optax.chain(optax.adam(s.finetune_learning_rate),
+    tx = optax.chain(optax.adam(ctx.settings.finetune_learning_rate),
                      jol.prune(jol.magnitude_mask, gradual_schedule(ctx, target, epochs)))
-    model = ctx.models.student if student else ctx.models.teacher
-    start = ctx.teacher_variables if variables is None else variables
-    return ctx.fit(model, tx, epochs=epochs, variables=start, loss=loss, keep_last=True)
+    return ctx.fit(model, tx, epochs=epochs, variables=variables, loss=loss, keep_last=True)
+
+
+MAGNITUDE_TARGETS = (0.5, 0.9)
+
+
+def magnitude_pruned(ctx: JobContext) -> dict[float, Variables]:
+    """The teacher fine-tuned with gradual magnitude pruning to 50% and to 90%.
+
+    Both runs share one compiled train step: the final sparsity is an argument, scaling
+    the schedule from 0 to 1 (Zhu & Gupta from 0 is linear in the final sparsity).
+    """
+    s = ctx.settings
+    unit = gradual_schedule(ctx, 1.0, s.finetune_epochs)
+
+    def make_tx(target):
+        return optax.chain(optax.adam(s.finetune_learning_rate),
+                           jol.prune(jol.magnitude_mask, lambda t: target * unit(t)))
+
+    return ctx.shared("magnitude_pruned", lambda: dict(zip(MAGNITUDE_TARGETS, fit_each(
+        ctx.models.teacher, ctx.data, make_tx, MAGNITUDE_TARGETS, epochs=s.finetune_epochs,
+        batch_size=s.batch_size, seed=s.seed, variables=ctx.teacher_variables,
+        devices=s.devices))))
 
 
 def _pruned(ctx: JobContext, target: float) -> Variant:
-    tuned = gradual_prune(ctx, target)
+    tuned = magnitude_pruned(ctx)[target]
     teacher = ctx.models.teacher
     pct = round(100 * target)
     return Variant(f"prune{pct}_gradual", f"{pct}% magnitude pruning, polynomial schedule "

@@ -24,6 +24,7 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -44,7 +45,7 @@ class DataPosition(NamedTuple):
 
 
 def _leaf_name(path) -> str:
-    """orbax's name for a leaf: key names joined by dots (``opt_state.0.1.mask.Dense_0``)."""
+    """orbax's name for a leaf: key names joined by dots (``opt_state.1.masks.Dense_0.kernel``)."""
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -125,7 +126,8 @@ class Checkpointer:
         this returns (or, with ``asynchronous=True``, after :meth:`wait_until_finished`).
 
         Raises:
-          ValueError: a negative step, or a checkpoint for ``step`` already exists.
+          ValueError: a negative step or position, or ``step`` already exists.
+          TypeError: ``metadata`` is not JSON-serialisable.
         """
         step = int(step)
         if step < 0:
@@ -133,6 +135,12 @@ class Checkpointer:
         if step in self.all_steps():
             raise ValueError(f"checkpoint step {step} already exists in {self.directory}")
         data_position = data_position or DataPosition()
+        if data_position.epoch < 0 or data_position.batch < 0:
+            raise ValueError(f"data position must be non-negative, got {data_position}")
+        try:
+            json.dumps(metadata or {})
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
         info = {"step": step, "epoch": int(data_position.epoch),
                 "batch": int(data_position.batch), "metadata": metadata or {},
                 "empty_leaves": _empty_leaves(state)}
@@ -163,7 +171,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else int(step)
         if step is None or step not in self.all_steps():
             raise FileNotFoundError(
-                f"no checkpoint {'' if step is None else step} in {self.directory} "
+                f"no checkpoint{'' if step is None else f' {step}'} in {self.directory} "
                 f"(available steps: {list(self.all_steps())})"
             )
         abstract = _abstract(target)

@@ -51,8 +51,8 @@ def validate_arrays(x, y, *, num_classes: int | None = None, name: str = "data")
         raise ValueError(f"{name}: x has {len(x)} examples but y has {len(y)} labels")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ValueError(f"{name}: x must be real numbers, got dtype {x.dtype}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name}: x holds NaN or Inf values")
+    if not np.isfinite(x).all() or not np.isfinite(x.astype(np.float32)).all():
+        raise ValueError(f"{name}: x holds NaN or Inf values (or values beyond float32's range)")
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             raise ValueError(f"{name}: labels must be integers, got non-integer values in y")

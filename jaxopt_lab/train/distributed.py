@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from jaxopt_lab.train.step import mesh_train_step
 
 PyTree = Any
+_initialized = False  # set by initialize(): CPU collectives now go through gloo
 
 
 def initialize(
@@ -89,17 +90,27 @@ def initialize(
         process_id=process_id,
         initialization_timeout=initialization_timeout,
     )
+    global _initialized
+    _initialized = True
 
 
 def shutdown() -> None:
     """Leaves the distributed job (waits for the other processes at a barrier)."""
+    global _initialized
     jax.distributed.shutdown()
+    _initialized = False
 
 
 def global_mesh(axis: str = "data") -> Mesh:
     """A 1-D mesh over every device of every process, ordered process by process.
 
     Process-major order makes each process's share of a batch one contiguous block of rows.
+
+    Examples:
+      >>> import jaxopt_lab as jol
+      >>> mesh = jol.train.global_mesh()
+      >>> mesh.axis_names, mesh.size == jax.device_count()
+      (('data',), True)
     """
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (axis,))
@@ -111,6 +122,13 @@ def process_rows(mesh: Mesh, global_batch_size: int, *, data_axis: str = "data")
     Raises:
       ValueError: the batch does not split evenly over the mesh, or this process's devices
         do not hold one contiguous block of rows (use :func:`global_mesh`).
+
+    Examples:
+      >>> import jaxopt_lab as jol
+      >>> mesh = jol.train.global_mesh()
+      >>> rows = jol.train.process_rows(mesh, 8 * mesh.size)  # a single process owns all rows
+      >>> (rows.start, rows.stop) == (0, 8 * mesh.size)
+      True
     """
     n = mesh.shape[data_axis]
     if global_batch_size <= 0 or global_batch_size % n:
@@ -186,9 +204,21 @@ def distributed_train_step(
     Returns ``(step, put_state, put_batch)``: the jitted step, a function placing a host
     state (the same in every process) replicated on the mesh, and ``put_batch(x, y)``
     taking only *this process's* rows (see :func:`process_rows`) and returning global
-    batch arrays. With one process this is exactly :func:`mesh_train_step`.
+    batch arrays. With one process this computes exactly what :func:`mesh_train_step` does.
+
+    On CPU, once the distributed runtime is up, ``step`` waits for each step to finish
+    before returning: with jax 0.10, several steps in flight at once (JAX's asynchronous
+    dispatch) can deadlock in the gloo all-reduce, in one process or several. GPU and TPU
+    steps stay asynchronous.
     """
-    step, _, _ = mesh_train_step(model, tx, mesh, data_axis=data_axis, **kwargs)
+    jitted, _, _ = mesh_train_step(model, tx, mesh, data_axis=data_axis, **kwargs)
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+
+    def step(state, x, y):
+        out = jitted(state, x, y)
+        if on_cpu and (_initialized or jax.process_count() > 1):
+            jax.block_until_ready(out)
+        return out
 
     def put_state(state):
         return put_replicated(mesh, state)

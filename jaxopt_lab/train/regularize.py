@@ -21,9 +21,11 @@ class AddL1State(NamedTuple):
     """``add_l1`` keeps no state."""
 
 
-def _check_strength(strength: float, name: str) -> None:
-    if not (isinstance(strength, (int, float)) and strength >= 0):
-        raise ValueError(f"{name} strength must be a non-negative number, got {strength!r}")
+def _check_strength(strength: float, name: str) -> float:
+    if not (isinstance(strength, (int, float)) and 0 <= strength < float("inf")):
+        raise ValueError(f"{name} strength must be a finite non-negative number, got "
+                         f"{strength!r}")
+    return float(strength)  # a Python float: weakly typed, so updates keep their dtype
 
 
 def add_l1(strength: float, *, where: _select.Where = None) -> optax.GradientTransformationExtraArgs:
@@ -42,7 +44,7 @@ def add_l1(strength: float, *, where: _select.Where = None) -> optax.GradientTra
       >>> p = {"w": jnp.ones((2, 2))}
       >>> u, _ = tx.update({"w": jnp.zeros((2, 2))}, tx.init(p), p)
     """
-    _check_strength(strength, "L1")
+    strength = _check_strength(strength, "L1")
 
     def init_fn(params):
         del params
@@ -67,5 +69,5 @@ def add_l2(strength: float, *, where: _select.Where = None) -> optax.GradientTra
 
     This is optax's ``add_decayed_weights`` with the library's leaf selection.
     """
-    _check_strength(strength, "L2")
+    strength = _check_strength(strength, "L2")
     return optax.add_decayed_weights(strength, mask=lambda p: _select.selection(p, where))

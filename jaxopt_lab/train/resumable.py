@@ -54,6 +54,13 @@ def batches_from(
     Raises:
       ValueError: ``batch_size`` exceeds the split, or the position is out of range
         (checked at the call, not at the first ``next``).
+
+    Examples:
+      >>> import itertools, jaxopt_lab as jol
+      >>> split = jol.train.load_digits().train  # 1257 examples: 4 batches of 256 per epoch
+      >>> stream = jol.train.batches_from(split, 256, jol.train.DataPosition(epoch=2, batch=3))
+      >>> [p for p, x, y in itertools.islice(stream, 2)]
+      [DataPosition(epoch=3, batch=0), DataPosition(epoch=3, batch=1)]
     """
     position = position or DataPosition()
     num_batches = len(split.y) // batch_size if batch_size > 0 else 0

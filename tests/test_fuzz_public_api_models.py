@@ -1,0 +1,668 @@
+"""Fuzzing the rest of the public API (issue 7, bad input): distillation losses, batch-norm
+folding, metrics, training data, regularisers and the vmapped sweep.
+
+See tests/test_fuzz_public_api.py for the contract every call is held to.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+
+import _fuzz as fz
+import _fuzz_known as known
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from _fuzz import attempt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxopt_lab as jol
+
+fuzz = settings(max_examples=fz.EXAMPLES)
+
+
+# --- distillation losses -------------------------------------------------------------------
+
+_good_logits = fz.arrays(shapes=((2, 3), (2, 2, 3), (1, 1), (3,)), dtypes=fz.FLOAT_DTYPES)
+_bad_logits = fz.arrays(shapes=((0, 3), (), (2, 4), (2,)),
+                        dtypes=fz.FLOAT_DTYPES + (np.dtype(np.int32),))
+_good_temperatures = st.sampled_from([1.0, 4.0, 0.5, 2.0, 1e-3, 1e3, np.float32(2.0)])
+_bad_temperatures = st.sampled_from([0.0, -1.0, float("nan"), float("inf"), "2", [1.0, 2.0]])
+_good_alphas = st.sampled_from([1.0, 0.5, 0.0, 0.9])
+_bad_alphas = st.sampled_from([-0.1, 1.5, float("nan")])
+# Which argument (if any) an example breaks; None: everything valid, so it must not raise.
+_breaks = st.sampled_from([None, None, None, "teacher", "student", "setting", "labels", "mask"])
+
+
+def _log_softmax64(z):
+    z = z - np.max(z, axis=-1, keepdims=True)
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+@st.composite
+def _labels_for(draw, shape, bad):
+    rng = np.random.default_rng(draw(st.integers(0, 99)))
+    if not shape:
+        return None
+    c, positions = shape[-1], shape[:-1]
+    if bad:
+        return draw(st.sampled_from([np.full(positions, c, np.int32), np.zeros((7,), np.int32),
+                                     np.full(positions, -1, np.int32), np.array(["a"])]))
+    if draw(st.booleans()):
+        return rng.integers(0, c, positions).astype(np.int32)
+    p = rng.random(shape)
+    return (p / p.sum(-1, keepdims=True)).astype(np.float32)
+
+
+@fuzz
+@given(data=st.data(), teacher=_good_logits, broken=_breaks, use_mask=st.booleans())
+def test_distill_loss(data, teacher, broken, use_mask):
+    student = data.draw(_bad_logits if broken == "student" else fz.like(teacher))
+    teacher = data.draw(_bad_logits) if broken == "teacher" else teacher
+    bad_setting = broken == "setting" and data.draw(st.sampled_from(["temperature", "alpha"]))
+    temperature = data.draw(_bad_temperatures if bad_setting == "temperature" else
+                            _good_temperatures)
+    alpha = data.draw(_bad_alphas if bad_setting == "alpha" else _good_alphas)
+    labels = data.draw(_labels_for(np.shape(student), broken == "labels"))
+    if alpha == 1.0 and broken != "labels" and data.draw(st.booleans()):
+        labels = None
+    positions = np.shape(student)[:-1]
+    mask = (np.random.default_rng(0).random(positions) < 0.7) if use_mask else None
+    if broken == "mask":
+        mask = data.draw(st.sampled_from([np.ones(positions + (5,)), -np.ones(positions)]))
+    loss, err = attempt(jol.distill_loss, teacher, student, temperature=temperature,
+                        alpha=alpha, labels=labels, mask=mask)
+    if err is not None:
+        assert broken is not None, f"distill_loss rejected valid input: {err}"
+        return
+    assert broken is None, f"distill_loss accepted a bad {broken}"
+    assert np.shape(loss) == ()
+    if not fz.all_finite(teacher, student) or known.distill_overflow(
+            teacher, student, temperature):
+        return
+    value, temp = float(loss), float(temperature)
+    t = fz.jax_view(teacher).astype(np.float64) / temp
+    s_ = fz.jax_view(student).astype(np.float64)
+    lt, ls = _log_softmax64(t), _log_softmax64(s_ / temp)
+    per = alpha * temp**2 * np.sum(np.where(np.exp(lt) == 0, 0, np.exp(lt) * (lt - ls)), -1)
+    if alpha < 1:
+        lp = _log_softmax64(s_)
+        ce = (-np.take_along_axis(lp, labels[..., None], -1)[..., 0]
+              if np.issubdtype(labels.dtype, np.integer) else -np.sum(labels * lp, -1))
+        per = per + (1 - alpha) * ce
+    w = np.ones(per.shape) if mask is None else mask.astype(np.float64)
+    ref = float(np.sum(per * w) / np.sum(w)) if np.sum(w) else 0.0
+    if ref > 1e38:  # the exact loss overflows float32: inf is the right answer
+        assert value == np.inf, (value, ref)
+        return
+    assert math.isfinite(value) and value >= 0, (value, ref, teacher, student, temperature)
+    scale = 1 + abs(ref) + float(np.max(np.abs(t), initial=0)) * temp**2
+    assert abs(value - ref) <= 1e-4 * scale, (value, ref)
+    fz.checked()
+
+
+_good_features = fz.arrays(shapes=((2, 3), (2, 2, 3), (1, 1), (3,)), dtypes=fz.FLOAT_DTYPES)
+_bad_features = fz.arrays(shapes=((0, 3), (), (2, 4), (2,)),
+                          dtypes=fz.FLOAT_DTYPES + (np.dtype(np.int8),))
+
+
+@fuzz
+@given(data=st.data(), teacher=_good_features, kind=st.sampled_from(["mse", "cosine"]),
+       broken=st.sampled_from([None, None, None, "teacher", "student", "kind"]),
+       project=st.booleans())
+def test_feature_distill_loss(data, teacher, kind, broken, project):
+    student = data.draw(_bad_features if broken == "student" else fz.like(teacher))
+    teacher = data.draw(_bad_features) if broken == "teacher" else teacher
+    kind = "l1" if broken == "kind" else kind
+    projection = None
+    if project and broken is None:  # a projection from a different student width
+        width = data.draw(st.sampled_from([1, 5]))
+        student = student[..., :1].repeat(width, -1) if np.ndim(student) else student
+        projection = jol.distill.init_projection(jax.random.PRNGKey(0), width,
+                                                 np.shape(teacher)[-1])
+    loss, err = attempt(jol.feature_distill_loss, teacher, student, kind=kind,
+                        projection=projection)
+    if err is not None:
+        assert broken is not None, f"feature_distill_loss rejected valid input: {err}"
+        return
+    assert broken is None or (broken in ("teacher", "student") and np.shape(teacher) ==
+                              np.shape(student) and fz.is_float(teacher) and fz.is_float(student)
+                              and np.size(teacher) and np.ndim(teacher)), broken
+    assert np.shape(loss) == ()
+    if not fz.all_finite(teacher, student) or known.cosine_overflow(teacher, student, kind):
+        return
+    t = fz.jax_view(teacher).astype(np.float64)
+    s_ = fz.jax_view(student).astype(np.float64)
+    if projection is not None:
+        s_ = s_ @ np.asarray(projection["kernel"], np.float64) + np.asarray(projection["bias"])
+    if kind == "mse":
+        ref = float(np.mean(np.mean((s_ - t) ** 2, -1)))
+    else:
+        nt = np.sqrt(np.maximum(np.sum(t * t, -1), 1e-16))
+        ns = np.sqrt(np.maximum(np.sum(s_ * s_, -1), 1e-16))
+        ref = float(np.mean(1 - np.sum(t * s_, -1) / (nt * ns)))
+    value = float(loss)
+    if ref > 1e38:  # the exact value overflows float32: inf is the right answer
+        assert value == np.inf
+        return
+    # 1 - cos can round to a hair below 0 for parallel vectors; the bound below covers it.
+    assert math.isfinite(value) and value >= -1e-6, (value, ref)
+    assert abs(value - ref) <= 1e-3 * (1 + abs(ref)), (value, ref)
+    fz.checked()
+
+
+# --- batch-norm folding ---------------------------------------------------------------------
+
+_STAT_KINDS = ("positive", "positive", "positive", "zero", "negative", "huge", "tiny", "nan")
+
+
+def _fold_models():
+    import flax.linen as nn
+
+    bn = functools.partial(nn.BatchNorm, use_running_average=True)
+    return {
+        "dense": (nn.Sequential([nn.Dense(3), bn()]), (2, 4)),
+        "conv": (nn.Sequential([nn.Conv(2, (2, 2), use_bias=False), bn()]), (1, 3, 3, 1)),
+        "no_bias": (nn.Sequential([nn.Dense(3, use_bias=False), bn(use_bias=False)]), (2, 4)),
+    }
+
+
+@functools.cache
+def _fold_model(name):
+    model, x_shape = _fold_models()[name]
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(x_shape))
+    return model, x_shape, shapes
+
+
+def _fill_stat(shape, dtype, kind, seed):
+    rng = np.random.default_rng(seed)
+    values = {"positive": rng.uniform(0.2, 3.0, shape), "zero": np.zeros(shape),
+              "negative": -rng.uniform(0.2, 3.0, shape), "huge": np.full(shape, 1e30),
+              "tiny": np.full(shape, 1e-30), "nan": np.full(shape, np.nan)}[kind]
+    with np.errstate(over="ignore"):
+        return values.astype(dtype)
+
+
+@st.composite
+def _fold_case(draw):
+    name = draw(st.sampled_from(sorted(_fold_models())))
+    model, x_shape, shapes = _fold_model(name)
+    dtype = draw(st.sampled_from(fz.FLOAT_DTYPES[:3]))
+    var_kind = draw(st.sampled_from(_STAT_KINDS))
+
+    def fill(path, s):
+        key = path[-1].key
+        seed = draw(st.integers(0, 2**16))
+        if key == "var":
+            return jnp.asarray(_fill_stat(s.shape, dtype, var_kind, seed))
+        kind = draw(st.sampled_from(("normal", "normal", "zeros", "constant", "wide", "nan")))
+        return jnp.asarray(fz.fill(s.shape, dtype, kind, seed))
+
+    variables = jax.tree_util.tree_map_with_path(fill, shapes)
+    x = jnp.asarray(fz.fill(x_shape, np.float32, draw(st.sampled_from(["normal", "zeros"])), 7))
+    return model, variables, x
+
+
+def _fold_tolerance(variables, x):
+    """Bound on |folded - original| from the magnitudes of every term of the computation."""
+    leaves = [np.abs(np.asarray(v, np.float64)) for v in jax.tree.leaves(variables)]
+    eps = max(float(jnp.finfo(v.dtype).eps) for v in jax.tree.leaves(variables))
+    with np.errstate(all="ignore"):
+        big = max(float(v.max(initial=0)) for v in leaves)
+        var = np.asarray(jax.tree.leaves(variables["batch_stats"])[-1], np.float64)
+        gain = big / math.sqrt(max(float(np.min(var + 1e-5)), 1e-30))
+        magnitude = (1 + np.abs(np.asarray(x)).sum()) * big * (1 + gain) * 4
+    return 64 * eps * magnitude
+
+
+@fuzz
+@given(case=_fold_case(),
+       broken=fz.pick([None] * 8 + ["stats", "qtensor", "model", "variables"]))
+def test_bn_fold_linen(case, broken):
+    model, variables, x = case
+    if broken == "stats":
+        variables = {"params": variables["params"]}
+    elif broken == "qtensor":
+        params = dict(variables["params"])
+        params["layers_0"] = {**params["layers_0"], "kernel": jol.quantize(
+            jnp.ones(params["layers_0"]["kernel"].shape))}
+        variables = {**variables, "params": params}
+    elif broken == "variables":
+        variables = [variables]
+    the_model = "not a model" if broken == "model" else model
+    out, err = attempt(jol.bn_fold, the_model, variables, x, return_report=True)
+    plan, plan_err = attempt(jol.bn_fold_report, the_model, variables, x)
+    assert (plan_err is None) == (err is None or not broken), (err, plan_err)
+    # folded_apply on the *unfolded* variables: the BatchNorm is not an identity, so a
+    # ValueError (or, if these statistics happen to be one, the model's own output)
+    unfolded, unfolded_err = attempt(jol.folded_apply, the_model, variables, x, report=plan)
+    if unfolded_err is None:
+        assert broken is None and fz.same_bits(unfolded, model.apply(variables, x))
+    stats = [] if broken else [np.asarray(v, np.float64) for k, v in
+                               jax.tree_util.tree_flatten_with_path(variables)[0]
+                               if k[1].key == "layers_1"]
+    bad_stats = broken is None and (
+        not all(np.isfinite(v).all() for v in stats)
+        or (np.asarray(variables["batch_stats"]["layers_1"]["var"], np.float32)
+            + np.float32(1e-5) <= 0).any())
+    if err is not None:
+        assert broken is not None or bad_stats, f"bn_fold rejected valid variables: {err}"
+        return
+    assert broken is None and not bad_stats, f"bn_fold accepted {broken or 'bad statistics'}"
+    folded, report = out
+    assert jax.tree.structure(folded) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(folded)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    assert report == plan and len(report.folded) == 1
+    want = np.asarray(model.apply(variables, x), np.float64)
+    got = np.asarray(model.apply(folded, x), np.float64)
+    p, b = variables["params"], variables["batch_stats"]
+    if known.fold_overflow(p["layers_0"]["kernel"], p["layers_0"].get("bias"),
+                           b["layers_1"]["mean"], b["layers_1"]["var"], p["layers_1"]["scale"],
+                           p["layers_1"].get("bias")):
+        return  # (folded_apply then rejects the overflowed statistics)
+    fast, err = attempt(jol.folded_apply, model, folded, x, report=report)
+    assert err is None, f"folded_apply rejected what bn_fold returned: {err}"
+    fast = np.asarray(fast, np.float64)
+    if not fz.all_finite(variables):
+        return
+    tol = _fold_tolerance(variables, x)
+    if np.isfinite(want).all() and tol < 1e30:
+        assert np.isfinite(got).all(), (want, got)
+        assert np.abs(got - want).max() <= tol, (np.abs(got - want).max(), tol)
+        assert np.abs(fast - got).max() <= tol
+        fz.checked()
+
+
+@functools.cache
+def _nnx_fold_shapes():
+    from flax import nnx
+
+    def make():
+        return nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+                              nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+
+    return nnx.split(nnx.eval_shape(make))
+
+
+@fuzz
+@given(data=st.data(), dtype=st.sampled_from(fz.FLOAT_DTYPES[:3]),
+       var_kind=st.sampled_from(_STAT_KINDS), remove=st.booleans())
+def test_bn_fold_nnx(data, dtype, var_kind, remove):
+    from flax import nnx
+
+    graphdef, shapes = _nnx_fold_shapes()
+
+    def fill(path, s):
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        seed = data.draw(st.integers(0, 2**16))
+        if "var" in names:
+            return jnp.asarray(_fill_stat(s.shape, dtype, var_kind, seed))
+        kind = data.draw(st.sampled_from(("normal", "normal", "zeros", "wide", "nan")))
+        return jnp.asarray(fz.fill(s.shape, dtype, kind, seed))
+
+    state = jax.tree_util.tree_map_with_path(fill, shapes)
+    module = nnx.merge(graphdef, state)
+    module.eval()
+    x = jnp.asarray(fz.fill((2, 4), np.float32, "normal", 3))
+    values = [np.asarray(v, np.float64) for v in jax.tree.leaves(state)]
+    bn = module.layers[1]
+    bad = (not all(np.isfinite(np.asarray(v, np.float64)).all()
+                   for v in (bn.mean.value, bn.var.value, bn.scale.value, bn.bias.value))
+           or (np.asarray(bn.var.value, np.float32) + np.float32(bn.epsilon) <= 0).any())
+    out, err = attempt(jol.bn_fold_nnx, module, x, return_report=True, remove_batchnorms=remove)
+    if err is not None:
+        assert bad, f"bn_fold_nnx rejected valid statistics: {err}"
+        return
+    assert not bad, "bn_fold_nnx accepted non-finite statistics or var + eps <= 0"
+    folded, report = out
+    assert len(report.folded) == 1
+    lin = module.layers[0]
+    if not all(np.isfinite(v).all() for v in values) or known.fold_overflow(
+            lin.kernel.value, lin.bias.value, bn.mean.value, bn.var.value, bn.scale.value,
+            bn.bias.value):
+        return
+    want = np.asarray(module(x), np.float64)
+    got = np.asarray(folded(x), np.float64)
+    tol = _fold_tolerance({"p": [v for v in jax.tree.leaves(state)],
+                           "batch_stats": [bn.var.value]}, x)
+    if np.isfinite(want).all() and tol < 1e30:
+        assert np.isfinite(got).all() and np.abs(got - want).max() <= tol
+        fz.checked()
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+_N = (1, 4, 7)
+_LABEL_DTYPES = ("int32", "int32", "int8", "float32", "float64")
+
+
+def _labels(rng, n, classes, dtype):
+    return rng.integers(0, classes, n).astype(dtype)
+
+
+def _bad_labels(draw, y):
+    return draw(st.sampled_from([y + 0.5, np.where(y == 0, np.nan, y), y[:-1], y.reshape(-1, 1),
+                                 np.zeros((0,)), y.astype(str)]))
+
+
+def _weights(draw, n, bad):
+    rng = np.random.default_rng(draw(st.integers(0, 99)))
+    w = rng.uniform(0.1, 2.0, n).astype(np.float32)
+    if bad:
+        return draw(st.sampled_from([-w, 0 * w, w * np.nan, w[:-1]]))
+    return draw(st.sampled_from([None, w]))
+
+
+def _sklearn(fn, *args, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError):
+            return None
+
+
+@fuzz
+@given(data=st.data(), n=st.sampled_from(_N), dtype=st.sampled_from(_LABEL_DTYPES),
+       average=st.sampled_from(["binary", "micro", "macro", "weighted", None]),
+       classes=st.sampled_from([None, "num_classes", "labels"]),
+       zero_division=st.sampled_from(["warn", 0.0, 1.0, float("nan")]),
+       broken=st.sampled_from([None] * 4 + ["y_true", "y_pred", "weights", "average",
+                                            "zero_division"]))
+def test_classification_metrics(data, n, dtype, average, classes, zero_division, broken):
+    """accuracy, precision, recall and f1 on every example, against scikit-learn."""
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    k = 2 if average == "binary" else 4
+    y_true, y_pred = _labels(rng, n, k, dtype), _labels(rng, n, k, dtype)
+    if broken == "y_true":
+        y_true = _bad_labels(data.draw, y_true)
+    if broken == "y_pred":
+        y_pred = _bad_labels(data.draw, y_pred)
+    weight = _weights(data.draw, n, broken == "weights")
+    average = "samples" if broken == "average" else average
+    zero_division = 2.0 if broken == "zero_division" else zero_division
+    extra = {"num_classes": 4} if classes == "num_classes" else (
+        {"labels": [0, 1, 2, 3]} if classes == "labels" else {})
+    for name in ("accuracy", "precision", "recall", "f1"):
+        if name == "accuracy":
+            got, err = attempt(jol.metrics.accuracy, y_true, y_pred, sample_weight=weight)
+            ref = _sklearn(skm.accuracy_score, y_true, y_pred, sample_weight=weight)
+            bad = broken in ("y_true", "y_pred", "weights")
+        else:
+            got, err = attempt(getattr(jol.metrics, name), y_true, y_pred, average=average,
+                               sample_weight=weight, zero_division=zero_division, **extra)
+            ref = _sklearn(getattr(skm, f"{name}_score"), y_true, y_pred, average=average,
+                           sample_weight=weight, zero_division=zero_division,
+                           **({"labels": [0, 1, 2, 3]} if extra else {}))
+            bad = broken is not None
+        if err is not None:
+            assert bad or ref is None, f"{name} rejected input that scikit-learn takes: {err}"
+            continue
+        assert not bad, f"{name} accepted a bad {broken}"
+        got = np.asarray(got, np.float64)
+        assert ((got >= 0) & (got <= 1) | np.isnan(got)).all(), got
+        assert not np.isnan(got).any() or (isinstance(zero_division, float)
+                                           and math.isnan(zero_division)), got
+        if ref is not None:
+            np.testing.assert_allclose(got, np.asarray(ref, np.float64), rtol=1e-5, atol=1e-6)
+            fz.checked()
+
+
+@fuzz
+@given(data=st.data(), n=st.sampled_from((2, 5, 8)), multiclass=st.booleans(),
+       average=st.sampled_from(["macro", "weighted", "micro", None, "samples"]),
+       kind=st.sampled_from(fz.MOSTLY_FINITE), bad_weights=st.sampled_from([False] * 3 + [True]))
+def test_roc_auc(data, n, multiclass, average, kind, bad_weights):
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    y_true = rng.integers(0, 3 if multiclass else 2, n)
+    if multiclass:
+        p = np.abs(fz.fill((n, 3), np.float32, kind, 1)) + 1e-3
+        with np.errstate(all="ignore"):
+            y_score = (p / p.sum(1, keepdims=True)).astype(np.float32)
+    else:
+        y_score = fz.fill((n,), data.draw(st.sampled_from(fz.FLOAT_DTYPES)), kind, 2)
+    weight = _weights(data.draw, n, bad_weights)
+    got, err = attempt(jol.metrics.roc_auc, y_true, y_score, average=average,
+                       sample_weight=weight)
+    if err is not None:
+        return
+    assert not bad_weights and fz.all_finite(y_score), "roc_auc accepted bad input"
+    got = np.asarray(got, np.float64)
+    assert np.isfinite(got).all() and ((got >= 0) & (got <= 1)).all(), got
+    ref = _sklearn(skm.roc_auc_score, y_true, fz.jax_view(y_score).astype(np.float64),
+                   average=average, multi_class="ovr", sample_weight=weight)
+    flushed = (np.abs(y_score) > 0) & (np.abs(y_score) < np.finfo(np.float32).tiny)
+    if ref is not None and np.isfinite(ref).all() and not flushed.any():  # documented: XLA
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)  # flushes subnormals
+        fz.checked()
+
+
+@fuzz
+@given(data=st.data(), n=st.sampled_from((2, 4, 7)), width=st.sampled_from([None, 2]),
+       dtype=st.sampled_from(fz.FLOAT_DTYPES), kind_true=st.sampled_from(fz.FINITE_KINDS),
+       kind_pred=st.sampled_from(fz.FINITE_KINDS),
+       multioutput=st.sampled_from(["uniform_average", "raw_values", "weights"]),
+       broken=st.sampled_from([None] * 4 + ["nan", "inf", "shape", "weights", "multioutput"]))
+def test_regression_metrics(data, n, width, dtype, kind_true, kind_pred, multioutput, broken):
+    """mae, mape, rmse and pearson on every example, against scikit-learn / numpy."""
+    from sklearn import metrics as skm
+
+    shape = (n,) if width is None else (n, width)
+    y_true = fz.fill(shape, dtype, kind_true, data.draw(st.integers(0, 2**16)))
+    y_pred = fz.fill(shape, dtype, kind_pred, 5)
+    if broken in ("nan", "inf"):
+        y_pred = fz.fill(shape, dtype, broken, 6)
+    if broken == "shape":
+        y_pred = y_pred[:-1]
+    weight = _weights(data.draw, n, broken == "weights")
+    mo = np.array([0.25, 0.75])[: shape[-1] if len(shape) == 2 else 1] if \
+        multioutput == "weights" else multioutput
+    mo = "bogus" if broken == "multioutput" else mo
+    a = fz.jax_view(y_true).astype(np.float64)
+    b = fz.jax_view(y_pred).astype(np.float64)
+    if broken is None and not fz.all_finite(y_true, y_pred):
+        broken = "float64 beyond float32"  # JAX's downcast makes these inf: rejected
+    x1, y1 = y_true.reshape(n, -1)[:, 0], y_pred.reshape(len(y_pred), -1)[:, 0]
+    got, err = attempt(jol.metrics.pearson, x1, y1)
+    if err is None:
+        assert broken in (None, "weights", "multioutput"), f"pearson accepted a bad {broken}"
+        a1, b1 = (fz.jax_view(v).astype(np.float64) for v in (x1, y1))
+        if not known.pearson_scale(a1, b1):
+            with np.errstate(all="ignore"):
+                ref = np.corrcoef(a1, b1)[0, 1]
+            got = float(got)
+            assert np.isfinite(got) and abs(got) <= 1, got
+            if np.isfinite(ref):
+                assert abs(got - ref) <= 1e-4, (got, ref)
+                fz.checked()
+    for name in ("mae", "mape", "rmse"):
+        got, err = attempt(getattr(jol.metrics, name), y_true, y_pred, sample_weight=weight,
+                           multioutput=mo)
+        if err is not None:
+            assert broken is not None, f"{name} rejected valid input: {err}"
+            continue
+        assert broken is None, f"{name} accepted a bad {broken}"
+        got = np.asarray(got, np.float64)
+        sk = {"mae": skm.mean_absolute_error, "mape": skm.mean_absolute_percentage_error,
+              "rmse": skm.root_mean_squared_error}[name]
+        with np.errstate(all="ignore"):
+            ref = _sklearn(sk, a, b, sample_weight=weight, multioutput=mo)
+        if ref is None:
+            continue
+        ref = np.asarray(ref, np.float64)
+        over = ~(np.abs(ref) < float(np.finfo(np.float32).max))
+        assert (got[over] == np.inf).all(), (got, ref)  # the exact value overflows float32
+        if known.regression_overflow(name, a, b):
+            continue
+        assert np.isfinite(got[~over]).all() and (got >= 0).all(), (got, ref)
+        # atol: XLA flushes subnormal float32 differences to 0 (e.g. mape of ~1e-38 values).
+        np.testing.assert_allclose(got[~over], ref[~over], rtol=1e-4, atol=1e-21)
+        fz.checked()
+
+
+# --- training data and regularisers ---------------------------------------------------------
+
+_BAD_DATA = ("x_nan", "x_rank", "x_empty", "x_huge64", "y_negative", "y_fraction", "y_rank",
+             "y_length", "fractions", "num_classes")
+
+
+@fuzz
+@given(data=st.data(), n=st.sampled_from([3, 5, 12]), x_shape=st.sampled_from([(3,), (2, 2)]),
+       dtype=st.sampled_from(fz.FLOAT_DTYPES + (np.dtype(np.int32), np.dtype(np.uint8))),
+       kind=st.sampled_from(fz.FINITE_KINDS),
+       fractions=st.sampled_from([(0.7, 0.1, 0.2), (0.5, 0.5, 0.0), (1.0, 0.0, 0.0)]),
+       normalize=st.booleans(), batch_size=st.sampled_from([1, 2, 4, 0, -2]),
+       num_shards=st.sampled_from([None, None, 2, 3]),
+       broken=st.sampled_from([None] * 5 + list(_BAD_DATA)))
+def test_make_dataset_load_npz_and_batches(data, n, x_shape, dtype, kind, fractions, normalize,
+                                           batch_size, num_shards, broken):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    x = fz.fill((n,) + x_shape, dtype, kind, data.draw(st.integers(0, 2**16)))
+    y = rng.integers(0, 3, n).astype(data.draw(st.sampled_from(["int32", "int64", "float32"])))
+    num_classes = None
+    if broken == "x_nan":
+        x = fz.fill((n,) + x_shape, np.float32, "nan", 1)
+    elif broken == "x_rank":
+        x = x.reshape(-1)[:n]
+    elif broken == "x_empty":
+        x, y = x[:0], y[:0]
+    elif broken == "x_huge64":
+        x = np.full((n,) + x_shape, 1e300)
+    elif broken == "y_negative":
+        y = y - 5
+    elif broken == "y_fraction":
+        y = y + 0.5
+    elif broken == "y_rank":
+        y = y.reshape(-1, 1)
+    elif broken == "y_length":
+        y = y[:-1]
+    elif broken == "fractions":
+        fractions = data.draw(st.sampled_from([(0.6, 0.6, -0.2), (0.5, 0.3, 0.1),
+                                               (float("nan"),) * 3, (1.0, 0.0)]))
+    elif broken == "num_classes":
+        num_classes = 1
+    bad = (broken is not None or dtype == np.dtype(jnp.bfloat16)  # (bf16: not "real numbers")
+           or not fz.all_finite(x))  # float64 beyond float32's range
+    ds, err = attempt(jol.train.make_dataset, x, y, seed=3, fractions=fractions,
+                      num_classes=num_classes, normalize=normalize)
+    with tempfile.TemporaryDirectory() as d:  # load_npz: the same arrays from a file
+        path = os.path.join(d, "data.npz")
+        np.savez(path, x=x, y=y) if data.draw(st.booleans()) else np.savez(path, z=x)
+        from_file, file_err = attempt(jol.train.load_npz, path, seed=3, fractions=fractions,
+                                      num_classes=num_classes, normalize=normalize)
+        _, missing_err = attempt(jol.train.load_npz, os.path.join(d, "missing.npz"))
+        assert missing_err is not None
+    if err is not None:
+        assert bad, f"make_dataset rejected valid data: {err}"
+        assert file_err is not None
+        _check_batches(_fallback_split(), batch_size, num_shards)  # batches on every example
+        return
+    assert not bad, f"make_dataset accepted a bad {broken}"
+    if file_err is None:
+        for a, b in zip(jax.tree.leaves(ds), jax.tree.leaves(from_file)):
+            assert fz.same_bits(a, b)
+    splits = (ds.train, ds.val, ds.test)
+    assert sum(len(sp.y) for sp in splits) == n
+    for sp in splits:
+        assert sp.x.dtype == np.float32 and sp.y.dtype == np.int32
+        assert sp.x.shape[1:] == x.shape[1:] and len(sp.x) == len(sp.y)
+        assert ((sp.y >= 0) & (sp.y < ds.num_classes)).all()
+        if not known.normalize_overflow(x, normalize):
+            assert np.isfinite(sp.x).all(), "make_dataset made finite inputs non-finite"
+    if _check_batches(ds.train, batch_size, num_shards):
+        fz.checked()
+
+
+@functools.cache
+def _fallback_split():
+    return jol.train.Split(np.zeros((7, 3), np.float32), np.arange(7, dtype=np.int32) % 2)
+
+
+def _check_batches(split, batch_size, num_shards) -> bool:
+    def batches():
+        return list(jol.train.batches(split, batch_size, seed=1, num_shards=num_shards))
+
+    got, err = attempt(batches)
+    if batch_size <= 0 or (num_shards and batch_size % num_shards):
+        assert err is not None
+        return False
+    assert err is None, err
+    for bx, by in got:
+        lead = (num_shards, batch_size // num_shards) if num_shards else (batch_size,)
+        assert bx.shape[:len(lead)] == lead and by.shape == lead
+    assert len(got) == len(split.y) // batch_size
+    return True
+
+
+@fuzz
+@given(data=st.data(), tree=fz.trees(leaves=fz.arrays(dtypes=fz.FLOAT_DTYPES[:3], as_jax=True),
+                                     allow_scalars=False),
+       where=st.sampled_from((None, fz.where_floats)),
+       strength=st.sampled_from([1e-3, 1e-3, 0.5, 0.0, 2, np.float64(0.1), -1.0, float("nan"),
+                                 float("inf"), "0.1", None]))
+def test_regularisers(data, tree, where, strength):
+    """add_l1 and add_l2 on every example."""
+    grads = jax.tree.map(lambda x: jnp.asarray(fz.fill(np.shape(x), x.dtype, "normal", 0)), tree)
+    mismatched = data.draw(st.booleans())
+    for kind, add in (("l1", jol.train.add_l1), ("l2", jol.train.add_l2)):
+        tx, err = attempt(add, strength, where=where)
+        if err is not None:
+            assert not (isinstance(strength, (int, float)) and 0 <= strength < math.inf), err
+            continue
+        assert isinstance(strength, (int, float)) and 0 <= strength < math.inf
+        if mismatched:
+            _, err = attempt(tx.update, {"other": jnp.ones(2)}, tx.init(tree), tree)
+            assert err is not None
+            continue
+        updates, _ = tx.update(grads, tx.init(tree), tree)
+        assert jax.tree.structure(updates) == jax.tree.structure(tree)
+        picked = jax.tree.leaves(jol._select.selection(tree, where))
+        for x, g, u, on in zip(jax.tree.leaves(tree), jax.tree.leaves(grads),
+                               jax.tree.leaves(updates), picked):
+            u, g, xv = np.asarray(u), np.asarray(g), np.asarray(x)
+            assert u.shape == g.shape and u.dtype == g.dtype
+            if not on:
+                assert fz.same_bits(u, g)
+                continue
+            term = np.sign(xv) if kind == "l1" else xv
+            want = (g.astype(np.float32) + np.float32(strength) * term.astype(np.float32))
+            finite = np.isfinite(xv.astype(np.float32))
+            np.testing.assert_allclose(u.astype(np.float32)[finite], want[finite], rtol=1e-2,
+                                       atol=1e-2 * float(np.abs(want[finite]).max(initial=0)))
+        fz.checked()
+
+
+@functools.cache
+def _sweep_setup():
+    rng = np.random.default_rng(0)
+    data = jol.train.make_dataset(rng.standard_normal((20, 4)), np.arange(20) % 2, seed=0)
+    return jol.train.MLP(hidden=(3,), num_classes=2), data
+
+
+@fuzz
+@given(broken=st.sampled_from(["values", "epochs", "batch_size", "name"]),
+       values=st.sampled_from([[], [float("nan")], [0.1, float("inf")], [[0.1]], None, ["a"]]),
+       epochs=st.sampled_from([0, -1, 1.5, "2"]),
+       batch_size=st.sampled_from([0, -4, 1000, 2.5]),
+       name=st.sampled_from(["accuracy", "train_loss", "kernel_sparsity"]))
+def test_sweep_rejects_bad_arguments(broken, values, epochs, batch_size, name):
+    """Only bad arguments here (a valid sweep trains, seconds per call: see test_sweep)."""
+    model, data = _sweep_setup()
+    kw = dict(values=[0.1], epochs=1, batch_size=4, name="lr")
+    kw[broken] = {"values": values, "epochs": epochs, "batch_size": batch_size,
+                  "name": name}.get(broken)
+    _, err = attempt(jol.sweep, model, data, lambda v: optax.sgd(v), kw["values"],
+                     epochs=kw["epochs"], batch_size=kw["batch_size"], name=kw["name"])
+    assert err is not None, f"sweep accepted a bad {broken}"

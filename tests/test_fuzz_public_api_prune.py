@@ -1,0 +1,404 @@
+"""Fuzzing the pruning API (issue 7, bad input): mask functions, schedules, ``prune``,
+``apply_mask``, ``sparsity``, sparse storage and channel compaction.
+
+See tests/test_fuzz_public_api.py for the contract every call is held to.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import _fuzz as fz
+import _fuzz_known as known
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _fuzz import attempt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxopt_lab as jol
+
+fuzz = settings(max_examples=fz.EXAMPLES)
+wheres = st.sampled_from((None, None, None) + fz.WHERES[1:])
+
+
+# --- pruning: mask functions ------------------------------------------------------------
+
+_sparsities = st.one_of(  # mostly valid; the bad ones in the sampled list
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.sampled_from([0.0, 1.0, 0.5, 0.29, -0.1, 1.5, float("nan"), float("inf"), None, "0.5",
+                     [0.5]]),
+    st.floats(0, 1, width=32).map(np.float32),
+    st.floats(0, 1, width=32).map(jnp.float32),
+)
+_mask_trees = fz.trees(leaves=fz.arrays(dtypes=fz.FLOAT_DTYPES + fz.INT_DTYPES[:2]))
+
+
+def _expected_pruned(sparsity, size: int) -> int:
+    """floor(sparsity * size): exact for Python floats, float32 with a 2-ulp nudge otherwise."""
+    if isinstance(sparsity, (int, float)):
+        return math.floor(sparsity * size)
+    s = float(np.float32(sparsity))
+    return min(size, math.floor(np.float32(s) * np.float32(size) * np.float32(1 + 2.0**-22)))
+
+
+@st.composite
+def _previous(draw, tree):
+    choice = draw(st.integers(0, 3))
+    if choice == 0:
+        return None
+    if choice == 1:  # mismatched structure
+        return {"other": np.ones(3, bool)}
+    seed = draw(st.integers(0, 99))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: rng.random(np.shape(x)) < 0.7, tree)
+
+
+def _call_mask_fn(name, tree, sparsity, kw, draw):
+    """``((mask, error), extra)``: the mask function's outcome and the settings it drew."""
+    if name == "magnitude":
+        return attempt(jol.magnitude_mask, tree, sparsity, **kw), None
+    if name == "random":
+        return attempt(jol.random_mask, tree, sparsity, key=jax.random.PRNGKey(0), **kw), None
+    if name == "saliency":
+        g = (jax.tree.map(lambda x: fz.fill(np.shape(x), np.float32, "wide", 1), tree)
+             if draw(st.sampled_from([True, True, True, False])) else {"g": np.ones(2)})
+        return attempt(jol.saliency_mask, tree, sparsity, grads=g, **kw), g
+    kw = {k: v for k, v in kw.items() if k != "scope"}
+    if name == "nm":
+        n, m = draw(st.sampled_from([(2, 4), (2, 4), (1, 4), (0, 2), (3, 2), (2, 0), (2.0, 4)]))
+        axis = draw(st.sampled_from([-1, -1, -2, 0, 5]))
+        s = draw(st.sampled_from([None, sparsity]))
+        return attempt(jol.nm_mask, tree, s, n=n, m=m, axis=axis, **kw), (n, m, axis, s)
+    if known.channel_mask_empty(tree, kw["where"]):  # leave the empty leaves out
+        kw["where"] = _without_empty(kw["where"])
+    norm = draw(st.sampled_from(["l1", "l2", "l2", "l3"]))
+    axis = draw(st.sampled_from([-1, -1, 0, 3]))
+    return (attempt(jol.channel_mask, tree, sparsity, norm=norm, axis=axis, **kw),
+            (axis, kw["where"]))
+
+
+def _without_empty(where):
+    def pick(path, leaf):
+        chosen = jol._select.default_where(path, leaf) if where is None else where(path, leaf)
+        return bool(chosen) and np.size(leaf) > 0
+
+    return pick
+
+
+MASK_FNS = ("magnitude", "random", "saliency", "nm", "channel")
+
+
+@fuzz
+@given(data=st.data(), tree=_mask_trees, sparsity=_sparsities,
+       scope=st.sampled_from(["layer", "layer", "global", "row"]), where=wheres)
+def test_mask_functions(data, tree, sparsity, scope, where):
+    """All five mask functions on every example (each draws its own extra settings)."""
+    previous = data.draw(_previous(tree))
+    kw = dict(scope=scope, where=where, previous=previous)
+    for name in MASK_FNS:
+        (mask, err), extra = _call_mask_fn(name, tree, sparsity, kw, data.draw)
+        used_where = where
+        if name == "channel":
+            extra, used_where = extra
+        if err is not None:
+            plain = (name in ("magnitude", "random") and isinstance(sparsity, float)
+                     and 0 <= sparsity <= 1 and scope != "row"
+                     and not (isinstance(previous, dict) and "other" in previous))
+            assert not plain, f"{name}_mask rejected valid input: {err}"
+            continue
+        _check_mask(name, tree, sparsity, scope, used_where, previous, mask, extra)
+        fz.checked()
+
+
+def _check_mask(name, tree, sparsity, scope, where, previous, mask, extra):
+    assert jax.tree.structure(mask) == jax.tree.structure(tree)
+    picked = jax.tree.leaves(jol._select.selection(tree, where))
+    prev = [None] * len(picked) if previous is None else jax.tree.leaves(previous)
+    sel = []
+    for x, m, on, p in zip(jax.tree.leaves(tree), jax.tree.leaves(mask), picked, prev):
+        m = np.asarray(m)
+        assert m.dtype == bool and m.shape == np.shape(x)
+        if not on:
+            assert m.all()
+            continue
+        sel.append((x, m))
+        if p is not None and name not in ("nm", "channel"):  # nested on `previous`
+            assert (~m)[~p].all() if (~m).sum() >= (~p).sum() else m[p].all()
+    if name in ("magnitude", "random", "saliency"):
+        for group in ([sel] if scope == "global" else [[pair] for pair in sel]):
+            size = sum(np.size(x) for x, _ in group)
+            assert sum((~m).sum() for _, m in group) == _expected_pruned(sparsity, size)
+            if previous is None and name == "magnitude":
+                _check_ranking([(fz.float32_abs_scores(x), m) for x, m in group])
+    if name == "saliency" and previous is None:
+        scored = []
+        for x, g, on, m in zip(jax.tree.leaves(tree), jax.tree.leaves(extra), picked,
+                               jax.tree.leaves(mask)):
+            if on:
+                w = fz.jax_view(x).astype(np.float32)
+                with np.errstate(all="ignore"):  # XLA flushes subnormal products to 0
+                    product = fz.ftz(w * np.asarray(g, np.float32))
+                scored.append((fz.float32_abs_scores(product), np.asarray(m)))
+        for group in ([scored] if scope == "global" else [[pair] for pair in scored]):
+            _check_ranking(group)
+    elif name == "nm":
+        n, m_, axis, s = extra
+        for _, m in sel:
+            groups = np.moveaxis(m, axis, -1).reshape(-1, m_)
+            prune = m_ - n if s is None else min(m_ - n, _expected_pruned(s, m_))
+            kept = groups.sum(-1)
+            assert (kept == m_ - prune).all() if previous is None else (kept <= m_ - prune).all()
+    elif name == "channel":
+        for _, m in sel:
+            per_channel = np.moveaxis(m, extra, -1).reshape(-1, m.shape[extra])
+            assert (per_channel == per_channel[:1]).all()  # whole channels
+            if previous is None:
+                assert (~per_channel[0]).sum() == _expected_pruned(sparsity, m.shape[extra])
+
+
+def _check_ranking(scored):
+    """Every kept entry ranks at least as high as every pruned one."""
+    kept = [s[m] for s, m in scored if m.any()]
+    gone = [s[~m] for s, m in scored if (~m).any()]
+    if kept and gone:
+        assert max(g.max() for g in gone) <= min(k.min() for k in kept)
+
+
+# --- pruning: schedules ------------------------------------------------------------------
+
+_BAD_SCHEDULE_ARGS = {
+    "s_i": [-0.1, 1.5, float("nan"), None, "0.5", jnp.float32(0.5)],
+    "s_f": [-0.1, 1.5, float("inf"), None, [0.5]],
+    "t0": [-1, 2**31, 2**40, 1.5, True, "3"],
+    "t1": [-5, 2**31, 2.5],
+    "frequency": [0, -2, 2.5],
+    "power": [0, -1, float("nan")],
+}
+
+
+@fuzz
+@given(data=st.data(), s_i=st.floats(0, 1), s_f=st.floats(0, 1), t0=st.integers(0, 50),
+       span=st.sampled_from([1, 7, 40, 0, -3]), frequency=st.sampled_from([1, 1, 3, 7]),
+       power=st.sampled_from([3, 3, 1, 0.5, 2.0]), as_numpy=st.booleans(),
+       broken=st.sampled_from([None] * 4 + sorted(_BAD_SCHEDULE_ARGS)))
+def test_schedules(data, s_i, s_f, t0, span, frequency, power, as_numpy, broken):
+    """All three schedules on every example: valid settings (span <= 0 makes the step
+    range empty) or exactly one bad argument."""
+    if as_numpy:
+        s_i, s_f = np.float32(s_i), np.float64(s_f)
+    args = dict(s_i=s_i, s_f=s_f, t0=t0, t1=t0 + span, frequency=frequency, power=power)
+    if broken:
+        args[broken] = data.draw(st.sampled_from(_BAD_SCHEDULE_ARGS[broken]))
+    s_i, s_f, t0, t1, frequency, power = args.values()
+    ts = np.array([0, 1, 2, 5, 17, 49, 50, 51, 1000, 2**31 - 1], np.int32)
+    uses = {"constant": {"s_f"}, "one_shot": {"s_f", "t0"}, "polynomial": set(args)}
+    for kind in ("constant", "one_shot", "polynomial"):
+        if kind == "constant":
+            sched, err = attempt(jol.constant_schedule, s_f)
+        elif kind == "one_shot":
+            sched, err = attempt(jol.one_shot_schedule, s_f, t0)
+        else:
+            sched, err = attempt(jol.polynomial_schedule, s_i, s_f, t0, t1,
+                                 frequency=frequency, power=power)
+        bad = broken in uses[kind] or (kind == "polynomial" and span <= 0)
+        assert (err is not None) == bad, (kind, broken, err)
+        if err is not None:
+            continue
+        values = np.asarray([sched(int(t)) for t in ts])
+        assert values.dtype == np.float32 and np.isfinite(values).all()
+        # (batched, the power may lower to exp/log: equal to a few float32 ulps, not bits)
+        np.testing.assert_allclose(np.asarray(jax.vmap(sched)(ts)), values, rtol=1e-5)
+        s_f32 = np.float32(s_f)
+        if kind == "constant":
+            assert (values == s_f32).all()
+        elif kind == "one_shot":
+            np.testing.assert_array_equal(values, np.where(ts >= t0, s_f32, np.float32(0)))
+        else:
+            lo, hi = sorted((np.float32(s_i), s_f32))
+            assert ((values >= lo) & (values <= hi)).all()
+            np.testing.assert_array_equal(values[ts <= t0], np.float32(s_i))
+            np.testing.assert_array_equal(values[ts >= t1], s_f32)
+            steps = np.diff(values)
+            assert (steps >= 0).all() if s_f32 >= np.float32(s_i) else (steps <= 0).all()
+        fz.checked()
+
+
+# --- pruning: the optax transformation, apply_mask, sparsity, sparse storage -------------
+
+PRUNE_TXS = {
+    "magnitude": lambda: jol.prune(jol.magnitude_mask, 0.5),
+    "gradual": lambda: jol.prune(jol.magnitude_mask, jol.polynomial_schedule(0.0, 0.75, 0, 2)),
+    "nm24": lambda: jol.prune(functools.partial(jol.nm_mask, n=2, m=4, axis=-1)),
+    "channel_global": lambda: jol.prune(functools.partial(jol.magnitude_mask, scope="global"),
+                                        jol.one_shot_schedule(0.25, 1)),
+}
+
+
+@functools.cache
+def _prune_tx(name):
+    """One chained transformation per kind, its update jitted once (cached per tree shape)."""
+    tx = optax.chain(optax.sgd(0.1), PRUNE_TXS[name]())
+    return tx, jax.jit(tx.update)
+
+
+_prune_params = st.builds(  # few shapes and dtypes: one compile each, values vary freely
+    lambda k, b: {"k": k, "b": b},
+    fz.arrays(shapes=((4, 4), (2, 2, 4)), dtypes=(np.dtype(np.float32), np.dtype(jnp.bfloat16)),
+              as_jax=True),
+    fz.arrays(shapes=((4,),), dtypes=(np.dtype(np.float32),), as_jax=True))
+
+
+_PRUNE_ARGS = (  # (mask_fn, schedule) given to prune(): valid and bad
+    (jol.magnitude_mask, 0.5), (jol.magnitude_mask, None), (jol.channel_mask, 0.25),
+    (functools.partial(jol.nm_mask, n=2, m=4, axis=-1), None),
+    (jol.magnitude_mask, jol.polynomial_schedule(0.0, 0.5, 0, 4)),
+    (jol.magnitude_mask, 1.5), (jol.magnitude_mask, -0.1), (jol.magnitude_mask, "0.5"),
+    (jol.magnitude_mask, float("nan")),
+)
+
+
+@fuzz
+@given(params=_prune_params, name=st.sampled_from(sorted(PRUNE_TXS)),
+       grad_kind=st.sampled_from(fz.KINDS), mismatched=st.booleans(),
+       args=st.sampled_from(_PRUNE_ARGS), where=st.sampled_from([None, fz.where_floats]))
+def test_prune_keeps_pruned_weights_zero(params, name, grad_kind, mismatched, args, where):
+    # prune() itself on every example: bad settings raise at construction, init is cheap
+    # (the updates below use a few cached, jitted transformations: one compile per shape).
+    made, err = attempt(jol.prune, *args, where=where)
+    if err is None:
+        fresh = made.init(params)
+        assert jax.tree.structure(fresh.masks) == jax.tree.structure(params)
+        assert all(np.asarray(m).all() for m in jax.tree.leaves(fresh.masks))
+        assert int(fresh.count) == 0
+    else:
+        assert isinstance(args[1], (float, str)) and not (0 <= float(
+            args[1] if not isinstance(args[1], str) else "nan") <= 1)
+    tx, update = _prune_tx(name)
+    state = tx.init(params)
+    if mismatched:
+        _, err = attempt(update, {"other": jnp.ones(3)}, state, params)
+        assert err is not None
+        return
+    masks_before = None
+    for step in range(3):
+        grads = jax.tree.map(
+            lambda p, seed=step: jnp.asarray(fz.fill(p.shape, p.dtype, grad_kind, seed)), params)
+        updates, state = update(grads, state, params)
+        assert jax.tree.structure(updates) == jax.tree.structure(params)
+        finite_before = jax.tree.map(lambda p: np.isfinite(np.asarray(p, np.float32)), params)
+        params = optax.apply_updates(params, updates)
+        masks = state[1].masks
+        for p, m, ok in zip(jax.tree.leaves(params), jax.tree.leaves(masks),
+                            jax.tree.leaves(finite_before)):
+            p, m = np.asarray(p, np.float32), np.asarray(m)
+            assert m.shape == p.shape
+            assert (p[~m & ok] == 0).all(), "a pruned (finite) weight is not exactly zero"
+        if masks_before is not None:  # pruned stays pruned
+            for m0, m1 in zip(jax.tree.leaves(masks_before), jax.tree.leaves(masks)):
+                assert not (np.asarray(m1) & ~np.asarray(m0)).any()
+        masks_before = masks
+    assert np.asarray(state[1].masks["k"]).size == params["k"].size
+    assert np.asarray(state[1].masks["b"]).all()  # biases are never selected
+    fz.checked()
+
+
+@st.composite
+def _mask_for(draw, tree):
+    kind = draw(st.integers(0, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 99)))
+    if kind == 0:
+        return {"zzz": True}
+    if kind == 1:  # broadcastable masks (a leading-axis-free row)
+        return jax.tree.map(lambda x: rng.random(np.shape(x)[1:]) < 0.5, tree)
+    if kind == 2:  # wrong shape
+        return jax.tree.map(lambda x: np.ones(np.shape(x) + (2,), bool), tree)
+    if kind == 3:  # non-bool masks: 0/1 ints and floats
+        return jax.tree.map(lambda x: (rng.random(np.shape(x)) < 0.5).astype(np.int32), tree)
+    return jax.tree.map(lambda x: rng.random(np.shape(x)) < 0.5, tree)
+
+
+@fuzz
+@given(data=st.data(), tree=fz.trees(), where=st.sampled_from((None, fz.where_all)))
+def test_apply_mask_sparsity_and_sparse_storage(data, tree, where):
+    mask = data.draw(_mask_for(tree))
+    out, err = attempt(jol.apply_mask, tree, mask)
+    if err is None:
+        assert jax.tree.structure(out) == jax.tree.structure(tree)
+        for x, m, y in zip(jax.tree.leaves(tree), jax.tree.leaves(mask), jax.tree.leaves(out)):
+            m = np.broadcast_to(np.asarray(m).astype(bool), np.shape(x))
+            y, xv = np.asarray(y), fz.jax_view(x)
+            assert y.shape == np.shape(x) and y.dtype == fz.canonical_dtype(xv.dtype)
+            assert fz.same_bits(y[m], np.asarray(xv, y.dtype)[m])
+            assert fz.same_bits(y[~m], np.zeros_like(y[~m]))
+    if not known.sparsity_subnormal(tree):
+        _check_sparsity(tree)
+    always = data.draw(st.booleans())
+    sparse, err = attempt(jol.to_sparse, tree, where=where, always=always)
+    assert err is None, err
+    if not always:
+        assert jol.tree_nbytes(sparse) <= jol.tree_nbytes(tree)
+    dense = jol.to_dense(sparse)
+    assert jax.tree.structure(dense) == jax.tree.structure(tree)
+    for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(dense)):
+        assert fz.same_bits(fz.jax_view(x), fz.jax_view(y)), (x, y)
+
+
+def _check_sparsity(tree):
+    rep = jol.sparsity(tree)
+    picked = jax.tree.leaves(jol._select.selection(
+        tree, lambda p, x: np.ndim(x) >= 2 and (fz.is_float(x) or np.asarray(x).dtype == bool)))
+    total = nonzero = 0
+    for x, f, c, on in zip(jax.tree.leaves(tree), jax.tree.leaves(rep.per_leaf),
+                           jax.tree.leaves(rep.nonzero), picked):
+        nz = int(np.count_nonzero(fz.jax_view(x)))
+        assert int(c) == nz and 0 <= float(f) <= 1
+        assert float(f) == pytest.approx(1 - nz / np.size(x) if np.size(x) else 0.0, abs=1e-6)
+        total, nonzero = total + (np.size(x) if on else 0), nonzero + (nz if on else 0)
+    assert rep.size == total and int(rep.overall_nonzero) == nonzero
+    assert float(rep.overall) == pytest.approx(1 - nonzero / total if total else 0.0, abs=1e-6)
+
+
+# --- pruning: channel compaction ----------------------------------------------------------
+
+@functools.cache
+def _compact_model():
+    model = jol.train.MLP(hidden=(4, 3), num_classes=2)
+    x = jnp.asarray(fz.fill((2, 5), np.float32, "normal", 0))
+    return model, model.init(jax.random.PRNGKey(0), x), x
+
+
+@fuzz
+@given(seed=st.integers(0, 2**16), keep=st.floats(0, 1), kind=st.integers(0, 4))
+def test_compact_and_expand_channel_mask(seed, keep, kind):
+    model, variables, x = _compact_model()
+    rng = np.random.default_rng(seed)
+    params = variables["params"]
+    mask = jax.tree.map(lambda p: rng.random(p.shape) < keep, params)
+    if kind == 0:  # whole channels, as channel_mask makes
+        mask = jol.channel_mask(params, 1 - keep)
+    elif kind == 1:
+        mask = {"Dense_0": mask["Dense_0"]}
+    elif kind == 2:
+        mask = jax.tree.map(lambda m: m[..., :1], mask)
+    expanded, err = attempt(jol.expand_channel_mask, model, variables, mask, x)
+    result, err2 = attempt(jol.compact, model, variables, mask, x)
+    if err is not None:
+        assert err2 is not None
+        return
+    masked = {**variables, "params": jol.apply_mask(params, expanded)}
+    if err2 is not None:
+        assert "lose all" in str(err2), err2
+        return
+    small, small_vars = result
+    want = model.apply(masked, x)
+    got = small.apply(small_vars, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    alive = [int(np.asarray(expanded[k]["kernel"]).any(axis=0).sum()) for k in ("Dense_0",
+                                                                             "Dense_1")]
+    assert list(small.hidden) == alive
