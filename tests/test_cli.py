@@ -6,8 +6,6 @@ folder; every report test reads what it wrote.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -22,20 +20,21 @@ import jaxopt_lab as jol
 from jaxopt_lab.cli import main
 from jaxopt_lab.report import VARIANTS
 
+# Both modules share the session's one quick run: keep them on one xdist worker.
+pytestmark = pytest.mark.xdist_group("quick_report")
+
 NUMERIC = ("accuracy", "f1_macro", "accuracy_delta", "f1_macro_delta", "params",
            "nonzero_params", "sparsity", "size_bytes", "size_ratio", "latency_b1_ms",
            "latency_b256_ms", "latency_b1_ratio", "latency_b256_ratio", "seed")
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = main(["run", "--quick", "--out", str(out), "--no-progress"])
+def quick_run(quick_report):
+    # Shares the session's single quick run (tests/conftest.py) instead of paying for another.
+    code, out, printed = quick_report
     with open(out / "report.json") as f:
         report = json.load(f)
-    return code, out, report, {row["name"]: row for row in report["variants"]}, printed.getvalue()
+    return code, out, report, {row["name"]: row for row in report["variants"]}, printed
 
 
 def test_quick_run_succeeds_and_writes_every_file(quick_run):

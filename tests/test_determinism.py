@@ -19,6 +19,9 @@ import pytest
 
 import jaxopt_lab as jol
 
+# Both modules share the session's one quick run: keep them on one xdist worker.
+pytestmark = pytest.mark.xdist_group("quick_report")
+
 TIMEOUT_S = 900
 
 
