@@ -289,7 +289,8 @@ def feature_distill_loss(
     if kind == "mse":
         per_position = jnp.mean(jnp.square(s - t), axis=-1)
     else:
-        per_position = 1 - _cosine(t, s, eps)
+        # Clamped: rounding can push the similarity of parallel vectors just above 1.
+        per_position = jnp.clip(1 - _cosine(t, s, eps), 0.0, 2.0)
     return masked_mean(per_position, valid)
 
 
