@@ -2,6 +2,8 @@
 
 import functools
 
+import chex
+
 import jax
 import numpy as np
 import optax
@@ -94,3 +96,16 @@ def test_fit_rejects_bad_settings():
         T.fit(T.MLP(), _digits(), optax.sgd(0.1), epochs=0)
     with pytest.raises(ValueError, match="batch_size"):
         T.fit(T.MLP(), _digits(), optax.sgd(0.1), epochs=1, batch_size=100_000)
+
+
+def test_fit_keep_last_returns_the_final_state_and_validates_keep_and_mesh():
+    d = _digits()
+    model = T.MLP(hidden=(16,))
+    last, history = T.fit(model, d, optax.sgd(0.05), epochs=2, keep="last")
+    final = history["final_state"]
+    chex.assert_trees_all_equal(last["params"], final.params)
+    with pytest.raises(ValueError, match="keep"):
+        T.fit(model, d, optax.sgd(0.1), epochs=1, keep="first")
+    grid = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("a", "b"))
+    with pytest.raises(ValueError, match="1-D"):
+        T.fit(model, d, optax.sgd(0.1), epochs=1, mesh=grid)

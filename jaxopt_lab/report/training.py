@@ -1,8 +1,8 @@
-"""Training for the main job: ``jol.train.fit`` on one device, or the same loop on a mesh.
+"""Training for the main job: ``jol.train.fit`` on one device or on a device mesh.
 
-With ``devices`` set, every run (teacher, fine-tunes, distillation) goes through
-``jol.train.mesh_train_step``: ``jit`` with the batch sharded over a 1-D device mesh, the
-state replicated, early stopping on validation accuracy exactly as ``fit`` does it.
+With ``devices`` set, every run (teacher, fine-tunes, distillation) is ``fit`` with
+``mesh=data_mesh(devices)``: ``jit`` with the batch sharded over a 1-D device mesh and the
+state replicated, early stopping on validation accuracy as on one device.
 """
 
 from __future__ import annotations
@@ -70,41 +70,6 @@ def init_variables(model: nn.Module, x_example, seed: int) -> Variables:
                     jnp.asarray(x_example[:1]))
 
 
-def _fit_on_mesh(model, data, tx, *, devices, epochs, batch_size, seed, variables, loss,
-                 param_transform, patience, progress, keep_last):
-    mesh = train.data_mesh(devices)
-    step, put_state, put_batch = train.mesh_train_step(
-        model, tx, mesh, loss=loss, param_transform=param_transform)
-    state = put_state(train.create_train_state(model, tx, data.train.x, seed=seed,
-                                               variables=variables))
-
-    def current(s):
-        p = s.params if param_transform is None else param_transform(s.params)
-        return {"params": p, **s.model_state}
-
-    stopper = train.early_stopping_init("max")
-    best = state
-    epoch_iter = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epoch_iter = tqdm(epoch_iter, desc=f"train {type(model).__name__} on {devices} devices",
-                          leave=False)
-    for epoch in epoch_iter:
-        for x, y in train.batches(data.train, batch_size, seed=seed, epoch=epoch):
-            state, _ = step(state, *put_batch(x, y))
-        val = train.evaluate(model, current(state), data.val,
-                             num_classes=data.num_classes)["accuracy"]
-        stopper, improved, stop = train.early_stopping_update(
-            stopper, val, epoch, patience=patience if patience is not None else epochs)
-        if improved:
-            best = state
-        if patience is not None and stop:
-            break
-    best = jax.device_get(state if keep_last else best)
-    return {"params": best.params, **best.model_state}
-
-
 def fit_model(
     model: nn.Module,
     data: train.Dataset,
@@ -131,19 +96,11 @@ def fit_model(
     batch = global_batch(batch_size, len(data.train.y), devices)
     if variables is None:
         variables = init_variables(model, data.train.x, seed)
-    if devices is None:
-        out, history = train.fit(model, data, tx, epochs=epochs, batch_size=batch, seed=seed,
-                                 variables=variables, loss=loss,
-                                 param_transform=param_transform, patience=patience,
-                                 progress=progress)
-        if keep_last:
-            final = history["final_state"]
-            out = {"params": final.params, **final.model_state}
-    else:
-        out = _fit_on_mesh(model, data, tx, devices=devices, epochs=epochs, batch_size=batch,
-                           seed=seed, variables=variables, loss=loss,
-                           param_transform=param_transform, patience=patience,
-                           progress=progress, keep_last=keep_last)
+    out, _ = train.fit(model, data, tx, epochs=epochs, batch_size=batch, seed=seed,
+                       variables=variables, loss=loss, param_transform=param_transform,
+                       patience=patience, keep="last" if keep_last else "best",
+                       mesh=None if devices is None else train.data_mesh(devices),
+                       progress=progress)
     return jax.tree.map(np.asarray, out)
 
 

@@ -11,10 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from jaxopt_lab import metrics as _metrics
 from jaxopt_lab.train.data import Dataset, Split, batches
-from jaxopt_lab.train.step import LossFn, ParamTransform, create_train_state, make_train_step
+from jaxopt_lab.train.step import (
+    LossFn,
+    ParamTransform,
+    create_train_state,
+    make_train_step,
+    mesh_train_step,
+)
 
 
 class EarlyStoppingState(NamedTuple):
@@ -97,6 +104,8 @@ def fit(
     loss: LossFn | None = None,
     param_transform: ParamTransform | None = None,
     patience: int | None = None,
+    keep: str = "best",
+    mesh: Mesh | None = None,
     progress: bool = False,
 ) -> tuple[dict, dict[str, Any]]:
     """Trains ``model`` on ``data.train``, keeping the best weights on ``data.val``.
@@ -106,27 +115,46 @@ def fit(
       data: a :class:`Dataset` (e.g. ``jol.train.load_digits()``).
       tx: any optax transformation, e.g. ``optax.chain(optax.adam(1e-3), jol.prune(...))``.
       epochs: maximum number of passes over the training split.
-      batch_size: examples per step (the last partial batch is dropped).
+      batch_size: examples per step (the last partial batch is dropped); with ``mesh``, the
+        global batch, split over the mesh's devices.
       seed: initialisation and shuffling seed.
       variables: start from these variables (fine-tuning) instead of a fresh init.
       loss: ``loss(logits, y, x) -> scalar``; defaults to cross-entropy.
       param_transform: applied to params before the forward pass (QAT with ``fake_quant``).
       patience: stop after this many epochs without validation improvement (None: never).
+      keep: ``"best"`` returns the variables of the best validation epoch; ``"last"`` those
+        of the last epoch -- what a gradual-pruning run wants, since an earlier, better
+        epoch may not have reached the final sparsity yet.
+      mesh: train data-parallel on this 1-D mesh (see :func:`data_mesh`): the batch is
+        sharded along its axis, the state replicated, as :func:`mesh_train_step` does.
       progress: show a tqdm progress bar.
 
     Returns:
-      ``(variables, history)``: the best variables (``{"params": ..., **collections}``;
+      ``(variables, history)``: the kept variables (``{"params": ..., **collections}``;
       params passed through ``param_transform`` are *not* applied) and a history dict
-      with per-epoch ``train_loss`` and ``val_accuracy`` plus ``best_epoch``.
+      with per-epoch ``train_loss`` and ``val_accuracy``, ``best_epoch`` and
+      ``final_state`` (the :class:`TrainState` after the last epoch).
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
+    if keep not in ("best", "last"):
+        raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
     state = create_train_state(model, tx, data.train.x, seed=seed, variables=variables)
-    step = jax.jit(make_train_step(model, tx, loss=loss, param_transform=param_transform))
-
-    def current(s):
-        p = s.params if param_transform is None else param_transform(s.params)
-        return {"params": p, **s.model_state}
+    if mesh is None:
+        step = jax.jit(make_train_step(model, tx, loss=loss, param_transform=param_transform))
+    else:
+        if mesh.devices.ndim != 1:
+            raise ValueError(f"mesh must be 1-D (data parallel), got axes {mesh.axis_names}")
+        step, put_state, put_batch = mesh_train_step(
+            model, tx, mesh, data_axis=mesh.axis_names[0], loss=loss,
+            param_transform=param_transform)
+        state = put_state(state)
+        step = functools.partial(_sharded_step, step, put_batch)
+    # Validation sees what the forward pass sees; jitted, since an eager param_transform
+    # (fake_quant) would compile each of its ops separately every epoch.
+    current_variables = jax.jit(lambda params, model_state: {
+        "params": params if param_transform is None else param_transform(params),
+        **model_state})
 
     history: dict[str, Any] = {"train_loss": [], "val_accuracy": []}
     stopper = early_stopping_init("max")
@@ -146,7 +174,8 @@ def fit(
                 f"batch_size {batch_size} exceeds the {len(data.train.y)} training examples"
             )
         history["train_loss"].append(float(jnp.mean(jnp.stack(losses))))
-        val = evaluate(model, current(state), data.val, num_classes=data.num_classes)["accuracy"]
+        seen = current_variables(state.params, state.model_state)
+        val = evaluate(model, seen, data.val, num_classes=data.num_classes)["accuracy"]
         history["val_accuracy"].append(val)
         stopper, improved, stop = early_stopping_update(
             stopper, val, epoch, patience=patience if patience is not None else epochs
@@ -157,4 +186,9 @@ def fit(
             break
     history["best_epoch"] = stopper.best_epoch
     history["final_state"] = state
-    return {"params": best.params, **best.model_state}, history
+    kept = state if keep == "last" else best
+    return {"params": kept.params, **kept.model_state}, history
+
+
+def _sharded_step(step, put_batch, state, x, y):
+    return step(state, *put_batch(x, y))
