@@ -3,7 +3,6 @@
 import functools
 
 import chex
-
 import jax
 import numpy as np
 import optax

@@ -15,6 +15,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """``nn.max_pool(x, (2, 2), strides=(2, 2))`` on NHWC, as a reshape and a max.
+
+    Same values. Its gradient splits an exact tie evenly where ``max_pool``'s gives it all
+    to one entry; after a ReLU, ties sit at 0, where the ReLU passes no gradient anyway,
+    unless two positive values are exactly equal. XLA's CPU backend runs ``max_pool``'s
+    gradient (select-and-scatter) slowly: this makes the student's training about 3x
+    faster there.
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2, :]  # VALID padding drops an odd last row/column
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class TeacherCNN(nn.Module):
     """Conv -> BatchNorm -> ReLU blocks and a Dense head; about 190k parameters."""
 
@@ -32,7 +46,7 @@ class TeacherCNN(nn.Module):
         )(x)
             x = nn.relu(x)
             if i == 1:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.hidden)(x))
         return nn.Dense(self.num_classes)(x)
@@ -53,7 +67,7 @@ class StudentCNN(nn.Module):
             use_running_average=not train, momentum=0.9, axis_name=self.axis_name
         )(x)
         x = nn.relu(x)
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.hidden)(x))
         return nn.Dense(self.num_classes)(x)
