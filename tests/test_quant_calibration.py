@@ -164,3 +164,24 @@ def test_jit_matches_eager():
         chex.assert_trees_all_close(
             scale_fns[method, sym](eager),
             jol.calibration_scale(eager, method=method, symmetric=sym, percentile=99.0))
+
+
+def test_huge_activations_scale_exactly_with_a_power_of_two():
+    # A half range of 2**128 is inf in float32: percentile edges used to be inf/NaN and mse
+    # squared errors overflowed. Both now work in units of the range, so scaling the data by
+    # a power of two scales the calibrated range exactly.
+    x = np.linspace(-1.0, 1.0, 24, dtype=np.float32).reshape(4, 6) ** 3 * 3.4e38
+    x[0, :2] = [0.0, 3e38]
+    huge = observe_all([x])
+    small = observe_all([x * np.float32(2.0**-64)])
+    for (method, sym), fn in range_fns.items():
+        lo, hi = (float(v) for v in fn(huge))
+        amax = float(np.abs(x).max())
+        assert np.isfinite([lo, hi]).all() and lo <= hi, (method, lo, hi)
+        if method == "mse":
+            assert -amax <= lo <= 0 <= hi <= amax, (method, lo, hi)
+        else:
+            assert x.min() <= lo and hi <= x.max(), (method, lo, hi)
+        assert (lo, hi) == tuple(float(v) * 2.0**64 for v in fn(small)), method
+        s, _ = scale_fns[method, sym](huge)
+        assert np.isfinite(s) and s > 0

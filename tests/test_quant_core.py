@@ -233,3 +233,42 @@ def test_docstring_examples_run(name):
     module = importlib.import_module(f"jaxopt_lab.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.parametrize("bits, sym", [(2, True), (3, False)])
+def test_huge_scales_keep_bounds_idempotence_and_zeros(bits, sym):
+    # scale >= 2**126: XLA used to turn x / scale into x * (1 / scale), a subnormal flushed to
+    # 0 (every code 0), and asymmetric end levels (q - z) * s overflowed to inf.
+    x = np.array([[3e38, -3e38, 1e38, 0.0], [-1e38, 2.5e38, 1.0, -3.4e38]], np.float32)
+    kw = dict(bits=bits, granularity="tensor", symmetric=sym)
+    qt = jol.quantize(x, **kw)
+    assert float(qt.scale) >= 2.0**126
+    xh = np.asarray(jol.dequantize(qt))
+    assert np.isfinite(xh).all() and xh[0, 3] == 0
+    assert np.abs(xh.astype(np.float64) - x).max() <= 0.5 * float(qt.scale) * (1 + 1e-6)
+    chex.assert_trees_all_equal(jax.jit(lambda v: jol.quantize(v, **kw))(x), qt)
+    with jax.disable_jit():
+        chex.assert_trees_all_equal(jol.quantize(x, **kw), qt)
+    chex.assert_trees_all_equal(jol.fake_quant(x, **kw), jnp.asarray(xh))
+    again = jol.quantize(xh, **kw)
+    np.testing.assert_array_equal(again.qvalue, qt.qvalue)
+    if not sym:
+        np.testing.assert_array_equal(again.zero_point, qt.zero_point)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_levels_beyond_a_low_precision_dtype_clamp_to_its_max(dtype):
+    # 3-bit asymmetric: the lowest level lies ~2.6% beyond -max(dtype) (and beyond float32
+    # for bfloat16); it used to come back as -inf.
+    top = float(jnp.finfo(dtype).max)
+    x = jnp.asarray(np.array([[0.86, -0.935, -0.705, -0.797]]) * top, dtype)
+    kw = dict(bits=3, symmetric=False, axis=0)
+    qt = jol.quantize(x, **kw)
+    back = jol.dequantize(qt)
+    assert back.dtype == dtype
+    b64, x64 = np.asarray(back, np.float64), np.asarray(x, np.float64)
+    assert np.isfinite(b64).all() and np.abs(b64).max() == top
+    eps = float(jnp.finfo(dtype).eps)
+    assert (np.abs(b64 - x64) <= 0.5 * float(qt.scale[0]) * (1 + 1e-6) + eps * np.abs(x64)).all()
+    chex.assert_trees_all_equal(jol.fake_quant(x, **kw), back)
+    assert np.isfinite(np.asarray(jol.dequantize(qt, dtype=jnp.float32))).all()

@@ -174,3 +174,23 @@ def test_lsq_where_overrides_bits_and_training_learns_steps():
     for _ in range(40):
         steps, state = step(steps, state)
     assert float(loss(steps)) < first
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_lsq_steps_and_outputs_stay_finite_at_the_dtype_max(dtype):
+    # lsq_init summed |v| in float32 (an inf step for huge leaves, then NaN), and the top
+    # level round(v / s) * s overflowed float16/bfloat16 leaves to inf.
+    top = float(jnp.finfo(dtype).max)
+    p = {"w": jnp.full((2, 2), top, dtype).at[1, 1].set(-top / 3)}
+    steps = jol.lsq_init(p, bits=8)
+    mean = np.mean(np.abs(np.asarray(p["w"], np.float64)))
+    np.testing.assert_allclose(steps["w"], 2 * mean / np.sqrt(127), rtol=1e-6)
+    if dtype == jnp.float32:  # 2 * mean|v| / sqrt(Q_P) itself beyond float32: clamped
+        assert float(jol.lsq_init(p, bits=2)["w"][0, 0]) == top
+    f = jax.jit(lambda p, s: jol.lsq_fake_quant(p, s, bits=8))
+    out = np.asarray(f(p, steps)["w"], np.float64)
+    assert np.isfinite(out).all() and out[0, 0] == top  # level 1.07 * top, clamped
+    assert np.abs(out - np.asarray(p["w"], np.float64)).max() <= float(steps["w"][0, 0]) / 2
+    dv, ds = jax.grad(lambda p, s: jnp.sum(f(p, s)["w"].astype(jnp.float32)), (0, 1))(p, steps)
+    np.testing.assert_array_equal(dv["w"], np.ones((2, 2)))  # STE: nothing clipped
+    assert np.isfinite(np.asarray(ds["w"])).all()

@@ -29,6 +29,34 @@ def _exact_div(num: jax.Array, den: float) -> jax.Array:
     return num / jax.lax.optimization_barrier(num * 0.0 + jnp.float32(den))
 
 
+def divide(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike) -> jax.Array:
+    """``x / scale`` correctly rounded, ``scale`` broadcast against ``x``.
+
+    XLA rewrites a division by a broadcast as a multiply by the broadcast reciprocal: off by
+    an ulp now and then, and for ``scale >= 2**126`` the reciprocal is subnormal and flushed
+    to 0, so every code would be 0. Broadcasting ``scale`` behind a barrier keeps a true
+    division, correct over the whole finite float32 range.
+    """
+    x, scale = jnp.asarray(x), jnp.asarray(scale)
+    shape = jnp.broadcast_shapes(x.shape, scale.shape)
+    return jnp.broadcast_to(x, shape) / jax.lax.optimization_barrier(
+        jnp.broadcast_to(scale, shape))
+
+
+def clamp_cast(x: jax.Array, dtype) -> jax.Array:
+    """``x`` cast to ``dtype``, finite values clamped into its finite range (NaN stays NaN).
+
+    A reconstruction ``(q - z) * s`` may lie up to half a step beyond the largest finite
+    value of the original dtype (or of float32); the nearest finite value is closer to the
+    original (finite) input than that level, so the round-trip bound still holds.
+    """
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return x.astype(dtype)
+    top = min(float(jnp.finfo(dtype).max), float(jnp.finfo(x.dtype).max))
+    return jnp.clip(x, -top, top).astype(dtype)
+
+
 def round_half_away(v: jax.Array) -> jax.Array:
     """Rounds to nearest, ties away from zero.
 
@@ -73,7 +101,7 @@ def affine_params(
     levels = float(qmax - qmin)
     # Two divisions, not (hi - lo) / levels: hi - lo overflows for huge ranges.
     scale = _safe_scale(_exact_div(hi, levels) - _exact_div(lo, levels), hi - lo)
-    zero = jnp.clip(round_half_away(qmin - lo / scale), qmin, qmax)
+    zero = jnp.clip(round_half_away(qmin - divide(lo, scale)), qmin, qmax)
     return scale, zero.astype(jnp.int8)
 
 
@@ -91,7 +119,7 @@ def affine_codes(
     lives on in the scale computed from the same values).
     """
     qmin, qmax = integer_range(bits, symmetric)
-    q = round_half_away(jnp.asarray(x, jnp.float32) / scale)
+    q = round_half_away(divide(jnp.asarray(x, jnp.float32), scale))
     if zero_point is not None:
         q = q + jnp.asarray(zero_point, jnp.float32)
     return jnp.clip(q, qmin, qmax).astype(jnp.int8)

@@ -173,10 +173,13 @@ def calibration_observe(
 
 
 def _bin_edges(state: CalibrationState) -> tuple[jax.Array, jax.Array]:
+    # Edges are integer multiples of the bin width 2**exponent / (n/2); built by ldexp, so an
+    # edge beyond float32 (half range 2**128) is +-inf, never NaN, and the callers clamp to
+    # the observed min/max.
     n = state.histogram.shape[0]
-    r = jnp.ldexp(jnp.float32(1.0), state.exponent)
-    lower = (jnp.arange(n, dtype=jnp.float32) - n // 2) * (r / (n // 2))
-    return lower, lower + r / (n // 2)
+    k = jnp.arange(n, dtype=jnp.float32) - n // 2
+    shift = state.exponent - ((n // 2).bit_length() - 1)
+    return jnp.ldexp(k, shift), jnp.ldexp(k + 1.0, shift)
 
 
 def _percentile_range(state: CalibrationState, percentile: float) -> tuple[jax.Array, jax.Array]:
@@ -193,22 +196,25 @@ def _percentile_range(state: CalibrationState, percentile: float) -> tuple[jax.A
 
 def _mse_range(state: CalibrationState, *, bits: int, symmetric: bool,
                num_candidates: int) -> tuple[jax.Array, jax.Array]:
-    lower, upper = _bin_edges(state)
-    centres = ((lower + upper) / 2)[None, :]
+    # The error is computed in units of the histogram's half range 2**exponent (a power of
+    # two: exact), so squares of huge activations cannot overflow float32.
+    n = state.histogram.shape[0]
+    centres = ((jnp.arange(n, dtype=jnp.float32) - n // 2 + 0.5) / (n // 2))[None, :]
     counts = state.histogram.astype(jnp.float32)[None, :]
     lo0, hi0 = jnp.minimum(state.min, 0.0), jnp.maximum(state.max, 0.0)
     if symmetric:
         amax = jnp.maximum(-lo0, hi0)
         lo0, hi0 = -amax, amax
     qmin, qmax = integer_range(bits, symmetric)
-    alphas = jnp.arange(1, num_candidates + 1, dtype=jnp.float32) / num_candidates
-    lo, hi = alphas[:, None] * lo0, alphas[:, None] * hi0  # (candidates, 1)
+    alphas = jnp.arange(1, num_candidates + 1, dtype=jnp.float32)[:, None] / num_candidates
+    lo = alphas * jnp.ldexp(lo0, -state.exponent)  # (candidates, 1), normalised
+    hi = alphas * jnp.ldexp(hi0, -state.exponent)
     step = (hi - lo) / (qmax - qmin)
     clipped = jnp.square(jnp.maximum(lo - centres, 0.0) + jnp.maximum(centres - hi, 0.0))
     inside = jnp.square(step) / 12.0
     err = jnp.sum(counts * jnp.where((centres < lo) | (centres > hi), clipped, inside), axis=1)
     best = jnp.argmin(err)
-    return lo[best, 0], hi[best, 0]
+    return alphas[best, 0] * lo0, alphas[best, 0] * hi0
 
 
 def calibration_range(

@@ -11,6 +11,9 @@ Numerics (DESIGN.md): ``q = clip(round(x / s) + z, qmin, qmax)``, ``x_hat = (q -
   traced input propagate into the scale, so they show up in `dequantize`, never hidden.
 * ``round`` rounds half away from zero (`round_half_away`); asymmetric range ends are
   pinned to ``qmin``/``qmax``, so quantize(dequantize(q)) reproduces the codes.
+* ``x / s`` is a true division (`affine.divide`), exact for scales up to float32's max; a
+  level beyond the output dtype's finite range (float16 near 65504, or float32 itself) is
+  clamped to that range, so finite input never dequantizes to inf.
 * fp8 (``dtype="float8_e4m3fn"|"float8_e5m2"``): ``s = max|x| / finfo(dtype).max`` and the
   codes are ``(x / s)`` cast to that format.
 
@@ -38,6 +41,7 @@ from jaxopt_lab.quant.affine import (
     _safe_scale,
     affine_codes,
     affine_params,
+    divide,
     integer_range,
     round_half_away,
 )
@@ -162,7 +166,7 @@ def _codes(view: jax.Array, red: tuple[int, ...], s: Mapping[str, Any]):
         fmax = float(jnp.finfo(s["dtype"]).max)
         amax = jnp.max(jnp.abs(view), axis=red, keepdims=True)
         scale = _round_scale_up(_safe_scale(_exact_div(amax, fmax), amax), s["scale_dtype"])
-        return jnp.clip(view / scale, -fmax, fmax).astype(s["dtype"]), scale, None
+        return jnp.clip(divide(view, scale), -fmax, fmax).astype(s["dtype"]), scale, None
     lo = jnp.min(view, axis=red, keepdims=True)
     hi = jnp.max(view, axis=red, keepdims=True)
     bits, sym = s["bits"], s["symmetric"]
@@ -172,7 +176,8 @@ def _codes(view: jax.Array, red: tuple[int, ...], s: Mapping[str, Any]):
         scale = _round_scale_up(scale, s["scale_dtype"])
         if not sym:
             qmin, qmax = integer_range(bits, False)
-            zero = jnp.clip(round_half_away(qmin - jnp.minimum(lo, 0.0) / scale), qmin, qmax)
+            zero = jnp.clip(round_half_away(qmin - divide(jnp.minimum(lo, 0.0), scale)),
+                            qmin, qmax)
             zero = zero.astype(jnp.int8)
     codes = affine_codes(view, scale, zero, bits=bits, symmetric=sym)
     if not sym and exact_scale:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_lab import _select
-from jaxopt_lab.quant.affine import integer_range, round_half_away
+from jaxopt_lab.quant.affine import clamp_cast, divide, integer_range, round_half_away
 from jaxopt_lab.quant.core import SETTING_KEYS, _check_settings, _codes, _grouped, _is_bare_array
 from jaxopt_lab.quant.core import leaf_settings
 from jaxopt_lab.quant.qtensor import INT_BITS, is_qtensor
@@ -46,7 +46,7 @@ def fake_quantize_array(x: jax.Array, **settings: Any) -> tuple[jax.Array, jax.A
     s = settings
     view, red = _grouped(x.astype(jnp.float32), s)
     codes, scale, zero = _codes(view, red, s)
-    ratio = view / scale
+    ratio = divide(view, scale)
     if s["dtype"] is not None:
         info = jnp.finfo(s["dtype"])
         fmax = float(info.max)
@@ -59,7 +59,7 @@ def fake_quantize_array(x: jax.Array, **settings: Any) -> tuple[jax.Array, jax.A
             vals, ratio = vals - zero.astype(jnp.float32), ratio + zero.astype(jnp.float32)
         x_hat = vals * scale
         mask = (ratio >= qmin - 0.5) & (ratio <= qmax + 0.5)
-    return x_hat.reshape(x.shape).astype(x.dtype), mask.reshape(x.shape)
+    return clamp_cast(x_hat.reshape(x.shape), x.dtype), mask.reshape(x.shape)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -139,10 +139,12 @@ def _lsq(v: jax.Array, s: jax.Array, bounds: tuple[int, int], grad_scale: float)
 
 def _lsq_fwd(v, s, bounds, grad_scale):
     qn, qp = bounds
-    ratio = v.astype(jnp.float32) / s
+    ratio = divide(v.astype(jnp.float32), s)
     codes = round_half_away(jnp.clip(ratio, -qn, qp))
     # A step <= 0 has no meaning: make it visible as NaN rather than a silent wrong value.
-    out = jnp.where(s > 0, codes * s, jnp.nan).astype(v.dtype)
+    # The top level may lie beyond a float16/bfloat16 leaf's range: clamp rather than inf
+    # (the backward pass keeps the LSQ gradients of the unclamped level).
+    out = clamp_cast(jnp.where(s > 0, codes * s, jnp.nan), v.dtype)
     return out, (ratio, codes, s)
 
 
@@ -220,9 +222,13 @@ def lsq_init(
             raise ValueError(f"{name}: LSQ steps are per tensor or per channel, not per group")
         x = jnp.abs(jnp.asarray(leaf, jnp.float32))
         red = tuple(i for i in range(x.ndim) if i != qs["axis"])
-        step = 2 * jnp.mean(x, axis=red, keepdims=True) / math.sqrt(lsq_bounds(s["bits"],
-                                                                                 s["signed"])[1])
-        return jnp.where(step > 0, step, 1.0)
+        # A float32 sum of huge values overflows: average big leaves in units of 2**64 (a
+        # power of two, so exact), then clamp the step itself into the float32 range.
+        unit = jnp.where(jnp.max(x, axis=red, keepdims=True) > 2.0**64, 2.0**64, 1.0)
+        mean = jnp.mean(x * (1.0 / unit), axis=red, keepdims=True)
+        qp = lsq_bounds(s["bits"], s["signed"])[1]
+        step = jnp.minimum(2 * mean / math.sqrt(qp) * unit, jnp.finfo(jnp.float32).max)
+        return jnp.where(step == 0, 1.0, step)  # all zeros: 1; traced NaN stays NaN
 
     chosen = _select.map_selected(one, params, where)
     keep = _select.selection(params, where)

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_lab.quant.affine import clamp_cast
+
 INT_BITS = (2, 3, 4, 8)
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 GRANULARITIES = ("tensor", "channel", "group")
@@ -276,7 +278,9 @@ def _dequantize(qvalue, scale, zero_point, batch: tuple[int, ...], aux: tuple, o
     if zero_point is not None:
         vals = vals - _broadcast(jnp.asarray(zero_point), batch, meta).astype(jnp.float32)
     out = vals * _broadcast(jnp.asarray(scale, jnp.float32), batch, meta)
-    return out.reshape(batch + meta.shape).astype(out_dtype)
+    # A level may lie up to half a step beyond the dtype's range (or overflow float32):
+    # clamp, so a finite input never comes back as +-inf.
+    return clamp_cast(out.reshape(batch + meta.shape), out_dtype)
 
 
 jax.tree_util.register_pytree_with_keys(
