@@ -7,7 +7,8 @@ path (``Dense_0.kernel.qvalue``). The header's ``__metadata__["jaxopt_lab"]`` ho
 the tree structure, node metadata, user metadata and a CRC32 of the tensor bytes. Dtypes
 safetensors has no code for (e.g. ``int4``, complex) are stored as raw ``U8`` bytes.
 Files are written to a temporary name in the same directory, fsynced and ``os.replace``d,
-so a crash never leaves a half-written file under the final name.
+so a crash never leaves a half-written file under the final name. The file gets the
+permissions a plain ``open(path, "wb")`` of a new file would (``0o666`` less the umask).
 
 Supported tree nodes: dict (str or int keys, insertion order kept), list, tuple, None,
 Python bool/int/float/str leaves, numpy and jax arrays (returned as what they were),
@@ -37,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -56,6 +57,11 @@ _SUB_BYTE_BITS = {"int2": 2, "uint2": 2, "int4": 4, "uint4": 4, "float4_e2m1fn":
 
 class CheckpointNotFoundError(ValueError, FileNotFoundError):
     """`load` of a missing file: a ``ValueError`` that is also a ``FileNotFoundError``."""
+
+
+class DirectoryNotFoundError(ValueError, FileNotFoundError):
+    """`save` into a missing directory: a ``ValueError`` that is also a ``FileNotFoundError``
+    (what ``open`` would raise), naming the directory; `save` creates no directories."""
 
 
 def tree_nbytes(tree: Params) -> int:
@@ -192,12 +198,15 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
     """Writes ``tree`` to a safetensors file at ``path``, atomically.
 
     Args:
-      path: destination file (conventionally ``*.safetensors``); its directory must exist.
+      path: destination file (conventionally ``*.safetensors``); its directory must exist
+        (it is not created).
       tree: a pytree of arrays, `QTensor` s, Python scalars and ``None`` (see module doc).
       metadata: optional JSON-serialisable mapping, returned by `load_metadata`.
 
     Raises:
       TypeError: naming the path of a leaf or node that cannot be stored.
+      ValueError: ``path``'s directory does not exist (`DirectoryNotFoundError`, also a
+        ``FileNotFoundError``) or ``path`` is a directory.
 
     Examples:
       >>> import os, tempfile, jax.numpy as jnp, jaxopt_lab as jol
@@ -207,6 +216,12 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
       {'step': 7}
     """
     path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise DirectoryNotFoundError(f"{path}: cannot save, directory {directory!r} does not "
+                                     f"exist (create it first)")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: cannot save, it is a directory")
     tensors: list[tuple[str, np.ndarray]] = []
     spec = _serial.encode_tree(tree, tensors, _BY_TYPE, _node_parts)
     user = _serial.to_json(metadata or {}, "metadata")
@@ -219,9 +234,7 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
     header["__metadata__"] = {"format": FORMAT, FORMAT: json.dumps(info, separators=(",", ":"))}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # 8-byte aligned tensor data, as safetensors writes it
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
+    fd, tmp = _create_temp(directory, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
@@ -235,6 +248,22 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _create_temp(directory: str, name: str) -> tuple[int, str]:
+    """A new hidden temporary file next to the destination, opened for writing.
+
+    Created with mode ``0o666`` so the OS applies the umask as for any new file
+    (``tempfile.mkstemp`` would make it ``0o600``, which ``os.replace`` then keeps).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no free temporary name for {name!r}")
 
 
 # --- load ------------------------------------------------------------------------------

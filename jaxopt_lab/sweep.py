@@ -115,6 +115,25 @@ def _check_values(values: Sequence[float]) -> np.ndarray:
     return arr
 
 
+def _check_types(model: Any, data: Any, make_optimizer: Any, **ints_and_name: Any) -> None:
+    """``TypeError`` naming the first argument of :func:`sweep` of the wrong type."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}: "
+                        f"{model!r:.80}")
+    if not isinstance(data, train.Dataset):
+        raise TypeError(f"data must be a jol.train.Dataset (see jol.train.make_dataset), got "
+                        f"{type(data).__name__}")
+    if not callable(make_optimizer):
+        raise TypeError(f"make_optimizer must be a callable value -> optax transformation, got "
+                        f"{type(make_optimizer).__name__}")
+    name = ints_and_name.pop("name")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {name!r}")
+    for arg, v in ints_and_name.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{arg} must be an int, got {v!r}")
+
+
 def sweep(
     model: nn.Module,
     data: train.Dataset,
@@ -146,8 +165,11 @@ def sweep(
       kernels).
 
     Raises:
+      TypeError: ``model`` not a linen ``Module``, ``data`` not a ``Dataset``,
+        ``make_optimizer`` not callable, ``epochs``/``batch_size``/``seed`` not ints or
+        ``name`` not a string (naming the argument).
       ValueError: empty or non-finite values, a ``name`` clashing with a result key,
-        ``epochs < 1``, a batch larger than the training split.
+        ``epochs < 1``, ``batch_size < 1``, a batch larger than the training split.
 
     Examples:
       >>> import optax, jaxopt_lab as jol
@@ -157,11 +179,15 @@ def sweep(
       >>> [r["learning_rate"] for r in rows]
       [0.009999999776482582, 0.10000000149011612]
     """
+    _check_types(model, data, make_optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
+                 name=name)
     arr = _check_values(values)
     if name in ("accuracy", "train_loss", "kernel_sparsity"):
         raise ValueError(f"name {name!r} clashes with a result column")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     run = training_run(model, data, make_optimizer, epochs=epochs, batch_size=batch_size,
                        seed=seed)
     return _rows(name, arr, jax.jit(jax.vmap(run))(jnp.asarray(arr)))

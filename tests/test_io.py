@@ -229,3 +229,29 @@ def test_nnx_state_with_quantized_params_roundtrips(tmp_path):
     _assert_same(back, q)
     nnx.update(model, jol.dequantize(back))
     chex.assert_trees_all_equal(model.kernel[...], jol.dequantize(q)["kernel"][...])
+
+
+def test_save_into_missing_directory_names_it(tmp_path):
+    """A ValueError (also FileNotFoundError, as open() raises) naming the missing directory;
+    nothing is created (was a bare FileNotFoundError from mkstemp)."""
+    missing = tmp_path / "missing"
+    for err in (ValueError, FileNotFoundError):
+        with pytest.raises(err, match="missing"):
+            jol.save(missing / "x.safetensors", {"a": np.ones(2)})
+    with pytest.raises(ValueError, match="directory"):
+        jol.save(tmp_path, {"a": np.ones(2)})
+    assert not missing.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_file_mode_honours_umask(tmp_path, umask):
+    """Like open(path, "wb") of a new file: 0o666 less the umask (mkstemp gave 0o600)."""
+    old = os.umask(umask)
+    try:
+        jol.save(tmp_path / "m.safetensors", {"a": np.ones(2)})
+        jol.save(tmp_path / "m.safetensors", {"a": np.zeros(2)})  # replacing: same mode
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "m.safetensors").st_mode & 0o777) == 0o666 & ~umask
+    assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary file left behind
+    np.testing.assert_array_equal(jol.load(tmp_path / "m.safetensors")["a"], np.zeros(2))

@@ -69,3 +69,26 @@ def test_wrong_types_raise_type_error():
         jol.polynomial_schedule(0.0, 0.5, 0.5, 5)
     with pytest.raises(TypeError):
         jol.constant_schedule("0.5")
+
+
+_SCHEDULES = {
+    "constant": jol.constant_schedule(0.6),
+    "one_shot": jol.one_shot_schedule(0.6, 2**31 - 1),
+    "polynomial": jol.polynomial_schedule(0.1, 0.6, 3, 2**31 - 1, frequency=5),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_SCHEDULES))
+def test_steps_beyond_int32_give_the_final_sparsity(kind):
+    """Any non-negative integer step is valid (was OverflowError from 2**31): past int32,
+    so past every end_step, the final sparsity; negative concrete steps raise ValueError."""
+    sched, final = _SCHEDULES[kind], np.float32(0.6)
+    for t in (2**31 - 1, 2**31, 2**40, 2**64 + 5, np.int64(2**33), np.uint64(2**64 - 1)):
+        assert np.asarray(sched(t)).dtype == np.float32 and float(sched(t)) == final
+    want = np.asarray([float(sched(0)), final, final], np.float32)
+    for dtype in (np.int64, np.uint64):  # (constant_schedule gives one scalar for any steps)
+        got = sched(np.array([0, 2**31, 2**62], dtype))
+        np.testing.assert_array_equal(np.broadcast_to(np.asarray(got), (3,)), want)
+    for bad in (-1, np.int64(-5), np.array([3, -2])):
+        with pytest.raises(ValueError, match="step"):
+            sched(bad)

@@ -109,3 +109,15 @@ def test_channel_mask_bad_input():
         jol.channel_mask({"w": jnp.ones((2, 2))}, -0.5)
     with pytest.raises(ValueError, match="out of range"):
         jol.channel_mask({"w": jnp.ones((2, 2))}, 0.5, axis=3)
+
+
+@pytest.mark.parametrize("shape, axis", [((3, 0), -1), ((0, 3), 0), ((2, 0, 4), -1)])
+def test_channel_mask_empty_leaf_gets_empty_all_true_mask(shape, axis):
+    """As magnitude_mask does: an empty selected leaf (no channels, or channels with no
+    entries) gets an empty mask, with or without ``previous`` (was ZeroDivisionError)."""
+    tree = {"w": jnp.zeros(shape), "k": jnp.ones((2, 4))}
+    for previous in (None, jax.tree.map(lambda x: np.ones(np.shape(x), bool), tree)):
+        mask = jol.channel_mask(tree, 0.5, axis=axis, where=lambda p, x: True,
+                                previous=previous)
+        assert mask["w"].shape == shape and mask["w"].dtype == bool
+        assert int((~mask["k"]).sum()) == 4  # the other leaf loses half its channels

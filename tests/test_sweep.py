@@ -95,3 +95,19 @@ def test_format_table():
     assert "| 0.001 | 0.5000 |" in table
     assert format_table([]) == ""
     chex.assert_equal(len(table.splitlines()), 3)
+
+
+@pytest.mark.parametrize("arg, bad", [
+    ("model", "not a model"), ("model", jol.train.NNXMLP), ("data", DATA.train),
+    ("data", (DATA.train.x, DATA.train.y)), ("make_optimizer", optax.sgd(0.1)),
+    ("epochs", 1.5), ("epochs", "2"), ("batch_size", 2.5), ("seed", None), ("name", 3),
+])
+def test_bad_types_raise_type_error_naming_the_argument(arg, bad):
+    """Wrong types fail fast with a TypeError naming the argument (was AttributeError)."""
+    kw = dict(model=MLP, data=DATA, make_optimizer=lambda lr: optax.sgd(lr), epochs=1,
+              batch_size=4, seed=0, name="lr")
+    kw[arg] = bad
+    with pytest.raises(TypeError, match=arg):
+        jol.sweep(kw.pop("model"), kw.pop("data"), kw.pop("make_optimizer"), [0.1], **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], batch_size=0)

@@ -96,3 +96,19 @@ def test_npz_round_trip_and_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
     with pytest.raises(ValueError, match="not a readable"):
         D.load_npz(tmp_path / "junk.npz")
+
+
+@given(scale=st.sampled_from([3e38, 1e38, 1e30, 1e-38, 1e-45]), shift=st.sampled_from([0.0, 1.0]),
+       seed=st.integers(0, 3))
+def test_normalize_huge_or_tiny_finite_inputs_stays_finite(scale, shift, seed):
+    """Statistics in float64: finite float32 inputs near float32's max (whose float32 sums
+    overflowed to inf/NaN) or tiny ones give finite, standardised outputs."""
+    sign = np.random.default_rng(seed).choice([-1.0, 1.0], (30, 2))
+    x = (sign * np.float32(scale) + np.float32(shift)).astype(np.float32)
+    ds = D.make_dataset(x, np.arange(30) % 3, seed=seed)
+    for split in ds[:3]:
+        assert split.x.dtype == np.float32 and np.isfinite(split.x).all()
+    train = ds.train.x.astype(np.float64)
+    assert abs(train.mean()) < 1e-5 and (abs(train.std() - 1) < 1e-4 or train.std() == 0)
+    x = np.full((6, 2), 3e38, np.float32) * np.array([[1.0], [-1.0]] * 3, np.float32)
+    assert np.isfinite(D.make_dataset(x, np.arange(6) % 2).train.x).all()  # the fuzz reproducer

@@ -1,4 +1,10 @@
-"""Sparsity schedules: plain jit-able functions ``step -> sparsity`` (float32 scalar)."""
+"""Sparsity schedules: plain jit-able functions ``step -> sparsity`` (float32 scalar).
+
+A schedule takes any integer step: a Python int of any size, or an integer array of any
+width (int64 too). Settings are int32 (optax counts are), so a step beyond ``2**31 - 1`` is
+past every ``end_step`` and gives the final sparsity. A concrete negative step raises
+``ValueError``.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,30 @@ def _check_fraction(name: str, value) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return float(value)
+
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _as_step(t) -> jax.Array:
+    """``t`` as int32, saturated at ``2**31 - 1`` (past every int32 end step) instead of
+    overflowing; a concrete negative step raises ``ValueError``."""
+    if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+        if t < 0:
+            raise ValueError(f"schedule step must be >= 0, got {t}")
+        return jnp.int32(min(int(t), _INT32.max))
+    if isinstance(t, np.ndarray) and np.issubdtype(t.dtype, np.integer):
+        if t.size and t.min() < 0:
+            raise ValueError(f"schedule steps must be >= 0, got {t.min()}")
+        if np.iinfo(t.dtype).max > _INT32.max:
+            t = np.minimum(t, t.dtype.type(_INT32.max))
+        return jnp.asarray(t.astype(np.int32))
+    t = jnp.asarray(t)
+    if jnp.issubdtype(t.dtype, jnp.integer) and jnp.iinfo(t.dtype).max > _INT32.max:
+        t = jnp.minimum(t, jnp.asarray(_INT32.max, t.dtype))  # int64 / uint32 / uint64
+        if jnp.issubdtype(t.dtype, jnp.signedinteger):
+            t = jnp.maximum(t, jnp.asarray(_INT32.min, t.dtype))
+    return t.astype(jnp.int32)
 
 
 def _check_step(name: str, value) -> int:
@@ -41,7 +71,7 @@ def constant_schedule(sparsity: float) -> Schedule:
     value = _check_fraction("sparsity", sparsity)
 
     def schedule(step):
-        del step
+        _as_step(step)  # the same steps as the other schedules are valid
         return jnp.asarray(value, jnp.float32)
 
     return schedule
@@ -59,7 +89,7 @@ def one_shot_schedule(sparsity: float, step: int) -> Schedule:
     at = _check_step("step", step)
 
     def schedule(t):
-        return jnp.where(jnp.asarray(t) >= at, jnp.float32(value), jnp.float32(0.0))
+        return jnp.where(_as_step(t) >= at, jnp.float32(value), jnp.float32(0.0))
 
     return schedule
 
@@ -103,8 +133,8 @@ def polynomial_schedule(
         raise ValueError(f"power must be > 0, got {power!r}")
 
     def schedule(t):
-        t = jnp.asarray(t, jnp.int32)
-        held = t0 + (jnp.maximum(t - t0, 0) // freq) * freq  # last update step
+        t = _as_step(t)
+        held = t0 + ((jnp.maximum(t, t0) - t0) // freq) * freq  # last update step (no wrap)
         frac = jnp.clip((held - t0) / (t1 - t0), 0.0, 1.0).astype(jnp.float32)
         s = s_f + (s_i - s_f) * (1.0 - frac) ** power
         s = jnp.where(t >= t1, s_f, jnp.where(held <= t0, s_i, s))  # s_f from t1 on, always

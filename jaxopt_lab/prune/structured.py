@@ -7,6 +7,7 @@ for nested masks) and select leaves with ``where``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -114,7 +115,7 @@ def nm_mask(
 def channel_norms(x: jax.Array, axis: int, norm: str) -> jax.Array:
     """L1 or L2 norm of each index of ``axis`` over all other axes, in float32."""
     x = jnp.moveaxis(jnp.asarray(x, jnp.float32), axis, -1)
-    x = x.reshape(-1, x.shape[-1])
+    x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: zero channels are valid
     if norm == "l1":
         return jnp.abs(x).sum(axis=0)
     return jnp.sqrt(jnp.square(x).sum(axis=0))
@@ -134,7 +135,9 @@ def channel_mask(
     Each selected leaf loses exactly ``floor(sparsity * C)`` of its ``C`` channels along
     ``axis`` (-1: the output features of a Flax Dense or Conv kernel). The mask has the
     leaf's shape, constant along every other axis. A channel that ``previous`` prunes
-    anywhere ranks lowest. See :func:`jaxopt_lab.compact` to remove the channels.
+    anywhere ranks lowest. See :func:`jaxopt_lab.compact` to remove the channels. An empty
+    leaf (no channels, or channels of no entries) gets an empty all-True mask, as in
+    :func:`jaxopt_lab.magnitude_mask`.
 
     Raises:
       ValueError: sparsity outside ``[0, 1]``, unknown ``norm``, ``axis`` out of range.
@@ -164,7 +167,8 @@ def channel_mask(
             raise ValueError(f"{name}: axis {axis} is out of range for shape {shape}")
         alive = None
         if prev[i] is not None:
-            alive = jnp.moveaxis(prev[i], axis, -1).reshape(-1, shape[axis]).all(axis=0)
+            moved = jnp.moveaxis(prev[i], axis, -1)
+            alive = moved.reshape(math.prod(moved.shape[:-1]), shape[axis]).all(axis=0)
         norms = channel_norms(leaf, axis, norm)
         keep = select.keep_lowest(
             "magnitude", [(norms, alive)], select.count_to_prune(s, shape[axis])

@@ -102,17 +102,33 @@ def make_dataset(
 ) -> Dataset:
     """Validates, splits (stratified, from ``seed``) and normalises user arrays.
 
-    Normalisation uses the training split's mean and standard deviation only.
+    Normalisation uses the training split's mean and standard deviation only, computed in
+    float64 so that any finite float32 inputs give finite normalised float32 outputs.
+
+    Raises:
+      ValueError: anything :func:`validate_arrays` rejects, fewer than 3 examples, or bad
+        ``fractions``.
     """
     x, y, num_classes = validate_arrays(x, y, num_classes=num_classes, name=name)
     if len(y) < 3:
         raise ValueError(f"{name}: need at least 3 examples to split, got {len(y)}")
     tr, va, te = stratified_split(y, fractions, seed)
     if normalize:
-        mean = x[tr].mean()
-        std = x[tr].std()
-        x = (x - mean) / (std if std > 0 else 1.0)
+        x = _normalized(x, x[tr].astype(np.float64))
     return Dataset(Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]), num_classes)
+
+
+def _normalized(x: np.ndarray, train_x: np.ndarray) -> np.ndarray:
+    """``(x - mean) / std`` with the statistics of ``train_x``, in float64, as float32.
+
+    In float64 the sums of float32 values cannot overflow; a result beyond float32's range
+    (a huge value in the val/test splits against a tiny training std) is clipped to it.
+    """
+    mean = train_x.mean()
+    std = train_x.std()
+    out = (x.astype(np.float64) - mean) / (std if std > 0 else 1.0)
+    top = float(np.finfo(np.float32).max)
+    return np.clip(out, -top, top).astype(np.float32)
 
 
 def load_digits(*, seed: int = 0, image: bool = True, **kwargs) -> Dataset:
