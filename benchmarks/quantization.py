@@ -7,7 +7,11 @@ Everything is measured in this one process on the same weights and inputs:
 * digits teacher test accuracy: fp32, int8 PTQ, int4 group PTQ, int4 QAT (fine-tuning with
   `fake_quant` through `fit(param_transform=...)`), and W8A8 (static and dynamic scales);
 * forward time of the MLP at batch 1024: fp32, weight-only int8, W8A8 (native VNNI kernel
-  and XLA's own int8 dot), interleaved rounds, medians and ratios;
+  and XLA's own int8 dot), interleaved rounds: median wall and process-CPU times, the ratio
+  of the medians and the median of the per-round ratios, and the per-call temporary buffer
+  XLA allocates (fp32 vs weight-only);
+* storage also over the quantized leaves only (next to the whole-tree figures), and for the
+  teacher the deployment flow bn_fold -> int8 as its own row;
 * the same figures for Qwix (PTQ provider) where its API allows.
 
 Run: ``.venv/bin/python benchmarks/quantization.py [--quick]``; prints JSON and writes
@@ -33,6 +37,7 @@ import optax
 
 import jaxopt_lab as jol
 from jaxopt_lab.quant import native
+from jaxopt_lab.quant.qtensor import is_qtensor
 
 RESULTS = pathlib.Path(__file__).with_name("results") / "quantization.json"
 GROUP = 128
@@ -67,29 +72,115 @@ def quantized_variants(tree) -> dict:
     }
 
 
+STORAGE_SCOPE = (
+    "bytes/ratio: the whole tree, unquantized leaves (biases, BatchNorm scale/bias) counted "
+    "in fp32; quantized_leaves_only: only the leaves stored as QTensor, against the fp32 "
+    "bytes of those same leaves (codes + scales, e.g. int4 g128 = 4 + 32/128 bits a weight)")
+
+
+def _paths(tree, is_leaf=None) -> dict:
+    """``{path string: leaf}`` of a pytree."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {jax.tree_util.keystr(path): leaf for path, leaf in flat}
+
+
+def quantized_leaves_only(params, q) -> dict:
+    """Storage ratio over the leaves that were quantized only (QTensors vs their fp32)."""
+    fp32 = _paths(params)
+    quant = {k: v for k, v in _paths(q, is_leaf=is_qtensor).items() if is_qtensor(v)}
+    fp32_bytes = sum(jol.tree_nbytes(fp32[k]) for k in quant)
+    q_bytes = jol.tree_nbytes(list(quant.values()))
+    return {"leaves": len(quant), "fp32_bytes": fp32_bytes, "bytes": q_bytes,
+            "ratio": ratio(fp32_bytes, q_bytes)}
+
+
 def storage(params) -> dict:
     fp32 = jol.tree_nbytes(params)
-    out = {"fp32_bytes": fp32}
+    out = {"scope": STORAGE_SCOPE, "fp32_bytes": fp32}
     for name, q in quantized_variants(params).items():
-        out[name] = {"bytes": jol.tree_nbytes(q), "ratio": ratio(fp32, jol.tree_nbytes(q))}
+        out[name] = {"bytes": jol.tree_nbytes(q), "ratio": ratio(fp32, jol.tree_nbytes(q)),
+                     "quantized_leaves_only": quantized_leaves_only(params, q)}
     return out
+
+
+def bn_fold_deployment(model, variables, x, y) -> dict:
+    """The deployment flow bn_fold -> int8 quantize: storage and accuracy.
+
+    ``bn_fold`` leaves each folded BatchNorm as an exact identity plus a shift, and
+    ``folded_apply`` reads only that shift: nothing (``shift_in == "layer_bias"``), the BN's
+    ``bias`` (``"bn_bias"``) or its ``mean`` (``"bn_mean"``). Only those leaves of a folded
+    BatchNorm are shipped; its other leaves (scale, var, ...) are dropped.
+    """
+    folded, report = jol.bn_fold(model, variables, x[:1], train=False, return_report=True)
+    reads = {p.batch_norm: {"layer_bias": (), "bn_bias": ("bias",), "bn_mean": ("mean",)}
+             [p.shift_in] for p in report.folded}
+
+    def shipped(tree):
+        out = []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qtensor)[0]:
+            names = [str(getattr(k, "key", k)) for k in path]
+            bn = "/".join(names[1:-1])
+            if bn not in reads or names[-1] in reads[bn]:
+                out.append(leaf)
+        return out
+
+    q8 = {**folded, "params": jol.quantize(folded["params"], bits=8)}
+    infer = jax.jit(lambda v, x: jol.folded_apply(model, jol.dequantize(v), x, report=report,
+                                                  train=False))
+    fp32_all = jol.tree_nbytes(variables)
+    fp32_params = jol.tree_nbytes(variables["params"])
+    q_bytes = jol.tree_nbytes(shipped(q8))
+    return {
+        "flow": ("bn_fold -> quantize(params, bits=8) -> ship only what folded_apply reads "
+                 "of each folded BatchNorm (its shift)"),
+        "folded_batch_norms": len(report.folded),
+        "shift_in": sorted({p.shift_in for p in report.folded}),
+        "fp32_variables_bytes": fp32_all,
+        "fp32_folded_shipped_bytes": jol.tree_nbytes(shipped(folded)),
+        "int8_bytes": q_bytes,
+        "ratio_vs_fp32_variables": ratio(fp32_all, q_bytes),
+        "ratio_vs_fp32_params": ratio(fp32_params, q_bytes),
+        "int8_accuracy": accuracy(lambda x: infer(q8, x), x, y),
+    }
 
 
 def accuracy(fn, x, y) -> float:
     return round(100.0 * float(np.mean(np.argmax(np.asarray(fn(x)), -1) == y)), 2)
 
 
-def time_interleaved(fns: dict, args: dict, rounds: int) -> dict:
-    """Median seconds per call, one call of every variant per round (compiled first)."""
+def time_interleaved(fns: dict, args: dict, rounds: int) -> tuple[dict, dict, dict]:
+    """Per variant: median wall seconds, median process CPU seconds and the per-round times.
+
+    One call of every variant per round (compiled first), so a slow phase of the shared
+    machine hits all variants of a round alike. CPU time sums all threads of this process;
+    it is less sensitive than wall time to other processes competing for the cores.
+    """
     for k, f in fns.items():
         jax.block_until_ready(f(*args[k]))
-    times = {k: [] for k in fns}
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             jax.block_until_ready(f(*args[k]))
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    median = lambda d: {k: float(np.median(v)) for k, v in d.items()}  # noqa: E731
+    return median(wall), median(cpu), wall
+
+
+def round_ratios(wall: dict, base: str = "fp32") -> dict:
+    """Median over rounds of ``base time / variant time`` measured in the same round."""
+    ref = np.asarray(wall[base])
+    return {k: round(float(np.median(ref / np.asarray(v))), 4)
+            for k, v in wall.items() if k != base}
+
+
+def temp_bytes(fn, args) -> int | None:
+    """Bytes of the per-call temporary buffer XLA allocates for ``fn(*args)``."""
+    try:
+        return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
 
 
 def rel_err(y, ref) -> float:
@@ -141,6 +232,11 @@ def teacher_section(quick: bool) -> dict:
         res[f"{k}_drop_points"] = round(fp32 - res[f"{k}_accuracy"], 2)
     res["ptq_drop_points"] = {k: round(fp32 - v, 2) for k, v in res["ptq_accuracy"].items()}
     res["storage"] = storage(variables["params"])
+    res["storage_scope"] = ("params tree (biases and BatchNorm scale/bias stay fp32; "
+                            "batch_stats not included)")
+    res["bn_fold_then_int8"] = bn_fold_deployment(model, variables, x, y)
+    res["bn_fold_then_int8"]["drop_points"] = round(
+        fp32 - res["bn_fold_then_int8"]["int8_accuracy"], 2)
     res["int4_policy"] = (f"int4 per group of {GROUP} along the contraction axis where it "
                           "divides (Dense kernels), int4 per output channel elsewhere (convs)")
     res["qwix"] = qwix_teacher(model, variables, x, y, fp32)
@@ -178,13 +274,19 @@ def mlp_section(quick: bool) -> dict:
     qwix_fns, qwix_info = qwix_mlp(model, variables, x)
     for k, (f, a) in qwix_fns.items():
         fns[k], args[k] = f, a
-    rounds = 5 if quick else 25
-    t = time_interleaved(fns, args, rounds)
+    rounds = 5 if quick else 40
+    t, cpu, per_round = time_interleaved(fns, args, rounds)
     ref = fns["fp32"](*args["fp32"])
     res = {
         "batch": 1024, "rounds": rounds,
         "median_ms": {k: round(v * 1e3, 2) for k, v in t.items()},
         "speedup_vs_fp32": {k: ratio(t["fp32"], v) for k, v in t.items() if k != "fp32"},
+        "speedup_vs_fp32_median_of_round_ratios": round_ratios(per_round),
+        "median_cpu_ms": {k: round(v * 1e3, 2) for k, v in cpu.items()},
+        "cpu_time_ratio_vs_fp32": {k: ratio(cpu["fp32"], v) for k, v in cpu.items()
+                                   if k != "fp32"},
+        "xla_temp_bytes_per_call": {k: temp_bytes(fns[k], args[k])
+                                    for k in ("fp32", "weight_only_int8")},
         "relative_max_error_vs_fp32": {k: rel_err(fns[k](*args[k]), ref)
                                        for k in fns if k != "fp32"},
         "native_int8_kernel": native.native_int8_status(),

@@ -166,3 +166,46 @@ def test_bad_inputs_raise():
     for spec in ("ab,bc", "ab,bc,cd->ad", "aa,ab->b", "ab,bc->c"):
         with pytest.raises(ValueError, match="einsum"):
             parse_einsum(spec, 2, 2)
+
+
+# Regression tests for faults the fuzz tests found (issue 7).
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("dims, match", [
+    ((((5,), (0,)), ((), ())), "lhs contracting axis 5"),
+    ((((1,), (-3,)), ((), ())), "rhs contracting axis -3"),
+    ((((1,), (0,)), ((2,), (1,))), "lhs batch axis 2"),
+    ((((-2,), (-2,)), ((), ())), "distinct axes of equal sizes"),  # in range, sizes 2 vs 3
+    ((((1, 1), (0, 0)), ((), ())), "distinct axes"),
+])
+def test_dot_general_axes_out_of_range_or_mismatched_raise(dims, match):
+    lhs, rhs = jnp.ones((2, 3), jnp.int8), jnp.ones((3, 4), jnp.int8)
+    with pytest.raises(ValueError, match=match):
+        jol.int8_dot_general(lhs, rhs, dims, lhs_scale=1.0, rhs_scale=1.0)
+
+
+@pytest.mark.parametrize("padding", ["BOGUS", ((1, 0),), ((1, 0, 2), (0, 0)), ((0.5, 0), (0, 0)),
+                                     3])
+@pytest.mark.parametrize("zero_point", [None, 5])
+def test_conv_bad_padding_raises_value_error_up_front(padding, zero_point):
+    z = None if zero_point is None else jnp.int8(zero_point)
+    with pytest.raises(ValueError, match="padding"):
+        jol.int8_conv_general_dilated(
+            jnp.ones((1, 4, 4, 1), jnp.int8), jnp.ones((2, 2, 1, 1), jnp.int8), (1, 1),
+            padding, lhs_scale=1.0, rhs_scale=1.0, lhs_zero_point=z, dimension_numbers=NHWC)
+
+
+@pytest.mark.parametrize("padding", ["same", "SAME_LOWER", ((1, 0), (np.int64(0), 1))])
+def test_conv_accepts_every_lax_padding_form_with_and_without_zero_point(padding):
+    x = jnp.asarray(np.arange(16).reshape(1, 4, 4, 1) % 7, jnp.int8)
+    k = jnp.asarray([[1, -2], [3, 1]], jnp.int8).reshape(2, 2, 1, 1)
+    ref = jax.lax.conv_general_dilated(x.astype(jnp.float32) - 2.0, k.astype(jnp.float32),
+                                       (1, 1), padding, dimension_numbers=NHWC)
+    y = jol.int8_conv_general_dilated(x, k, (1, 1), padding, lhs_scale=1.0, rhs_scale=1.0,
+                                      lhs_zero_point=jnp.int8(2), dimension_numbers=NHWC)
+    chex.assert_trees_all_equal(y, ref)
+    y0 = jol.int8_conv_general_dilated(x, k, (1, 1), padding, lhs_scale=1.0, rhs_scale=1.0,
+                                       dimension_numbers=NHWC)
+    chex.assert_trees_all_equal(y0, jax.lax.conv_general_dilated(
+        x.astype(jnp.float32), k.astype(jnp.float32), (1, 1), padding, dimension_numbers=NHWC))

@@ -26,6 +26,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -36,6 +37,7 @@ from jaxopt_lab.quant.affine import affine_params, integer_range
 from jaxopt_lab.quant.native import int8_matmul
 
 ArrayLike = jax.typing.ArrayLike
+PADDING_NAMES = ("SAME", "SAME_LOWER", "VALID")
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
 
 
@@ -119,6 +121,17 @@ def _to_output(t: jax.Array, *groups: Sequence[int] | int) -> jax.Array:
     return jnp.transpose(t, tuple(axes) + rest).reshape(shape)
 
 
+def _axes(name: str, axes: Sequence[int], ndim: int) -> tuple[int, ...]:
+    """Non-negative axes; an axis outside ``[-ndim, ndim)`` is an error, not wrapped around."""
+    out = []
+    for a in axes:
+        a = operator.index(a)
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name} axis {a} is out of range for an operand of rank {ndim}")
+        out.append(a % ndim)
+    return tuple(out)
+
+
 def _integer_contraction(lhs, rhs, lc, rc, lb, rb, l_free, r_free) -> jax.Array:
     """Exact int32 ``dot_general``; without batch axes, a 2-D `int8_matmul` (native on CPU)."""
     if lb:
@@ -156,12 +169,17 @@ def int8_dot_general(
 
     Raises:
       TypeError: operands that are not ``int8``.
-      ValueError: a scale or zero point that varies along a contracted axis.
+      ValueError: a scale or zero point that varies along a contracted axis, or an axis
+        outside ``[-ndim, ndim)`` in ``dimension_numbers``.
     """
     lhs, rhs = _check_int8("lhs", lhs), _check_int8("rhs", rhs)
     (lc, rc), (lb, rb) = dimension_numbers
-    lc, rc, lb, rb = (tuple(int(a) % n for a in axes) for axes, n in
-                      ((lc, lhs.ndim), (rc, rhs.ndim), (lb, lhs.ndim), (rb, rhs.ndim)))
+    lc, rc = _axes("lhs contracting", lc, lhs.ndim), _axes("rhs contracting", rc, rhs.ndim)
+    lb, rb = _axes("lhs batch", lb, lhs.ndim), _axes("rhs batch", rb, rhs.ndim)
+    if (len(set(lc + lb)) != len(lc + lb) or len(set(rc + rb)) != len(rc + rb)
+            or [lhs.shape[i] for i in lc + lb] != [rhs.shape[i] for i in rc + rb]):
+        raise ValueError(f"dimension_numbers {dimension_numbers} must pair distinct axes of "
+                         f"equal sizes in operands of shapes {lhs.shape} and {rhs.shape}")
     l_free = [i for i in range(lhs.ndim) if i not in lc + lb]
     r_free = [i for i in range(rhs.ndim) if i not in rc + rb]
     s_l = _keepdims("lhs_scale", lhs_scale, lhs, lc)
@@ -182,6 +200,23 @@ def _along(vec: jax.Array, axis: int, ndim: int) -> jax.Array:
     if vec.ndim == 0:
         return vec
     return vec.reshape(tuple(vec.size if i == axis else 1 for i in range(ndim)))
+
+
+def _conv_padding(padding, n_sp: int) -> str | list[tuple[int, int]]:
+    """Checks ``padding`` up front: a padding name, or one ``(lo, hi)`` pair per spatial axis."""
+    if isinstance(padding, str):
+        if padding.upper() not in PADDING_NAMES:
+            raise ValueError(f"padding must be one of {PADDING_NAMES} or a sequence of "
+                             f"(lo, hi) pairs, got {padding!r}")
+        return padding
+    try:
+        pairs = [tuple(p) for p in padding]
+        if len(pairs) != n_sp or any(len(p) != 2 for p in pairs):
+            raise ValueError
+        return [(operator.index(lo), operator.index(hi)) for lo, hi in pairs]
+    except (TypeError, ValueError):
+        raise ValueError(f"padding must be a padding name or {n_sp} (lo, hi) integer pairs, "
+                         f"one per spatial axis, got {padding!r}") from None
 
 
 def int8_conv_general_dilated(
@@ -212,11 +247,18 @@ def int8_conv_general_dilated(
 
     Returns:
       The rescaled convolution in ``out_dtype``.
+
+    Raises:
+      TypeError: operands that are not ``int8``.
+      ValueError: ``padding`` that is neither ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"`` nor
+        one ``(lo, hi)`` integer pair per spatial axis; a non-scalar zero point; scales
+        that vary along other axes than described above.
     """
     lhs, rhs = _check_int8("lhs", lhs), _check_int8("rhs", rhs)
     dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     lhs_spec, rhs_spec, out_spec = dnums
     n_sp = lhs.ndim - 2
+    padding = _conv_padding(padding, n_sp)
     s_l = _keepdims("lhs_scale", lhs_scale, lhs,
                     [i for i in range(lhs.ndim) if i != lhs_spec[0]])
     s_r = _keepdims("rhs_scale", rhs_scale, rhs,
