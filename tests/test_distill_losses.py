@@ -1,5 +1,7 @@
 """Properties of distill_loss (Hinton KD) and feature_distill_loss (FitNets hints)."""
 
+import functools
+
 import chex
 import hypothesis.extra.numpy as hnp
 import jax
@@ -345,3 +347,35 @@ def test_feature_bad_input_raises(t_shape, s_shape, kwargs, match):
     with pytest.raises(ValueError, match=match):
         jol.feature_distill_loss(np.zeros(t_shape, np.float32), np.zeros(s_shape, np.float32),
                                  **kwargs)
+
+
+# ---------------------------------------------------------------- overflow (issue 7 fuzz)
+@pytest.mark.parametrize("t, s, temperature, want", [
+    ([[1.0, 1.0, 1.0]], [[0.0, 0.0, 0.0]], 1e20, 0.0),  # T**2 overflows, the KL is 0
+    ([[1e36, 0.0]], [[0.0, 1e36]], 1e-3, 1e33),  # t / T overflows: T^2 * (1e36 / T)
+    ([[3e38, -3e38]], [[-3e38, 3e38]], 1e-3, 6e35),  # even t - max(t) overflows
+    ([[2e35, 0.0]] * 2, [[0.0, 2e35]] * 2, 1e3, 2e38),  # the sum over positions overflows
+    ([[3e38, -3e38]], [[-3e38, 3e38]], 1.0, np.inf),  # the true loss 6e38 is beyond float32
+])
+def test_overflowing_intermediates_still_give_the_true_loss(t, s, temperature, want):
+    t, s = jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32)
+    np.testing.assert_allclose(float(_loss(t, s, temperature=temperature)), want, rtol=1e-6)
+    if np.isfinite(want) and temperature < 1:  # Hinton's gradient T * (p_s - p_t), exactly
+        grad = _student_grad(t, s, temperature=temperature)
+        np.testing.assert_allclose(grad, [[-temperature, temperature]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30, 3e38])
+def test_feature_cosine_of_huge_features_is_finite_and_scale_free(scale):
+    rng = np.random.default_rng(0)
+    t, s = rng.uniform(-1, 1, (2, 2, 3)).astype(np.float32), rng.uniform(-1, 1, (2, 2, 3))
+    s = s.astype(np.float32)
+    want = _feature_loss(t, s, kind="cosine")
+    big_t, big_s = t * np.float32(scale), s * np.float32(scale)
+    np.testing.assert_allclose(_feature_loss(big_t, big_s, kind="cosine"), want, atol=1e-6)
+    np.testing.assert_allclose(_feature_loss(big_t, big_t, kind="cosine"), 0, atol=1e-6)
+    assert np.isfinite(np.asarray(_cosine_grad(big_t, big_s))).all()
+
+
+_cosine_grad = jax.jit(jax.grad(functools.partial(jol.feature_distill_loss, kind="cosine"),
+                                argnums=1))

@@ -222,3 +222,21 @@ def test_fold_then_quantize_keeps_accuracy():
     assert base > 0.8, base
     assert accuracy(folded) == base
     assert accuracy(deq) >= base - 0.01
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_folded_value_beyond_the_dtype_raises_naming_the_pair(dtype):
+    model = nn.Sequential([nn.Dense(3), nn.BatchNorm(use_running_average=True)])
+    x = jnp.zeros((1, 4))
+    v = jax.tree.map(lambda a: jnp.ones_like(a, dtype), model.init(jax.random.PRNGKey(0), x))
+    big = float(jnp.finfo(dtype).max) / 8  # finite model; folded kernel ~ 8 * 316 * big
+    v["params"]["layers_0"]["kernel"] = jnp.full((4, 3), big, dtype)
+    v["params"]["layers_1"]["scale"] = jnp.full((3,), 8, dtype)
+    v["batch_stats"]["layers_1"]["var"] = jnp.zeros((3,), dtype)
+    name = jnp.dtype(dtype).name
+    with pytest.raises(ValueError, match=f"layers_1 into layers_0: folded kernel overflows {name}"):
+        jol.bn_fold(model, v, x)
+    v["params"]["layers_0"]["kernel"] = jnp.ones((4, 3), dtype)  # now only the bias overflows
+    v["params"]["layers_0"]["bias"] = jnp.full((3,), big, dtype)
+    with pytest.raises(ValueError, match=f"folded bias overflows {name}"):
+        jol.bn_fold(model, v, x)

@@ -76,3 +76,12 @@ def test_nnx_bad_inputs_raise():
     model.bn.var.set_value(jnp.full((4,), -1.0))
     with pytest.raises(ValueError, match="bn into linear1.*positive"):
         jol.bn_fold_nnx(model, jnp.ones((2, 3)))
+
+
+def test_nnx_folded_value_beyond_the_dtype_raises_naming_the_pair():
+    model = nnx.Sequential(nnx.Linear(4, 3, param_dtype=jnp.float16, rngs=nnx.Rngs(0)),
+                           nnx.BatchNorm(3, param_dtype=jnp.float16, rngs=nnx.Rngs(0)))
+    model.layers[0].kernel.set_value(jnp.full((4, 3), 100, jnp.float16))
+    model.layers[1].scale.set_value(jnp.full((3,), 1000, jnp.float16))
+    with pytest.raises(ValueError, match="layers/1 into layers/0: folded kernel overflows float16"):
+        jol.bn_fold_nnx(model, jnp.zeros((1, 4)))

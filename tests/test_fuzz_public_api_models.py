@@ -12,7 +12,6 @@ import os
 import tempfile
 
 import _fuzz as fz
-import _fuzz_known as known
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,8 +81,7 @@ def test_distill_loss(data, teacher, broken, use_mask):
         return
     assert broken is None, f"distill_loss accepted a bad {broken}"
     assert np.shape(loss) == ()
-    if not fz.all_finite(teacher, student) or known.distill_overflow(
-            teacher, student, temperature):
+    if not fz.all_finite(teacher, student):
         return
     value, temp = float(loss), float(temperature)
     t = fz.jax_view(teacher).astype(np.float64) / temp
@@ -97,8 +95,10 @@ def test_distill_loss(data, teacher, broken, use_mask):
         per = per + (1 - alpha) * ce
     w = np.ones(per.shape) if mask is None else mask.astype(np.float64)
     ref = float(np.sum(per * w) / np.sum(w)) if np.sum(w) else 0.0
-    if ref > 1e38:  # the exact loss overflows float32: inf is the right answer
+    if ref > float(np.finfo(np.float32).max) * (1 + 1e-4):  # the exact loss overflows float32
         assert value == np.inf, (value, ref)
+        return
+    if ref > 1e38 and value == np.inf:  # rounding within a few ulps of the top may overflow
         return
     assert math.isfinite(value) and value >= 0, (value, ref, teacher, student, temperature)
     scale = 1 + abs(ref) + float(np.max(np.abs(t), initial=0)) * temp**2
@@ -134,7 +134,7 @@ def test_feature_distill_loss(data, teacher, kind, broken, project):
                               np.shape(student) and fz.is_float(teacher) and fz.is_float(student)
                               and np.size(teacher) and np.ndim(teacher)), broken
     assert np.shape(loss) == ()
-    if not fz.all_finite(teacher, student) or known.cosine_overflow(teacher, student, kind):
+    if not fz.all_finite(teacher, student):
         return
     t = fz.jax_view(teacher).astype(np.float64)
     s_ = fz.jax_view(student).astype(np.float64)
@@ -220,6 +220,19 @@ def _fold_tolerance(variables, x):
     return 64 * eps * magnitude
 
 
+def _fold_overflows(kernel, bias, mean, var, scale, beta):
+    """Whether folding puts a kernel or bias value (or the BatchNorm's shift) beyond its
+    dtype's range, though the unfolded model is finite: bn_fold / bn_fold_nnx must then
+    raise a ValueError naming the pair. None: within 1% of the top, either is fine."""
+    f64 = lambda v: np.zeros(()) if v is None else np.asarray(v, np.float64)  # noqa: E731
+    with np.errstate(all="ignore"):
+        m = f64(scale) / np.sqrt(f64(var) + 1e-5)
+        folded = (f64(kernel) * m, f64(beta) + (f64(bias) - f64(mean)) * m)
+    peak = max(float(np.abs(v[np.isfinite(v)]).max(initial=0)) for v in folded)
+    ratio = peak / float(jnp.finfo(kernel.dtype).max)
+    return None if abs(ratio - 1) < 1e-2 else ratio > 1
+
+
 @fuzz
 @given(case=_fold_case(),
        broken=fz.pick([None] * 8 + ["stats", "qtensor", "model", "variables"]))
@@ -250,10 +263,17 @@ def test_bn_fold_linen(case, broken):
         not all(np.isfinite(v).all() for v in stats)
         or (np.asarray(variables["batch_stats"]["layers_1"]["var"], np.float32)
             + np.float32(1e-5) <= 0).any())
+    p, b = (None, None) if broken else (variables["params"], variables["batch_stats"])
+    overflow = not (broken or bad_stats) and _fold_overflows(
+        p["layers_0"]["kernel"], p["layers_0"].get("bias"), b["layers_1"]["mean"],
+        b["layers_1"]["var"], p["layers_1"]["scale"], p["layers_1"].get("bias"))
     if err is not None:
-        assert broken is not None or bad_stats, f"bn_fold rejected valid variables: {err}"
+        assert broken is not None or bad_stats or overflow is not False, \
+            f"bn_fold rejected valid variables: {err}"
+        assert not overflow or "layers_0" in str(err) and "layers_1" in str(err), err
         return
     assert broken is None and not bad_stats, f"bn_fold accepted {broken or 'bad statistics'}"
+    assert not overflow, "bn_fold silently stored a folded value beyond its dtype (inf)"
     folded, report = out
     assert jax.tree.structure(folded) == jax.tree.structure(variables)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(folded)):
@@ -261,11 +281,6 @@ def test_bn_fold_linen(case, broken):
     assert report == plan and len(report.folded) == 1
     want = np.asarray(model.apply(variables, x), np.float64)
     got = np.asarray(model.apply(folded, x), np.float64)
-    p, b = variables["params"], variables["batch_stats"]
-    if known.fold_overflow(p["layers_0"]["kernel"], p["layers_0"].get("bias"),
-                           b["layers_1"]["mean"], b["layers_1"]["var"], p["layers_1"]["scale"],
-                           p["layers_1"].get("bias")):
-        return  # (folded_apply then rejects the overflowed statistics)
     fast, err = attempt(jol.folded_apply, model, folded, x, report=report)
     assert err is None, f"folded_apply rejected what bn_fold returned: {err}"
     fast = np.asarray(fast, np.float64)
@@ -316,16 +331,18 @@ def test_bn_fold_nnx(data, dtype, var_kind, remove):
                    for v in (bn.mean.value, bn.var.value, bn.scale.value, bn.bias.value))
            or (np.asarray(bn.var.value, np.float32) + np.float32(bn.epsilon) <= 0).any())
     out, err = attempt(jol.bn_fold_nnx, module, x, return_report=True, remove_batchnorms=remove)
+    lin = module.layers[0]
+    overflow = not bad and _fold_overflows(lin.kernel.value, lin.bias.value, bn.mean.value,
+                                           bn.var.value, bn.scale.value, bn.bias.value)
     if err is not None:
-        assert bad, f"bn_fold_nnx rejected valid statistics: {err}"
+        assert bad or overflow is not False, f"bn_fold_nnx rejected valid statistics: {err}"
+        assert not overflow or "layers/0" in str(err) and "layers/1" in str(err), err
         return
     assert not bad, "bn_fold_nnx accepted non-finite statistics or var + eps <= 0"
+    assert not overflow, "bn_fold_nnx silently stored a folded value beyond its dtype (inf)"
     folded, report = out
     assert len(report.folded) == 1
-    lin = module.layers[0]
-    if not all(np.isfinite(v).all() for v in values) or known.fold_overflow(
-            lin.kernel.value, lin.bias.value, bn.mean.value, bn.var.value, bn.scale.value,
-            bn.bias.value):
+    if not all(np.isfinite(v).all() for v in values):
         return
     want = np.asarray(module(x), np.float64)
     got = np.asarray(folded(x), np.float64)
@@ -479,14 +496,13 @@ def test_regression_metrics(data, n, width, dtype, kind_true, kind_pred, multiou
     if err is None:
         assert broken in (None, "weights", "multioutput"), f"pearson accepted a bad {broken}"
         a1, b1 = (fz.jax_view(v).astype(np.float64) for v in (x1, y1))
-        if not known.pearson_scale(a1, b1):
-            with np.errstate(all="ignore"):
-                ref = np.corrcoef(a1, b1)[0, 1]
-            got = float(got)
-            assert np.isfinite(got) and abs(got) <= 1, got
-            if np.isfinite(ref):
-                assert abs(got - ref) <= 1e-4, (got, ref)
-                fz.checked()
+        with np.errstate(all="ignore"):  # (documented: XLA flushes subnormals to 0)
+            ref = np.corrcoef(fz.ftz(a1), fz.ftz(b1))[0, 1]
+        got = float(got)
+        assert np.isfinite(got) and abs(got) <= 1, got
+        if np.isfinite(ref):
+            assert abs(got - ref) <= 1e-4, (got, ref)
+            fz.checked()
     for name in ("mae", "mape", "rmse"):
         got, err = attempt(getattr(jol.metrics, name), y_true, y_pred, sample_weight=weight,
                            multioutput=mo)
@@ -504,8 +520,6 @@ def test_regression_metrics(data, n, width, dtype, kind_true, kind_pred, multiou
         ref = np.asarray(ref, np.float64)
         over = ~(np.abs(ref) < float(np.finfo(np.float32).max))
         assert (got[over] == np.inf).all(), (got, ref)  # the exact value overflows float32
-        if known.regression_overflow(name, a, b):
-            continue
         assert np.isfinite(got[~over]).all() and (got >= 0).all(), (got, ref)
         # atol: XLA flushes subnormal float32 differences to 0 (e.g. mape of ~1e-38 values).
         np.testing.assert_allclose(got[~over], ref[~over], rtol=1e-4, atol=1e-21)
@@ -579,8 +593,7 @@ def test_make_dataset_load_npz_and_batches(data, n, x_shape, dtype, kind, fracti
         assert sp.x.dtype == np.float32 and sp.y.dtype == np.int32
         assert sp.x.shape[1:] == x.shape[1:] and len(sp.x) == len(sp.y)
         assert ((sp.y >= 0) & (sp.y < ds.num_classes)).all()
-        if not known.normalize_overflow(x, normalize):
-            assert np.isfinite(sp.x).all(), "make_dataset made finite inputs non-finite"
+        assert np.isfinite(sp.x).all(), "make_dataset made finite inputs non-finite"
     if _check_batches(ds.train, batch_size, num_shards):
         fz.checked()
 

@@ -167,3 +167,48 @@ BAD_INPUTS = [
 def test_bad_input_raises_value_error_naming_the_problem(fn, args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         fn(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- overflow / flushing (issue 7)
+OVERFLOW_CASES = [  # float32 inputs whose errors (or their sums) overflow, metrics do not
+    ([2e38, 2e38], [-1e38, -1e38]),  # y_pred - y_true itself overflows
+    ([1e30, 0.0], [-1e30, 0.0]),  # squared errors overflow
+    ([3e38, -3e38, 1.0], [-3e38, 3e38, 1.0]),  # |error| 6e38 each: mean 4e38 (inf)
+    ([1e-20, 0.0, 0.0], [0.0, 0.0, 0.0]),  # squared errors underflow
+    ([[3e38, 1.0], [1.0, 3e38]], [[-3e38, 1.0], [1.0, -3e38]]),  # per output near the top
+]
+
+
+@pytest.mark.parametrize("y_true, y_pred", OVERFLOW_CASES)
+@pytest.mark.parametrize("name", sorted(ERRORS))
+def test_errors_are_finite_whenever_the_metric_is(name, y_true, y_pred):
+    ours, theirs = ERRORS[name]
+    a, b = np.asarray(y_true, np.float32), np.asarray(y_pred, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = theirs(a.astype(np.float64), b.astype(np.float64), multioutput="raw_values")
+    with jax.enable_x64(False):
+        got = np.asarray(ours(a, b, multioutput="raw_values"), np.float64)
+    fits = np.abs(want) < np.finfo(np.float32).max
+    assert (got[~fits] == np.inf).all(), (got, want)
+    np.testing.assert_allclose(got[fits], want[fits], rtol=1e-6)
+
+
+@pytest.mark.parametrize("x", [
+    [1e38, -1e38, 3e38],  # 1 / max|x| is subnormal (flushed to 0 by XLA)
+    [1.2e-38, 1.3e-38, 1.25e-38],  # normal values whose differences are subnormal
+])
+def test_pearson_of_huge_or_tiny_float32_values(x):
+    x, y = np.asarray(x, np.float32), np.array([1.0, 2.0, 3.0], np.float32)
+    want = np.corrcoef(x.astype(np.float64), y)[0, 1]
+    with jax.enable_x64(False):
+        assert abs(float(M.pearson(x, y)) - want) <= 1e-6
+        assert abs(float(jitted(M.pearson)(x, y)) - want) <= 1e-6
+
+
+def test_pearson_of_values_differing_only_by_subnormals_is_constant():
+    x = np.array([0.0, 1e-45, 3e-45], np.float32)  # XLA flushes subnormals: all 0
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match="x is constant.*subnormal"):
+            M.pearson(x, [1.0, 2.0, 3.0])
+        assert np.isnan(jitted(M.pearson)(x, np.array([1.0, 2.0, 3.0], np.float32)))

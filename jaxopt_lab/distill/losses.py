@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab.distill.features import project
+from jaxopt_lab.distill.kl import half_cross_entropy, tempered_kl
 
 Projection = None | Mapping[str, Any] | Callable[[jax.Array], jax.Array]
 
@@ -79,34 +80,17 @@ def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
     computed at a padded position cannot leak into the result.
     """
     if mask is None:
-        return jnp.mean(values)
+        mean = jnp.mean(values)
+        # Each value is representable but their sum may not be: then sum(values / n).
+        return jnp.where(jnp.isfinite(mean), mean, jnp.sum(values / values.size))
     weights = mask.astype(values.dtype)
     valid = weights > 0
-    total = jnp.sum(jnp.where(valid, values * weights, 0))
     count = jnp.sum(weights)
-    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), 0)
-
-
-def _kl_per_position(teacher: jax.Array, student: jax.Array) -> jax.Array:
-    """KL(softmax(teacher) || softmax(student)) summed over the last axis.
-
-    Terms with teacher probability 0 contribute exactly 0 (the xlogy convention), so
-    ``-inf`` or hugely negative teacher logits never produce ``0 * inf = NaN``; a NaN
-    teacher probability still propagates (``NaN == 0`` is false).
-    """
-    log_pt = jax.nn.log_softmax(teacher, axis=-1)
-    log_ps = jax.nn.log_softmax(student, axis=-1)
-    pt = jnp.exp(log_pt)
-    kl = jnp.sum(jnp.where(pt == 0, 0, pt * (log_pt - log_ps)), axis=-1)
-    # KL >= 0 in exact arithmetic; rounding of nearly equal log-probs can dip below.
-    return jnp.maximum(kl, 0)
-
-
-def _cross_entropy_per_position(labels: jax.Array, logits: jax.Array) -> jax.Array:
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-        return -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(labels == 0, 0, labels * log_p), axis=-1)
+    safe_count = jnp.where(count > 0, count, 1)
+    mean = jnp.sum(jnp.where(valid, values * weights, 0)) / safe_count
+    mean = jnp.where(jnp.isfinite(mean), mean,
+                     jnp.sum(jnp.where(valid, values * (weights / safe_count), 0)))
+    return jnp.where(count > 0, mean, 0)
 
 
 def _check_labels(labels: Any, logits_shape: tuple[int, ...], valid: jax.Array | None):
@@ -165,7 +149,10 @@ def distill_loss(
     with the KL summed over classes and both terms averaged over positions. The ``T^2``
     factor keeps the soft-target gradients on the same scale for every temperature. The
     teacher is under ``stop_gradient``; everything is computed from log-softmaxes (in at
-    least float32), so logits of any magnitude, and ``-inf`` teacher logits, are fine.
+    least float32), so logits of any magnitude, and ``-inf`` teacher logits, are fine:
+    where ``t / T`` or ``T**2`` would overflow, the same value is computed in logit units
+    (see :mod:`jaxopt_lab.distill.kl`), so the loss is finite whenever its true value is
+    representable, and ``inf`` (not NaN) when it is not.
 
     Args:
       teacher_logits: ``(..., C)`` teacher logits, e.g. ``(B, C)`` or ``(B, L, C)``.
@@ -221,11 +208,11 @@ def distill_loss(
 
     per_position = jnp.zeros(s.shape[:-1], dtype)
     if need_kd:
-        kl = _kl_per_position(t / temperature, s / temperature)
-        per_position = per_position + alpha * temperature**2 * kl
+        # T^2 * KL, finite whenever the true value is (no t / T or T**2 overflow).
+        per_position = per_position + alpha * tempered_kl(t, s, temperature)
     if need_ce:
-        ce = _cross_entropy_per_position(labels, s)
-        per_position = per_position + (1 - alpha) * ce
+        # (halved: finite for any finite logits; doubled only after the 1 - alpha weight)
+        per_position = per_position + (1 - alpha) * half_cross_entropy(labels, s) * 2
     return masked_mean(per_position, valid)
 
 
@@ -295,7 +282,30 @@ def feature_distill_loss(
 
 
 def _cosine(a: jax.Array, b: jax.Array, eps: float) -> jax.Array:
+    """``a.b / (max(|a|, eps) max(|b|, eps))`` over the last axis, for any magnitudes.
+
+    Each vector is first scaled by a power of two near its max |entry| (a constant for
+    autodiff; the cosine is scale-invariant), so squared norms cannot overflow
+    (|x| > ~1e19) or underflow; the ``eps`` floor, scaled alike, still applies to the
+    unscaled norm.
+    """
+    a_hat, eps_a = _unit_max(a, eps)
+    b_hat, eps_b = _unit_max(b, eps)
     # Norms through max(., eps^2) inside the sqrt: finite gradients at zero vectors.
-    norm_a = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(a), -1), eps**2))
-    norm_b = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(b), -1), eps**2))
-    return jnp.sum(a * b, -1) / (norm_a * norm_b)
+    norm_a = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(a_hat), -1), jnp.square(eps_a)))
+    norm_b = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(b_hat), -1), jnp.square(eps_b)))
+    return jnp.sum(a_hat * b_hat, -1) / (norm_a * norm_b)
+
+
+def _unit_max(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """``x * r`` and ``eps * r`` with ``r = 2**-k``, ``2**k`` just above max|x| per row
+    (rows then peak at most at ``2**28``).
+
+    A power of two far inside the normal range (``2**+-100`` in float32), not
+    ``1 / max|x|``: that is subnormal for max|x| > 2**126 and XLA flushes it to 0.
+    """
+    info = jnp.finfo(x.dtype)
+    _, k = jnp.frexp(jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1)))
+    r = jnp.ldexp(jnp.ones((), x.dtype), -jnp.clip(k, int(info.minexp) + 26,
+                                                   int(info.maxexp) - 28))
+    return x * r[..., None], eps * r

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 # Where the shift ``beta + (b - mu) * g / sqrt(v + eps)`` ends up.
@@ -104,12 +105,32 @@ def channel_multiplier(var, scale, epsilon: float, stat_dtype: Any) -> np.ndarra
     return g / np.sqrt(_f64(denom))
 
 
+def _cast(name: str, values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` (float64) rounded to ``dtype``; a finite value beyond its range raises.
+
+    Folding multiplies by ``g / sqrt(v + eps)``, which can push a weight past the
+    parameters' dtype (float16 with a large BatchNorm gain, say) although the unfolded
+    model is finite; silently storing inf there would break the model.
+    """
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = values.astype(dtype)
+    over = np.isfinite(values) & ~np.isfinite(out)
+    if np.any(over):
+        raise ValueError(
+            f"folded {name} overflows {dtype.name}: {values[over][:4]!r} is beyond its "
+            f"largest value {float(jnp.finfo(dtype).max)!r}; fold in a wider dtype"
+        )
+    return out
+
+
 def fold(a: FoldInputs) -> FoldOutputs:
     """Folds ``a``: ``W' = W * m``, ``b' = beta + (b - mu) * m`` with ``m = g / sqrt(v + eps)``.
 
     Raises:
       ValueError: for non-finite statistics or ``var + eps <= 0`` (``g = 0`` is fine: the
-        channel's kernel becomes 0 and its output the constant ``beta``).
+        channel's kernel becomes 0 and its output the constant ``beta``), or a folded
+        value beyond the range of its dtype.
     """
     mean = _f64(a.mean)
     if not np.all(np.isfinite(mean)):
@@ -118,7 +139,8 @@ def fold(a: FoldInputs) -> FoldOutputs:
     beta = np.zeros_like(m) if a.beta is None else _f64(a.beta)
     if not np.all(np.isfinite(beta)):
         raise ValueError(f"bias must be finite, got {beta[~np.isfinite(beta)][:4]!r}")
-    kernel = (_f64(a.kernel) * m.reshape(a.kernel_shape)).astype(np.asarray(a.kernel).dtype)
+    kernel = _cast("kernel", _f64(a.kernel) * m.reshape(a.kernel_shape),
+                   np.asarray(a.kernel).dtype)
 
     stat_dt = np.asarray(a.var).dtype
     zeros = np.zeros(m.shape, np.asarray(a.mean).dtype)
@@ -131,12 +153,12 @@ def fold(a: FoldInputs) -> FoldOutputs:
         shifted = beta.reshape(a.bias_shape) + (b - mean.reshape(a.bias_shape)) * m.reshape(
             a.bias_shape
         )
-        bias = np.broadcast_to(shifted, b.shape).astype(np.asarray(a.bias).dtype)
+        bias = _cast("bias", np.broadcast_to(shifted, b.shape), np.asarray(a.bias).dtype)
         return FoldOutputs(kernel, bias, zeros, var, scale, new_beta, SHIFT_IN_LAYER)
     shift = beta + (0.0 - mean) * m
     if a.beta is not None:
-        new_beta = shift.astype(np.asarray(a.beta).dtype)
+        new_beta = _cast("BatchNorm bias (shift)", shift, np.asarray(a.beta).dtype)
         return FoldOutputs(kernel, None, zeros, var, scale, new_beta, SHIFT_IN_BN_BIAS)
     # (x - (-shift)) == x + shift exactly, so the mean can carry the shift.
-    new_mean = (-shift).astype(np.asarray(a.mean).dtype)
+    new_mean = _cast("BatchNorm mean (-shift)", -shift, np.asarray(a.mean).dtype)
     return FoldOutputs(kernel, None, new_mean, var, scale, None, SHIFT_IN_BN_MEAN)

@@ -59,34 +59,77 @@ def _combine_outputs(per_output: jax.Array, multioutput) -> jax.Array:
             raise ValueError(
                 f"multioutput={multioutput!r}; choose one of {_MULTIOUTPUT} or output weights"
             )
-        return per_output if multioutput == "raw_values" else jnp.mean(per_output)
-    weights = jnp.asarray(multioutput, per_output.dtype)
+        if multioutput == "raw_values":
+            return per_output
+        weights = jnp.ones_like(per_output)
+    else:
+        weights = jnp.asarray(multioutput, per_output.dtype)
     if weights.shape != per_output.shape:
         raise ValueError(f"multioutput weights have shape {weights.shape}, need {per_output.shape}")
-    return jnp.sum(per_output * weights) / jnp.sum(weights)
+    # Normalised weights first: a sum of representable metrics may overflow, their mean not.
+    return jnp.sum(per_output * (weights / jnp.sum(weights)))
+
+
+def _pow2_scale(top: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(2**-k, 2**k)`` with ``top * 2**-k`` near 1 (at most ``2**28``), both factors far
+    inside the normal range (``2**+-100`` in float32).
+
+    Scaling by a power of two is exact, and keeping the factors normal with a margin
+    matters: XLA turns ``x / top`` into ``x * (1 / top)``, and may fold ``0.5 * 2**-k``,
+    flushing any subnormal factor to 0.
+    """
+    info = jnp.finfo(top.dtype)
+    _, k = jnp.frexp(top)
+    k = jnp.clip(k, int(info.minexp) + 26, int(info.maxexp) - 28)
+    one = jnp.ones((), top.dtype)
+    return jnp.ldexp(one, -k), jnp.ldexp(one, k)
+
+
+def _abs_error(y_true, y_pred, kind):
+    """Per-element error in *half* units (the error is ``2 * value``), so that an error
+    beyond the dtype's range (``y_pred - y_true`` overflowing) stays finite."""
+    diff = y_pred - y_true
+    fits = jnp.isfinite(diff)
+    half = jnp.where(fits, jnp.abs(diff) * 0.5, jnp.abs(y_pred * 0.5 - y_true * 0.5))
+    if kind != "mape":
+        return half
+    # MAPE is a ratio: ``|diff| / den`` directly (no subnormal halving of tiny errors),
+    # ``(|diff| / 2) / (den / 2)`` where the difference overflows (den >= float64 eps).
+    den = jnp.maximum(jnp.abs(y_true), _MAPE_EPS)
+    return jnp.where(fits, jnp.abs(diff) / den, half / (den * 0.5)) * 0.5
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "axis_name"))
 def _per_output(y_true, y_pred, weight, *, kind, axis_name):
-    """Weighted mean over samples of a per-element error, one value per output column."""
-    diff = y_pred - y_true
-    if kind == "mae":
-        err = jnp.abs(diff)
-    elif kind == "mape":
-        err = jnp.abs(diff) / jnp.maximum(jnp.abs(y_true), _MAPE_EPS)
-    else:
-        err = jnp.square(diff)
+    """Weighted mean over samples of a per-element error, one value per output column,
+    as ``(scaled, factor)``: the metric is ``scaled * factor``.
+
+    Errors are rescaled by a power of two near their maximum before they are squared and
+    summed, so the sums neither overflow nor lose tiny errors: the result is finite
+    whenever the metric itself is representable.
+    """
+    half = _abs_error(y_true, y_pred, kind)
+    top = jnp.max(half)
+    if axis_name is not None:
+        top = jax.lax.pmax(top, axis_name)
+    down, up = _pow2_scale(top)
+    err = half * down
+    if kind == "rmse":
+        err = jnp.square(err)
     sums = (jnp.sum(err * weight[:, None], axis=0), jnp.sum(weight))
     if axis_name is not None:
         sums = jax.lax.psum(sums, axis_name)
     mean = sums[0] / sums[1]
-    return jnp.sqrt(mean) if kind == "rmse" else mean
+    scaled = jnp.sqrt(mean) if kind == "rmse" else mean
+    return scaled, up * 2  # the metric is scaled * factor
 
 
 def _error_metric(kind, y_true, y_pred, sample_weight, multioutput, axis_name):
     y_true, y_pred, weight = _regression_inputs(y_true, y_pred, sample_weight)
-    per_output = _per_output(y_true, y_pred, weight, kind=kind, axis_name=axis_name)
-    return _combine_outputs(per_output, multioutput)
+    scaled, factor = _per_output(y_true, y_pred, weight, kind=kind, axis_name=axis_name)
+    # Outputs are combined while still scaled: one output's metric may be beyond the range
+    # while their average is not. (The product overflows only when the metric does.)
+    return _combine_outputs(scaled, multioutput) * factor
 
 
 def _documented(fn):
@@ -152,11 +195,13 @@ def _pearson(x, y, *, axis_name):
         return v if axis_name is None else op(v, axis_name)
 
     def centred(v):
-        # r is invariant to positive scaling: scale by max|v| first so that huge or tiny
-        # inputs neither overflow nor underflow, then again after centring.
-        v = v / _nonzero(total(jnp.max(jnp.abs(v)), jax.lax.pmax))
+        # r is invariant to positive scaling: scale by a power of two near max|v| first so
+        # that huge or tiny inputs neither overflow nor underflow (nor lose differences
+        # smaller than the smallest normal number), then again after centring. (Not
+        # v / max|v|: XLA multiplies by 1 / max|v|, flushed to 0 beyond 2**126.)
+        v = v * _pow2_scale(total(jnp.max(jnp.abs(v)), jax.lax.pmax))[0]
         v = v - total(jnp.sum(v)) / total(jnp.asarray(v.shape[0], v.dtype))
-        return v / _nonzero(total(jnp.max(jnp.abs(v)), jax.lax.pmax))
+        return v * _pow2_scale(total(jnp.max(jnp.abs(v)), jax.lax.pmax))[0]
 
     def constant(v):
         return total(jnp.max(v), jax.lax.pmax) == total(jnp.min(v), jax.lax.pmin)
@@ -166,16 +211,15 @@ def _pearson(x, y, *, axis_name):
     return jnp.where(constant(x) | constant(y), jnp.nan, jnp.clip(r, -1, 1))
 
 
-def _nonzero(scale: jax.Array) -> jax.Array:
-    return jnp.where(scale > 0, scale, 1)
-
-
 def pearson(x: ArrayLike, y: ArrayLike, *, axis_name: str | None = None) -> jax.Array:
     """Pearson's correlation coefficient, like ``scipy.stats.pearsonr`` / ``np.corrcoef``.
 
     The coefficient is undefined when an input is constant. scipy returns NaN with a
     warning; this function raises a ``ValueError`` on concrete inputs and returns NaN
-    under ``jit`` (never a finite number computed from rounding noise).
+    under ``jit`` (never a finite number computed from rounding noise). XLA flushes
+    subnormal numbers to 0, so an input whose values differ only by subnormal amounts
+    (``[0, 1e-45]`` in float32) counts as constant too. Any other finite input, huge or
+    tiny, gives a finite ``r``.
 
     Args:
       x: ``(N,)`` values, ``N >= 2``.
@@ -201,8 +245,15 @@ def pearson(x: ArrayLike, y: ArrayLike, *, axis_name: str | None = None) -> jax.
         raise ValueError(f"pearson needs at least 2 samples, got {n}")
     _checks.check_finite("x", x)
     _checks.check_finite("y", y)
-    for name, v in (("x", x), ("y", y)):
-        if not _checks.is_traced(v) and axis_name is None and np.ptp(np.asarray(v)) == 0:
-            raise ValueError(f"{name} is constant ({np.asarray(v)[0]}); Pearson's r is undefined")
     dtype = _checks.float_dtype(x, y)
+    tiny = float(jnp.finfo(dtype).tiny)
+    for name, v in (("x", x), ("y", y)):
+        if _checks.is_traced(v) or axis_name is not None:
+            continue
+        # XLA flushes subnormal numbers to 0, so values differing only in subnormals are
+        # constant to the computation: rejected like a truly constant input.
+        a = np.asarray(v).astype(np.float64)
+        if np.ptp(np.where(np.abs(a) < tiny, 0.0, a)) == 0:
+            raise ValueError(f"{name} is constant ({a[0]}; subnormals count as 0); "
+                             "Pearson's r is undefined")
     return _pearson(x.astype(dtype), y.astype(dtype), axis_name=axis_name)
