@@ -1,8 +1,10 @@
 """Pruning benchmark: accuracy of gradual pruning on the digits teacher, and the cost of
 ``jol.prune`` inside an optimizer step.
 
-Run: ``.venv/bin/python benchmarks/pruning.py [--quick] [--reps N] [--skip-accuracy]``.
-Prints JSON and writes ``benchmarks/results/pruning.json``.
+Run: ``.venv/bin/python benchmarks/pruning.py [--quick] [--reps N] [--overhead-only]``.
+Prints JSON and writes ``benchmarks/results/pruning.json``; ``--overhead-only`` (alias
+``--skip-accuracy``) re-measures just the overhead section and keeps the accuracy section
+already in that file (``sections_measured`` says which sections this run measured).
 
 Accuracy: the dense TeacherCNN is trained, then fine-tuned with
 ``optax.chain(adam, jol.prune(mask_fn, polynomial_schedule(...)))`` to 50% and 90%
@@ -190,11 +192,22 @@ def _nm_valid(params, where) -> bool:
     return True
 
 
+def _previous() -> dict:
+    """The results file as it stands ({} if absent or unreadable)."""
+    try:
+        with open(RESULTS) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs and repetitions")
     parser.add_argument("--reps", type=int, default=None, help="timed steps per variant")
-    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--overhead-only", "--skip-accuracy", dest="skip_accuracy",
+                        action="store_true",
+                        help="measure only the overhead; keep the accuracy already in the JSON")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     reps = args.reps or (20 if args.quick else 150)
@@ -206,9 +219,13 @@ def main() -> None:
         "overhead": overhead(reps),
     }
     result["machine"]["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    result["sections_measured"] = ["overhead"]
     if not args.skip_accuracy:
         epochs, ft = (4, 4) if args.quick else (20, 15)
         result["accuracy"] = accuracy(epochs, ft, args.seed)
+        result["sections_measured"].append("accuracy")
+    elif "accuracy" in _previous():  # measured by an earlier full run: keep it
+        result["accuracy"] = _previous()["accuracy"]
     text = json.dumps(result, indent=2)
     print(text)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)

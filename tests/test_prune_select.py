@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxopt_lab.prune import select
@@ -147,3 +147,60 @@ def test_scalar_and_empty_leaves_mixed_with_large_ones():
         want = reference_keep([select.magnitude_scores(x) for x in xs], k)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g), w)
+
+
+# Leaf sizes that are not multiples of 16 (the smallest-survivor pass folds 16 parts and
+# reduces the tails apart), together above SAMPLED_FROM; previous masks make the k-th
+# fall among the smallest survivors, the case that runs that pass.
+ODD = [(257, 255), (7, 3)]
+_ODD_N = sum(math.prod(s) for s in ODD)
+
+
+@jax.jit
+def _nested_keep_and_scores(xs, prevs, k):
+    operands = list(zip(xs, prevs))
+    scores = [select.magnitude_scores(x, p) for x, p in operands]
+    return select.keep_lowest("magnitude", operands, k), scores
+
+
+@settings(max_examples=12)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0.0, 0.5, 0.9, 1.0]), st.data())
+def test_nested_selection_exact_with_operand_views(seed, pruned, data):
+    rng = np.random.default_rng(seed)
+    prevs = [jnp.asarray(rng.random(s) >= pruned) for s in ODD]
+    xs = [jnp.asarray(rng.normal(size=s).astype(np.float32)) * p for s, p in zip(ODD, prevs)]
+    if data.draw(st.booleans()):  # a survivor at (nearly) zero, far below the others
+        xs[0] = xs[0].at[3, 4].set(1e-30).at[5, 6].set(-0.0)
+    zeros = int(sum((~p).sum() for p in prevs))
+    k = data.draw(st.sampled_from([zeros, zeros + 1, zeros + 9, _ODD_N]) | st.integers(0, _ODD_N))
+    k = min(k, _ODD_N)
+    got, scores = _nested_keep_and_scores(xs, prevs, jnp.int32(k))
+    for g, w in zip(got, reference_keep(scores, k)):
+        np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def test_operand_views_match_sliced_scores():
+    """Views of the operands give the same scores as slicing the scored arrays, for the
+    elementwise kinds (operand views) and the others (slices of the full scores)."""
+    xs = [jnp.arange(-40.0, 40.0).reshape(8, 10), jnp.linspace(-1.0, 1.0, 13)]
+    cases = {
+        "magnitude": [(xs[0], xs[0] > -30), (xs[1], None)],
+        "product": [(xs[0], -xs[0], None), (xs[1], xs[1], xs[1] > 0)],
+        "random": [(jax.random.PRNGKey(i), x, None) for i, x in enumerate(xs)],
+    }
+    slicers = (lambda a: a[::3], lambda a: a[5:], lambda a: a[:0])
+
+    @jax.jit
+    def pairs(cases):
+        out = []
+        for kind, operands in cases.items():
+            make = lambda kind=kind, ops=operands: [  # noqa: E731
+                select.SCORE_KINDS[kind](*o) for o in ops
+            ]
+            view = select.score_views(kind, operands, make)
+            out += [(view(f), [f(s.reshape(-1)) for s in make()]) for f in slicers]
+        return out
+
+    for viewed, sliced in pairs(cases):
+        for v, s in zip(viewed, sliced):
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(s))

@@ -187,3 +187,17 @@ def test_apply_mask_and_sparsity_report():
     assert everything.size == rep.size + 72
     assert float(jol.sparsity(mask).overall) == pytest.approx(0.75)
     assert float(jol.sparsity({"e": jnp.zeros((0, 3))}).overall) == 0.0
+
+
+_sparsity_jit = jax.jit(jol.sparsity)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_sparsity_counts_subnormals_as_nonzero(dtype):
+    """Only +0 and -0 are zeros, though XLA flushes subnormals in a float compare (was:
+    subnormal weights counted as pruned), eagerly and under jit."""
+    tiny = jnp.finfo(dtype).smallest_subnormal
+    w = jnp.asarray([[0.0, -0.0, tiny, -tiny], [1.0, jnp.nan, jnp.inf, 0.0]], dtype)
+    for rep in (jol.sparsity({"w": w}), _sparsity_jit({"w": w})):
+        assert int(rep.nonzero["w"]) == 5 and float(rep.overall) == pytest.approx(3 / 8)
+    assert float(_sparsity_jit({"w": jnp.full((2, 2), 1e-45)}).overall) == 0.0

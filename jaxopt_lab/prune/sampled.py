@@ -4,7 +4,7 @@ fine histogram over the bracket finds it, exact fallbacks cover every other case
 1. A strided sample of ``SAMPLE`` scores is sorted; its quantiles around ``k / n`` with
    a 4 sigma margin give a score range ``[lo, hi)`` that almost surely holds the k-th
    lowest score. When already-pruned entries (score 0) fill the window's low end, ``lo``
-   is the exact smallest surviving score (one min pass) instead.
+   is the exact smallest surviving score (one fused min pass) instead.
 2. One scatter-add pass histograms all scores into ``BINS`` equal bins over that range,
    plus underflow and overflow counters: exact counts at every bin edge. (2**16 bins
    measured faster than 2**14 or 2**18: the histogram stays in cache.)
@@ -15,13 +15,14 @@ fine histogram over the bracket finds it, exact fallbacks cover every other case
 
 Every branch prunes exactly the k lowest (ties by position) -- the sample only decides
 how fast. Typical cost: one histogram pass plus the final mask, against two histogram
-passes for the radix select and ~50 for a sort.
+passes for the radix select and ~50 for a sort. The score arrays are never written out:
+the sample and the min pass score views of the operands (``select.score_views``) and the
+histogram's digits are computed from the operands, so each pass reads the weights once.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,15 +39,36 @@ _SPREAD = 16
 _LENGTH = BINS + 256  # >= BINS + 2 * _SPREAD, a multiple of select's row length
 _SIGMAS = 4.0
 _MAX = jnp.iinfo(jnp.int32).max
+_PARTS = 16  # the smallest-survivor pass first folds each array's 16 parts elementwise
 
 
-def _sample(scores: Sequence[jax.Array], total: int) -> jax.Array:
+def _sample(view: select.ScoreView, total: int) -> jax.Array:
     stride = max(1, total // SAMPLE)
-    return jnp.sort(jnp.concatenate([s.reshape(-1)[::stride] for s in scores]))
+    return jnp.sort(jnp.concatenate(view(lambda a: a[::stride])))
+
+
+def _min_positive(view: select.ScoreView) -> jax.Array:
+    """Smallest score > 0 over all arrays (``_MAX`` if none).
+
+    XLA writes a reduction's input out before reducing it; folding each array's
+    ``_PARTS`` contiguous parts together with elementwise minima first keeps the scoring
+    and most of the work in one fused pass, leaving ``1/_PARTS`` of the data to reduce.
+    """
+    positive = lambda s: jnp.where(s > 0, s, _MAX)  # noqa: E731
+    head = lambda a: a[: a.shape[0] // _PARTS * _PARTS].reshape(_PARTS, -1)  # noqa: E731
+    parts = [view(lambda a, i=i: head(a)[i]) for i in range(_PARTS)]
+    tails = view(lambda a: a[a.shape[0] // _PARTS * _PARTS :])
+    mins = [jnp.int32(_MAX)]
+    for per_array, tail in zip(zip(*parts), tails):
+        if per_array[0].size:
+            mins.append(jnp.min(functools.reduce(jnp.minimum, map(positive, per_array))))
+        if tail.size:
+            mins.append(jnp.min(positive(tail)))
+    return functools.reduce(jnp.minimum, mins)
 
 
 def _bracket(
-    scores: Sequence[jax.Array], sample: jax.Array, k: jax.Array, total: int
+    view: select.ScoreView, sample: jax.Array, k: jax.Array, total: int
 ) -> tuple[jax.Array, jax.Array]:
     """Score range ``[lo, lo + span)`` around the sample quantile ``k / total``."""
     m = sample.shape[0]
@@ -60,13 +82,9 @@ def _bracket(
     # Below the window lie already-pruned entries (score 0): along a rising schedule the
     # k-th is then among the smallest survivors, below the sample's smallest. Start the
     # range at the exact smallest survivor (one min pass) so the bins stay fine there.
-    lo = lax.cond(
-        lo <= 0,
-        lambda: functools.reduce(
-            jnp.minimum, [jnp.min(jnp.where(s > 0, s, _MAX)) for s in scores]
-        ),
-        lambda: lo,
-    )
+    # The branch builds its own scores: captured score arrays would be cond operands,
+    # which XLA must write out (an extra pass over the data on every recompute).
+    lo = lax.cond(lo <= 0, lambda: _min_positive(view), lambda: lo)
     return lo, jnp.maximum(hi - lo, 1)
 
 
@@ -106,12 +124,20 @@ def _lexicographic_min_cut(scores, digits, j) -> list[jax.Array]:
     return out
 
 
-def sampled_keep(make_scores: select.MakeScores, k: jax.Array) -> list[jax.Array]:
-    """Same contract as ``select.keep_lowest`` (``0 <= k <= total``)."""
+def sampled_keep(
+    make_scores: select.MakeScores, k: jax.Array, view: select.ScoreView | None = None
+) -> list[jax.Array]:
+    """Same contract as ``select.keep_lowest`` (``0 <= k <= total``).
+
+    ``view`` (see ``select.score_views``) builds the sample and the smallest-survivor
+    pass from views of the operands; by default they are views of ``make_scores()``.
+    """
+    if view is None:
+        view = lambda f: [f(s.reshape(-1)) for s in make_scores()]  # noqa: E731
     scores = make_scores()
     total = sum(s.size for s in scores)
     k_wanted, k = k, jnp.maximum(k, 1)
-    lo, span = _bracket(scores, _sample(scores, total), k, total)
+    lo, span = _bracket(view, _sample(view, total), k, total)
     shift = _shift_for(span)
     digits = [_digits(s, lo, shift) for s in scores]
     hist = select.histogram(digits, _LENGTH)

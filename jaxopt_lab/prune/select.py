@@ -12,7 +12,8 @@ count is exact and the result deterministic. Three exact methods, by input size:
   pass, falling back to the radix select when its sample-based guess does not settle it.
 
 Each pass is one scatter-add over the data, so a recompute costs a few elementwise passes
-where a full sort costs ~50 (``benchmarks/pruning.py`` measures it).
+where a full sort costs ~50 (``benchmarks/pruning.py`` measures it). Scores are built
+inside the passes that read them (``score_views``), never stored as an extra array.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ _ROW = 256  # prefix sums over histograms are done as (rows, _ROW) two-level sca
 # start at 1; NaN ranks above +inf so a NaN weight is never silently chosen to prune.
 _INF_BITS = 0x7F800000
 MakeScores = Callable[[], list[jax.Array]]  # builds the score arrays where it is called
+# ``view(f)``: each array's scores at ``f(flat index range)``, e.g. ``lambda a: a[::64]``,
+# built from that view of the operands where possible (see ``score_views``).
+ScoreView = Callable[[Callable[[jax.Array], jax.Array]], list[jax.Array]]
 
 
 def magnitude_scores(x: jax.Array, previous: jax.Array | None = None) -> jax.Array:
@@ -210,6 +214,32 @@ SCORE_KINDS: dict[str, Callable[..., jax.Array]] = {
     "product": _product,
     "random": _random,
 }
+# Kinds whose score of an entry depends only on the operands' entries at that position,
+# so scores of strided operands are the strided scores ("random" draws per shape).
+ELEMENTWISE_KINDS = frozenset({"given", "magnitude", "product"})
+
+
+def score_views(kind: str, operands: Sequence[tuple], make_scores: MakeScores) -> ScoreView:
+    """A ``ScoreView`` for ``keep_lowest``'s operands.
+
+    XLA does not fuse an elementwise producer into a reduction, nor into two consumers
+    where one is a slice: scoring the whole arrays and then slicing or reducing them
+    writes every score out and reads it back. For elementwise kinds the view is taken of
+    the operands instead, so the scores are computed inside the pass that uses them.
+    """
+    shapes = [s.shape for s in jax.eval_shape(make_scores)]
+    if kind not in ELEMENTWISE_KINDS or any(
+        o is not None and jnp.shape(o) != shape  # broadcasting operands: no view of them
+        for ops, shape in zip(operands, shapes)
+        for o in ops
+    ):
+        return lambda f: [f(s.reshape(-1)) for s in make_scores()]
+
+    def view(f):
+        flat = lambda o: None if o is None else f(jnp.asarray(o).reshape(-1))  # noqa: E731
+        return [SCORE_KINDS[kind](*map(flat, ops)) for ops in operands]
+
+    return view
 
 
 @functools.partial(jax.jit, static_argnames="kind")  # eager calls compile once per shape
@@ -242,8 +272,11 @@ def keep_lowest(kind: str, operands: Sequence[tuple], k) -> list[jax.Array]:
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
     if total < SORT_BELOW:
         keep = sort_keep(make_scores(), k)
+    elif total < SAMPLED_FROM:
+        keep = radix_keep(make_scores, k)
     else:
-        keep = (radix_keep if total < SAMPLED_FROM else sampled.sampled_keep)(make_scores, k)
+        view = score_views(kind, [operands[i] for i in full], make_scores)
+        keep = sampled.sampled_keep(make_scores, k, view)
     for i, m in zip(full, keep):
         out[i] = m
     return out

@@ -213,7 +213,8 @@ def sparsity(tree: Params, *, where: Any = None) -> Sparsity:
     """Fractions of exact zeros, per leaf and over the ``where``-selected leaves.
 
     ``where`` defaults to float or bool leaves with ``ndim >= 2``; a bool tree (a mask)
-    counts False as zero. Works under ``jit``.
+    counts False as zero. Only ``+0`` and ``-0`` are zeros: subnormals count as nonzero
+    (by their bits) though XLA flushes them to zero in arithmetic. Works under ``jit``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxopt_lab as jol
@@ -226,8 +227,24 @@ def sparsity(tree: Params, *, where: Any = None) -> Sparsity:
             _select.is_float_array(x) or np.dtype(getattr(x, "dtype", None)) == bool
         )
 
+    def is_nonzero(x):
+        # By bits, not ``x != 0``: XLA flushes subnormals, so a float compare calls them 0.
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):
+            return is_nonzero(jnp.real(x)) | is_nonzero(jnp.imag(x))
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x != 0
+        width = jnp.finfo(x.dtype).bits
+        if width not in (8, 16, 32, 64):  # float4 and the like: no unsigned twin to view as
+            return x != 0
+        uint = np.dtype(f"uint{width}")
+        signed_zeros = np.array([0.0, -0.0], x.dtype)  # fnuz types have no -0, e8m0 no 0
+        bits, out = lax.bitcast_convert_type(x, uint), jnp.ones(x.shape, bool)
+        for pattern in set(signed_zeros.view(uint)[signed_zeros == 0].tolist()):
+            out = out & (bits != uint.type(pattern))
+        return out
+
     def nonzero(x):
-        return jnp.count_nonzero(jnp.asarray(x)).astype(jnp.int32)
+        return jnp.sum(is_nonzero(jnp.asarray(x)), dtype=jnp.int32)
 
     counts = jax.tree.map(nonzero, tree)
     per_leaf = jax.tree.map(
