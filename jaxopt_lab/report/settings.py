@@ -29,7 +29,9 @@ class JobSettings:
       seed: initialisation, shuffling and split seed; same seed, same figures.
       quick: the small preset (whole job well under a minute on a 2-core CPU).
       teacher_epochs: maximum epochs of the baseline teacher (early-stopped).
-      finetune_epochs: epochs of each fine-tune (QAT, pruning, 2:4, channel pruning).
+      finetune_epochs: epochs of each fine-tune (QAT, 2:4, channel pruning).
+      prune_epochs: epochs of the gradual magnitude-pruning fine-tunes (50% and 90%):
+        the ramp takes the first half, the second half recovers at the target.
       student_epochs: maximum epochs of the distilled student.
       pipeline_epochs: epochs of each fine-tuning stage of the composed pipeline.
       patience: early-stopping patience of the from-scratch runs.
@@ -52,6 +54,7 @@ class JobSettings:
     quick: bool = False
     teacher_epochs: int = 15
     finetune_epochs: int = 5
+    prune_epochs: int = 16
     student_epochs: int = 20
     pipeline_epochs: int = 4
     patience: int | None = 4
@@ -79,8 +82,8 @@ class JobSettings:
     def preset(cls, *, quick: bool = False, **overrides) -> JobSettings:
         """The default settings, or the ``--quick`` ones, with ``overrides`` applied."""
         if quick:
-            base = dict(quick=True, teacher_epochs=4, finetune_epochs=3, student_epochs=6,
-                        pipeline_epochs=2, patience=None, latency_repeats=7)
+            base = dict(quick=True, teacher_epochs=4, finetune_epochs=3, prune_epochs=3,
+                        student_epochs=6, pipeline_epochs=2, patience=None, latency_repeats=7)
         else:
             base = {}
         return cls(**{**base, **overrides})

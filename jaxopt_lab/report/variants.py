@@ -176,14 +176,14 @@ def magnitude_pruned(ctx: JobContext) -> dict[float, Variables]:
     the schedule from 0 to 1 (Zhu & Gupta from 0 is linear in the final sparsity).
     """
     s = ctx.settings
-    unit = gradual_schedule(ctx, 1.0, s.finetune_epochs)
+    unit = gradual_schedule(ctx, 1.0, s.prune_epochs)
 
     def make_tx(target):
         return optax.chain(optax.adam(s.finetune_learning_rate),
                            jol.prune(jol.magnitude_mask, lambda t: target * unit(t)))
 
     return ctx.shared("magnitude_pruned", lambda: dict(zip(MAGNITUDE_TARGETS, fit_each(
-        ctx.models.teacher, ctx.data, make_tx, MAGNITUDE_TARGETS, epochs=s.finetune_epochs,
+        ctx.models.teacher, ctx.data, make_tx, MAGNITUDE_TARGETS, epochs=s.prune_epochs,
         batch_size=s.batch_size, seed=s.seed, variables=ctx.teacher_variables,
         devices=s.devices))))
 
@@ -193,7 +193,7 @@ def _pruned(ctx: JobContext, target: float) -> Variant:
     teacher = ctx.models.teacher
     pct = round(100 * target)
     return Variant(f"prune{pct}_gradual", f"{pct}% magnitude pruning, polynomial schedule "
-                   f"over {ctx.settings.finetune_epochs} fine-tuning epoch(s), sparse storage",
+                   f"over {ctx.settings.prune_epochs} fine-tuning epoch(s), sparse storage",
                    teacher, sparse_stored(tuned), jol.to_dense, float_infer(teacher),
                    prepare=jol.to_dense, sparsity_target=target)
 
