@@ -12,8 +12,7 @@ def test_quick_preset_is_smaller_than_the_default():
     quick, default = JobSettings.preset(quick=True), JobSettings.preset()
     assert quick.quick and not default.quick
     for field in ("teacher_epochs", "finetune_epochs", "prune_epochs", "student_epochs",
-                  "pipeline_epochs",
-                  "latency_repeats"):
+                  "pipeline_epochs", "latency_repeats"):
         assert getattr(quick, field) <= getattr(default, field), field
 
 
