@@ -4,14 +4,15 @@ A configuration is one value of a scalar hyperparameter (a learning rate, a fina
 sparsity...), and ``make_optimizer(value)`` builds its optax transformation from the
 traced value. :func:`sweep` stacks the values, ``jax.vmap`` s a whole training run from
 shared initial variables -- every step of every epoch under ``lax.scan``, then the test
-evaluation -- over them, and compiles it once. Convolutions run as patch matrix products inside the
-sweep (see ``jaxopt_lab._conv_matmul``): vmapped convolutions become grouped ones, which
-XLA's CPU backend runs very slowly.
+evaluation -- over them, and compiles it once. Convolutions run as patch matrix products
+inside the sweep (see ``jaxopt_lab._conv_matmul``): vmapped convolutions become grouped
+ones, which XLA's CPU backend runs very slowly.
 
 What it buys depends on the hardware: one compile instead of one per configuration, and
 the configurations share whatever parallelism one small model leaves idle. A 2-core CPU
-has none to spare, and there the vmapped run is slower than the same configurations run
-one after another (``benchmarks/sweep.py`` measures both, with and without compilation).
+has little to spare: there 8 vmapped student runs take about 6.5x one run, somewhat less
+than the same 8 run one after another (``benchmarks/sweep.py`` measures both, with and
+without compilation).
 
 Examples:
   >>> import optax, jaxopt_lab as jol

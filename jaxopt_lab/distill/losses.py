@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_lab._pow2 import pow2_scale
 from jaxopt_lab.distill.features import project
 from jaxopt_lab.distill.kl import half_cross_entropy, tempered_kl
 
@@ -299,13 +300,7 @@ def _cosine(a: jax.Array, b: jax.Array, eps: float) -> jax.Array:
 
 def _unit_max(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     """``x * r`` and ``eps * r`` with ``r = 2**-k``, ``2**k`` just above max|x| per row
-    (rows then peak at most at ``2**28``).
-
-    A power of two far inside the normal range (``2**+-100`` in float32), not
-    ``1 / max|x|``: that is subnormal for max|x| > 2**126 and XLA flushes it to 0.
-    """
-    info = jnp.finfo(x.dtype)
-    _, k = jnp.frexp(jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1)))
-    r = jnp.ldexp(jnp.ones((), x.dtype), -jnp.clip(k, int(info.minexp) + 26,
-                                                   int(info.maxexp) - 28))
+    (``jaxopt_lab._pow2.pow2_scale``: not ``1 / max|x|``, which XLA flushes to 0 for
+    max|x| > 2**126)."""
+    r, _ = pow2_scale(jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1)))
     return x * r[..., None], eps * r

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jaxopt_lab._pow2 import pow2_scale
 from jaxopt_lab.metrics import _checks
 
 # sklearn's mean_absolute_percentage_error divides by max(|y_true|, float64 eps), also in
@@ -70,21 +71,6 @@ def _combine_outputs(per_output: jax.Array, multioutput) -> jax.Array:
     return jnp.sum(per_output * (weights / jnp.sum(weights)))
 
 
-def _pow2_scale(top: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(2**-k, 2**k)`` with ``top * 2**-k`` near 1 (at most ``2**28``), both factors far
-    inside the normal range (``2**+-100`` in float32).
-
-    Scaling by a power of two is exact, and keeping the factors normal with a margin
-    matters: XLA turns ``x / top`` into ``x * (1 / top)``, and may fold ``0.5 * 2**-k``,
-    flushing any subnormal factor to 0.
-    """
-    info = jnp.finfo(top.dtype)
-    _, k = jnp.frexp(top)
-    k = jnp.clip(k, int(info.minexp) + 26, int(info.maxexp) - 28)
-    one = jnp.ones((), top.dtype)
-    return jnp.ldexp(one, -k), jnp.ldexp(one, k)
-
-
 def _abs_error(y_true, y_pred, kind):
     """Per-element error in *half* units (the error is ``2 * value``), so that an error
     beyond the dtype's range (``y_pred - y_true`` overflowing) stays finite."""
@@ -112,7 +98,7 @@ def _per_output(y_true, y_pred, weight, *, kind, axis_name):
     top = jnp.max(half)
     if axis_name is not None:
         top = jax.lax.pmax(top, axis_name)
-    down, up = _pow2_scale(top)
+    down, up = pow2_scale(top)
     err = half * down
     if kind == "rmse":
         err = jnp.square(err)
@@ -199,9 +185,9 @@ def _pearson(x, y, *, axis_name):
         # that huge or tiny inputs neither overflow nor underflow (nor lose differences
         # smaller than the smallest normal number), then again after centring. (Not
         # v / max|v|: XLA multiplies by 1 / max|v|, flushed to 0 beyond 2**126.)
-        v = v * _pow2_scale(total(jnp.max(jnp.abs(v)), jax.lax.pmax))[0]
+        v = v * pow2_scale(total(jnp.max(jnp.abs(v)), jax.lax.pmax))[0]
         v = v - total(jnp.sum(v)) / total(jnp.asarray(v.shape[0], v.dtype))
-        return v * _pow2_scale(total(jnp.max(jnp.abs(v)), jax.lax.pmax))[0]
+        return v * pow2_scale(total(jnp.max(jnp.abs(v)), jax.lax.pmax))[0]
 
     def constant(v):
         return total(jnp.max(v), jax.lax.pmax) == total(jnp.min(v), jax.lax.pmin)
