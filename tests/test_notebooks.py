@@ -69,6 +69,29 @@ def test_notebook_is_saved_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_colab_install_cell(path, monkeypatch):
+    """On Colab the first cell pip-installs JAXOPT_LAB_SOURCE, and only when needed."""
+    import importlib.util
+    import subprocess
+    import types
+
+    source = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: calls.append(args))
+    exec(source.source, {})  # not on Colab: nothing happens
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    exec(source.source, {})  # on Colab, jaxopt_lab already installed: nothing either
+    assert calls == []
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jaxopt_lab" else real_find_spec(name, *a))
+    with pytest.raises(RuntimeError, match="JAXOPT_LAB_SOURCE"):
+        exec(source.source, {})  # on Colab without a source: a clear error
+    exec(source.source.replace('JAXOPT_LAB_SOURCE = ""', 'JAXOPT_LAB_SOURCE = "pkg.whl"'), {})
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "pkg.whl"]]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, kernel_dirs, tmp_path, monkeypatch):
     for name, value in kernel_dirs.items():
         monkeypatch.setenv(name, value)

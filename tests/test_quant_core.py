@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -205,6 +205,24 @@ def test_bfloat16_scales_round_up_and_keep_the_bounds(sym):
     again = jol.quantize(jnp.asarray(xh), **kw)
     if sym:
         chex.assert_trees_all_equal(again, qt)
+
+
+@given(st.floats(2.0 ** -126, 2.0 ** 127, width=32))
+@example(float(np.finfo(np.float32).max))  # above the largest bfloat16: clamped to it
+@example(1.0)  # representable: unchanged
+def test_bfloat16_scale_rounding_is_the_next_bfloat16_up(scale):
+    # By bits: a rounded copy compared with the scale rounds to nearest on GPU (excess
+    # precision), where the bounds need rounding up.
+    from jaxopt_lab.quant.core import _round_scale_up
+
+    up = jax.jit(_round_scale_up, static_argnums=1)(jnp.float32(scale), "bfloat16")
+    as_bf16 = up.astype(jnp.bfloat16)
+    assert up == as_bf16.astype(jnp.float32)  # representable
+    if up < np.float32(scale):  # only above the largest bfloat16
+        assert as_bf16 == jnp.finfo(jnp.bfloat16).max
+    else:
+        below = jnp.nextafter(as_bf16, jnp.bfloat16(0)).astype(jnp.float32)
+        assert below < np.float32(scale)  # the smallest bfloat16 >= scale
 
 
 def test_contract_storage_ratios():

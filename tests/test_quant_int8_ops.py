@@ -209,3 +209,32 @@ def test_conv_accepts_every_lax_padding_form_with_and_without_zero_point(padding
                                        dimension_numbers=NHWC)
     chex.assert_trees_all_equal(y0, jax.lax.conv_general_dilated(
         x.astype(jnp.float32), k.astype(jnp.float32), (1, 1), padding, dimension_numbers=NHWC))
+
+
+def _lowered_for_gpu(fn, *shapes) -> str:
+    """StableHLO text of ``fn`` lowered for CUDA (no GPU needed to lower)."""
+    specs = [jax.ShapeDtypeStruct(s, jnp.int8) for s in shapes]
+    return jax.export.export(jax.jit(fn), platforms=("cuda",))(*specs).mlir_module()
+
+
+@pytest.mark.parametrize("k, padded", [(5, 8), (7, 8), (1, 4), (8, None), (64, None)])
+def test_gpu_int8_contractions_are_padded_to_a_multiple_of_4(k, padded):
+    # XLA GPU (jax 0.11.2, H200) doubled int8 sums of contraction lengths like 5 and 7;
+    # lengths that are multiples of 4 came out exact, so off CPU they are padded with zeros.
+    text = _lowered_for_gpu(lambda a, b: jol.int8_dot_general(
+        a, b, DOT, lhs_scale=1.0, rhs_scale=1.0), (2, 3, k), (2, k, 4))
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert dots and all("xi8>" in line for line in dots)
+    if padded is None:
+        assert "stablehlo.pad" not in text
+    else:
+        assert f"tensor<2x3x{padded}xi8>" in dots[0] and f"tensor<2x{padded}x4xi8>" in dots[0]
+
+
+def test_gpu_int8_conv_runs_on_float_codes_at_full_precision():
+    # XLA GPU's int8 convolution gave wrong sums (1 input channel, zero-point padding).
+    text = _lowered_for_gpu(lambda x, k: jol.int8_conv_general_dilated(
+        x, k, (1, 1), "SAME", lhs_scale=1.0, rhs_scale=1.0, lhs_zero_point=jnp.int8(2),
+        dimension_numbers=NHWC), (1, 4, 4, 1), (2, 2, 1, 1))
+    convs = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+    assert len(convs) == 1 and "xf32>" in convs[0] and "HIGHEST" in convs[0]

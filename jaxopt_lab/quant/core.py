@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxopt_lab import _select
 from jaxopt_lab.quant.affine import (
@@ -151,13 +152,19 @@ def _stored(param: jax.Array, shape: tuple[int, ...], s: Mapping[str, Any]) -> j
 
 
 def _round_scale_up(scale: jax.Array, dtype: Any) -> jax.Array:
-    """The smallest value of ``dtype`` >= ``scale`` (as float32), so nothing new clips."""
+    """The smallest bfloat16 >= the positive float32 ``scale`` (as float32), so nothing new
+    clips.
+
+    By bits (bfloat16 is float32 without its low 16 bits), not by comparing a rounded copy
+    with ``scale``: XLA may keep excess precision in the copy (it does on GPU), which made
+    that comparison always false and the scale round to nearest.
+    """
     if jnp.dtype(dtype) == jnp.float32:
         return scale
-    low = scale.astype(dtype)
-    up = jnp.nextafter(low, jnp.array(jnp.inf, dtype))
-    up = jnp.minimum(up, jnp.finfo(dtype).max)
-    return jnp.where(low.astype(jnp.float32) < scale, up, low).astype(jnp.float32)
+    assert jnp.dtype(dtype) == jnp.bfloat16, dtype  # SCALE_DTYPES
+    bits = lax.bitcast_convert_type(scale.astype(jnp.float32), jnp.uint32)
+    up = lax.bitcast_convert_type((bits + np.uint32(0xFFFF)) & np.uint32(0xFFFF0000), jnp.float32)
+    return jnp.minimum(up, float(jnp.finfo(jnp.bfloat16).max))
 
 
 def _codes(view: jax.Array, red: tuple[int, ...], s: Mapping[str, Any]):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxopt_lab.quant.affine import affine_params, integer_range
-from jaxopt_lab.quant.native import int8_matmul
+from jaxopt_lab.quant.native import int8_matmul, xla_int8_dot_general
 
 ArrayLike = jax.typing.ArrayLike
 PADDING_NAMES = ("SAME", "SAME_LOWER", "VALID")
@@ -135,7 +135,7 @@ def _axes(name: str, axes: Sequence[int], ndim: int) -> tuple[int, ...]:
 def _integer_contraction(lhs, rhs, lc, rc, lb, rb, l_free, r_free) -> jax.Array:
     """Exact int32 ``dot_general``; without batch axes, a 2-D `int8_matmul` (native on CPU)."""
     if lb:
-        return lax.dot_general(lhs, rhs, ((lc, rc), (lb, rb)), preferred_element_type=jnp.int32)
+        return xla_int8_dot_general(lhs, rhs, ((lc, rc), (lb, rb)))
     k = math.prod(lhs.shape[i] for i in lc)
     a = jnp.transpose(lhs, tuple(l_free) + lc).reshape(-1, k)
     b = jnp.transpose(rhs, rc + tuple(r_free)).reshape(k, -1)
@@ -267,6 +267,35 @@ def int8_conv_general_dilated(
     if z_l is not None and z_l.ndim:
         raise ValueError(f"lhs_zero_point must be a scalar for a convolution, got shape "
                          f"{z_l.shape}")
+    conv = dict(rhs_dilation=rhs_dilation, dimension_numbers=dnums,
+                feature_group_count=feature_group_count)
+
+    def on_codes_as_floats(lhs, rhs):
+        """The GPU path: XLA's int8 convolution on GPU returned wrong sums (jax 0.11.2,
+        H200: channel counts that are not a multiple of 4, zero-point padding), so the
+        codes, shifted by the zero point, are convolved as float32 at full precision:
+        exact while partial sums stay below 2**24 (any window of up to 518 inputs), and
+        off by float rounding only beyond."""
+        shifted = lhs.astype(jnp.float32) - (0.0 if z_l is None else z_l.astype(jnp.float32))
+        return lax.conv_general_dilated(
+            shifted, rhs.astype(jnp.float32), window_strides, padding,
+            lhs_dilation=lhs_dilation, precision=lax.Precision.HIGHEST, **conv)
+
+    def on_integers(lhs, rhs):
+        return _integer_conv(lhs, rhs, window_strides, padding, lhs_dilation, z_l, **conv)
+
+    acc = lax.platform_dependent(lhs, rhs, cuda=on_codes_as_floats, default=on_integers)
+    per_out = lambda t: _along(t.reshape(-1) if t.ndim else t, out_spec[1], acc.ndim)  # noqa: E731
+    per_batch = lambda t: _along(t.reshape(-1) if t.ndim else t, out_spec[0], acc.ndim)  # noqa: E731
+    scale = per_batch(s_l.astype(jnp.float32)) * per_out(s_r.astype(jnp.float32))
+    return (acc * scale).astype(out_dtype)
+
+
+def _integer_conv(lhs, rhs, window_strides, padding, lhs_dilation, z_l, *, rhs_dilation,
+                  dimension_numbers, feature_group_count) -> jax.Array:
+    """The int32 convolution of the codes minus the zero point, as float32."""
+    lhs_spec, rhs_spec, out_spec = dnums = dimension_numbers
+    n_sp = lhs.ndim - 2
     if z_l is not None:
         dil = tuple(lhs_dilation or (1,) * n_sp)
         if isinstance(padding, str):
@@ -285,13 +314,10 @@ def int8_conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dnums,
         feature_group_count=feature_group_count, preferred_element_type=jnp.int32)
-    per_out = lambda t: _along(t.reshape(-1) if t.ndim else t, out_spec[1], acc.ndim)  # noqa: E731
-    per_batch = lambda t: _along(t.reshape(-1) if t.ndim else t, out_spec[0], acc.ndim)  # noqa: E731
     if z_l is not None:
         wsum = jnp.sum(rhs.astype(jnp.int32), axis=tuple(rhs_spec[1:]))
-        acc = acc - z_l.astype(jnp.int32) * per_out(wsum)
-    scale = per_batch(s_l.astype(jnp.float32)) * per_out(s_r.astype(jnp.float32))
-    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+        acc = acc - z_l.astype(jnp.int32) * _along(wsum, out_spec[1], acc.ndim)
+    return acc.astype(jnp.float32)
 
 
 def parse_einsum(spec: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The accelerator check, in one short run: the benchmarks of issues 3, 4 and 6 (int8 paths,
+# pruning overhead, vmapped sweep) and the int8/pruning test files, on the default backend.
+#
+#   OUT=some/dir bash benchmarks/gpu_check.sh     # from the repository root
+#
+# Uses the JAX already installed (the package is imported from the checkout, not
+# installed). Each step has its own time limit; the JSON results and logs land in $OUT.
+set -u
+PY=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results/gpu}
+LIMIT=${LIMIT:-150}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+step() {  # step NAME COMMAND...: runs it under the time limit, logs to $OUT/NAME.log
+  local name=$1 t0=$SECONDS rc
+  shift
+  timeout "$LIMIT" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name: rc=$rc in $((SECONDS - t0)) s"
+  tail -n 3 "$OUT/$name.log"
+}
+
+{ nvidia-smi -L 2>/dev/null
+  "$PY" -c "import jax, flax, optax, chex; print('jax', jax.__version__, 'flax', flax.__version__,
+'optax', optax.__version__, jax.devices())"; } | tee "$OUT/device.txt"
+
+step quantization "$PY" benchmarks/quantization.py ${QUICK:+--quick} --out "$OUT/quantization.json"
+step pruning "$PY" benchmarks/pruning.py --overhead-only ${QUICK:+--quick}
+cp benchmarks/results/pruning.json "$OUT/pruning.json"
+step sweep "$PY" benchmarks/sweep.py ${QUICK:+--epochs 1 --repeats 1}
+cp benchmarks/results/sweep.json "$OUT/sweep.json"
+# The tests force JAX_PLATFORMS=cpu unless it is set: run these on the accelerator.
+JAX_PLATFORMS="${JAX_PLATFORMS:-cuda,cpu}" step tests "$PY" -m pytest -q -x -p no:cacheprovider \
+  tests/test_quant_int8_ops.py tests/test_quant_interceptor.py tests/test_quant_core.py \
+  tests/test_prune_select.py tests/test_prune_transform.py
