@@ -139,8 +139,10 @@ def sampled_keep(
     k_wanted, k = k, jnp.maximum(k, 1)
     lo, span = _bracket(view, _sample(view, total), k, total)
     shift = _shift_for(span)
-    digits = [_digits(s, lo, shift) for s in scores]
-    hist = select.histogram(digits, _LENGTH)
+    # Digits are rebuilt from the operands wherever they are used: captured by the
+    # branches below, every array's digits would be written out and kept alive together.
+    digits = lambda: [_digits(s, lo, shift) for s in make_scores()]  # noqa: E731
+    hist = select.histogram(digits(), _LENGTH)
     j, below = select.first_reaching(hist, k)
     rank, count = k - below, hist[j]  # the k-th is the rank-th (1-based) of bin j
     fits = (j >= _SPREAD) & (j < _SPREAD + BINS)
@@ -148,8 +150,8 @@ def sampled_keep(
     return lax.switch(
         jnp.where(k_wanted <= 0, 3, case),
         [
-            lambda: [d > j for d in digits],
-            lambda: _lexicographic_min_cut(make_scores(), digits, j),
+            lambda: [d > j for d in digits()],
+            lambda: _lexicographic_min_cut(make_scores(), digits(), j),
             lambda: select.radix_keep(make_scores, k),
             lambda: [jnp.ones(s.shape, bool) for s in scores],
         ],

@@ -246,7 +246,9 @@ def int8_conv_general_dilated(
       out_dtype: dtype of the result.
 
     Returns:
-      The rescaled convolution in ``out_dtype``.
+      The rescaled convolution in ``out_dtype``. On GPU it is computed on the codes as
+      float32 at full precision (exact for windows of up to 518 inputs), since XLA's GPU
+      int8 convolution gave wrong sums.
 
     Raises:
       TypeError: operands that are not ``int8``.

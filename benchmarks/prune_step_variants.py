@@ -1,0 +1,121 @@
+"""Where the cost of an ordinary ``prune`` step goes: variants of one optimizer step, side by side.
+
+Same set-up as ``pruning.py``'s overhead section (4 layers of 1024x1024 plus biases, adam,
+jitted steps with donated buffers), all variants timed interleaved in one process:
+
+* ``plain``: adam alone;
+* ``prune``: ``chain(adam, prune(magnitude_mask, 0.5))`` (masks unchanged: ordinary steps);
+* ``prune_fixed``: the same with a fixed mask tree, so the ``lax.cond`` branch is trivial;
+* ``mask_only``: adam, then ``where(mask, u, -p)`` with the masks carried as plain state;
+* ``mask_in_cond``: the same with the masks passed through a never-taken ``lax.cond``;
+* ``packed_mask``: ``mask_only`` on the kernels only, with bit-packed masks (1 bit a weight).
+
+Prints JSON: median ms per step and the ratio to ``plain`` (medians and paired medians).
+Run: ``python benchmarks/prune_step_variants.py [--reps N] [--out FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+import jaxopt_lab as jol
+
+
+def _layers(seed: int):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return {f"layer{i}": {"kernel": jax.random.normal(k, (1024, 1024)) * 0.02,
+                          "bias": jnp.zeros(1024)} for i, k in enumerate(keys)}
+
+
+def _mask_of(x):
+    return jnp.abs(x) > 0.01 if x.ndim == 2 else jnp.ones(x.shape, bool)
+
+
+def _unpack(bits, shape):
+    return ((bits[..., :, None] >> jnp.arange(8, dtype=jnp.uint8)) & 1).reshape(shape) > 0
+
+
+def _masking(kind: str) -> optax.GradientTransformation:
+    """``where(mask, u, -p)`` after the optimizer, masks held as the variant says."""
+    is_none = lambda x: x is None  # noqa: E731
+
+    def init(params):
+        if kind == "packed_mask":
+            return jax.tree.map(lambda x: jnp.packbits(_mask_of(x), axis=-1, bitorder="little")
+                                if x.ndim == 2 else None, params)
+        return jax.tree.map(_mask_of, params)
+
+    def update(updates, masks, params):
+        if kind == "mask_in_cond":  # never taken: the total update is never that large
+            never = jnp.sum(updates["layer0"]["bias"]) > 1e30
+            masks = lax.cond(never, lambda: jax.tree.map(jnp.logical_not, masks), lambda: masks)
+        if kind == "packed_mask":
+            def masked(u, p, m):
+                return u if m is None else jnp.where(_unpack(m, u.shape), u, -p)
+            return jax.tree.map(masked, updates, params, masks, is_leaf=is_none), masks
+        return jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, masks), masks
+
+    return optax.GradientTransformation(init, update)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--out", default=None, help="also write the JSON to this file")
+    args = parser.parse_args()
+    adam = optax.adam(1e-3)
+    fixed = jax.tree.map(_mask_of, _layers(0))
+    txs = {
+        "plain": adam,
+        "prune": optax.chain(adam, jol.prune(jol.magnitude_mask, 0.5)),
+        "prune_fixed": optax.chain(adam, jol.prune(lambda tree, s: fixed, 0.5)),
+        **{k: optax.chain(adam, _masking(k)) for k in ("mask_only", "mask_in_cond",
+                                                       "packed_mask")},
+    }
+    keys = iter(jax.random.split(jax.random.PRNGKey(3), 8))
+    grads = jax.tree.map(lambda p: 0.01 * jax.random.normal(next(keys), p.shape), _layers(1))
+    runs = {}
+    for name, tx in txs.items():
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def step(p, s, g, tx=tx):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        p = _layers(0)
+        s = tx.init(p)
+        for _ in range(3):  # compile, and get past prune's first (mask-computing) step
+            p, s = step(p, s, grads)
+        runs[name] = [step, jax.block_until_ready(p), s, []]
+    for _ in range(args.reps):
+        for r in runs.values():
+            t = time.perf_counter()
+            r[1], r[2] = r[0](r[1], r[2], grads)
+            jax.block_until_ready((r[1], r[2]))
+            r[3].append(time.perf_counter() - t)
+    plain = np.asarray(runs["plain"][3])
+    text = json.dumps({
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "reps": args.reps,
+        "variants": {k: {"median_ms": float(np.median(r[3]) * 1e3),
+                         "ratio_to_plain": float(np.median(r[3]) / np.median(plain)),
+                         "paired_ratio_to_plain": float(np.median(np.asarray(r[3]) / plain))}
+                     for k, r in runs.items()},
+    }, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
