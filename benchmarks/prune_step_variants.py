@@ -17,9 +17,9 @@ Run: ``python benchmarks/prune_step_variants.py [--reps N] [--out FILE]``.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +29,8 @@ from jax import lax
 
 import jaxopt_lab as jol
 
-
-def _layers(seed: int):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    return {f"layer{i}": {"kernel": jax.random.normal(k, (1024, 1024)) * 0.02,
-                          "bias": jnp.zeros(1024)} for i, k in enumerate(keys)}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pruning import _layers, _timed_runs  # noqa: E402  (the same step and timing loop)
 
 
 def _mask_of(x):
@@ -73,7 +70,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     args = parser.parse_args()
     adam = optax.adam(1e-3)
-    fixed = jax.tree.map(_mask_of, _layers(0))
+    fixed = jax.tree.map(_mask_of, _layers(4, 1024, 0))
     txs = {
         "plain": adam,
         "prune": optax.chain(adam, jol.prune(jol.magnitude_mask, 0.5)),
@@ -81,34 +78,14 @@ def main() -> None:
         **{k: optax.chain(adam, _masking(k)) for k in ("mask_only", "mask_in_cond",
                                                        "packed_mask")},
     }
-    keys = iter(jax.random.split(jax.random.PRNGKey(3), 8))
-    grads = jax.tree.map(lambda p: 0.01 * jax.random.normal(next(keys), p.shape), _layers(1))
-    runs = {}
-    for name, tx in txs.items():
-        @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def step(p, s, g, tx=tx):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        p = _layers(0)
-        s = tx.init(p)
-        for _ in range(3):  # compile, and get past prune's first (mask-computing) step
-            p, s = step(p, s, grads)
-        runs[name] = [step, jax.block_until_ready(p), s, []]
-    for _ in range(args.reps):
-        for r in runs.values():
-            t = time.perf_counter()
-            r[1], r[2] = r[0](r[1], r[2], grads)
-            jax.block_until_ready((r[1], r[2]))
-            r[3].append(time.perf_counter() - t)
-    plain = np.asarray(runs["plain"][3])
+    runs = _timed_runs(txs, args.reps, n_layers=4, dim=1024)
+    plain = runs["plain"][3]
     text = json.dumps({
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
         "reps": args.reps,
-        "variants": {k: {"median_ms": float(np.median(r[3]) * 1e3),
-                         "ratio_to_plain": float(np.median(r[3]) / np.median(plain)),
-                         "paired_ratio_to_plain": float(np.median(np.asarray(r[3]) / plain))}
+        "variants": {k: {"median_ms": r[0], "ratio_to_plain": r[0] / runs["plain"][0],
+                         "paired_ratio_to_plain": float(np.median(r[3] / plain))}
                      for k, r in runs.items()},
     }, indent=2)
     print(text)
