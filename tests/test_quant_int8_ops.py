@@ -238,3 +238,41 @@ def test_gpu_int8_conv_runs_on_float_codes_at_full_precision():
         dimension_numbers=NHWC), (1, 4, 4, 1), (2, 2, 1, 1))
     convs = [line for line in text.splitlines() if "stablehlo.convolution" in line]
     assert len(convs) == 1 and "xf32>" in convs[0] and "HIGHEST" in convs[0]
+
+
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 3), st.booleans())
+def test_padded_contraction_gives_the_same_exact_sums(m, k, n, batched):
+    # What the GPU path computes, checked here on CPU: padding with zeros changes nothing.
+    from jaxopt_lab.quant.native import pad_contraction
+
+    rng = np.random.default_rng(k)
+    lead = (2,) if batched else ()
+    a = jnp.asarray(rng.integers(-128, 128, lead + (m, k)), jnp.int8)
+    b = jnp.asarray(rng.integers(-128, 128, lead + (k, n)), jnp.int8)
+    dims = (((a.ndim - 1,), (b.ndim - 2,)), ((0,), (0,)) if batched else ((), ()))
+    pa, pb = pad_contraction(a, b, dims)
+    assert pa.shape[-1] % 4 == 0 and pa.shape[-1] - k < 4 and pb.shape[-2] == pa.shape[-1]
+    ref = np.einsum("...mk,...kn->...mn", np.asarray(a, np.int64), np.asarray(b, np.int64))
+    got = jax.lax.dot_general(pa, pb, dims, preferred_element_type=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+@pytest.mark.parametrize("conv", CONV_CASES + [dict(window_strides=(1, 1), padding="VALID")])
+@pytest.mark.parametrize("zero_point", [None, -128, 3, 127])
+def test_gpu_conv_path_equals_the_integer_path(conv, zero_point):
+    # The float-codes convolution used on GPU, run here on CPU against the int32 one.
+    from jaxopt_lab.quant.int8_ops import _float_conv_of_codes, _integer_conv
+
+    rng = np.random.default_rng(3)
+    groups = conv.get("feature_group_count", 1)
+    x = jnp.asarray(rng.integers(-128, 128, (2, 7, 6, 4)), jnp.int8)
+    k = jnp.asarray(rng.integers(-127, 128, (3, 2, 4 // groups, 6)), jnp.int8)
+    kw = dict(rhs_dilation=conv.get("rhs_dilation"), feature_group_count=groups,
+              dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, k.shape, NHWC))
+    z = None if zero_point is None else jnp.int8(zero_point)
+    padding = conv["padding"]
+    if isinstance(padding, str) and conv.get("lhs_dilation"):
+        pytest.skip("string padding with lhs_dilation is not supported")
+    args = (conv["window_strides"], padding, conv.get("lhs_dilation"), z)
+    chex.assert_trees_all_equal(_float_conv_of_codes(x, k, *args, **kw),
+                                _integer_conv(x, k, *args, **kw))

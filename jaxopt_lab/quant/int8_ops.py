@@ -272,25 +272,27 @@ def int8_conv_general_dilated(
     conv = dict(rhs_dilation=rhs_dilation, dimension_numbers=dnums,
                 feature_group_count=feature_group_count)
 
-    def on_codes_as_floats(lhs, rhs):
-        """The GPU path: XLA's int8 convolution on GPU returned wrong sums (jax 0.11.2,
-        H200: channel counts that are not a multiple of 4, zero-point padding), so the
-        codes, shifted by the zero point, are convolved as float32 at full precision:
-        exact while partial sums stay below 2**24 (any window of up to 518 inputs), and
-        off by float rounding only beyond."""
-        shifted = lhs.astype(jnp.float32) - (0.0 if z_l is None else z_l.astype(jnp.float32))
-        return lax.conv_general_dilated(
-            shifted, rhs.astype(jnp.float32), window_strides, padding,
-            lhs_dilation=lhs_dilation, precision=lax.Precision.HIGHEST, **conv)
-
-    def on_integers(lhs, rhs):
-        return _integer_conv(lhs, rhs, window_strides, padding, lhs_dilation, z_l, **conv)
-
-    acc = lax.platform_dependent(lhs, rhs, cuda=on_codes_as_floats, default=on_integers)
+    args = (window_strides, padding, lhs_dilation, z_l)
+    acc = lax.platform_dependent(
+        lhs, rhs, cuda=lambda lhs, rhs: _float_conv_of_codes(lhs, rhs, *args, **conv),
+        default=lambda lhs, rhs: _integer_conv(lhs, rhs, *args, **conv))
     per_out = lambda t: _along(t.reshape(-1) if t.ndim else t, out_spec[1], acc.ndim)  # noqa: E731
     per_batch = lambda t: _along(t.reshape(-1) if t.ndim else t, out_spec[0], acc.ndim)  # noqa: E731
     scale = per_batch(s_l.astype(jnp.float32)) * per_out(s_r.astype(jnp.float32))
     return (acc * scale).astype(out_dtype)
+
+
+def _float_conv_of_codes(lhs, rhs, window_strides, padding, lhs_dilation, z_l,
+                         **conv) -> jax.Array:
+    """The GPU path of `int8_conv_general_dilated`: XLA's int8 convolution on GPU returned
+    wrong sums (jax 0.11.2 on an H200: one input channel, grouped convolutions, zero-point
+    padding), so the codes minus the zero point are convolved as float32 at full
+    precision. Exact while partial sums stay below 2**24 (any window of up to 518 inputs:
+    ``255 * 127 * 518 < 2**24``), off by float rounding only beyond."""
+    shifted = lhs.astype(jnp.float32) - (0.0 if z_l is None else z_l.astype(jnp.float32))
+    return lax.conv_general_dilated(shifted, rhs.astype(jnp.float32), window_strides, padding,
+                                    lhs_dilation=lhs_dilation,
+                                    precision=lax.Precision.HIGHEST, **conv)
 
 
 def _integer_conv(lhs, rhs, window_strides, padding, lhs_dilation, z_l, *, rhs_dilation,

@@ -119,26 +119,34 @@ _CONTRACTION_MULTIPLE = 4
 def xla_int8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
     """XLA's exact ``int8 x int8 -> int32`` ``dot_general``, safe off CPU.
 
-    Off CPU the last contracted axis is zero-padded so the contraction length is a multiple
-    of 4: XLA's GPU backend (jax 0.11.2, measured on an H200) returns *twice* the true sums
-    for int8 contractions of other lengths (5, 7...), batched or not, where it pads them
-    itself. Zeros add nothing, so the result is exact everywhere.
+    Off CPU the operands go through `pad_contraction` first: XLA's GPU backend (jax
+    0.11.2, measured on an H200) returns *twice* the true sums for int8 contractions whose
+    length is not a multiple of 4 (5, 7...), batched or not.
     """
-    (lc, rc), _ = dimension_numbers
-
     def plain(lhs, rhs):
         return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.int32)
 
-    extra = (-lhs.shape[lc[-1]]) % _CONTRACTION_MULTIPLE if lc else 0
-    if extra == 0:
+    (lc, _), _ = dimension_numbers
+    if not lc or lhs.shape[lc[-1]] % _CONTRACTION_MULTIPLE == 0:
         return plain(lhs, rhs)
+    return lax.platform_dependent(
+        lhs, rhs, cpu=plain,
+        default=lambda lhs, rhs: plain(*pad_contraction(lhs, rhs, dimension_numbers)))
 
-    def padded(lhs, rhs):
-        def pad(x, axis):
-            return jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
-        return plain(pad(lhs, lc[-1]), pad(rhs, rc[-1]))
 
-    return lax.platform_dependent(lhs, rhs, cpu=plain, default=padded)
+def pad_contraction(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
+                    multiple: int = _CONTRACTION_MULTIPLE) -> tuple[jax.Array, jax.Array]:
+    """Both operands zero-padded along their last contracted axis to a multiple of
+    ``multiple`` (unchanged when it already is one): zeros add nothing to the sums."""
+    (lc, rc), _ = dimension_numbers
+    extra = (-lhs.shape[lc[-1]]) % multiple if lc else 0
+    if extra == 0:
+        return lhs, rhs
+
+    def pad(x, axis):
+        return jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
+
+    return pad(lhs, lc[-1]), pad(rhs, rc[-1])
 
 
 def int8_matmul(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike) -> jax.Array:
