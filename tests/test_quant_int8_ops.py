@@ -276,3 +276,29 @@ def test_gpu_conv_path_equals_the_integer_path(conv, zero_point):
     args = (conv["window_strides"], padding, conv.get("lhs_dilation"), z)
     chex.assert_trees_all_equal(_float_conv_of_codes(x, k, *args, **kw),
                                 _integer_conv(x, k, *args, **kw))
+
+
+@pytest.mark.parametrize("dims, lhs_shape, rhs_shape, channel_axis", [
+    ((((1,), (0,)), ((), ())), (4, 6), (6, 3), 1),             # Dense
+    ((((0,), (1,)), ((), ())), (6, 4), (3, 6), 0),             # transposed operands
+    ((((1, 2), (0, 1)), ((), ())), (4, 2, 3), (2, 3, 5), 2),   # DenseGeneral, two axes
+    ((((2,), (1,)), ((1,), (0,))), (4, 3, 6), (3, 6, 2), None),  # batch axis: XLA path
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_code_dot_general_is_the_dot_with_the_dequantized_weight(dims, lhs_shape, rhs_shape,
+                                                                  channel_axis, dtype):
+    from jaxopt_lab.quant.int8_ops import code_dot_general
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal(lhs_shape), dtype)
+    w = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
+    qw = jol.quantize(w, bits=8, granularity="tensor" if channel_axis is None else "channel",
+                      axis=-1 if channel_axis is None else channel_axis)
+    scale = jol.quant.interceptor.kernel_scale(qw)
+    y = jax.jit(lambda x, q, s: code_dot_general(x, q, dims, rhs_scale=s))(x, qw.qvalue, scale)
+    ref = jax.lax.dot_general(x, jol.dequantize(qw).astype(dtype), dims,
+                              precision=jax.lax.Precision.HIGHEST)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    chex.assert_trees_all_close(y.astype(jnp.float32), ref.astype(jnp.float32), rtol=tol,
+                                atol=tol * float(jnp.abs(ref.astype(jnp.float32)).max()))

@@ -111,8 +111,10 @@ def test_weight_only_and_w8a8_stay_close_to_float(name):
         chex.assert_shape(y, ref.shape)
         assert _rel_err(y, ref) < limits[kind], (kind, _rel_err(y, ref))
         assert float(jnp.mean(jnp.argmax(y, -1) == jnp.argmax(ref, -1))) >= 0.9, kind
-    # Weight-only is exactly the float model on dequantized weights.
-    chex.assert_trees_all_close(outs["weight_only"], plain, atol=1e-6)
+    # Weight-only is the float model on dequantized weights, up to float rounding (the
+    # scale is applied after the contraction, not to the weight).
+    chex.assert_trees_all_close(outs["weight_only"], plain, rtol=1e-5,
+                                atol=1e-5 * float(jnp.abs(plain).max()))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

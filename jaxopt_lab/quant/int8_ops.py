@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxopt_lab.quant.affine import affine_params, integer_range
-from jaxopt_lab.quant.native import int8_matmul, xla_int8_dot_general
+from jaxopt_lab.quant.native import float_int8_matmul, int8_matmul, xla_int8_dot_general
 
 ArrayLike = jax.typing.ArrayLike
 PADDING_NAMES = ("SAME", "SAME_LOWER", "VALID")
@@ -193,6 +193,60 @@ def int8_dot_general(
         acc = acc - lhs_out(z_l.astype(jnp.int32)) * rhs_out(wsum)
     scale = lhs_out(s_l.astype(jnp.float32)) * rhs_out(s_r.astype(jnp.float32))
     return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+
+
+def code_dot_general(
+    lhs: ArrayLike,
+    codes: ArrayLike,
+    dimension_numbers: DimensionNumbers,
+    *,
+    rhs_scale: ArrayLike,
+    precision=None,
+    preferred_element_type=None,
+) -> jax.Array:
+    """``lax.dot_general(lhs, codes * rhs_scale)``: weight-only quantized compute.
+
+    The weight is exactly what ``dequantize`` gives (``float32(code) * scale``, cast to
+    ``lhs``'s dtype). A float32 contraction without batch axes runs as `float_int8_matmul`:
+    on CPU a native kernel dequantizes the codes panel by panel inside the matmul, so the
+    dequantized weight is never written out (XLA holds it whole in a per-call temporary,
+    which is what made weight-only slower than float32 on CPU). Anything else is XLA's
+    ``dot_general`` on the dequantized weight.
+
+    Args:
+      lhs: float activations.
+      codes: ``int8`` (symmetric) weight codes.
+      dimension_numbers: as for ``lax.dot_general``.
+      rhs_scale: scalar or keepdims over ``codes`` (per-channel scales on free axes).
+      precision, preferred_element_type: as for ``lax.dot_general`` (the native kernel
+        always multiplies and accumulates in float32).
+
+    Raises:
+      TypeError: a non-float ``lhs`` or non-int8 ``codes``.
+      ValueError: a scale that varies along a contracted axis, or bad axes.
+    """
+    lhs, codes = jnp.asarray(lhs), _check_int8("codes", codes)
+    if not jnp.issubdtype(lhs.dtype, jnp.floating):
+        raise TypeError(f"lhs must be a float array, got dtype {lhs.dtype}")
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc = _axes("lhs contracting", lc, lhs.ndim), _axes("rhs contracting", rc, codes.ndim)
+    lb, rb = _axes("lhs batch", lb, lhs.ndim), _axes("rhs batch", rb, codes.ndim)
+    s_r = _keepdims("rhs_scale", rhs_scale, codes, rc).astype(jnp.float32)
+    out_type = jnp.dtype(preferred_element_type or lhs.dtype)
+    if lb or lhs.dtype != jnp.float32 or out_type != jnp.float32:
+        weight = (codes.astype(jnp.float32) * s_r).astype(lhs.dtype)
+        return lax.dot_general(lhs, weight, ((lc, rc), (lb, rb)), precision=precision,
+                               preferred_element_type=preferred_element_type)
+    l_free = [i for i in range(lhs.ndim) if i not in lc]
+    r_free = [i for i in range(codes.ndim) if i not in rc]
+    k = math.prod(lhs.shape[i] for i in lc)
+    a = jnp.transpose(lhs, tuple(l_free) + lc).reshape(-1, k)
+    b = jnp.transpose(codes, rc + tuple(r_free)).reshape(k, -1)
+    per_column = jnp.broadcast_to(s_r, tuple(1 if i in rc else d
+                                             for i, d in enumerate(codes.shape)))
+    scale = jnp.transpose(per_column, tuple(r_free) + rc).reshape(-1)
+    y = float_int8_matmul(a, b, scale)
+    return y.reshape(tuple(lhs.shape[i] for i in l_free) + tuple(codes.shape[i] for i in r_free))
 
 
 def _along(vec: jax.Array, axis: int, ndim: int) -> jax.Array:

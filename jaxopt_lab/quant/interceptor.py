@@ -2,9 +2,13 @@
 
 `quantized_apply(model, qvariables, *args, mode=...)` replaces ``model.apply``:
 
-* ``mode="weight_only"``: every `QTensor` is dequantized on the fly inside the computation
-  (under ``jit`` the dequantization fuses into the program) and the model runs in float.
-  This is exactly ``model.apply(jol.dequantize(qvariables), ...)``.
+* ``mode="weight_only"``: the model runs in float on its quantized weights. Every
+  ``nn.Dense`` and ``nn.DenseGeneral`` whose ``kernel`` is an integer `QTensor` with one
+  scale per tensor or per output channel contracts its input with the kernel's codes and
+  scales the result (`code_dot_general`: on CPU a native kernel converts the codes inside
+  the matmul), so the dequantized kernel is never written out. Every other `QTensor` is
+  dequantized on the fly. The result equals ``model.apply(jol.dequantize(qvariables),
+  ...)`` up to float rounding.
 * ``mode="w8a8"``: the ``__call__`` of every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``
   and ``nn.Einsum`` whose ``kernel`` is an integer `QTensor` with one scale per tensor or
   per output channel is intercepted: its input is quantized to int8 -- with static
@@ -44,6 +48,7 @@ from jax import lax
 
 from jaxopt_lab.quant.core import dequantize
 from jaxopt_lab.quant.int8_ops import (
+    code_dot_general,
     int8_conv_general_dilated,
     int8_dot_general,
     int8_einsum,
@@ -96,6 +101,12 @@ def kernel_scale(qt: QTensor) -> jax.Array:
     return scale.reshape(tuple(qt.shape[i] if i == qt.axis else 1 for i in range(qt.ndim)))
 
 
+def _scale_factors_out(qt: QTensor, rhs: jax.Array, contracted) -> bool:
+    """Whether the layer contracts the kernel as stored, with its scale off the contraction."""
+    return (tuple(rhs.shape) == qt.shape
+            and qt.axis not in tuple(a % rhs.ndim for a in contracted))
+
+
 @contextlib.contextmanager
 def _hooked(module: nn.Module, **attrs: Any):
     """Temporarily points a bound layer's op hooks (frozen dataclass fields) elsewhere."""
@@ -107,6 +118,36 @@ def _hooked(module: nn.Module, **attrs: Any):
     finally:
         for k, v in old.items():
             object.__setattr__(module, k, v)
+
+
+class _WeightOnly:
+    """The weight-only interceptor: Dense layers contract with integer codes, then scale."""
+
+    def __init__(self, kernels: Mapping[str, QTensor]):
+        self.kernels = kernels
+
+    def __call__(self, next_fun: Callable, args, kwargs, context) -> Any:
+        module = context.module
+        qt = None
+        if context.method_name == "__call__" and type(module) in (nn.Dense, nn.DenseGeneral):
+            qt = self.kernels.get(layer_key(module))
+        if qt is None:
+            return next_fun(*args, **kwargs)
+        with _hooked(module, dot_general=self.dot_hook(qt), dot_general_cls=None):
+            return next_fun(*args, **kwargs)
+
+    @staticmethod
+    def dot_hook(qt: QTensor) -> Callable:
+        def dot_general(lhs, rhs, dimension_numbers, precision=None,
+                        preferred_element_type=None, **unused):
+            (_, rc), _ = dimension_numbers
+            if not _scale_factors_out(qt, rhs, rc) or rhs.dtype != lhs.dtype:
+                return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                       preferred_element_type=preferred_element_type)
+            return code_dot_general(lhs, qt.values(), dimension_numbers,
+                                    rhs_scale=kernel_scale(qt), precision=precision,
+                                    preferred_element_type=preferred_element_type)
+        return dot_general
 
 
 class _W8A8:
@@ -152,8 +193,7 @@ class _W8A8:
         def dot_general(lhs, rhs, dimension_numbers, precision=None,
                         preferred_element_type=None, **unused):
             (lc, rc), _ = dimension_numbers
-            rc = tuple(a % rhs.ndim for a in rc)
-            if tuple(rhs.shape) != qt.shape or qt.axis in rc:  # scale not factorable
+            if not _scale_factors_out(qt, rhs, rc):
                 return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                        preferred_element_type=preferred_element_type)
             codes, scale, zero = self.activation(key, lhs, tuple(a % lhs.ndim for a in lc))
@@ -220,8 +260,9 @@ def quantized_apply(
       model: a Flax linen module.
       qvariables: its variables with some leaves replaced by `QTensor` (from `quantize`).
       *args: positional arguments of ``model.apply`` after the variables.
-      mode: ``"weight_only"`` (dequantize on the fly, float compute) or ``"w8a8"`` (int8
-        weights and activations in Dense, DenseGeneral, Conv and Einsum layers).
+      mode: ``"weight_only"`` (float compute on the integer codes or dequantized weights)
+        or ``"w8a8"`` (int8 weights and activations in Dense, DenseGeneral, Conv and
+        Einsum layers).
       act_scales: for ``"w8a8"``: ``None`` or ``"dynamic"`` for dynamic per-token scales
         (per example for convolutions), or the static per-layer scales from `calibrate`.
       **kwargs: keyword arguments of ``model.apply`` (``train=False``, ``method``,
@@ -236,11 +277,12 @@ def quantized_apply(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    floats = dequantize(qvariables)  # stand-ins; under jit the int8 layers' copies are dead
+    floats = dequantize(qvariables)  # stand-ins; under jit the hooked layers' copies are dead
     if mode == "weight_only":
         if act_scales is not None:
             raise ValueError("act_scales only applies to mode='w8a8'")
-        return model.apply(floats, *args, **kwargs)
+        with nn.intercept_methods(_WeightOnly(integer_kernels(qvariables))):
+            return model.apply(floats, *args, **kwargs)
     if act_scales is None:
         act_scales = "dynamic"
     if isinstance(act_scales, str) and act_scales != "dynamic":

@@ -1,9 +1,13 @@
-"""A native int8 matmul for CPUs with AVX512-VNNI, called from jitted code via ``jax.ffi``.
+"""Native int8 matmuls for CPUs with AVX512-VNNI, called from jitted code via ``jax.ffi``.
 
 XLA's CPU backend runs ``dot_general(int8, int8) -> int32`` no faster than float32 (it
 does not use the VNNI instructions), so int8 compute alone would not speed anything up.
 `int8_matmul` uses a small hand-written kernel (``int8_gemm.cc``: exact int32 results,
-several times the throughput of XLA's int8 or float32 dot on such CPUs) when
+several times the throughput of XLA's int8 or float32 dot on such CPUs). For weight-only
+quantization, XLA dequantizes a whole weight into a per-call temporary before its float
+dot (48 MiB for a 1024-4096-1024 MLP, allocated and page-faulted on every call), which
+made weight-only int8 slower than float32; `float_int8_matmul` dequantizes one 64-column
+panel at a time inside a float32 matmul kernel instead. Both kernels are used when
 
 * the computation runs on CPU (``lax.platform_dependent``: GPU/TPU keep XLA's dot),
 * the CPU has AVX512-F/BW/VNNI (read from ``/proc/cpuinfo``),
@@ -11,8 +15,9 @@ several times the throughput of XLA's int8 or float32 dot on such CPUs) when
   ``$JAXOPT_LAB_CACHE`` (default ``~/.cache/jaxopt_lab``), keyed by the source hash,
 * and it is not switched off (``JAXOPT_LAB_NATIVE_INT8=0`` or `use_native_int8(False)`).
 
-Otherwise it is exactly ``lax.dot_general(..., preferred_element_type=int32)``. Both paths
-give bit-identical results, so the choice never changes a number, only the speed.
+Otherwise `int8_matmul` is exactly ``lax.dot_general(..., preferred_element_type=int32)``,
+bit-identical to the kernel, and `float_int8_matmul` is XLA's dot on the dequantized
+weight, equal to the kernel up to summation order.
 
 Examples:
   >>> import jax.numpy as jnp
@@ -40,6 +45,7 @@ from jax import lax
 
 _SOURCE = pathlib.Path(__file__).with_name("int8_gemm.cc")
 _TARGET = "jaxopt_lab_int8_matmul"
+_FLOAT_TARGET = "jaxopt_lab_float_int8_matmul"
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 _enabled = os.environ.get("JAXOPT_LAB_NATIVE_INT8", "1") != "0"
 
@@ -88,6 +94,8 @@ def native_int8_status() -> str:
         lib = ctypes.CDLL(str(_build()))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JolInt8Matmul),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(_FLOAT_TARGET,
+                                    jax.ffi.pycapsule(lib.JolFloatInt8Matmul), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         return f"native int8 kernel unavailable: {detail.strip()[:500]}"
@@ -172,3 +180,37 @@ def int8_matmul(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike) -> jax.Array:
         return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(a, b)
 
     return lax.platform_dependent(a, b, cpu=native, default=xla)
+
+
+def float_int8_matmul(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike,
+                      scale: jax.typing.ArrayLike) -> jax.Array:
+    """``a @ (b * scale)`` for float32 ``(M, K)`` activations, int8 ``(K, N)`` weight codes
+    and float32 ``(N,)`` per-column scales: weight-only quantized compute.
+
+    The weights are exactly ``dequantize``'s (``float32(code) * scale``). On CPU with the
+    native kernel (see the module docstring) they are produced one 64-column panel at a
+    time inside the matmul, so the dequantized matrix is never written out; the result
+    then differs from XLA's float dot only in summation order. Elsewhere it is XLA's
+    ``dot_general`` on the dequantized codes. Raises ``TypeError`` for other dtypes or
+    shapes.
+    """
+    a, b, scale = jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale)
+    if (a.dtype != jnp.float32 or b.dtype != jnp.int8 or scale.dtype != jnp.float32
+            or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]
+            or scale.shape != (b.shape[1],)):
+        raise TypeError(f"float_int8_matmul needs float32 (M, K), int8 (K, N) and float32 "
+                        f"(N,), got {a.dtype}{a.shape}, {b.dtype}{b.shape} and "
+                        f"{scale.dtype}{scale.shape}")
+
+    def xla(a, b, scale):
+        return lax.dot_general(a, b.astype(jnp.float32) * scale[None],
+                               (((1,), (0,)), ((), ())))
+
+    if not native_int8_available() or a.size == 0 or b.size == 0:
+        return xla(a, b, scale)
+
+    def native(a, b, scale):
+        out = jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32)
+        return jax.ffi.ffi_call(_FLOAT_TARGET, out, vmap_method="sequential")(a, b, scale)
+
+    return lax.platform_dependent(a, b, scale, cpu=native, default=xla)
