@@ -38,15 +38,43 @@ constexpr int kRows = 6;      // rows of A per register tile
 constexpr int kBlocks = 4;    // 16-column blocks per tile
 constexpr int kPanel = 16 * kBlocks;
 
-struct Shared {
-  const int8_t* a;
-  const int8_t* b;
-  int32_t* c;
-  int64_t m, k, n, panels;
+// The work of one matmul: panels of 64 output columns, claimed by the calling thread and by
+// tasks on XLA's pool (see the top of the file).
+struct Panels {
+  int64_t m = 0, k = 0, n = 0, panels = 0;
   std::atomic<int64_t> next{0};
   std::mutex mu;
   std::condition_variable cv;
   int64_t done = 0;
+
+  void SetShape(int64_t rows, int64_t depth, int64_t cols) {
+    m = rows;
+    k = depth;
+    n = cols;
+    panels = (n + kPanel - 1) / kPanel;
+  }
+  int64_t Claim() { return next.fetch_add(1); }
+  void Finished() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (++done == panels) cv.notify_all();
+  }
+};
+
+// Runs work(*s) on the caller and on up to pool.num_threads() pool tasks; returns when
+// every panel is done.
+template <typename S>
+void RunPanels(ffi::ThreadPool& pool, const std::shared_ptr<S>& s, void (*work)(S&)) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), s->panels - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s, work] { work(*s); });
+  work(*s);
+  std::unique_lock<std::mutex> lock(s->mu);
+  s->cv.wait(lock, [&] { return s->done == s->panels; });
+}
+
+struct Shared : Panels {
+  const int8_t* a;
+  const int8_t* b;
+  int32_t* c;
 };
 
 // Packs columns [j0, j0 + 64) of B into [k4][64][4] and returns their column sums.
@@ -167,7 +195,7 @@ void Work(Shared& s) {
   const int64_t k4 = (s.k + 3) / 4;
   int8_t* packed = nullptr;
   alignas(64) int32_t colsum[kPanel];
-  for (int64_t p = s.next.fetch_add(1); p < s.panels; p = s.next.fetch_add(1)) {
+  for (int64_t p = s.Claim(); p < s.panels; p = s.Claim()) {
     if (packed == nullptr) {
       packed = static_cast<int8_t*>(std::aligned_alloc(64, static_cast<size_t>(k4) * kPanel * 4));
     }
@@ -176,8 +204,7 @@ void Work(Shared& s) {
     int64_t i0 = 0;
     for (; i0 + kRows <= s.m; i0 += kRows) Tile<kRows>(s, packed, colsum, i0, j0);
     if (i0 < s.m) TailTile(s, packed, colsum, i0, j0, s.m - i0);
-    std::lock_guard<std::mutex> lock(s.mu);
-    if (++s.done == s.panels) s.cv.notify_all();
+    s.Finished();
   }
   std::free(packed);
 }
@@ -193,20 +220,13 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
   s->a = a.typed_data();
   s->b = b.typed_data();
   s->c = c->typed_data();
-  s->m = ad[0];
-  s->k = ad[1];
-  s->n = bd[1];
-  s->panels = (s->n + kPanel - 1) / kPanel;
+  s->SetShape(ad[0], ad[1], bd[1]);
   if (s->m == 0 || s->n == 0) return ffi::Error::Success();
   if (s->k == 0) {
     std::memset(s->c, 0, sizeof(int32_t) * s->m * s->n);
     return ffi::Error::Success();
   }
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), s->panels - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s] { Work(*s); });
-  Work(*s);
-  std::unique_lock<std::mutex> lock(s->mu);
-  s->cv.wait(lock, [&] { return s->done == s->panels; });
+  RunPanels(pool, s, Work);
   return ffi::Error::Success();
 }
 
@@ -218,16 +238,11 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
 // weight never exists in memory as a whole. A 6 x 64 register tile of float32
 // accumulators runs over the whole K with FMAs, in order of k.
 
-struct FloatShared {
+struct FloatShared : Panels {
   const float* a;
   const int8_t* b;
   const float* scale;
   float* c;
-  int64_t m, k, n, panels;
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t done = 0;
 };
 
 void DequantizePanel(const int8_t* b, const float* scale, int64_t k, int64_t n, int64_t j0,
@@ -305,7 +320,7 @@ void FloatTailTile(const FloatShared& s, const float* packed, int64_t i0, int64_
 
 void FloatWork(FloatShared& s) {
   float* packed = nullptr;
-  for (int64_t p = s.next.fetch_add(1); p < s.panels; p = s.next.fetch_add(1)) {
+  for (int64_t p = s.Claim(); p < s.panels; p = s.Claim()) {
     if (packed == nullptr) {
       packed = static_cast<float*>(
           std::aligned_alloc(64, static_cast<size_t>(s.k) * kPanel * sizeof(float)));
@@ -315,8 +330,7 @@ void FloatWork(FloatShared& s) {
     int64_t i0 = 0;
     for (; i0 + kRows <= s.m; i0 += kRows) FloatTile<kRows>(s, packed, i0, j0);
     if (i0 < s.m) FloatTailTile(s, packed, i0, j0, s.m - i0);
-    std::lock_guard<std::mutex> lock(s.mu);
-    if (++s.done == s.panels) s.cv.notify_all();
+    s.Finished();
   }
   std::free(packed);
 }
@@ -335,20 +349,13 @@ ffi::Error FloatInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   s->b = b.typed_data();
   s->scale = scale.typed_data();
   s->c = c->typed_data();
-  s->m = ad[0];
-  s->k = ad[1];
-  s->n = bd[1];
-  s->panels = (s->n + kPanel - 1) / kPanel;
+  s->SetShape(ad[0], ad[1], bd[1]);
   if (s->m == 0 || s->n == 0) return ffi::Error::Success();
   if (s->k == 0) {
     std::memset(s->c, 0, sizeof(float) * s->m * s->n);
     return ffi::Error::Success();
   }
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), s->panels - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s] { FloatWork(*s); });
-  FloatWork(*s);
-  std::unique_lock<std::mutex> lock(s->mu);
-  s->cv.wait(lock, [&] { return s->done == s->panels; });
+  RunPanels(pool, s, FloatWork);
   return ffi::Error::Success();
 }
 
