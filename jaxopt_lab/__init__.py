@@ -29,9 +29,10 @@ from jaxopt_lab.quant.int8_ops import (
     int8_dot_general,
     int8_einsum,
     quantize_activations,
+    weight_only_dot_general,
 )
 from jaxopt_lab.quant.interceptor import quantized_apply
-from jaxopt_lab.quant.native import int8_matmul, use_native_int8
+from jaxopt_lab.quant.native import float_int8_matmul, int8_matmul, use_native_int8
 from jaxopt_lab.quant.model_calibration import (
     activation_scales,
     activation_stats_init,
@@ -118,6 +119,7 @@ __all__ = (
     "expand_channel_mask",
     "fake_quant",
     "feature_distill_loss",
+    "float_int8_matmul",
     "fold",
     "folded_apply",
     "int8_conv_general_dilated",
@@ -152,4 +154,5 @@ __all__ = (
     "train",
     "tree_nbytes",
     "use_native_int8",
+    "weight_only_dot_general",
 )

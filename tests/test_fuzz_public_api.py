@@ -621,6 +621,64 @@ def test_int8_matmul_and_use_native_int8(shapes, seed, dtypes, kind, native):
 
 
 
+def _assert_within_summation_error(got, lhs, weight, dims) -> None:
+    """``got`` is the float32 contraction of ``lhs`` with ``weight`` up to summation order:
+    within a few ulps of the summed magnitudes wherever that sum is finite and far from
+    overflow (XLA flushes subnormals, the native kernel may not: 1e-35 absolute)."""
+    with jax.enable_x64(True), np.errstate(over="ignore", invalid="ignore"):
+        lhs64, w64 = np.asarray(lhs, np.float64), np.asarray(weight, np.float64)
+        ref = np.asarray(jax.lax.dot_general(lhs64, w64, dims))
+        mag = np.asarray(jax.lax.dot_general(np.abs(lhs64), np.abs(w64), dims))
+    ok = np.isfinite(mag) & (mag < 1e37)
+    bound = 64 * np.finfo(np.float32).eps * mag + 1e-35
+    err = np.abs(np.asarray(got, np.float64) - ref)
+    assert (err <= bound)[ok].all(), (got, ref)
+
+
+@fuzz
+@given(shapes=st.sampled_from(_MATMUL_SHAPES), seed=st.integers(0, 2**16),
+       dtypes=st.sampled_from([(np.float32, np.int8)] * 4 + [(np.float16, np.int8),
+                                                            (np.float32, np.int32)]),
+       kind=st.sampled_from(["normal", "huge", "wide", "zeros", "nan", "subnormal"]),
+       scale_kind=st.sampled_from(["normal", "normal", "huge", "wrong"]),
+       native=st.sampled_from([True, False]))
+def test_float_int8_matmul(shapes, seed, dtypes, kind, scale_kind, native):
+    a = fz.fill(shapes[0], dtypes[0], kind, seed)
+    b = fz.fill(shapes[1], dtypes[1], "normal", seed + 1)
+    n = shapes[1][-1]
+    scale = (np.ones((n + 1,), np.float32) if scale_kind == "wrong"
+             else np.abs(fz.fill((n,), np.float32, scale_kind, seed + 2)) + np.float32(1e-3))
+    with jol.use_native_int8(native):
+        got, err = attempt(jol.float_int8_matmul, a, b, scale)
+    if err is not None:
+        return
+    assert a.dtype == np.float32 and b.dtype == np.int8 and a.ndim == b.ndim == 2
+    assert np.asarray(got).dtype == np.float32 and np.shape(got) == (a.shape[0], n)
+    weight = b.astype(np.float32) * scale  # dequantize's float32 values
+    _assert_within_summation_error(got, a, weight, (((1,), (0,)), ((), ())))
+    fz.checked()
+
+
+@fuzz
+@given(data=st.data(), case=st.sampled_from(_DOT_CASES),
+       lhs_dtype=st.sampled_from([np.float32, np.float32, jnp.bfloat16, np.int8]),
+       kind=st.sampled_from(["normal", "huge", "wide", "nan"]))
+def test_weight_only_dot_general(data, case, lhs_dtype, kind):
+    lhs_shape, rhs_shape, dims = case
+    (_, rc), _ = dims
+    lhs = fz.fill(lhs_shape, lhs_dtype, kind, data.draw(st.integers(0, 99)))
+    codes = fz.fill(rhs_shape, np.int8, "normal", 1)
+    rs = data.draw(_keepdims_scale(rhs_shape, [a % len(rhs_shape) for a in rc]))
+    got, err = attempt(jol.weight_only_dot_general, lhs, codes, dims, rhs_scale=rs)
+    if err is not None:
+        return
+    assert np.asarray(got).dtype == lhs.dtype
+    weight = (codes.astype(np.float32) * rs).astype(lhs.dtype)  # dequantized, cast to lhs's
+    if lhs.dtype == np.float32:
+        _assert_within_summation_error(got, lhs, weight, dims)
+    fz.checked()
+
+
 def test_x64_round_trips(tmp_path):
     """With x64 on, float64 jax leaves keep their dtype through quantize/save/load."""
     with jax.enable_x64(True):
@@ -648,7 +706,7 @@ FUZZED = {
     "calibration_range", "calibration_scale", "quantize_activations", "int8_dot_general",
     "int8_einsum", "int8_conv_general_dilated", "calibrate", "observe_activations",
     "activation_scales", "quantized_apply", "activation_stats_init", "int8_matmul",
-    "use_native_int8", "sweep",
+    "use_native_int8", "sweep", "float_int8_matmul", "weight_only_dot_general",
 }
 
 

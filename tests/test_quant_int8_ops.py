@@ -285,9 +285,9 @@ def test_gpu_conv_path_equals_the_integer_path(conv, zero_point):
     ((((2,), (1,)), ((1,), (0,))), (4, 3, 6), (3, 6, 2), None),  # batch axis: XLA path
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_code_dot_general_is_the_dot_with_the_dequantized_weight(dims, lhs_shape, rhs_shape,
-                                                                  channel_axis, dtype):
-    from jaxopt_lab.quant.int8_ops import code_dot_general
+def test_weight_only_dot_general_is_the_dequantized_dot(dims, lhs_shape, rhs_shape,
+                                                        channel_axis, dtype):
+    from jaxopt_lab.quant.int8_ops import weight_only_dot_general
 
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal(lhs_shape), dtype)
@@ -295,7 +295,8 @@ def test_code_dot_general_is_the_dot_with_the_dequantized_weight(dims, lhs_shape
     qw = jol.quantize(w, bits=8, granularity="tensor" if channel_axis is None else "channel",
                       axis=-1 if channel_axis is None else channel_axis)
     scale = jol.quant.interceptor.kernel_scale(qw)
-    y = jax.jit(lambda x, q, s: code_dot_general(x, q, dims, rhs_scale=s))(x, qw.qvalue, scale)
+    y = jax.jit(lambda x, q, s: weight_only_dot_general(x, q, dims, rhs_scale=s))(
+        x, qw.qvalue, scale)
     ref = jax.lax.dot_general(x, jol.dequantize(qw).astype(dtype), dims,
                               precision=jax.lax.Precision.HIGHEST)
     assert y.dtype == ref.dtype and y.shape == ref.shape

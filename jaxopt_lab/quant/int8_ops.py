@@ -195,7 +195,7 @@ def int8_dot_general(
     return (acc.astype(jnp.float32) * scale).astype(out_dtype)
 
 
-def code_dot_general(
+def weight_only_dot_general(
     lhs: ArrayLike,
     codes: ArrayLike,
     dimension_numbers: DimensionNumbers,

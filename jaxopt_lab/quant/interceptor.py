@@ -2,13 +2,14 @@
 
 `quantized_apply(model, qvariables, *args, mode=...)` replaces ``model.apply``:
 
-* ``mode="weight_only"``: the model runs in float on its quantized weights. Every
+* ``mode="weight_only"``: the model runs in float on its dequantized weights. Every
   ``nn.Dense`` and ``nn.DenseGeneral`` whose ``kernel`` is an integer `QTensor` with one
-  scale per tensor or per output channel contracts its input with the kernel's codes and
-  scales the result (`code_dot_general`: on CPU a native kernel converts the codes inside
-  the matmul), so the dequantized kernel is never written out. Every other `QTensor` is
-  dequantized on the fly. The result equals ``model.apply(jol.dequantize(qvariables),
-  ...)`` up to float rounding.
+  scale per tensor or per output channel contracts its input through
+  `weight_only_dot_general` (on CPU a native kernel dequantizes the codes panel by panel
+  inside the matmul, so the dequantized kernel is never written out); every other
+  `QTensor` is dequantized on the fly. The result equals
+  ``model.apply(jol.dequantize(qvariables), ...)`` up to summation order (bit for bit
+  with the native kernel off, `use_native_int8(False)`).
 * ``mode="w8a8"``: the ``__call__`` of every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``
   and ``nn.Einsum`` whose ``kernel`` is an integer `QTensor` with one scale per tensor or
   per output channel is intercepted: its input is quantized to int8 -- with static
@@ -48,7 +49,7 @@ from jax import lax
 
 from jaxopt_lab.quant.core import dequantize
 from jaxopt_lab.quant.int8_ops import (
-    code_dot_general,
+    weight_only_dot_general,
     int8_conv_general_dilated,
     int8_dot_general,
     int8_einsum,
@@ -144,7 +145,7 @@ class _WeightOnly:
             if not _scale_factors_out(qt, rhs, rc) or rhs.dtype != lhs.dtype:
                 return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                        preferred_element_type=preferred_element_type)
-            return code_dot_general(lhs, qt.values(), dimension_numbers,
+            return weight_only_dot_general(lhs, qt.values(), dimension_numbers,
                                     rhs_scale=kernel_scale(qt), precision=precision,
                                     preferred_element_type=preferred_element_type)
         return dot_general
