@@ -132,14 +132,22 @@ def _axes(name: str, axes: Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _integer_contraction(lhs, rhs, lc, rc, lb, rb, l_free, r_free) -> jax.Array:
+def _as_matrices(lhs, rhs, lc, rc) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
+    """A contraction without batch axes as ``(M, K) @ (K, N)``: both matrices, and the
+    shape (lhs free axes, then rhs free axes) to give their product."""
+    l_free = tuple(i for i in range(lhs.ndim) if i not in lc)
+    r_free = tuple(i for i in range(rhs.ndim) if i not in rc)
+    k = math.prod(lhs.shape[i] for i in lc)
+    a = jnp.transpose(lhs, l_free + lc).reshape(-1, k)
+    b = jnp.transpose(rhs, rc + r_free).reshape(k, -1)
+    return a, b, tuple(lhs.shape[i] for i in l_free) + tuple(rhs.shape[i] for i in r_free)
+
+
+def _integer_contraction(lhs, rhs, lc, rc, lb, rb) -> jax.Array:
     """Exact int32 ``dot_general``; without batch axes, a 2-D `int8_matmul` (native on CPU)."""
     if lb:
         return xla_int8_dot_general(lhs, rhs, ((lc, rc), (lb, rb)))
-    k = math.prod(lhs.shape[i] for i in lc)
-    a = jnp.transpose(lhs, tuple(l_free) + lc).reshape(-1, k)
-    b = jnp.transpose(rhs, rc + tuple(r_free)).reshape(k, -1)
-    out_shape = tuple(lhs.shape[i] for i in l_free) + tuple(rhs.shape[i] for i in r_free)
+    a, b, out_shape = _as_matrices(lhs, rhs, lc, rc)
     return int8_matmul(a, b).reshape(out_shape)
 
 
@@ -185,7 +193,7 @@ def int8_dot_general(
     s_l = _keepdims("lhs_scale", lhs_scale, lhs, lc)
     s_r = _keepdims("rhs_scale", rhs_scale, rhs, rc)
     z_l = _keepdims("lhs_zero_point", lhs_zero_point, lhs, lc)
-    acc = _integer_contraction(lhs, rhs, lc, rc, lb, rb, l_free, r_free)
+    acc = _integer_contraction(lhs, rhs, lc, rc, lb, rb)
     lhs_out = lambda t: _to_output(t, lb, l_free, len(r_free))  # noqa: E731
     rhs_out = lambda t: _to_output(t, rb, len(l_free), r_free)  # noqa: E731
     if z_l is not None:
@@ -237,16 +245,12 @@ def weight_only_dot_general(
         weight = (codes.astype(jnp.float32) * s_r).astype(lhs.dtype)
         return lax.dot_general(lhs, weight, ((lc, rc), (lb, rb)), precision=precision,
                                preferred_element_type=preferred_element_type)
-    l_free = [i for i in range(lhs.ndim) if i not in lc]
-    r_free = [i for i in range(codes.ndim) if i not in rc]
-    k = math.prod(lhs.shape[i] for i in lc)
-    a = jnp.transpose(lhs, tuple(l_free) + lc).reshape(-1, k)
-    b = jnp.transpose(codes, rc + tuple(r_free)).reshape(k, -1)
+    a, b, out_shape = _as_matrices(lhs, codes, lc, rc)
+    r_free = tuple(i for i in range(codes.ndim) if i not in rc)
     per_column = jnp.broadcast_to(s_r, tuple(1 if i in rc else d
                                              for i, d in enumerate(codes.shape)))
-    scale = jnp.transpose(per_column, tuple(r_free) + rc).reshape(-1)
-    y = float_int8_matmul(a, b, scale)
-    return y.reshape(tuple(lhs.shape[i] for i in l_free) + tuple(codes.shape[i] for i in r_free))
+    scale = jnp.transpose(per_column, r_free + rc).reshape(-1)  # in b's column order
+    return float_int8_matmul(a, b, scale).reshape(out_shape)
 
 
 def _along(vec: jax.Array, axis: int, ndim: int) -> jax.Array:

@@ -49,13 +49,13 @@ from jax import lax
 
 from jaxopt_lab.quant.core import dequantize
 from jaxopt_lab.quant.int8_ops import (
-    weight_only_dot_general,
     int8_conv_general_dilated,
     int8_dot_general,
     int8_einsum,
     parse_einsum,
     quantize_activations,
     quantize_with,
+    weight_only_dot_general,
 )
 from jaxopt_lab.quant.qtensor import QTensor, is_qtensor
 
@@ -146,8 +146,8 @@ class _WeightOnly:
                 return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                        preferred_element_type=preferred_element_type)
             return weight_only_dot_general(lhs, qt.values(), dimension_numbers,
-                                    rhs_scale=kernel_scale(qt), precision=precision,
-                                    preferred_element_type=preferred_element_type)
+                                           rhs_scale=kernel_scale(qt), precision=precision,
+                                           preferred_element_type=preferred_element_type)
         return dot_general
 
 
