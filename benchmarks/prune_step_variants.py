@@ -8,7 +8,9 @@ jitted steps with donated buffers), all variants timed interleaved in one proces
 * ``prune_fixed``: the same with a fixed mask tree, so the ``lax.cond`` branch is trivial;
 * ``mask_only``: adam, then ``where(mask, u, -p)`` with the masks carried as plain state;
 * ``mask_in_cond``: the same with the masks passed through a never-taken ``lax.cond``;
-* ``packed_mask``: ``mask_only`` on the kernels only, with bit-packed masks (1 bit a weight).
+* ``packed_mask``: ``mask_only`` on the kernels only, with bit-packed masks (1 bit a weight);
+* ``row_mask``: ``mask_only`` with one 1024-entry mask row per kernel, broadcast over its
+  rows, so the mask stays in L1: the cost of the select itself, without the mask's traffic.
 
 Prints JSON: median ms per step and the ratio to ``plain`` (medians and paired medians).
 Run: ``python benchmarks/prune_step_variants.py [--reps N] [--out FILE]``.
@@ -49,6 +51,8 @@ def _masking(kind: str) -> optax.GradientTransformation:
         if kind == "packed_mask":
             return jax.tree.map(lambda x: jnp.packbits(_mask_of(x), axis=-1, bitorder="little")
                                 if x.ndim == 2 else None, params)
+        if kind == "row_mask":
+            return jax.tree.map(lambda x: _mask_of(x)[0] if x.ndim == 2 else _mask_of(x), params)
         return jax.tree.map(_mask_of, params)
 
     def update(updates, masks, params):
@@ -76,7 +80,7 @@ def main() -> None:
         "prune": optax.chain(adam, jol.prune(jol.magnitude_mask, 0.5)),
         "prune_fixed": optax.chain(adam, jol.prune(lambda tree, s: fixed, 0.5)),
         **{k: optax.chain(adam, _masking(k)) for k in ("mask_only", "mask_in_cond",
-                                                       "packed_mask")},
+                                                       "packed_mask", "row_mask")},
     }
     runs = _timed_runs(txs, args.reps, n_layers=4, dim=1024)
     plain = runs["plain"][3]

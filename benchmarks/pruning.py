@@ -11,9 +11,11 @@ Accuracy: the dense TeacherCNN is trained, then fine-tuned with
 unstructured (magnitude) sparsity and to 2:4; the last state is evaluated on the test split
 (its sparsity is checked to be exact). Overhead: 4 layers of 1024x1024 (plus biases) with
 adam, jitted steps with donated buffers, timed interleaved in pairs in one process: the
-plain optax step against an ordinary step with ``prune`` (masks unchanged), and that
-ordinary step against one where the schedule changes so the masks are recomputed. A sort-based mask recompute (what the widely used
-JAX pruning library does) is timed the same way for reference.
+plain optax step against an ordinary step with ``prune`` (masks unchanged); the same pair
+in whole training steps (forward and backward on a batch of 128, then adam); and the
+ordinary step against one where the schedule changes so the masks are recomputed. A
+sort-based mask recompute (what the widely used JAX pruning library does) is timed the
+same way for reference.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from jaxopt_lab import _select
 from jaxopt_lab.train import TeacherCNN, evaluate, fit, load_digits
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "pruning.json")
+TRAIN_BATCH = 128  # batch of the whole-training-step overhead pair
 
 
 # --- overhead -------------------------------------------------------------------------
@@ -62,29 +65,49 @@ def sort_magnitude_mask(tree, sparsity):
     return jax.tree.map(one, tree)
 
 
-def _timed_runs(txs: dict, reps: int, n_layers: int, dim: int) -> dict:
-    """Median wall-clock ms of one jitted step per transformation, timed interleaved."""
-    grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), _layers(n_layers, dim, 1))
-    keys = iter(jax.random.split(jax.random.PRNGKey(2), len(jax.tree.leaves(grads))))
-    grads = jax.tree.map(lambda g: g * jax.random.normal(next(keys), g.shape), grads)
+def _mlp_loss(params, x, y):
+    """Squared error of the ``_layers`` MLP (ReLU between layers) on one batch."""
+    h = x
+    for i in range(len(params)):
+        if i:
+            h = jax.nn.relu(h)
+        h = h @ params[f"layer{i}"]["kernel"] + params[f"layer{i}"]["bias"]
+    return jnp.mean((h - y) ** 2)
+
+
+def _timed_runs(txs: dict, reps: int, n_layers: int, dim: int, batch: int | None = None) -> dict:
+    """Median wall-clock ms of one jitted step per transformation, timed interleaved.
+
+    Without ``batch`` a step is the optimizer alone on fixed gradients; with it, a whole
+    training step: forward and backward of the MLP on one ``batch x dim`` batch, then the
+    optimizer.
+    """
+    if batch is None:
+        grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), _layers(n_layers, dim, 1))
+        keys = iter(jax.random.split(jax.random.PRNGKey(2), len(jax.tree.leaves(grads))))
+        data = jax.tree.map(lambda g: g * jax.random.normal(next(keys), g.shape), grads)
+    else:
+        kx, ky = jax.random.split(jax.random.PRNGKey(3))
+        data = (jax.random.normal(kx, (batch, dim)), jax.random.normal(ky, (batch, dim)))
     runs = {}
     for name, tx in txs.items():
 
         @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def step(p, s, g, tx=tx):
+        def step(p, s, data, tx=tx):
+            g = data if batch is None else jax.grad(_mlp_loss)(p, *data)
             u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
 
         p = _layers(n_layers, dim, 0)
         s = tx.init(p)
         for _ in range(3):  # compile, and get past the first (mask-computing) step
-            p, s = step(p, s, grads)
+            p, s = step(p, s, data)
         jax.block_until_ready(p)
         runs[name] = {"step": step, "p": p, "s": s, "times": []}
     for _ in range(reps):
         for r in runs.values():
             t = time.perf_counter()
-            r["p"], r["s"] = r["step"](r["p"], r["s"], grads)
+            r["p"], r["s"] = r["step"](r["p"], r["s"], data)
             jax.block_until_ready((r["p"], r["s"]))
             r["times"].append(time.perf_counter() - t)
     return {
@@ -119,6 +142,10 @@ def overhead(reps: int, n_layers: int = 4, dim: int = 1024) -> dict:
     recompute = optax.chain(adam, jol.prune(jol.magnitude_mask, rising))
     ordinary_runs = _timed_runs({"plain_adam": adam, "prune_ordinary": ordinary},
                                 reps, n_layers, dim)
+    # The same pair inside whole training steps (forward and backward on a batch of
+    # 128): what a user's step pays. Each step is ~5x longer: fewer reps.
+    train_runs = _timed_runs({"plain_adam": adam, "prune_ordinary": ordinary},
+                             max(10, reps // 3), n_layers, dim, batch=TRAIN_BATCH)
     recompute_runs = _timed_runs({"prune_ordinary": ordinary, "prune_recompute": recompute},
                                  reps, n_layers, dim)
     # The sort-based reference is ~100x slower: fewer reps, against its own ordinary step.
@@ -139,6 +166,10 @@ def overhead(reps: int, n_layers: int = 4, dim: int = 1024) -> dict:
                  "each ratio from its own interleaved pair",
         "reps": reps,
         "ordinary_over_plain": _pair(ordinary_runs, "prune_ordinary", "plain_adam"),
+        "ordinary_over_plain_train_step": {
+            "batch": TRAIN_BATCH, "reps": max(10, reps // 3),
+            **_pair(train_runs, "prune_ordinary", "plain_adam"),
+        },
         "recompute_over_ordinary": recompute_pair,
         "sort_reference": {
             "reps": max(5, reps // 10),

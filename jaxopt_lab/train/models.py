@@ -42,8 +42,8 @@ class TeacherCNN(nn.Module):
         for i, f in enumerate(self.features):
             x = nn.Conv(f, (3, 3), use_bias=False)(x)
             x = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, axis_name=self.axis_name
-        )(x)
+                use_running_average=not train, momentum=0.9, axis_name=self.axis_name
+            )(x)
             x = nn.relu(x)
             if i == 1:
                 x = max_pool_2x2(x)
