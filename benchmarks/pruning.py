@@ -144,8 +144,9 @@ def overhead(reps: int, n_layers: int = 4, dim: int = 1024) -> dict:
                                 reps, n_layers, dim)
     # The same pair inside whole training steps (forward and backward on a batch of
     # 128): what a user's step pays. Each step is ~5x longer: fewer reps.
+    train_reps = max(10, reps // 3)
     train_runs = _timed_runs({"plain_adam": adam, "prune_ordinary": ordinary},
-                             max(10, reps // 3), n_layers, dim, batch=TRAIN_BATCH)
+                             train_reps, n_layers, dim, batch=TRAIN_BATCH)
     recompute_runs = _timed_runs({"prune_ordinary": ordinary, "prune_recompute": recompute},
                                  reps, n_layers, dim)
     # The sort-based reference is ~100x slower: fewer reps, against its own ordinary step.
@@ -167,7 +168,7 @@ def overhead(reps: int, n_layers: int = 4, dim: int = 1024) -> dict:
         "reps": reps,
         "ordinary_over_plain": _pair(ordinary_runs, "prune_ordinary", "plain_adam"),
         "ordinary_over_plain_train_step": {
-            "batch": TRAIN_BATCH, "reps": max(10, reps // 3),
+            "batch": TRAIN_BATCH, "reps": train_reps,
             **_pair(train_runs, "prune_ordinary", "plain_adam"),
         },
         "recompute_over_ordinary": recompute_pair,
