@@ -61,14 +61,20 @@ struct Panels {
 };
 
 // Runs work(*s) on the caller and on up to pool.num_threads() pool tasks; returns when
-// every panel is done.
+// every panel is done. An empty output is left as it is; K == 0 writes zeros to s->c.
 template <typename S>
-void RunPanels(ffi::ThreadPool& pool, const std::shared_ptr<S>& s, void (*work)(S&)) {
+ffi::Error RunPanels(ffi::ThreadPool& pool, const std::shared_ptr<S>& s, void (*work)(S&)) {
+  if (s->m == 0 || s->n == 0) return ffi::Error::Success();
+  if (s->k == 0) {
+    std::memset(s->c, 0, sizeof(*s->c) * s->m * s->n);
+    return ffi::Error::Success();
+  }
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), s->panels - 1);
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s, work] { work(*s); });
   work(*s);
   std::unique_lock<std::mutex> lock(s->mu);
   s->cv.wait(lock, [&] { return s->done == s->panels; });
+  return ffi::Error::Success();
 }
 
 struct Shared : Panels {
@@ -221,13 +227,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
   s->b = b.typed_data();
   s->c = c->typed_data();
   s->SetShape(ad[0], ad[1], bd[1]);
-  if (s->m == 0 || s->n == 0) return ffi::Error::Success();
-  if (s->k == 0) {
-    std::memset(s->c, 0, sizeof(int32_t) * s->m * s->n);
-    return ffi::Error::Success();
-  }
-  RunPanels(pool, s, Work);
-  return ffi::Error::Success();
+  return RunPanels(pool, s, Work);
 }
 
 // --- float32 x int8 -> float32 with per-column scales (weight-only quantization) --------
@@ -350,13 +350,7 @@ ffi::Error FloatInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   s->scale = scale.typed_data();
   s->c = c->typed_data();
   s->SetShape(ad[0], ad[1], bd[1]);
-  if (s->m == 0 || s->n == 0) return ffi::Error::Success();
-  if (s->k == 0) {
-    std::memset(s->c, 0, sizeof(float) * s->m * s->n);
-    return ffi::Error::Success();
-  }
-  RunPanels(pool, s, FloatWork);
-  return ffi::Error::Success();
+  return RunPanels(pool, s, FloatWork);
 }
 
 }  // namespace
