@@ -14,7 +14,7 @@ from jaxopt_lab import train
 from jaxopt_lab import io
 from jaxopt_lab import quant
 from jaxopt_lab.io import load, load_metadata, save, tree_nbytes
-from jaxopt_lab.quant.core import dequantize, quantize
+from jaxopt_lab.quant.core import LayoutFallbackWarning, dequantize, quantize
 from jaxopt_lab.quant.fake_quant import fake_quant, lsq_fake_quant, lsq_init
 from jaxopt_lab.quant.qtensor import QTensor
 from jaxopt_lab.quant.calibration import (
@@ -94,6 +94,7 @@ __all__ = (
     "CalibrationState",
     "FoldReport",
     "FoldedPair",
+    "LayoutFallbackWarning",
     "PruneState",
     "QTensor",
     "SkippedBatchNorm",

@@ -99,13 +99,13 @@ def kernel_scale(qt: QTensor) -> jax.Array:
     scale = jnp.asarray(qt.scale, jnp.float32)
     if qt.granularity == "tensor":
         return scale.reshape(())
-    return scale.reshape(tuple(qt.shape[i] if i == qt.axis else 1 for i in range(qt.ndim)))
+    return scale.reshape(tuple(qt.shape[i] if i in qt.axis else 1 for i in range(qt.ndim)))
 
 
 def _scale_factors_out(qt: QTensor, rhs: jax.Array, contracted) -> bool:
     """Whether the layer contracts the kernel as stored, with its scale off the contraction."""
     return (tuple(rhs.shape) == qt.shape
-            and qt.axis not in tuple(a % rhs.ndim for a in contracted))
+            and not set(qt.axis or ()) & {a % rhs.ndim for a in contracted})
 
 
 @contextlib.contextmanager
@@ -211,7 +211,7 @@ class _W8A8:
             reduce_axes = tuple(i for i in range(lhs.ndim) if i != dn.lhs_spec[0])
             conv = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                         dimension_numbers=dn, feature_group_count=feature_group_count)
-            channel_ok = qt.granularity == "tensor" or qt.axis == dn.rhs_spec[0]
+            channel_ok = qt.granularity == "tensor" or qt.axis == (dn.rhs_spec[0],)
             if tuple(rhs.shape) != qt.shape or not channel_ok:
                 return lax.conv_general_dilated(lhs, rhs, window_strides, padding,
                                                 precision=precision, **conv)
@@ -230,7 +230,7 @@ class _W8A8:
             a, b, out = parse_einsum(spec, jnp.ndim(inputs), len(qt.shape))
         except ValueError:
             return next_fun(*args, **kwargs)  # Flax raises its own error, or it runs in float
-        if qt.granularity == "channel" and b[qt.axis] not in out:
+        if qt.granularity == "channel" and any(b[a] not in out for a in qt.axis):
             return next_fun(*args, **kwargs)
         kernel = module.get_variable("params", "kernel")
         bias = module.get_variable("params", "bias") if module.use_bias else None
