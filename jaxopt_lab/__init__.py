@@ -10,6 +10,11 @@ from jaxopt_lab import metrics
 from jaxopt_lab import train
 # --- end training and data ---
 
+# --- model-aware core ---
+from jaxopt_lab import core
+from jaxopt_lab.core import LeafInfo, ModelMap, model_map
+# --- end model-aware core ---
+
 # --- quantization ---
 from jaxopt_lab import io
 from jaxopt_lab import quant
@@ -95,6 +100,8 @@ __all__ = (
     "FoldReport",
     "FoldedPair",
     "LayoutFallbackWarning",
+    "LeafInfo",
+    "ModelMap",
     "PruneState",
     "QTensor",
     "SkippedBatchNorm",
@@ -111,6 +118,7 @@ __all__ = (
     "calibration_observe",
     "calibration_range",
     "calibration_scale",
+    "core",
     "channel_mask",
     "compact",
     "constant_schedule",
@@ -134,6 +142,7 @@ __all__ = (
     "lsq_init",
     "magnitude_mask",
     "metrics",
+    "model_map",
     "nm_mask",
     "observe_activations",
     "one_shot_schedule",
