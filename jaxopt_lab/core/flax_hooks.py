@@ -90,6 +90,7 @@ class Program:
     arg_treedef: Any
     out_treedef: Any
     n_vars: int
+    api: str  # "linen" or "nnx"
 
 
 def _is_leaf(x: Any) -> bool:
@@ -99,7 +100,8 @@ def _is_leaf(x: Any) -> bool:
 def _stand_in(x: Any) -> Any:
     if is_qtensor(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.asarray(x).dtype))
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    return jax.ShapeDtypeStruct(np.shape(x), dtype)
 
 
 def is_nnx(model: Any) -> bool:
@@ -184,7 +186,8 @@ def trace(model: Any, variables: Any, *args: Any, **kwargs: Any) -> Program:
 
     closed = jax.make_jaxpr(flat_fn)([_stand_in(x) for _, x in flat],
                                      [_stand_in(x) for x in arg_leaves])
-    return Program(closed, paths, var_treedef, arg_treedef, out_box[-1], len(paths))
+    api = "nnx" if is_nnx(model) else "linen"
+    return Program(closed, paths, var_treedef, arg_treedef, out_box[-1], len(paths), api)
 
 
 # --- the interpreter ------------------------------------------------------------------

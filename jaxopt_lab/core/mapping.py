@@ -51,6 +51,12 @@ def path_names(path: Any) -> Names:
     return tuple(names)
 
 
+def layer_of(names: Names, api: str) -> str:
+    """The layer key of a leaf: its module path joined by ``/`` (linen: without the
+    variable collection, e.g. ``"Block_0/Dense_1"``)."""
+    return "/".join(names[1:-1] if api == "linen" else names[:-1])
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafInfo:
     """What the model does with one variable leaf (see the module docstring).
@@ -217,13 +223,12 @@ def model_map(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> M
 
     avals = [v.aval for v in program.closed.jaxpr.invars]
     jax.eval_shape(abstract, avals[:program.n_vars], avals[program.n_vars:])
-    api = "nnx" if flax_hooks.is_nnx(model) else "linen"
+    api = program.api
     infos = {}
     for i, path in enumerate(program.paths):
         names = path_names(path)
         aval = avals[i]
         role, con, out, bat = _role(uses[i])
-        layer_names = names[1:-1] if api == "linen" else names[:-1]
         infos[names] = LeafInfo(names, tuple(aval.shape), np.dtype(aval.dtype).name, role,
-                                con, out, bat, "/".join(layer_names), tuple(uses[i]))
+                                con, out, bat, layer_of(names, api), tuple(uses[i]))
     return ModelMap(infos, api)
