@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,3 +147,15 @@ def check_same_structure(a: Params, b: Params, what_a: str, what_b: str, *, is_l
     sb = jax.tree.structure(b, is_leaf=is_leaf)
     if sa != sb:
         raise ValueError(f"{what_a} tree does not match the {what_b} tree: {sa} vs {sb}")
+
+
+class LayoutFallbackWarning(UserWarning):
+    """Some leaves could not take the requested layout and used the nearest valid one."""
+
+
+def report_fallbacks(fallbacks: list[str], what: str) -> None:
+    """Warns once, one line per leaf, when ``fallbacks`` is not empty."""
+    if fallbacks:
+        lines = "\n  ".join(fallbacks)
+        warnings.warn(f"{what}: {len(fallbacks)} leaf/leaves fell back to another layout:\n  "
+                      f"{lines}", LayoutFallbackWarning, stacklevel=3)

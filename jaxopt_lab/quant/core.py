@@ -28,7 +28,6 @@ features); when ``axis`` resolves to 0 it is axis 1, and for a 1-D array it is a
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +37,7 @@ import numpy as np
 from jax import lax
 
 from jaxopt_lab import _select
+from jaxopt_lab._select import LayoutFallbackWarning, report_fallbacks  # noqa: F401
 from jaxopt_lab.quant.affine import (
     _exact_div,
     _safe_scale,
@@ -180,18 +180,6 @@ def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any,
     fallbacks.append(f"{path}: {why}; quantized per channel (axes {channel}) instead")
     s["granularity"] = "channel"
     return s
-
-
-class LayoutFallbackWarning(UserWarning):
-    """Some leaves could not take the requested layout and used the nearest valid one."""
-
-
-def report_fallbacks(fallbacks: list[str], what: str) -> None:
-    """Warns once, one line per leaf, when ``fallbacks`` is not empty."""
-    if fallbacks:
-        jax_warn = "\n  ".join(fallbacks)
-        warnings.warn(f"{what}: {len(fallbacks)} leaf/leaves fell back to another layout:\n  "
-                      f"{jax_warn}", LayoutFallbackWarning, stacklevel=3)
 
 
 def grouped(x: jax.Array, s: Mapping[str, Any]) -> tuple[jax.Array, tuple[int, ...]]:
