@@ -220,3 +220,45 @@ def test_jit_equals_eager_quantized_apply_nnx():
     eager = jol.quantized_apply(model, q, ids, mode="w8a8")
     jitted = jax.jit(lambda q, i: jol.quantized_apply(model, q, i, mode="w8a8"))(q, ids)
     chex.assert_trees_all_close(eager, jitted, atol=1e-5, rtol=1e-5)
+
+
+def test_nnx_optimizer_prune_with_map_keeps_kernels_sparse_and_biases_dense():
+    import optax
+    model, ids = fm.nnx_transformer()
+    mm = jol.model_map(model, None, ids)
+    tx = optax.chain(optax.adam(1e-3), jol.prune(jol.magnitude_mask, 0.5, model_map=mm))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    def loss(m):
+        return jnp.mean(m(ids) ** 2)
+
+    for _ in range(2):
+        grads = nnx.grad(loss)(model)
+        opt.update(model, grads)
+    k = np.asarray(model.blocks[0].attn.query.kernel.value)
+    assert (k == 0).sum() == k.size // 2
+    assert (np.asarray(model.blocks[0].attn.query.bias.value) != 0).all()
+    assert (np.asarray(model.embed.embedding.value) != 0).all()
+
+
+def test_nnx_qat_fake_quant_with_map_trains():
+    import optax
+    model, ids = fm.nnx_transformer()
+    mm = jol.model_map(model, None, ids)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        fq = jol.fake_quant(p, bits=4, granularity="group", group_size=128, model_map=mm)
+        return jnp.mean(nnx.merge(graphdef, fq, rest)(ids) ** 2)
+
+    g = jax.grad(loss)(params)
+    gq = g["blocks"][0]["attn"]["query"]["kernel"].value
+    assert np.isfinite(np.asarray(gq)).all() and float(jnp.abs(gq).sum()) > 0
+    new = optax.apply_updates(params, jax.tree.map(lambda x: -1e-3 * x, g))
+    assert float(loss(new)) < float(loss(params)) + 1e-6
+
+
+def test_bn_fold_accepts_nnx_module():
+    model, x = fm.nnx_convnet(3)
+    folded = jol.bn_fold(model, x)
+    chex.assert_trees_all_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
