@@ -78,7 +78,7 @@ def main() -> dict:
     # split is small and saturates) broken by lower mean validation cross-entropy.
     grid = []
     for temperature, alpha in itertools.product(temperatures, alphas):
-        loss = jol.distill.kd_loss(teacher, t_vars, temperature=temperature, alpha=alpha)
+        loss = jol.train.kd_loss(teacher, t_vars, temperature=temperature, alpha=alpha)
         vals = [jol.train.evaluate(student, _train(student, data, epochs=epochs, lr=lr,
                                                    seed=seed, loss=loss)[0], data.val)
                 for seed in tune_seeds]
@@ -86,7 +86,7 @@ def main() -> dict:
                      "val_accuracy_mean": statistics.fmean(v["accuracy"] for v in vals),
                      "val_loss_mean": statistics.fmean(v["loss"] for v in vals)})
     best = max(grid, key=lambda g: (g["val_accuracy_mean"], -g["val_loss_mean"]))
-    kd = jol.distill.kd_loss(teacher, t_vars, temperature=best["temperature"],
+    kd = jol.train.kd_loss(teacher, t_vars, temperature=best["temperature"],
                              alpha=best["alpha"])
 
     runs = {"baseline": [], "kd": []}

@@ -7,7 +7,6 @@ norm) that compose with each other and with optax. See README.md and DESIGN.md.
 # Each area keeps its re-exports in its own block; edit only your block.
 # --- training and data ---
 from jaxopt_lab import metrics
-from jaxopt_lab import train
 # --- end training and data ---
 
 # --- model-aware core ---
@@ -89,8 +88,21 @@ from jaxopt_lab.fold import (
 # --- end folding ---
 
 # --- main job ---
-from jaxopt_lab import report
-from jaxopt_lab.sweep import sweep
+# `train`, `report` and `sweep` sit above the library (orbax, matplotlib, tqdm and
+# scikit-learn load with them): imported on first use, so `import jaxopt_lab` stays light.
+_LAZY = {"train": ("jaxopt_lab.train", None), "report": ("jaxopt_lab.report", None),
+         "sweep": ("jaxopt_lab.sweep", "sweep")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        value = importlib.import_module(module)
+        value = getattr(value, attr) if attr else value
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxopt_lab' has no attribute {name!r}")
 # --- end main job ---
 
 __version__ = "0.1.0"
