@@ -1,6 +1,5 @@
 """Measurement: exact counts, file sizes, latency figures and ratios."""
 
-import math
 
 import jax.numpy as jnp
 import numpy as np
