@@ -2,7 +2,9 @@
 position, the same as a stable sort, whichever of its branches runs (bracket hit, one
 entry to cut in the bin, radix fallback on heavy ties or a missed bracket, k = 0)."""
 
+import ast
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -66,3 +68,14 @@ def test_keep_lowest_routes_large_inputs_through_the_sampled_select():
     want = _sorted()(a, b, jnp.int32(k))
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_no_import_cycle_between_select_and_sampled():
+    # prune.select dispatches to prune.sampled; sampled builds on prune.radix only.
+    for module in (sampled, __import__("jaxopt_lab.prune.radix", fromlist=["radix"])):
+        tree = ast.parse(pathlib.Path(module.__file__).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    for a in n.names} | {n.module or "" for n in ast.walk(tree)
+                                         if isinstance(n, ast.ImportFrom)}
+        assert "select" not in imported and "jaxopt_lab.prune.select" not in imported, (
+            module.__name__)
