@@ -76,18 +76,19 @@ def test_sizes_are_the_files_written_and_reload(quick_run):
 
 
 # Largest accuracy drop (points, against the baseline) each variant may show in the quick
-# run. Measured spread: the quick job (`jaxopt-lab run --quick --seed S`, S = 0..3, each
-# seed a different split and initialisation) gave no drop for the storage-only variants
-# (bn_folded, int8 and int4 PTQ: equal to the baseline, once 0.3 points above), drops of at
-# most 0.8 points for int4 QAT, 50% pruning, 2:4 and channel compaction (mostly gains), 1.7
-# for the KD student, 2.5 for the pruned-and-quantized pipeline and 2.2-12.3 for 90%
-# pruning after its 3 quick epochs. Each bound is 2.5-3.5x the worst seed's drop, and at
-# least one point (~4 of the 359 test images); a broken technique (wrong scales, a mask
-# pruning the wrong weights, a student that did not learn) lands near chance (10%).
+# run. Measured spread: the quick job (`jaxopt-lab run --quick --seed S`, S = 0..4, each
+# seed a different split and initialisation; benchmarks/results/measure_issue14.json) gave
+# drops of at most 0.3 points for the storage-only variants (bn_folded, int8 and int4 PTQ:
+# equal to the baseline on 8 of 10 runs), 0.8 for int4 QAT, 50% pruning, 2:4 and channel
+# compaction (mostly gains), 3.6 for the KD student, 2.8 for the pruned-and-quantized
+# pipeline and 2.2-12.3 for 90% pruning after its 3 quick epochs. Each bound is about
+# 2.5x the worst seed's drop or more, and at least one point (~4 of the 359 test images);
+# a broken technique (wrong scales, a mask pruning the wrong weights, a student that did
+# not learn) lands near chance (10%).
 QUICK_MAX_DROP_POINTS = {
     "baseline": 0.0, "bn_folded": 1.0, "int8_ptq": 1.0, "int4_group_ptq": 1.5,
     "int4_qat": 3.0, "prune50_gradual": 3.0, "nm24": 3.0, "channel_compact": 3.0,
-    "student_kd": 5.0, "pipeline": 7.5, "prune90_gradual": 30.0,
+    "student_kd": 9.0, "pipeline": 7.5, "prune90_gradual": 30.0,
 }
 
 
