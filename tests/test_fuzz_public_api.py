@@ -648,29 +648,37 @@ _MATMUL_SHAPES = (((2, 3), (3, 4)), ((2, 3), (3, 4)), ((1, 1), (1, 1)), ((0, 3),
                   ((2, 0), (0, 4)), ((2, 3), (4, 5)), ((3,), (3, 4)))
 
 
+_VALID_MATMUL_SHAPES, _INVALID_MATMUL_SHAPES = _MATMUL_SHAPES[:5], _MATMUL_SHAPES[5:]
+
+
 @fuzz
-@given(shapes=st.sampled_from(_MATMUL_SHAPES), seed=st.integers(0, 2**16),
-       dtypes=st.sampled_from([(np.int8, np.int8)] * 4 + [(np.int32, np.int8),
-                                                          (np.int8, np.float32)]),
+@given(shapes=st.sampled_from(_VALID_MATMUL_SHAPES), seed=st.integers(0, 2**16),
        kind=st.sampled_from(["normal", "huge", "zeros"]),
        native=st.sampled_from([True, False, 1, 0, None]))
-def test_int8_matmul_and_use_native_int8(shapes, seed, dtypes, kind, native):
+def test_int8_matmul_and_use_native_int8(shapes, seed, kind, native):
     from jaxopt_lab.quant import native as native_mod
 
-    a = fz.fill(shapes[0], dtypes[0], kind, seed)
-    b = fz.fill(shapes[1], dtypes[1], kind, seed + 1)
+    a = fz.fill(shapes[0], np.int8, kind, seed)
+    b = fz.fill(shapes[1], np.int8, kind, seed + 1)
     with jol.use_native_int8(native):
         assert native_mod.native_int8_available() == (
             bool(native) and native_mod.native_int8_status() == "ok")
-        got, err = attempt(jol.int8_matmul, a, b)
-    if err is not None:
-        return
-    assert a.dtype == b.dtype == np.int8 and a.ndim == b.ndim == 2
+        got = jol.int8_matmul(a, b)  # valid input: any error fails the test
     want = (a.astype(np.int64) @ b.astype(np.int64)).astype(np.int32)  # exact: |sum| < 2**31
     assert np.asarray(got).dtype == np.int32 and np.array_equal(np.asarray(got), want)
     fz.checked()
 
 
+@fuzz
+@given(seed=st.integers(0, 2**16), native=st.booleans(),
+       fault=st.sampled_from(["shapes", "lhs_dtype", "rhs_dtype"]))
+def test_int8_matmul_rejects_invalid_input(seed, native, fault):
+    shapes = (_INVALID_MATMUL_SHAPES if fault == "shapes" else _VALID_MATMUL_SHAPES)[
+        seed % (2 if fault == "shapes" else 5)]
+    a = fz.fill(shapes[0], np.int32 if fault == "lhs_dtype" else np.int8, "normal", seed)
+    b = fz.fill(shapes[1], np.float32 if fault == "rhs_dtype" else np.int8, "normal", seed)
+    with jol.use_native_int8(native):
+        fz.raises(jol.int8_matmul, a, b)
 
 
 def _assert_within_summation_error(got, lhs, weight, dims) -> None:
@@ -687,28 +695,43 @@ def _assert_within_summation_error(got, lhs, weight, dims) -> None:
     assert (err <= bound)[ok].all(), (got, ref)
 
 
-@fuzz
-@given(shapes=st.sampled_from(_MATMUL_SHAPES), seed=st.integers(0, 2**16),
-       dtypes=st.sampled_from([(np.float32, np.int8)] * 4 + [(np.float16, np.int8),
-                                                            (np.float32, np.int32)]),
-       kind=st.sampled_from(["normal", "huge", "wide", "zeros", "nan", "subnormal"]),
-       scale_kind=st.sampled_from(["normal", "normal", "huge", "wrong"]),
-       native=st.sampled_from([True, False]))
-def test_float_int8_matmul(shapes, seed, dtypes, kind, scale_kind, native):
-    a = fz.fill(shapes[0], dtypes[0], kind, seed)
-    b = fz.fill(shapes[1], dtypes[1], "normal", seed + 1)
+def _float_int8_operands(shapes, seed, lhs_dtype, rhs_dtype, kind, scale_kind):
+    a = fz.fill(shapes[0], lhs_dtype, kind, seed)
+    b = fz.fill(shapes[1], rhs_dtype, "normal", seed + 1)
     n = shapes[1][-1]
     scale = (np.ones((n + 1,), np.float32) if scale_kind == "wrong"
              else np.abs(fz.fill((n,), np.float32, scale_kind, seed + 2)) + np.float32(1e-3))
+    return a, b, scale
+
+
+@fuzz
+@given(shapes=st.sampled_from(_VALID_MATMUL_SHAPES), seed=st.integers(0, 2**16),
+       kind=st.sampled_from(["normal", "huge", "wide", "zeros", "nan", "subnormal"]),
+       scale_kind=st.sampled_from(["normal", "normal", "huge"]),
+       native=st.sampled_from([True, False]))
+def test_float_int8_matmul(shapes, seed, kind, scale_kind, native):
+    a, b, scale = _float_int8_operands(shapes, seed, np.float32, np.int8, kind, scale_kind)
     with jol.use_native_int8(native):
-        got, err = attempt(jol.float_int8_matmul, a, b, scale)
-    if err is not None:
-        return
-    assert a.dtype == np.float32 and b.dtype == np.int8 and a.ndim == b.ndim == 2
+        got = jol.float_int8_matmul(a, b, scale)  # valid input: any error fails the test
+    n = shapes[1][-1]
     assert np.asarray(got).dtype == np.float32 and np.shape(got) == (a.shape[0], n)
     weight = b.astype(np.float32) * scale  # dequantize's float32 values
     _assert_within_summation_error(got, a, weight, (((1,), (0,)), ((), ())))
     fz.checked()
+
+
+@fuzz
+@given(seed=st.integers(0, 2**16), native=st.booleans(),
+       fault=st.sampled_from(["shapes", "lhs_dtype", "rhs_dtype", "scale"]))
+def test_float_int8_matmul_rejects_invalid_input(seed, native, fault):
+    shapes = (_INVALID_MATMUL_SHAPES if fault == "shapes" else _VALID_MATMUL_SHAPES)[
+        seed % (2 if fault == "shapes" else 5)]
+    a, b, scale = _float_int8_operands(
+        shapes, seed, np.float16 if fault == "lhs_dtype" else np.float32,
+        np.int32 if fault == "rhs_dtype" else np.int8, "normal",
+        "wrong" if fault == "scale" else "normal")
+    with jol.use_native_int8(native):
+        fz.raises(jol.float_int8_matmul, a, b, scale)
 
 
 @fuzz
