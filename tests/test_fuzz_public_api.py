@@ -782,6 +782,7 @@ FUZZED = {
     "int8_einsum", "int8_conv_general_dilated", "calibrate", "observe_activations",
     "activation_scales", "quantized_apply", "activation_stats_init", "int8_matmul",
     "use_native_int8", "sweep", "float_int8_matmul", "weight_only_dot_general",
+    "model_map",  # tests/test_fuzz_model_map.py
 }
 
 
