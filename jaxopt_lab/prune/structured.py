@@ -66,7 +66,7 @@ def nm_mask(
       sparsity: ``None`` for the full N:M pattern. A number (e.g. from a schedule) ramps
         to it: each group prunes ``min(m - n, floor(sparsity * m))`` entries, so a
         schedule rising to ``1 - n/m`` reaches N:M through nested steps (1:4 pruned at
-        25%, 2:4 at 50%).
+        25%, 2:4 at 50%). A NaN traced under ``jit`` prunes every entry.
       n: entries kept per group. m: group size.
       axis: the grouped axis; its length must be divisible by ``m``.
       where: leaf selection. A callable may return ``{"n": .., "m": .., "axis": ..}``.
@@ -104,6 +104,10 @@ def nm_mask(
         prune = lm - ln
         if sparsity is not None:
             prune = jnp.minimum(lm - ln, select.count_to_prune(sparsity, lm))
+            # A traced NaN prunes every entry, as in the other mask functions, rather
+            # than quietly falling back to the full N:M pattern.
+            if not isinstance(sparsity, (int, float)):
+                prune = jnp.where(jnp.isnan(jnp.asarray(sparsity, jnp.float32)), lm, prune)
         scores = jnp.moveaxis(select.magnitude_scores(leaf, prev[i]), lax_, -1)
         moved = scores.shape
         grouped = scores.reshape(*moved[:-1], moved[-1] // lm, lm)
