@@ -207,6 +207,9 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
       TypeError: naming the path of a leaf or node that cannot be stored.
       ValueError: ``path``'s directory does not exist (`DirectoryNotFoundError`, also a
         ``FileNotFoundError``) or ``path`` is a directory.
+      OSError: the write failed (disk full, file too large...): the error has the OS's
+        errno and cause and names ``path``; no temporary file is left behind and a
+        previous file at ``path`` is unchanged.
 
     Examples:
       >>> import os, tempfile, jax.numpy as jnp, jaxopt_lab as jol
@@ -244,9 +247,14 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            # A full disk (ENOSPC), a file-size limit (EFBIG), a quota...: the raw error
+            # names neither the file nor what happened to it.
+            raise OSError(e.errno, f"{os.strerror(e.errno)}; cannot save (the temporary "
+                          "file was removed and any previous file is unchanged)", path) from e
         raise
 
 
@@ -293,6 +301,9 @@ def _read_header(f, path: str, size: int) -> tuple[dict[str, Any], dict[str, Any
         header = json.loads(f.read(n).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupted safetensors header ({e})") from None
+    except RecursionError:  # a hostile header of deeply nested JSON
+        raise ValueError(f"{path}: corrupted safetensors header (JSON nested too "
+                         "deeply)") from None
     meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
     if not isinstance(meta, dict) or FORMAT not in meta:
         raise ValueError(f"{path}: a safetensors file not written by jaxopt_lab.save (no "
@@ -303,7 +314,15 @@ def _read_header(f, path: str, size: int) -> tuple[dict[str, Any], dict[str, Any
             raise ValueError("missing tree")
     except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: corrupted jaxopt_lab metadata ({e})") from None
-    if info.get("header_crc32") != _header_crc(header, meta.get("format"), info):
+    except RecursionError:
+        raise ValueError(f"{path}: corrupted jaxopt_lab metadata (JSON nested too "
+                         "deeply)") from None
+    try:
+        crc = _header_crc(header, meta.get("format"), info)
+    except RecursionError:  # nesting that json.loads took but json.dumps can't
+        raise ValueError(f"{path}: corrupted safetensors header (JSON nested too "
+                         "deeply)") from None
+    if info.get("header_crc32") != crc:
         raise ValueError(f"{path}: corrupted safetensors header (checksum mismatch)")
     if info.get("version", 0) > VERSION:
         raise ValueError(f"{path}: written by a newer jaxopt_lab (format version "
@@ -316,11 +335,16 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     path = _existing(path)
     with open(path, "rb") as f:
         _, info, _ = _read_header(f, path, os.fstat(f.fileno()).st_size)
-    return _serial.from_json(info.get("metadata", {}))
+    try:
+        return _serial.from_json(info.get("metadata", {}))
+    except RecursionError:
+        raise ValueError(f"{path}: corrupted jaxopt_lab metadata (nested too deeply)") from None
 
 
 def _existing(path: str | os.PathLike) -> str:
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"{path}: no such checkpoint file")
     return path
@@ -354,8 +378,12 @@ def load(path: str | os.PathLike, *, with_metadata: bool = False) -> Params | tu
         raise ValueError(f"{path}: tensor data corrupted (CRC32 mismatch)")
     try:
         tree = _serial.decode_tree(info["tree"], table, data, _BY_NAME, _node_build)
+        metadata = _serial.from_json(info.get("metadata", {})) if with_metadata else None
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ValueError(f"{path}: corrupted jaxopt_lab tree record: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: corrupted jaxopt_lab tree record (nested too "
+                         "deeply)") from None
     if with_metadata:
-        return tree, _serial.from_json(info.get("metadata", {}))
+        return tree, metadata
     return tree

@@ -96,6 +96,30 @@ def test_pearson_matches_scipy_and_numpy(data, n, scale, correlated):
     np.testing.assert_allclose(M.pearson(x * scale, y * scale), expected, atol=1e-6)
 
 
+def test_pearson_reported_nearly_constant_float32():
+    # issue 17: centring on the rounded mean (1.0) gave 0.7071.
+    x, y = np.float32([1, 1, 1 + 2**-23]), np.float32([1, 2, 3])
+    expected = scipy_pearson(x.astype(np.float64), y.astype(np.float64))
+    np.testing.assert_allclose(expected, 0.8660254, atol=1e-7)
+    np.testing.assert_allclose(M.pearson(x, y), expected, atol=1e-6)
+    np.testing.assert_allclose(jitted(M.pearson)(x, y), expected, atol=1e-6)
+
+
+@given(data=st.data(), n=st.sampled_from([2, 3, 8, 40]),
+       base=st.floats(-2.0**100, 2.0**100, width=32).filter(lambda b: abs(b) > 2.0**-100))
+def test_pearson_nearly_constant_float32_matches_scipy_on_exact_values(data, n, base):
+    # Values a few ulps apart around ``base``: r of the float32 values themselves, as
+    # scipy computes it in float64.
+    steps = data.draw(st.lists(st.integers(-4, 4), min_size=n, max_size=n))
+    x = np.float32(base) + np.asarray(steps, np.float32) * np.spacing(np.float32(base))
+    y = np.asarray(data.draw(st.lists(st.integers(-50, 50), min_size=n, max_size=n)),
+                   np.float32)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return
+    expected = scipy_pearson(x.astype(np.float64), y.astype(np.float64))
+    np.testing.assert_allclose(M.pearson(x, y), expected, atol=1e-5)
+
+
 def test_pearson_constant_input_is_nan_under_jit_never_a_finite_guess():
     x = np.full(5, 0.1)  # its mean is not exactly 0.1, so centring leaves rounding noise
     y = np.arange(5.0)

@@ -1,5 +1,7 @@
 """Exact k-lowest selection: radix path == sort path == numpy reference, exact counts."""
 
+import fractions
+import functools
 import math
 
 import hypothesis.extra.numpy as hnp
@@ -11,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxopt_lab.prune import select
+from jaxopt_lab.prune.masks import magnitude_mask, random_mask
+from jaxopt_lab.prune.structured import nm_mask
 
 SHAPES = [(64, 128), (100,), (3, 5, 7)]  # 8192 (radix) + small leaves
 TOTAL = sum(math.prod(s) for s in SHAPES)
@@ -91,20 +95,65 @@ def test_previous_mask_ranks_lowest():
     assert int(s[0]) == 0 and bool((s[1:] > 0).all())
 
 
+def _exact_floor(sparsity, size: int) -> int:
+    """The reference: the exact rational floor of float32(sparsity) * size."""
+    return math.floor(fractions.Fraction(float(np.float32(sparsity))) * size)
+
+
+_count_jit = jax.jit(select.count_to_prune, static_argnums=1)
+
+
 @pytest.mark.parametrize("sparsity,size", [(0.7, 10), (0.3, 10), (0.8, 8192), (0.9, 1000),
-                                           (1.0, 77), (0.0, 5), (0.5, 3)])
+                                           (1.0, 77), (0.0, 5), (0.5, 3), (0.29, 100),
+                                           (0.57, 100), (0.58, 100), (0.29, 2**31 - 1)])
 def test_count_to_prune_python_and_traced_agree(sparsity, size):
-    want = math.floor(sparsity * size)
+    want = _exact_floor(sparsity, size)
     assert int(select.count_to_prune(sparsity, size)) == want
-    traced = jax.jit(lambda s: select.count_to_prune(s, size))(jnp.float32(sparsity))
-    assert int(traced) == want
+    assert int(_count_jit(sparsity, size)) == want
+    assert int(_count_jit(jnp.float32(sparsity), size)) == want
 
 
-def test_count_to_prune_traced_nan_and_out_of_range_clip():
+def test_count_to_prune_reported_values():
+    # issue 17: 0.29 of 100 was 28 eagerly and 29 under jit.
+    assert [int(select.count_to_prune(s, 100)) for s in (0.29, 0.57, 0.58)] == [28, 56, 57]
+    assert [int(_count_jit(s, 100)) for s in (0.29, 0.57, 0.58)] == [28, 56, 57]
+
+
+@given(
+    st.one_of(st.floats(0, 1), st.floats(0, 1, width=32), st.fractions(0, 1, max_denominator=1000)
+              .map(float), st.floats(0, 1e-30)),
+    st.one_of(st.integers(0, 5000), st.integers(0, 2**31 - 1)),
+)
+def test_count_to_prune_is_the_exact_floor_eager_and_jit(sparsity, size):
+    want = _exact_floor(sparsity, size)
+    assert int(select.count_to_prune(sparsity, size)) == want
+    assert int(_count_jit(sparsity, size)) == want
+
+
+def test_count_to_prune_traced_nan_prunes_all_and_out_of_range_clip():
     f = jax.jit(lambda s: select.count_to_prune(s, 10))
-    assert int(f(jnp.float32(np.nan))) == 0
+    assert int(f(jnp.float32(np.nan))) == 10
     assert int(f(jnp.float32(-1.0))) == 0
     assert int(f(jnp.float32(2.0))) == 10
+
+
+def test_magnitude_mask_eager_equals_jit_at_reported_sparsities():
+    x = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(10, 10)), jnp.float32)}
+    mm = jax.jit(magnitude_mask)
+    for s in (0.29, 0.57, 0.58):
+        eager = int((~magnitude_mask(x, s)["w"]).sum())
+        assert eager == int((~mm(x, s)["w"]).sum()) == _exact_floor(s, 100)
+
+
+def test_traced_nan_sparsity_prunes_everything():
+    x = {"w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+    nan = jnp.float32(np.nan)
+    rand = functools.partial(random_mask, key=jax.random.key(0))
+    for fn in (magnitude_mask, rand, nm_mask):
+        assert not bool(jax.jit(fn)(x, nan)["w"].any()), fn
+    assert not bool(jax.jit(lambda t, s: magnitude_mask(t, s, scope="global"))(x, nan)["w"].any())
+    with pytest.raises(ValueError, match="sparsity"):
+        magnitude_mask(x, float("nan"))
 
 
 BIG = [(256, 300), (300, 100)]  # above SAMPLED_FROM: the sampled one-pass path

@@ -185,8 +185,14 @@ def _pearson(x, y, *, axis_name):
         # that huge or tiny inputs neither overflow nor underflow (nor lose differences
         # smaller than the smallest normal number), then again after centring. (Not
         # v / max|v|: XLA multiplies by 1 / max|v|, flushed to 0 beyond 2**126.)
+        count = total(jnp.asarray(v.shape[0], v.dtype))
         v = v * pow2_scale(total(jnp.max(jnp.abs(v)), jax.lax.pmax))[0]
-        v = v - total(jnp.sum(v)) / total(jnp.asarray(v.shape[0], v.dtype))
+        v = v - total(jnp.sum(v)) / count
+        v = v * pow2_scale(total(jnp.max(jnp.abs(v)), jax.lax.pmax))[0]
+        # A second pass removes the rounding error of the first mean: for nearly constant
+        # input ([1, 1, 1 + 2**-23]) the rounded mean is one of the values, and the
+        # differences that make up r would be lost without it.
+        v = v - total(jnp.sum(v)) / count
         return v * pow2_scale(total(jnp.max(jnp.abs(v)), jax.lax.pmax))[0]
 
     def constant(v):

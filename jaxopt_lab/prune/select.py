@@ -18,12 +18,14 @@ inside the passes that read them (``score_views``), never stored as an extra arr
 
 from __future__ import annotations
 
+import fractions
 import functools
 import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxopt_lab.prune import sampled
@@ -171,13 +173,59 @@ def keep_above_k_lowest(scores: Sequence[jax.Array], k) -> list[jax.Array]:
 
 
 def count_to_prune(sparsity, size: int) -> jax.Array:
-    """``floor(sparsity * size)`` as int32, robust to float32 rounding of ``sparsity``.
+    """``floor(sparsity * size)`` as int32: the one definition every mask function uses.
 
-    A Python float is used exactly; a traced value is nudged up by two float32 ulps so
-    that, e.g., ``float32(0.7) * 10`` counts 7, not 6.
+    ``sparsity`` is read as float32, the precision a traced value has under ``jax.jit``
+    (Python floats become float32 there), and the count is the *exact* floor of that
+    float32 value times ``size`` -- no rounding of the product -- so eager and jitted
+    calls prune the same number. The exact value is what is floored: ``0.7`` is float32
+    ``0.699999988...``, so it prunes 6 of 10 (pass ``0.75`` or a count-exact fraction for
+    a round number). Out-of-range traced values are clipped to ``[0, 1]``; a traced NaN
+    counts ``size`` (everything pruned, so the fault shows instead of passing silently).
+
+    Examples:
+      >>> int(count_to_prune(0.29, 100)), int(jax.jit(count_to_prune, static_argnums=1)(0.29, 100))
+      (28, 28)
     """
-    if isinstance(sparsity, (int, float)):
-        return jnp.int32(math.floor(sparsity * size))
-    s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
-    s = jnp.where(jnp.isnan(s), 0.0, s)
-    return jnp.floor(s * size * (1.0 + 2.0**-22)).astype(jnp.int32).clip(0, size)
+    if size < 0 or size >= 2**31:
+        raise ValueError(f"size must be in [0, 2**31), got {size}")
+    if isinstance(sparsity, (int, float, np.floating, np.integer)):
+        s32 = np.float32(sparsity)
+        if np.isnan(s32):
+            return jnp.int32(size)
+        s32 = min(max(s32, np.float32(0)), np.float32(1))
+        return jnp.int32(math.floor(fractions.Fraction(float(s32)) * size))
+    return _exact_count(jnp.asarray(sparsity, jnp.float32), size)
+
+
+def _exact_count(s: jax.Array, size: int) -> jax.Array:
+    """Exact ``floor(s * size)`` for a float32 ``s``, in int32 arithmetic only.
+
+    A float32 product rounds (``float32(0.29) * 100`` is 29.0 though the exact product is
+    28.99999...), and fused multiply-adds are not portable across backends, so the
+    product ``mantissa * size`` is built from 12-bit limbs, each partial product below
+    2**25, and shifted by the exponent.
+    """
+    nan = jnp.isnan(s)
+    s = jnp.clip(jnp.where(nan, 0.0, s), 0.0, 1.0)
+    bits = lax.bitcast_convert_type(s, jnp.int32)
+    biased = bits >> 23
+    frac = bits & 0x7FFFFF
+    mant = jnp.where(biased > 0, frac | 0x800000, frac)  # subnormals have no implicit bit
+    shift = 150 - jnp.maximum(biased, 1)  # s = mant * 2**-shift, shift >= 23 for s <= 1
+    m0, m1 = mant & 0xFFF, mant >> 12
+    n0, n1, n2 = size & 0xFFF, (size >> 12) & 0xFFF, size >> 24
+    limbs = [m0 * n0, m1 * n0 + m0 * n1, m1 * n1 + m0 * n2, m1 * n2]
+    digits, carry = [], jnp.int32(0)
+    for limb in limbs:  # base 2**12 digits of mant * size (< 2**55)
+        total = limb + carry
+        digits.append(total & 0xFFF)
+        carry = total >> 12
+    digits.append(carry)
+    low = digits[0] | (digits[1] << 12)  # bits 0..23
+    high = digits[2] | (digits[3] << 12) | (digits[4] << 24)  # bits 24..; < 2**31
+    # shift == 23 only for s == 1, where the product is ``size`` itself.
+    at_one = (high << 1) | (low >> 23)
+    down = jnp.minimum(shift - 24, 31)
+    count = jnp.where(shift == 23, at_one, jnp.where(down >= 31, 0, high >> jnp.maximum(down, 0)))
+    return jnp.where(nan, jnp.int32(size), count).astype(jnp.int32)

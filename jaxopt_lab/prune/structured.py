@@ -94,7 +94,7 @@ def nm_mask(
       sparsity: ``None`` for the full N:M pattern. A number (e.g. from a schedule) ramps
         to it: each group prunes ``min(m - n, floor(sparsity * m))`` entries, so a
         schedule rising to ``1 - n/m`` reaches N:M through nested steps (1:4 pruned at
-        25%, 2:4 at 50%).
+        25%, 2:4 at 50%). A NaN traced under ``jit`` prunes every entry.
       n: entries kept per group. m: group size.
       axis: the grouped axis without a map (or as a per-leaf override).
       where: leaf selection (default: the map's kernels, else float leaves with
@@ -146,6 +146,10 @@ def nm_mask(
         prune = lm - ln
         if sparsity is not None:
             prune = jnp.minimum(lm - ln, select.count_to_prune(sparsity, lm))
+            # A traced NaN prunes every entry, as in the other mask functions, rather
+            # than quietly falling back to the full N:M pattern.
+            if not isinstance(sparsity, (int, float)):
+                prune = jnp.where(jnp.isnan(jnp.asarray(sparsity, jnp.float32)), lm, prune)
         scores = _to_last(select.magnitude_scores(leaf, prev[i]), axes)
         moved = scores.shape
         grouped = scores.reshape(*moved[:-1], moved[-1] // lm, lm)

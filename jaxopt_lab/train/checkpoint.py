@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -128,6 +131,9 @@ class Checkpointer:
         Raises:
           ValueError: a negative step or position, or ``step`` already exists.
           TypeError: ``metadata`` is not JSON-serialisable.
+          OSError: the write failed (disk full, file-size limit...): naming the directory,
+            the step and the cause; the step's temporary files are removed and earlier
+            checkpoints stay intact and restorable.
         """
         step = int(step)
         if step < 0:
@@ -144,12 +150,40 @@ class Checkpointer:
         info = {"step": step, "epoch": int(data_position.epoch),
                 "batch": int(data_position.batch), "metadata": metadata or {},
                 "empty_leaves": _empty_leaves(state)}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(_without_empty(state)),
-                                    data=ocp.args.JsonSave(info)),
-            force=True,
-        )
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(_without_empty(state)),
+                                        data=ocp.args.JsonSave(info)),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 - tensorstore reports I/O errors as ValueError
+            raise self._write_failed(step, e) from e
+
+    def _write_failed(self, step: int, error: BaseException) -> OSError:
+        """Removes the half-written temporary directory of ``step`` (orbax leaves it until
+        the next Checkpointer opens the directory) and says what happened, and where."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception:  # noqa: BLE001, S110 - the same failure, reported below
+            pass
+        # When one item fails, orbax gives no handle on the other items' writes still in
+        # flight (tensorstore threads), which recreate folders under a removed temporary:
+        # remove until it stays gone.
+        deadline, quiet = time.monotonic() + 30, 0
+        while quiet < 3 and time.monotonic() < deadline:
+            leftovers = [n for n in os.listdir(self.directory)
+                         if n.startswith(f"{step}.") and "tmp" in n]
+            for name in leftovers:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            quiet = 0 if leftovers else quiet + 1
+            time.sleep(0.1)
+        code = re.search(r"os_error_code='(\d+)'", str(error))
+        number = int(code.group(1)) if code else getattr(error, "errno", None)
+        cause = os.strerror(number) if number else type(error).__name__
+        return OSError(number, f"checkpoint step {step} could not be written ({cause}): "
+                       f"{error}; its temporary files were removed and earlier checkpoints "
+                       "are intact", self.directory)
 
     def restore(self, target: PyTree, *, step: int | None = None) -> tuple[PyTree, DataPosition]:
         """Loads checkpoint ``step`` (default: the latest) into the structure of ``target``.
@@ -242,8 +276,17 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def wait_until_finished(self) -> None:
-        """Blocks until a pending asynchronous save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until a pending asynchronous save is on disk.
+
+        Raises:
+          OSError: the pending save failed (e.g. the disk filled up); as from :meth:`save`.
+        """
+        pending = [s for s in os.listdir(self.directory) if "tmp" in s]
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            steps = [int(n.split(".")[0]) for n in pending if n.split(".")[0].isdigit()]
+            raise self._write_failed(max(steps, default=-1), e) from e
 
     def close(self) -> None:
         """Finishes pending saves and releases orbax's resources."""

@@ -46,6 +46,8 @@ def initialize(
     local_device_count: int | None = None,
     cpu_collectives: str = "gloo",
     initialization_timeout: int = 300,
+    heartbeat_timeout: int = 100,
+    shutdown_timeout: int = 300,
 ) -> None:
     """Joins this process to a multi-process JAX job; call it before any other JAX call.
 
@@ -61,10 +63,21 @@ def initialize(
       cpu_collectives: cross-process collectives on CPU, ``"gloo"`` (bundled with jaxlib)
         or ``"mpi"``. Without them a CPU computation spanning processes fails to run.
       initialization_timeout: seconds to wait for all processes to connect.
+      heartbeat_timeout: seconds after which a process that sent no heartbeat counts as
+        dead. Then every other process is stopped with an error naming the missing task
+        ("heartbeat timeout" from JAX's coordination service) instead of waiting forever
+        in a collective or barrier: a SIGKILLed peer ends the job within about this time.
+      shutdown_timeout: seconds :func:`shutdown` waits at its barrier for the others.
 
     Raises:
-      ValueError: a malformed address, ``num_processes < 1`` or ``process_id`` out of range.
+      ValueError: a malformed address, ``num_processes < 1`` or ``process_id`` out of range,
+        or a timeout below 1 second.
     """
+    for name, value in (("initialization_timeout", initialization_timeout),
+                        ("heartbeat_timeout", heartbeat_timeout),
+                        ("shutdown_timeout", shutdown_timeout)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a whole number of seconds >= 1, got {value!r}")
     if coordinator_address is not None:
         host, sep, port = coordinator_address.rpartition(":")
         if not sep or not host or not port.isdigit():
@@ -89,6 +102,8 @@ def initialize(
         num_processes=num_processes,
         process_id=process_id,
         initialization_timeout=initialization_timeout,
+        heartbeat_timeout_seconds=heartbeat_timeout,
+        shutdown_timeout_seconds=shutdown_timeout,
     )
     global _initialized
     _initialized = True
