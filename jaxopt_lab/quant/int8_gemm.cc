@@ -36,11 +36,20 @@ constexpr int kRows = 6;      // rows of A per register tile
 constexpr int kBlocks = 4;    // 16-column blocks per tile
 constexpr int kPanel = 16 * kBlocks;
 
+// Work items: column panel p / row_chunks, rows [chunk_rows * (p % row_chunks), ...). A
+// tall product with few columns (a convolution's patches times its kernel) is split along
+// M too, so that both threads get work; each item packs its panel again (K * 64 bytes,
+// against at least kMinChunk * K * 64 multiply-adds).
 struct Shared : Panels {
   const int8_t* a;
   const int8_t* b;
   int32_t* c;
+  int64_t row_chunks = 1, chunk_rows = 0;
 };
+
+constexpr int64_t kMinChunk = 8 * kRows;
+constexpr int64_t kTargetItems = 8;
+constexpr int64_t kSerialMacs = int64_t{1} << 22;  // below: the pool handoff costs more
 
 // Packs columns [j0, j0 + 64) of B into [k4][64][4] and returns their column sums.
 void PackPanel(const int8_t* b, int64_t k, int64_t n, int64_t j0, int8_t* packed,
@@ -164,11 +173,12 @@ void Work(Shared& s) {
     if (packed == nullptr) {
       packed = static_cast<int8_t*>(std::aligned_alloc(64, static_cast<size_t>(k4) * kPanel * 4));
     }
-    const int64_t j0 = p * kPanel;
+    const int64_t j0 = (p / s.row_chunks) * kPanel;
     PackPanel(s.b, s.k, s.n, j0, packed, colsum);
-    int64_t i0 = 0;
-    for (; i0 + kRows <= s.m; i0 += kRows) Tile<kRows>(s, packed, colsum, i0, j0);
-    if (i0 < s.m) TailTile(s, packed, colsum, i0, j0, s.m - i0);
+    int64_t i0 = (p % s.row_chunks) * s.chunk_rows;
+    const int64_t end = std::min(s.m, i0 + s.chunk_rows);
+    for (; i0 + kRows <= end; i0 += kRows) Tile<kRows>(s, packed, colsum, i0, j0);
+    if (i0 < end) TailTile(s, packed, colsum, i0, j0, end - i0);
     s.Finished();
   }
   std::free(packed);
@@ -186,7 +196,16 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
   s->b = b.typed_data();
   s->c = c->typed_data();
   s->SetShape(ad[0], ad[1], bd[1], kPanel);
-  return RunPanels(pool, s, Work);
+  const int64_t col_panels = s->panels;
+  if (s->m == 0) return ffi::Error::Success();
+  s->row_chunks = std::max<int64_t>(1, std::min<int64_t>((kTargetItems + col_panels - 1) / col_panels,
+                                                         s->m / kMinChunk));
+  s->chunk_rows = (s->m + s->row_chunks - 1) / s->row_chunks;
+  s->chunk_rows = (s->chunk_rows + kRows - 1) / kRows * kRows;
+  s->row_chunks = (s->m + s->chunk_rows - 1) / s->chunk_rows;  // none left empty
+  s->panels = col_panels * s->row_chunks;
+  const bool small = s->m * s->k * s->n < kSerialMacs;
+  return RunPanels(pool, s, Work, small ? 0 : INT64_MAX);
 }
 
 }  // namespace
