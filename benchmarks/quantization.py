@@ -424,22 +424,25 @@ def _dense_layers(rng, dims) -> list[tuple[jax.Array, jax.Array]]:
             for i, o in zip(dims[:-1], dims[1:])]
 
 
-def _mlp(layers, matmul):
-    """The MLP forward with ``matmul(x, i, layer)`` for each layer's product."""
-    def forward(x):
-        for i, (_, b) in enumerate(layers):
-            x = matmul(x, i) + b[None]
-            if i < len(layers) - 1:
+def _mlp(matmul):
+    """The MLP forward ``f(params, x)``, ``params = [(weight, bias), ...]``, with
+    ``matmul(x, weight)`` for each layer's product. Weights are arguments, not constants
+    closed over: XLA would otherwise fold their dequantization at compile time."""
+    def forward(params, x):
+        for i, (w, b) in enumerate(params):
+            x = matmul(x, w) + b[None]
+            if i < len(params) - 1:
                 x = jax.nn.relu(x)
         return x
     return forward
 
 
-def mlp_library_variants(layers, x_calib) -> dict:
-    """Jitted forwards of the MLP for each quantized mode, on jaxopt_lab's ops directly
+def mlp_library_variants(layers, x_calib) -> tuple[dict, dict]:
+    """``{name: (forward, params)}`` for each quantized mode on jaxopt_lab's ops directly
     (what `quantized_apply` calls per layer): weight-only int8 / int4 g128 via
     `weight_only_matmul`, W8A8 via `int8_dot_general` with static or dynamic scales."""
     kernels = [w for w, _ in layers]
+    biases = [b for _, b in layers]
     q8 = [jol.quantize(w, bits=8, granularity="channel") for w in kernels]
     q4 = [jol.quantize(w, bits=4, granularity="group", group_size=GROUP)
           if w.shape[0] % GROUP == 0 else jol.quantize(w, bits=4, granularity="channel")
@@ -452,21 +455,22 @@ def mlp_library_variants(layers, x_calib) -> dict:
         h = h @ w + b[None]
         h = jax.nn.relu(h) if i < len(layers) - 1 else h
 
-    def w8a8(x, i, dynamic):
+    def w8a8(x, w, dynamic):
+        qt, sx = w if not dynamic else (w, None)
         if dynamic:
             qx, sx = jol.quantize_activations(x, reduce_axes=(1,))
         else:
-            sx = static[i]
             qx = int8_ops.quantize_with(x, sx)
-        return jol.int8_dot_general(qx, q8[i].qvalue, dims, lhs_scale=sx,
-                                    rhs_scale=q8[i].scale[None])
+        return jol.int8_dot_general(qx, qt.qvalue, dims, lhs_scale=sx,
+                                    rhs_scale=qt.scale[None])
 
     return {
-        "fp32": _mlp(layers, lambda x, i: x @ kernels[i]),
-        "int8_weight_only": _mlp(layers, lambda x, i: weight_only_matmul(x, q8[i])),
-        "int4_g128_weight_only": _mlp(layers, lambda x, i: weight_only_matmul(x, q4[i])),
-        "w8a8_static": _mlp(layers, lambda x, i: w8a8(x, i, False)),
-        "w8a8_dynamic": _mlp(layers, lambda x, i: w8a8(x, i, True)),
+        "fp32": (_mlp(lambda x, w: x @ w), layers),
+        "int8_weight_only": (_mlp(weight_only_matmul), list(zip(q8, biases))),
+        "int4_g128_weight_only": (_mlp(weight_only_matmul), list(zip(q4, biases))),
+        "w8a8_static": (_mlp(lambda x, w: w8a8(x, w, False)),
+                        list(zip(zip(q8, static), biases))),
+        "w8a8_dynamic": (_mlp(lambda x, w: w8a8(x, w, True)), list(zip(q8, biases))),
     }, {"int8": q8, "int4": q4}
 
 
@@ -479,7 +483,7 @@ def qwix_latency_variants(dims, layers, x) -> tuple[dict, dict]:
     out, info = {}, {"version": getattr(qwix, "__version__", "?")}
     for name, rule in QWIX_RULES.items():
         qmodel, qp = _qwix_quantize(qwix, model, params, x[:1], rule)
-        out[f"qwix_{name}"] = (lambda x, m=qmodel, qp=qp: m.apply({"params": qp}, x))
+        out[f"qwix_{name}"] = (lambda p, x, m=qmodel: m.apply({"params": p}, x), qp)
     return out, info
 
 
@@ -500,23 +504,23 @@ def mlp_latency_section(dims, batches, rounds: int, bandwidth: dict) -> dict:
     funcs, qts = mlp_library_variants(layers, calib)
     qwix_funcs, qwix_info = qwix_latency_variants(dims, layers, calib)
     funcs.update(qwix_funcs)
-    jitted = {k: jax.jit(f) for k, f in funcs.items()}
+    jitted = {k: jax.jit(f) for k, (f, _) in funcs.items()}
     res = {"dims": list(dims), "qwix": qwix_info, "rows": {}}
     for batch in batches:
         x = jnp.asarray(rng.standard_normal((batch, dims[0])), jnp.float32)
-        args = {k: (x,) for k in jitted}
+        args = {k: (p, x) for k, (_, p) in funcs.items()}
         inner = max(1, min(20, 64 // batch))  # batch 1: many calls per timing
         load = os.getloadavg()
         t, cpu, per_round = time_interleaved(jitted, args, rounds, inner=inner)
-        ref = jitted["fp32"](x)
+        ref = jitted["fp32"](*args["fp32"])
         row = {
             "rounds": rounds, "calls_per_timing": inner, "loadavg_before": load,
             "loadavg_after": os.getloadavg(),
             "median_ms": {k: round(v * 1e3, 4) for k, v in t.items()},
             "speedup_vs_fp32": {k: ratio(t["fp32"], v) for k, v in t.items() if k != "fp32"},
             "speedup_vs_fp32_median_of_round_ratios": round_ratios(per_round),
-            "relative_max_error_vs_fp32": {k: rel_err(jitted[k](x), ref) for k in jitted
-                                           if k != "fp32"},
+            "relative_max_error_vs_fp32": {k: rel_err(jitted[k](*args[k]), ref)
+                                           for k in jitted if k != "fp32"},
         }
         if batch == 1:
             limit = {}
@@ -610,6 +614,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="few epochs/rounds")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, latency tables only (< 30 s; for tests)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the latency tables (no accuracy training)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     result = {
@@ -626,7 +632,7 @@ def main(argv=None) -> int:
                     "resnet18_like": "W8A8 and int8 weight-only >= 1.0x fp32"},
     }
     sections = [("latency", latency)]
-    if not args.smoke:
+    if not (args.smoke or args.latency_only):
         sections += [("mlp_1024_4096_1024", mlp_section), ("digits_teacher", teacher_section)]
     failed = []
     for name, section in sections:
@@ -636,7 +642,8 @@ def main(argv=None) -> int:
             result[name] = {"failed": traceback.format_exc()[-3000:]}
             failed.append(name)
     result["failed_sections"] = failed
-    name = "quantization_smoke" if args.smoke else "quantization"
+    name = ("quantization_smoke" if args.smoke
+            else "quantization_latency" if args.latency_only else "quantization")
     emit(name, result)
     if args.out:
         out = pathlib.Path(args.out)
