@@ -592,6 +592,31 @@ def convnet_section(batches, size: int, base: int, rounds: int) -> dict:
     return res
 
 
+def layer_section(size: int, rounds: int) -> dict:
+    """One ``size x size`` layer at batch 1 with bfloat16 activations: bf16 and fp32 weights
+    against int8 and int4 g128 weight-only (the GPU question of issue 16; on GPU the
+    weight-only product is XLA's dot on the dequantized weight)."""
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal((size, size)) / np.sqrt(size), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, size)), jnp.bfloat16)
+    params = {
+        "bf16": w.astype(jnp.bfloat16), "fp32": w,
+        "int8_weight_only": jol.quantize(w, bits=8, granularity="channel"),
+        "int4_g128_weight_only": jol.quantize(w, bits=4, granularity="group",
+                                              group_size=GROUP),
+    }
+    fns = {"bf16": jax.jit(lambda w, x: x @ w),
+           "fp32": jax.jit(lambda w, x: (x.astype(jnp.float32) @ w).astype(x.dtype)),
+           "int8_weight_only": jax.jit(weight_only_matmul),
+           "int4_g128_weight_only": jax.jit(weight_only_matmul)}
+    args = {k: (params[k], x) for k in fns}
+    t, _, per_round = time_interleaved(fns, args, rounds, inner=10)
+    return {"size": size, "batch": 1, "activations": "bfloat16", "rounds": rounds,
+            "median_ms": {k: round(v * 1e3, 4) for k, v in t.items()},
+            "speedup_vs_bf16": {k: ratio(t["bf16"], v) for k, v in t.items() if k != "bf16"},
+            "speedup_vs_bf16_median_of_round_ratios": round_ratios(per_round, "bf16")}
+
+
 def latency(smoke: bool) -> dict:
     """The issue-16 latency tables: MLP at batch 1/16/1024 and the conv net at 16/1."""
     bandwidth = read_bandwidth(8 if smoke else 64)
@@ -600,10 +625,12 @@ def latency(smoke: bool) -> dict:
     if smoke:
         mlp = mlp_latency_section((128, 256, 128), (1,), 2, bw)
         conv = convnet_section((1,), 8, 4, 2)
+        layer = layer_section(256, 2)
     else:
         mlp = mlp_latency_section((1024, 4096, 1024), (1, 16, 1024), 30, bw)
         conv = convnet_section((16, 1), 32, 16, 20)
-    return {"read_bandwidth": bandwidth, "native": {
+        layer = layer_section(4096, 30)
+    return {"read_bandwidth": bandwidth, "layer_batch_1": layer, "native": {
                 "weight_only": native.native_weight_only_status(),
                 "int8": native.native_int8_status()},
             "mlp": mlp, "resnet18_like": conv}
