@@ -9,12 +9,12 @@
 // 16 columns; the packing also yields the column sums. A 6 x 64 register tile of int32
 // accumulators runs over the whole K for each row block.
 //
-// Threads: panels are claimed from an atomic counter by the calling thread and by tasks
-// scheduled on XLA's intra-op thread pool. The caller only waits for panels that some
-// running thread has already claimed, so it can never wait on a task that has not started
-// (no deadlock when the pool is busy); late tasks find no panel left and return.
+// Threads: work items (a 64-column panel, or part of its rows for a tall product with few
+// columns) are claimed by the calling thread and by tasks on XLA's intra-op pool (see
+// native_panels.h); products below kSerialMacs run on the caller alone.
 //
-// Built at run time by jaxopt_lab/quant/native.py with -mavx512f -mavx512bw -mavx512vnni.
+// Built with -mavx512f -mavx512bw -mavx512vl -mavx512vnni by setup.py at install time (or
+// by jaxopt_lab/quant/native.py on first use in a checkout without the library).
 
 #include <immintrin.h>
 
