@@ -10,11 +10,16 @@ from jaxopt_lab import metrics
 from jaxopt_lab import train
 # --- end training and data ---
 
+# --- model-aware core ---
+from jaxopt_lab import core
+from jaxopt_lab.core import LeafInfo, ModelMap, model_map
+# --- end model-aware core ---
+
 # --- quantization ---
 from jaxopt_lab import io
 from jaxopt_lab import quant
 from jaxopt_lab.io import load, load_metadata, save, tree_nbytes
-from jaxopt_lab.quant.core import dequantize, quantize
+from jaxopt_lab.quant.core import LayoutFallbackWarning, dequantize, quantize
 from jaxopt_lab.quant.fake_quant import fake_quant, lsq_fake_quant, lsq_init
 from jaxopt_lab.quant.qtensor import QTensor
 from jaxopt_lab.quant.calibration import (
@@ -95,6 +100,9 @@ __all__ = (
     "CalibrationState",
     "FoldReport",
     "FoldedPair",
+    "LayoutFallbackWarning",
+    "LeafInfo",
+    "ModelMap",
     "PruneState",
     "QTensor",
     "SkippedBatchNorm",
@@ -111,6 +119,7 @@ __all__ = (
     "calibration_observe",
     "calibration_range",
     "calibration_scale",
+    "core",
     "channel_mask",
     "compact",
     "constant_schedule",
@@ -134,6 +143,7 @@ __all__ = (
     "lsq_init",
     "magnitude_mask",
     "metrics",
+    "model_map",
     "nm_mask",
     "observe_activations",
     "one_shot_schedule",
