@@ -167,10 +167,10 @@ def test_other_layouts_fall_back_to_xla_exactly():
     cases = [jol.quantize(w, bits=2), jol.quantize(w, bits=3),
              jol.quantize(w, bits=4, granularity="group", group_size=8, symmetric=False),
              jol.quantize(w, bits=8, granularity="channel")]
-    rows_qt = make_qtensor(rng, 64, 24, bits=8, granularity="channel")
-    rows_qt.axis = 0  # one scale per contraction row: not the kernel's layout
-    rows_qt.scale = jnp.asarray(rng.uniform(0.01, 0.1, 64), jnp.float32)
-    cases.append(rows_qt)
+    # One scale per contraction row: not the kernel's layout.
+    cases.append(QTensor(jnp.asarray(rng.integers(-127, 128, (64, 24)), jnp.int8),
+                         jnp.asarray(rng.uniform(0.01, 0.1, 64), jnp.float32), bits=8,
+                         shape=(64, 24), dtype=jnp.float32, granularity="channel", axis=(0,)))
     for qt in cases:
         y = weight_only_matmul(x, qt)
         assert y.shape == (3, 24) and y.dtype == jnp.float32
