@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator check, in one short run: the benchmarks of issues 3, 4 and 6 (int8 paths,
+# The accelerator check, in one short run: the benchmarks of issues 3, 4, 6 and 16 (int8 paths,
 # pruning overhead, vmapped sweep) and the int8/pruning test files, on the default backend.
 #
 #   OUT=some/dir bash benchmarks/gpu_check.sh     # from the repository root
@@ -26,7 +26,11 @@ step() {  # step NAME COMMAND...: runs it under the time limit, appends to $OUT/
   "$PY" -c "import jax, flax, optax, chex; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, jax.devices())"; } | tee "$OUT/device.txt"
 
-# At most 8 files come back from a device run: 6 here (device, log, 4 JSON).
+# At most 8 files come back from a device run: 7 here (device, log, 5 JSON).
+# Issue 16's latency tables on the accelerator: MLP batch 1/16/1024, conv net, and one
+# 4096 x 4096 layer at batch 1 (int8/int4 weight-only against bf16).
+step quantization_latency "$PY" benchmarks/quantization.py --latency-only \
+  --out "$OUT/quantization_latency.json"
 step quantization "$PY" benchmarks/quantization.py ${QUICK:+--quick} --out "$OUT/quantization.json"
 # --overhead-only keeps the CPU accuracy section, with that run's own provenance.
 step pruning "$PY" benchmarks/pruning.py --overhead-only ${QUICK:+--quick} --out-dir "$OUT"

@@ -37,6 +37,7 @@ from jaxopt_lab.quant.int8_ops import (
 )
 from jaxopt_lab.quant.interceptor import quantized_apply
 from jaxopt_lab.quant.native import float_int8_matmul, int8_matmul, use_native_int8
+from jaxopt_lab.quant.weight_only import weight_only_matmul
 from jaxopt_lab.quant.model_calibration import (
     activation_scales,
     activation_stats_init,
@@ -177,4 +178,5 @@ __all__ = (
     "tree_nbytes",
     "use_native_int8",
     "weight_only_dot_general",
+    "weight_only_matmul",
 )

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -303,3 +303,36 @@ def test_weight_only_dot_general_is_the_dequantized_dot(dims, lhs_shape, rhs_sha
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     chex.assert_trees_all_close(y.astype(jnp.float32), ref.astype(jnp.float32), rtol=tol,
                                 atol=tol * float(jnp.abs(ref.astype(jnp.float32)).max()))
+
+
+@settings(max_examples=30)
+@given(st.sampled_from([(1, 1), (2, 2), (2, 1)]),
+       st.sampled_from(["SAME", "VALID", ((1, 0), (2, 1)), ((0, -1), (1, 1))]),
+       st.sampled_from([("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW"),
+                        ("NHWC", "OIHW", "NCHW")]),
+       st.sampled_from([(1, 1, 1), (3, 3, 3), (3, 2, 5), (1, 3, 2)]),  # kh, kw, channels in
+       st.sampled_from([None, -3]),
+       st.integers(0, 2**31 - 1))
+def test_conv_patch_matmul_is_bit_identical_to_xla_int32_conv(strides, padding, dn, window,
+                                                             zero_point, seed):
+    # On CPU with the native kernel, 2-D convolutions run as patches @ kernel (int8_matmul).
+    from jaxopt_lab.quant import native
+
+    rng = np.random.default_rng(seed)
+    kh, kw, cin = window
+    x_nhwc = rng.integers(-128, 128, (2, 7, 6, cin))
+    k_hwio = rng.integers(-128, 128, (kh, kw, cin, 5))
+    x = jnp.asarray(np.transpose(x_nhwc, ["NHWC".index(a) for a in dn[0]]), jnp.int8)
+    k = jnp.asarray(np.transpose(k_hwio, ["HWIO".index(a) for a in dn[1]]), jnp.int8)
+    z = None if zero_point is None else jnp.int8(zero_point)
+
+    def conv(x, k):
+        return jol.int8_conv_general_dilated(x, k, strides, padding, lhs_scale=1.0,
+                                             rhs_scale=1.0, lhs_zero_point=z,
+                                             dimension_numbers=dn)
+
+    fast = jax.jit(conv)(x, k)
+    with native.use_native_int8(False):  # a new function: jax caches traces per function
+        plain = jax.jit(lambda x, k: conv(x, k))(x, k)  # XLA's int32 convolution
+        assert "ffi_call" not in str(jax.make_jaxpr(lambda x, k: conv(x, k))(x, k))
+    np.testing.assert_array_equal(fast, plain)

@@ -9,79 +9,47 @@
 // 16 columns; the packing also yields the column sums. A 6 x 64 register tile of int32
 // accumulators runs over the whole K for each row block.
 //
-// Threads: panels are claimed from an atomic counter by the calling thread and by tasks
-// scheduled on XLA's intra-op thread pool. The caller only waits for panels that some
-// running thread has already claimed, so it can never wait on a task that has not started
-// (no deadlock when the pool is busy); late tasks find no panel left and return.
+// Threads: work items (a 64-column panel, or part of its rows for a tall product with few
+// columns) are claimed by the calling thread and by tasks on XLA's intra-op pool (see
+// native_panels.h); products below kSerialMacs run on the caller alone.
 //
-// Built at run time by jaxopt_lab/quant/native.py with -mavx512f -mavx512bw -mavx512vnni.
+// Built with -mavx512f -mavx512bw -mavx512vl -mavx512vnni by setup.py at install time (or
+// by jaxopt_lab/quant/native.py on first use in a checkout without the library).
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
-#include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "native_panels.h"
 
 namespace {
+
+using jaxopt_lab::Panels;
+using jaxopt_lab::RunPanels;
+namespace ffi = xla::ffi;
 
 constexpr int kRows = 6;      // rows of A per register tile
 constexpr int kBlocks = 4;    // 16-column blocks per tile
 constexpr int kPanel = 16 * kBlocks;
 
-// The work of one matmul: panels of 64 output columns, claimed by the calling thread and by
-// tasks on XLA's pool (see the top of the file).
-struct Panels {
-  int64_t m = 0, k = 0, n = 0, panels = 0;
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t done = 0;
-
-  void SetShape(int64_t rows, int64_t depth, int64_t cols) {
-    m = rows;
-    k = depth;
-    n = cols;
-    panels = (n + kPanel - 1) / kPanel;
-  }
-  int64_t Claim() { return next.fetch_add(1); }
-  void Finished() {
-    std::lock_guard<std::mutex> lock(mu);
-    if (++done == panels) cv.notify_all();
-  }
-};
-
-// Runs work(*s) on the caller and on up to pool.num_threads() pool tasks; returns when
-// every panel is done. An empty output is left as it is; K == 0 writes zeros to s->c.
-template <typename S>
-ffi::Error RunPanels(ffi::ThreadPool& pool, const std::shared_ptr<S>& s, void (*work)(S&)) {
-  if (s->m == 0 || s->n == 0) return ffi::Error::Success();
-  if (s->k == 0) {
-    std::memset(s->c, 0, sizeof(*s->c) * s->m * s->n);
-    return ffi::Error::Success();
-  }
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), s->panels - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s, work] { work(*s); });
-  work(*s);
-  std::unique_lock<std::mutex> lock(s->mu);
-  s->cv.wait(lock, [&] { return s->done == s->panels; });
-  return ffi::Error::Success();
-}
-
+// Work items: column panel p / row_chunks, rows [chunk_rows * (p % row_chunks), ...). A
+// tall product with few columns (a convolution's patches times its kernel) is split along
+// M too, so that both threads get work; each item packs its panel again (K * 64 bytes,
+// against at least kMinChunk * K * 64 multiply-adds).
 struct Shared : Panels {
   const int8_t* a;
   const int8_t* b;
   int32_t* c;
+  int64_t row_chunks = 1, chunk_rows = 0;
 };
+
+constexpr int64_t kMinChunk = 8 * kRows;
+constexpr int64_t kTargetItems = 8;
+constexpr int64_t kSerialMacs = int64_t{1} << 22;  // below: the pool handoff costs more
 
 // Packs columns [j0, j0 + 64) of B into [k4][64][4] and returns their column sums.
 void PackPanel(const int8_t* b, int64_t k, int64_t n, int64_t j0, int8_t* packed,
@@ -205,11 +173,12 @@ void Work(Shared& s) {
     if (packed == nullptr) {
       packed = static_cast<int8_t*>(std::aligned_alloc(64, static_cast<size_t>(k4) * kPanel * 4));
     }
-    const int64_t j0 = p * kPanel;
+    const int64_t j0 = (p / s.row_chunks) * kPanel;
     PackPanel(s.b, s.k, s.n, j0, packed, colsum);
-    int64_t i0 = 0;
-    for (; i0 + kRows <= s.m; i0 += kRows) Tile<kRows>(s, packed, colsum, i0, j0);
-    if (i0 < s.m) TailTile(s, packed, colsum, i0, j0, s.m - i0);
+    int64_t i0 = (p % s.row_chunks) * s.chunk_rows;
+    const int64_t end = std::min(s.m, i0 + s.chunk_rows);
+    for (; i0 + kRows <= end; i0 += kRows) Tile<kRows>(s, packed, colsum, i0, j0);
+    if (i0 < end) TailTile(s, packed, colsum, i0, j0, end - i0);
     s.Finished();
   }
   std::free(packed);
@@ -226,142 +195,20 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
   s->a = a.typed_data();
   s->b = b.typed_data();
   s->c = c->typed_data();
-  s->SetShape(ad[0], ad[1], bd[1]);
-  return RunPanels(pool, s, Work);
-}
-
-// --- float32 x int8 -> float32 with per-column scales (weight-only quantization) --------
-//
-// C[M, N] = A[M, K] @ (B[K, N] * scale[N]), A float32, B int8 codes. B is dequantized
-// (float(code) * scale, the same float32 values as dequantize) one panel of 64 columns at a
-// time ([K][64], zero-padded; at most K * 256 bytes, L2-resident), so the dequantized
-// weight never exists in memory as a whole. A 6 x 64 register tile of float32
-// accumulators runs over the whole K with FMAs, in order of k.
-
-struct FloatShared : Panels {
-  const float* a;
-  const int8_t* b;
-  const float* scale;
-  float* c;
-};
-
-void DequantizePanel(const int8_t* b, const float* scale, int64_t k, int64_t n, int64_t j0,
-                     float* packed) {
-  const int64_t width = std::min<int64_t>(kPanel, n - j0);
-  __m512 s[kBlocks];
-  for (int c = 0; c < kBlocks; ++c) {
-    const int64_t cols = std::max<int64_t>(0, std::min<int64_t>(16, width - 16 * c));
-    s[c] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cols) - 1u), scale + j0 + 16 * c);
-  }
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const int8_t* src = b + kk * n + j0;
-    float* dst = packed + kk * kPanel;
-    if (width == kPanel) {
-#pragma GCC unroll 4
-      for (int c = 0; c < kBlocks; ++c) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * c));
-        const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-        _mm512_store_ps(dst + 16 * c, _mm512_mul_ps(codes, s[c]));
-      }
-    } else {
-      for (int64_t j = 0; j < kPanel; ++j) {
-        dst[j] = j < width ? static_cast<float>(src[j]) * scale[j0 + j] : 0.f;
-      }
-    }
-  }
-}
-
-template <int R>
-void FloatTile(const FloatShared& s, const float* packed, int64_t i0, int64_t j0) {
-  const float* a = s.a + i0 * s.k;
-  __m512 acc[R][kBlocks];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < kBlocks; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < s.k; ++kk) {
-    const float* bk = packed + kk * kPanel;
-    const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
-    const __m512 b2 = _mm512_load_ps(bk + 32), b3 = _mm512_load_ps(bk + 48);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * s.k + kk]);
-      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
-    }
-  }
-  const int64_t width = std::min<int64_t>(kPanel, s.n - j0);
-  __mmask16 mask[kBlocks];
-#pragma GCC unroll 4
-  for (int c = 0; c < kBlocks; ++c) {
-    const int64_t cols = std::max<int64_t>(0, std::min<int64_t>(16, width - 16 * c));
-    mask[c] = static_cast<__mmask16>((1u << cols) - 1u);
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    float* row = s.c + (i0 + r) * s.n + j0;
-#pragma GCC unroll 4
-    for (int c = 0; c < kBlocks; ++c) _mm512_mask_storeu_ps(row + 16 * c, mask[c], acc[r][c]);
-  }
-}
-
-void FloatTailTile(const FloatShared& s, const float* packed, int64_t i0, int64_t j0,
-                   int64_t rows) {
-  switch (rows) {
-    case 1: return FloatTile<1>(s, packed, i0, j0);
-    case 2: return FloatTile<2>(s, packed, i0, j0);
-    case 3: return FloatTile<3>(s, packed, i0, j0);
-    case 4: return FloatTile<4>(s, packed, i0, j0);
-    default: return FloatTile<5>(s, packed, i0, j0);
-  }
-}
-
-void FloatWork(FloatShared& s) {
-  float* packed = nullptr;
-  for (int64_t p = s.Claim(); p < s.panels; p = s.Claim()) {
-    if (packed == nullptr) {
-      packed = static_cast<float*>(
-          std::aligned_alloc(64, static_cast<size_t>(s.k) * kPanel * sizeof(float)));
-    }
-    const int64_t j0 = p * kPanel;
-    DequantizePanel(s.b, s.scale, s.k, s.n, j0, packed);
-    int64_t i0 = 0;
-    for (; i0 + kRows <= s.m; i0 += kRows) FloatTile<kRows>(s, packed, i0, j0);
-    if (i0 < s.m) FloatTailTile(s, packed, i0, j0, s.m - i0);
-    s.Finished();
-  }
-  std::free(packed);
-}
-
-ffi::Error FloatInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
-                           ffi::Buffer<ffi::S8> b, ffi::Buffer<ffi::F32> scale,
-                           ffi::ResultBuffer<ffi::F32> c) {
-  const auto ad = a.dimensions();
-  const auto bd = b.dimensions();
-  const auto sd = scale.dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || ad[1] != bd[0] || sd.size() != 1 || sd[0] != bd[1]) {
-    return ffi::Error::InvalidArgument("float32 x int8 matmul expects (M, K) @ (K, N), (N,)");
-  }
-  auto s = std::make_shared<FloatShared>();
-  s->a = a.typed_data();
-  s->b = b.typed_data();
-  s->scale = scale.typed_data();
-  s->c = c->typed_data();
-  s->SetShape(ad[0], ad[1], bd[1]);
-  return RunPanels(pool, s, FloatWork);
+  s->SetShape(ad[0], ad[1], bd[1], kPanel);
+  const int64_t col_panels = s->panels;
+  if (s->m == 0) return ffi::Error::Success();
+  s->row_chunks = std::max<int64_t>(1, std::min<int64_t>((kTargetItems + col_panels - 1) / col_panels,
+                                                         s->m / kMinChunk));
+  s->chunk_rows = (s->m + s->row_chunks - 1) / s->row_chunks;
+  s->chunk_rows = (s->chunk_rows + kRows - 1) / kRows * kRows;
+  s->row_chunks = (s->m + s->chunk_rows - 1) / s->chunk_rows;  // none left empty
+  s->panels = col_panels * s->row_chunks;
+  const bool small = s->m * s->k * s->n < kSerialMacs;
+  return RunPanels(pool, s, Work, small ? 0 : INT64_MAX);
 }
 
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JolFloatInt8Matmul, FloatInt8Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JolInt8Matmul, Int8Matmul,
                               ffi::Ffi::Bind()

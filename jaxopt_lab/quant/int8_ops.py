@@ -34,7 +34,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxopt_lab.quant.affine import affine_params, integer_range
-from jaxopt_lab.quant.native import float_int8_matmul, int8_matmul, xla_int8_dot_general
+from jaxopt_lab.quant.native import (
+    float_int8_matmul,
+    int8_matmul,
+    native_int8_available,
+    xla_int8_dot_general,
+)
 
 ArrayLike = jax.typing.ArrayLike
 PADDING_NAMES = ("SAME", "SAME_LOWER", "VALID")
@@ -372,14 +377,63 @@ def _integer_conv(lhs, rhs, window_strides, padding, lhs_dilation, z_l, *, rhs_d
             config[lhs_spec[2 + i]] = (int(lo), int(hi), dil[i] - 1)
         lhs = lax.pad(lhs, z_l.astype(jnp.int8), config)
         padding, lhs_dilation = [(0, 0)] * n_sp, None
-    acc = lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dnums,
-        feature_group_count=feature_group_count, preferred_element_type=jnp.int32)
+    if _patch_matmul_applies(lhs, lhs_dilation, rhs_dilation, feature_group_count):
+        acc = _conv_as_int8_matmul(lhs, rhs, window_strides, padding, dnums)
+    else:
+        acc = lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dnums,
+            feature_group_count=feature_group_count, preferred_element_type=jnp.int32)
     if z_l is not None:
         wsum = jnp.sum(rhs.astype(jnp.int32), axis=tuple(rhs_spec[1:]))
         acc = acc - z_l.astype(jnp.int32) * _along(wsum, out_spec[1], acc.ndim)
     return acc.astype(jnp.float32)
+
+
+def _patch_matmul_applies(lhs, lhs_dilation, rhs_dilation, feature_group_count) -> bool:
+    """2-D, one feature group, no dilation, and the native int8 kernel present."""
+    return (lhs.ndim == 4 and feature_group_count == 1 and native_int8_available()
+            and all(d == 1 for d in (lhs_dilation or ()))
+            and all(d == 1 for d in (rhs_dilation or ())))
+
+
+def _conv_as_int8_matmul(lhs, rhs, window_strides, padding, dnums) -> jax.Array:
+    """The exact int32 convolution as patches @ kernel through `int8_matmul`.
+
+    XLA's CPU backend runs int8 convolutions far slower than float32 ones (a ResNet-18-like
+    net under W8A8 was 1.6-1.8x slower than fp32); the patch matrix (one row per output
+    pixel, the kh * kw * C inputs of its window) times the kernel as a (kh * kw * C, O)
+    matrix is the same sum of products, on the VNNI kernel. Off CPU, `int8_matmul` is XLA's
+    int32 dot: still exact.
+    """
+    lhs_spec, rhs_spec, out_spec = dnums
+    x = jnp.transpose(lhs, (lhs_spec[0], lhs_spec[2], lhs_spec[3], lhs_spec[1]))  # NHWC
+    w = jnp.transpose(rhs, (rhs_spec[2], rhs_spec[3], rhs_spec[1], rhs_spec[0]))  # HWIO
+    kh, kw, c, o = w.shape
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), window_strides, padding)
+    (plo, phi), (qlo, qhi) = padding
+    x = lax.pad(x, jnp.int8(0), [(0, 0, 0), (plo, phi, 0), (qlo, qhi, 0), (0, 0, 0)])
+    sh, sw = window_strides
+    ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    n = x.shape[0]
+    if ho <= 0 or wo <= 0:
+        acc = jnp.zeros((n, max(ho, 0), max(wo, 0), o), jnp.int32)
+    else:
+        cols = [lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                          (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+        # Zeros up to a multiple of 4 in K: whole VNNI quads, and one exact XLA dot off CPU.
+        k = kh * kw * c
+        extra = (-k) % 4
+        if extra:
+            cols.append(jnp.zeros((n, ho, wo, extra), jnp.int8))
+        patches = jnp.concatenate(cols, axis=-1).reshape(n * ho * wo, k + extra)
+        kernel = jnp.pad(w.reshape(k, o), ((0, extra), (0, 0)))
+        acc = int8_matmul(patches, kernel).reshape(n, ho, wo, o)
+    perm = [0] * 4
+    for j, axis in enumerate((out_spec[0], out_spec[2], out_spec[3], out_spec[1])):
+        perm[axis] = j
+    return jnp.transpose(acc, perm)
 
 
 def parse_einsum(spec: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]:

@@ -1,4 +1,4 @@
-"""Native int8 matmuls for CPUs with AVX512-VNNI, called from jitted code via ``jax.ffi``.
+"""Native int8 and weight-only matmuls for AVX-512 CPUs, called from jitted code via ``jax.ffi``.
 
 XLA's CPU backend runs ``dot_general(int8, int8) -> int32`` no faster than float32 (it
 does not use the VNNI instructions), so int8 compute alone would not speed anything up.
@@ -6,14 +6,20 @@ does not use the VNNI instructions), so int8 compute alone would not speed anyth
 several times the throughput of XLA's int8 or float32 dot on such CPUs). For weight-only
 quantization, XLA dequantizes a whole weight into a per-call temporary before its float
 dot (48 MiB for a 1024-4096-1024 MLP, allocated and page-faulted on every call), which
-made weight-only int8 slower than float32; `float_int8_matmul` dequantizes one 64-column
-panel at a time inside a float32 matmul kernel instead. Both kernels are used when
+made weight-only int8 slower than float32; `float_int8_matmul` and
+`weight_only_matmul_codes` (int8 or packed int4 codes, per-channel or group scales,
+symmetric or not) never write the dequantized weight (``weight_only.cc``: a GEMV that reads
+the packed codes once at batch 1, a panel-by-panel dequantizing GEMM above). The kernels
+are used when
 
 * the computation runs on CPU (``lax.platform_dependent``: GPU/TPU keep XLA's dot),
-* the CPU has AVX512-F/BW/VNNI (read from ``/proc/cpuinfo``),
-* a C++ compiler (``$CXX`` or ``g++``) builds the kernel; the library is cached under
-  ``$JAXOPT_LAB_CACHE`` (default ``~/.cache/jaxopt_lab``), keyed by the source hash,
-* and it is not switched off (``JAXOPT_LAB_NATIVE_INT8=0`` or `use_native_int8(False)`).
+* the CPU has AVX-512 F/BW/VL, and VNNI for `int8_matmul` (read from ``/proc/cpuinfo``),
+* the native library exists: built by ``setup.py`` when the package is installed
+  (``_jol_native*.so`` next to this file) or, in a checkout without it, compiled on first
+  use with ``$CXX`` or ``g++`` and cached under ``$JAXOPT_LAB_CACHE`` (default
+  ``~/.cache/jaxopt_lab``), keyed by the source hash. Without either, a ``RuntimeWarning``
+  says why once and XLA runs instead;
+* and they are not switched off (``JAXOPT_LAB_NATIVE_INT8=0`` or `use_native_int8(False)`).
 
 Otherwise `int8_matmul` is exactly ``lax.dot_general(..., preferred_element_type=int32)``,
 bit-identical to the kernel, and `float_int8_matmul` is XLA's dot on the dequantized
@@ -38,46 +44,74 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-_SOURCE = pathlib.Path(__file__).with_name("int8_gemm.cc")
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = ("int8_gemm.cc", "weight_only.cc")
+_HEADERS = ("native_panels.h",)
+# Built by setup.py when the package is installed (see `build_native`).
+PREBUILT = "_jol_native"
 _TARGET = "jaxopt_lab_int8_matmul"
-_FLOAT_TARGET = "jaxopt_lab_float_int8_matmul"
-_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+_WEIGHT_ONLY_TARGET = "jaxopt_lab_weight_only_matmul"
+_INT8_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+_WEIGHT_ONLY_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw",
+                 "-mavx512vl", "-mavx512vnni")
 _enabled = os.environ.get("JAXOPT_LAB_NATIVE_INT8", "1") != "0"
 
 
-def _cpu_supports_vnni() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return all(f in flags for f in _REQUIRED_FLAGS)
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                           if line.startswith("flags")), []))
 
 
-def _build() -> pathlib.Path:
-    """Compiles the kernel once per source version; returns the shared library's path."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+def build_native(output: str | os.PathLike, *, cxx: str | None = None,
+                 include_dir: str | None = None) -> None:
+    """Compiles the native kernels into the shared library ``output``.
+
+    Called by ``setup.py`` at install time and, for a checkout without that library, by
+    the first use (cached). Raises ``RuntimeError`` without a compiler and
+    ``subprocess.CalledProcessError`` when compiling fails.
+    """
+    cxx = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX)")
-    digest = hashlib.sha256(_SOURCE.read_bytes() + jax.__version__.encode()).hexdigest()[:16]
+    include_dir = include_dir or jax.ffi.include_dir()
+    cmd = [cxx, *COMPILE_FLAGS, f"-I{include_dir}", *(str(_HERE / f) for f in _SOURCES),
+           "-o", str(output)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+
+
+def _prebuilt() -> pathlib.Path | None:
+    found = sorted(_HERE.glob(PREBUILT + "*.so"))
+    return found[0] if found else None
+
+
+def _cached_build() -> pathlib.Path:
+    """Dev fallback (an editable checkout): compiles once per source version into the cache."""
+    data = b"".join((_HERE / f).read_bytes() for f in _SOURCES + _HEADERS)
+    digest = hashlib.sha256(data + jax.__version__.encode()).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("JAXOPT_LAB_CACHE",
                                         pathlib.Path.home() / ".cache" / "jaxopt_lab"))
-    lib = cache / f"int8_gemm-{digest}.so"
+    lib = cache / f"jol_native-{digest}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw",
-           "-mavx512vnni", f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
     try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+        build_native(tmp)
         os.replace(tmp, lib)  # atomic: concurrent builders never see a partial file
     finally:
         if os.path.exists(tmp):
@@ -86,20 +120,48 @@ def _build() -> pathlib.Path:
 
 
 @functools.cache
+def _library() -> str:
+    """``"ok"`` once the kernels are registered with XLA, else why they are not."""
+    if not set(_WEIGHT_ONLY_FLAGS) <= _cpu_flags():
+        return "CPU lacks AVX-512 F/BW/VL"
+    tries = [("installed library", lambda: prebuilt)] if (prebuilt := _prebuilt()) else []
+    tries.append(("build on first use", _cached_build))
+    why = []
+    for name, get in tries:
+        try:
+            lib = ctypes.CDLL(str(get()))
+            jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JolInt8Matmul),
+                                        platform="cpu")
+            jax.ffi.register_ffi_target(_WEIGHT_ONLY_TARGET,
+                                        jax.ffi.pycapsule(lib.JolWeightOnlyMatmul),
+                                        platform="cpu")
+            return "ok"
+        except Exception as e:  # noqa: BLE001 - e.g. a jaxlib rejecting the library's FFI version
+            why.append(f"{name}: {(getattr(e, 'stderr', '') or str(e)).strip()[:400]}")
+    if prebuilt is None:
+        why.insert(0, "no native library was built when the package was installed (no C++ "
+                      "compiler then?)")
+    message = "native kernels unavailable, XLA runs instead: " + "; ".join(why)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return message
+
+
+@functools.cache
 def native_int8_status() -> str:
-    """``"ok"`` if the native kernel is registered, else why not (built on first call)."""
-    if not _cpu_supports_vnni():
+    """``"ok"`` if the native int8 kernel is registered, else why not (loaded on first call)."""
+    if not set(_INT8_FLAGS) <= _cpu_flags():
         return "CPU lacks AVX512-VNNI"
-    try:
-        lib = ctypes.CDLL(str(_build()))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JolInt8Matmul),
-                                    platform="cpu")
-        jax.ffi.register_ffi_target(_FLOAT_TARGET,
-                                    jax.ffi.pycapsule(lib.JolFloatInt8Matmul), platform="cpu")
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        return f"native int8 kernel unavailable: {detail.strip()[:500]}"
-    return "ok"
+    return _library()
+
+
+def native_weight_only_status() -> str:
+    """``"ok"`` if the native weight-only kernel is registered, else why not."""
+    return _library()
+
+
+def native_weight_only_available() -> bool:
+    """True when the weight-only kernels (`weight_only_matmul_codes`) run natively on CPU."""
+    return _enabled and native_weight_only_status() == "ok"
 
 
 def native_int8_available() -> bool:
@@ -206,11 +268,32 @@ def float_int8_matmul(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike,
         return lax.dot_general(a, b.astype(jnp.float32) * scale[None],
                                (((1,), (0,)), ((), ())))
 
-    if not native_int8_available() or a.size == 0 or b.size == 0:
-        return xla(a, b, scale)
 
-    def native(a, b, scale):
-        out = jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32)
-        return jax.ffi.ffi_call(_FLOAT_TARGET, out, vmap_method="sequential")(a, b, scale)
+    return weight_only_matmul_codes(a, b, scale[None], None, bits=8,
+                                    fallback=lambda a, b, rows: xla(a, b, rows[0]))
 
-    return lax.platform_dependent(a, b, scale, cpu=native, default=xla)
+
+def weight_only_matmul_codes(a: jax.Array, codes: jax.Array, scale: jax.Array,
+                             zero_point: jax.Array | None, *, bits: int,
+                             fallback: Callable[..., jax.Array]) -> jax.Array:
+    """``a @ W`` with ``W[k, n] = clamp((q[k, n] - z[g, n]) * scale[g, n])``, ``g = k // (K // G)``.
+
+    ``a`` float32 ``(M, K)``; ``codes`` int8 ``(K, N)`` (``bits=8``) or 4-bit codes packed
+    along N into uint8 ``(K, ceil(N / 2))``, low nibble first (``bits=4``); ``scale``
+    float32 ``(G, N)`` with ``G`` dividing ``K``; ``zero_point`` int8 ``(G, N)`` or ``None``.
+    Runs the native kernel (``weight_only.cc``) on CPU when available, else
+    ``fallback(a, codes, scale)`` (or with ``zero_point`` too, when given). Shapes and dtypes
+    are the caller's to check.
+    """
+    args = (a, codes, scale) if zero_point is None else (a, codes, scale, zero_point)
+    m, n = a.shape[0], scale.shape[1]
+    if not native_weight_only_available() or a.size == 0 or codes.size == 0:
+        return fallback(*args)
+
+    def native(a, codes, scale, zero_point=None):
+        zp = jnp.zeros((0,), jnp.int8) if zero_point is None else zero_point
+        out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+        return jax.ffi.ffi_call(_WEIGHT_ONLY_TARGET, out, vmap_method="sequential")(
+            a, codes, scale, zp, bits=np.int32(bits))
+
+    return lax.platform_dependent(*args, cpu=native, default=fallback)
