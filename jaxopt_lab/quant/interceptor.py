@@ -8,10 +8,12 @@ the kernel's codes. Which axes contract is read from the op, so attention kernel
 ``(embed, heads, head_dim)`` and their per ``heads x head_dim`` scales are handled like a
 Dense kernel. Boxed (partitioned) parameters are unboxed by Flax during the trace.
 
-* ``mode="weight_only"``: float compute on the integer codes: an int8 kernel with one scale
-  per tensor or per output element contracts through `weight_only_dot_general` (on CPU a
-  native kernel dequantizes the codes panel by panel inside the matmul); every other
-  `QTensor` is dequantized where an op needs it. The result equals
+* ``mode="weight_only"``: float compute on the codes: a kernel whose contraction is its
+  leading axes (Dense, DenseGeneral, attention, Einsum kernels) contracts through
+  `weight_only_matmul` as the ``(K, N)`` matrix it is -- int8 or packed int4, per tensor,
+  per channel or per group (on CPU a native kernel reads the codes directly); other int8
+  kernels go through `weight_only_dot_general`; every other `QTensor` is dequantized
+  where an op needs it. The result equals
   ``apply(dequantize(qvariables), ...)`` up to summation order.
 * ``mode="w8a8"``: each such op whose kernel is a symmetric integer `QTensor` with one
   scale per tensor or per output element quantizes its input to int8 -- static calibrated
@@ -41,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxopt_lab.core import flax_hooks
@@ -52,7 +55,8 @@ from jaxopt_lab.quant.int8_ops import (
     quantize_with,
     weight_only_dot_general,
 )
-from jaxopt_lab.quant.qtensor import QTensor, is_qtensor
+from jaxopt_lab.quant.qtensor import QTensor, is_qtensor, packed_length
+from jaxopt_lab.quant.weight_only import weight_only_matmul
 
 Variables = Any
 ActScales = Mapping[str, tuple[jax.Array, jax.Array | None]]
@@ -74,6 +78,34 @@ def int8_ready(qt: Any, contracting: tuple[int, ...]) -> bool:
             and qt.granularity in ("tensor", "channel")
             and not set(qt.axis or ()) & set(contracting)
             and jnp.ndim(qt.qvalue) == len(qt.storage_shape))
+
+
+def as_matrix(qt: QTensor, contracting: tuple[int, ...]) -> QTensor | None:
+    """The kernel as a 2-D ``(K, N)`` `QTensor` (its storage only reshaped), when its
+    contraction is its leading axes and its scales fit that view; else None."""
+    c = len(contracting)
+    if (not is_qtensor(qt) or qt.fp8 is not None or contracting != tuple(range(c))
+            or c == 0 or c == qt.ndim or jnp.ndim(qt.qvalue) != len(qt.storage_shape)):
+        return None
+    k = int(np.prod(qt.shape[:c]))
+    n = int(np.prod(qt.shape[c:]))
+    if int(np.prod(qt.storage_shape)) != k * packed_length(n, qt.bits) or (
+            qt.bits != 8 and qt.ndim - c > 1 and qt.shape[-1] * qt.bits % 8):
+        return None  # packed rows would not line up after merging the output axes
+    outputs = tuple(range(c, qt.ndim))
+    if qt.granularity == "channel" and qt.axis != outputs:
+        return None
+    if qt.granularity == "group" and qt.group_axis != contracting:
+        return None
+    meta = dict(bits=qt.bits, shape=(k, n), dtype=qt.dtype, granularity=qt.granularity,
+                axis=(1,) if qt.granularity == "channel" else None,
+                group_axis=(0,) if qt.granularity == "group" else None,
+                group_size=qt.group_size)
+    rows = {"tensor": (), "channel": (n,), "group": (k // (qt.group_size or 1), n)}
+    shape2 = rows[qt.granularity]
+    zero = None if qt.zero_point is None else jnp.reshape(qt.zero_point, shape2)
+    return QTensor(jnp.reshape(qt.qvalue, (k, -1)), jnp.reshape(qt.scale, shape2), zero,
+                   **meta)
 
 
 def _dot_layout(eqn, operand: int, perm: tuple[int, ...]):
@@ -121,8 +153,9 @@ class _Quantized:
         use, view = uses[0], viewed[0]
         qt = leaves[view.leaf]
         perm = flax_hooks.operand_permutation(view)
-        if (use.op not in ("dot_general", "conv") or perm is None
-                or not int8_ready(qt, use.contracting)):
+        if use.op not in ("dot_general", "conv") or perm is None or not is_qtensor(qt):
+            return None
+        if self.mode == "w8a8" and not int8_ready(qt, use.contracting):
             return None
         x = read(eqn.invars[1 - use.operand])
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -141,11 +174,21 @@ class _Quantized:
     def dot(self, eqn, operand, perm, key, qt, x, out_dtype):
         dn, order = _dot_layout(eqn, operand, perm)
         if self.mode == "weight_only":
-            if x.dtype != out_dtype:
+            if x.dtype != out_dtype or dn[1][0]:
                 return None
-            y = weight_only_dot_general(x, qt.values(), dn, rhs_scale=kernel_scale(qt),
-                                        precision=eqn.params.get("precision"),
-                                        preferred_element_type=out_dtype)
+            x_con, w_con = dn[0]
+            mat = as_matrix(qt, tuple(w_con)) if tuple(sorted(w_con)) == tuple(w_con) else None
+            if mat is not None:
+                x_free = [d for d in range(x.ndim) if d not in x_con]
+                x2 = jnp.transpose(x, x_free + list(x_con)).reshape(-1, mat.shape[0])
+                y = weight_only_matmul(x2, mat, precision=eqn.params.get("precision"))
+                y = y.reshape(tuple(x.shape[d] for d in x_free) + qt.shape[len(w_con):])
+            elif int8_ready(qt, tuple(w_con)) and qt.bits == 8:
+                y = weight_only_dot_general(x, qt.values(), dn, rhs_scale=kernel_scale(qt),
+                                            precision=eqn.params.get("precision"),
+                                            preferred_element_type=out_dtype)
+            else:
+                return None
         else:
             codes, scale, zero = self.activation(key, x, dn[0][0])
             y = int8_dot_general(codes, qt.values(), dn, lhs_scale=scale,
