@@ -198,9 +198,9 @@ def sparsity_optimizer(*, learning_rate: float, end_step: int) -> MakeOptimizer:
     """``final_sparsity -> adam + gradual magnitude pruning`` reaching it at ``end_step``.
 
     Zhu & Gupta's schedule from 0 is ``s_f`` times the schedule from 0 to 1, so the
-    traced final sparsity only scales ``jol.polynomial_schedule(0, 1, ...)``.
+    traced final sparsity only scales ``jol.polynomial_sparsity(0, 1, ...)``.
     """
-    unit = jol.polynomial_schedule(0.0, 1.0, 0, end_step, frequency=max(1, end_step // 10))
+    unit = jol.polynomial_sparsity(0.0, 1.0, 0, end_step, frequency=max(1, end_step // 10))
 
     def make(final_sparsity: jax.Array) -> optax.GradientTransformation:
         return optax.chain(optax.adam(learning_rate),

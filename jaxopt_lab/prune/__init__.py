@@ -3,7 +3,14 @@ channel compaction and sparse storage."""
 
 from jaxopt_lab.prune.compaction import compact, expand_channel_mask
 from jaxopt_lab.prune.masks import magnitude_mask, random_mask, saliency_mask
-from jaxopt_lab.prune.schedules import constant_schedule, one_shot_schedule, polynomial_schedule
+from jaxopt_lab.prune.schedules import (
+    constant_schedule,
+    constant_sparsity,
+    one_shot_schedule,
+    one_shot_sparsity,
+    polynomial_schedule,
+    polynomial_sparsity,
+)
 from jaxopt_lab.prune.sparse import SparseTensor, to_dense, to_sparse
 from jaxopt_lab.prune.structured import channel_mask, nm_mask
 from jaxopt_lab.prune.transform import PruneState, Sparsity, apply_mask, prune, sparsity
@@ -16,11 +23,14 @@ __all__ = (
     "channel_mask",
     "compact",
     "constant_schedule",
+    "constant_sparsity",
     "expand_channel_mask",
     "magnitude_mask",
     "nm_mask",
     "one_shot_schedule",
+    "one_shot_sparsity",
     "polynomial_schedule",
+    "polynomial_sparsity",
     "prune",
     "random_mask",
     "saliency_mask",

@@ -8,6 +8,8 @@ past every ``end_step`` and gives the final sparsity. A concrete negative step r
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -57,7 +59,7 @@ def _check_step(name: str, value) -> int:
     return int(value)
 
 
-def constant_schedule(sparsity: float) -> Schedule:
+def constant_sparsity(sparsity: float) -> Schedule:
     """The same sparsity at every step.
 
     Raises:
@@ -65,7 +67,7 @@ def constant_schedule(sparsity: float) -> Schedule:
 
     Examples:
       >>> import jaxopt_lab as jol
-      >>> float(jol.constant_schedule(0.5)(123))
+      >>> float(jol.constant_sparsity(0.5)(123))
       0.5
     """
     value = _check_fraction("sparsity", sparsity)
@@ -77,12 +79,12 @@ def constant_schedule(sparsity: float) -> Schedule:
     return schedule
 
 
-def one_shot_schedule(sparsity: float, step: int) -> Schedule:
+def one_shot_sparsity(sparsity: float, step: int) -> Schedule:
     """0 before ``step``, ``sparsity`` from ``step`` on (one-shot pruning at a chosen step).
 
     Examples:
       >>> import jaxopt_lab as jol
-      >>> [float(jol.one_shot_schedule(0.9, 10)(t)) for t in (9, 10)]
+      >>> [float(jol.one_shot_sparsity(0.9, 10)(t)) for t in (9, 10)]
       [0.0, 0.8999999761581421]
     """
     value = _check_fraction("sparsity", sparsity)
@@ -94,7 +96,7 @@ def one_shot_schedule(sparsity: float, step: int) -> Schedule:
     return schedule
 
 
-def polynomial_schedule(
+def polynomial_sparsity(
     init_sparsity: float,
     final_sparsity: float,
     begin_step: int,
@@ -116,7 +118,7 @@ def polynomial_schedule(
 
     Examples:
       >>> import jaxopt_lab as jol
-      >>> s = jol.polynomial_schedule(0.0, 0.8, 0, 100)
+      >>> s = jol.polynomial_sparsity(0.0, 0.8, 0, 100)
       >>> [round(float(s(t)), 3) for t in (0, 50, 100, 200)]
       [0.0, 0.7, 0.8, 0.8]
     """
@@ -141,3 +143,20 @@ def polynomial_schedule(
         return jnp.asarray(s, jnp.float32)
 
     return schedule
+
+
+def _deprecated(new: Callable, old: str) -> Callable:
+    @functools.wraps(new)
+    def alias(*args, **kwargs):
+        warnings.warn(f"jaxopt_lab.{old} is deprecated (its name clashes with optax's "
+                      f"{old}, which takes other arguments): use jaxopt_lab.{new.__name__}",
+                      DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+    alias.__name__ = old
+    return alias
+
+
+# Deprecated for one release: optax has schedules of these names with other arguments.
+constant_schedule = _deprecated(constant_sparsity, "constant_schedule")
+one_shot_schedule = _deprecated(one_shot_sparsity, "one_shot_schedule")
+polynomial_schedule = _deprecated(polynomial_sparsity, "polynomial_schedule")

@@ -20,7 +20,7 @@ import optax
 from jax import lax
 
 from jaxopt_lab import _select
-from jaxopt_lab.prune.schedules import constant_schedule
+from jaxopt_lab.prune.schedules import constant_sparsity
 
 Params = Any
 MaskFn = Callable[..., Params]
@@ -92,7 +92,7 @@ def prune(
         (the current masks, so magnitude masks nest), ``where`` (when given here), and
         any optax extra argument of the same name, e.g. ``grads=`` for
         ``saliency_mask`` or ``key=`` for ``random_mask`` passed to ``tx.update``.
-      schedule: ``step -> sparsity`` (e.g. ``polynomial_schedule``), a constant number,
+      schedule: ``step -> sparsity`` (e.g. ``polynomial_sparsity``), a constant number,
         or None: the mask is computed once, at the first update, with sparsity None.
       where: leaf selection passed to ``mask_fn``; leaves outside it are never masked.
       axis_name: the ``pmap`` axis, if any: masks are then computed from the replicas'
@@ -124,7 +124,7 @@ def prune(
     elif callable(schedule):
         target_fn = schedule
     else:
-        target_fn = constant_schedule(schedule)
+        target_fn = constant_sparsity(schedule)
     accepted = set() if fixed is not None else _accepted(mask_fn)
 
     def compute(tree, sparsity, masks, extra):

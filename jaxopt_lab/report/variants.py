@@ -155,7 +155,7 @@ def gradual_schedule(ctx: JobContext, target: float, epochs: int):
     """Zhu & Gupta from 0 to ``target`` over the first half of ``epochs`` (in ten steps);
     the second half recovers at the target."""
     end = max(1, ctx.steps_per_epoch() * epochs // 2)
-    return jol.polynomial_schedule(0.0, target, 0, end, frequency=max(1, end // 10))
+    return jol.polynomial_sparsity(0.0, target, 0, end, frequency=max(1, end // 10))
 
 
 def gradual_prune(ctx: JobContext, model, variables: Variables, target: float, *,
