@@ -1,0 +1,12 @@
+"""One-shot compression of trained models from calibration data: GPTQ, SparseGPT, Wanda."""
+
+from jaxopt_lab.oneshot.gptq import gptq, gptq_matrix
+from jaxopt_lab.oneshot.stats import LayerStats, hessian_accumulate, hessian_init
+
+__all__ = (
+    "LayerStats",
+    "gptq",
+    "gptq_matrix",
+    "hessian_accumulate",
+    "hessian_init",
+)
