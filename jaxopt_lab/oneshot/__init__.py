@@ -1,7 +1,9 @@
 """One-shot compression of trained models from calibration data: GPTQ, SparseGPT, Wanda."""
 
 from jaxopt_lab.oneshot.gptq import gptq, gptq_matrix
+from jaxopt_lab.oneshot.sparsegpt import sparsegpt, sparsegpt_matrix
 from jaxopt_lab.oneshot.stats import LayerStats, hessian_accumulate, hessian_init
+from jaxopt_lab.oneshot.wanda import wanda, wanda_matrix
 
 __all__ = (
     "LayerStats",
@@ -9,4 +11,8 @@ __all__ = (
     "gptq_matrix",
     "hessian_accumulate",
     "hessian_init",
+    "sparsegpt",
+    "sparsegpt_matrix",
+    "wanda",
+    "wanda_matrix",
 )
