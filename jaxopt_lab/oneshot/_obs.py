@@ -111,11 +111,11 @@ def block_rows(block_size: int, group_size: int | None, dynamic: bool, m: int | 
 @functools.partial(
     jax.jit,
     static_argnames=("damp", "block_size", "bits", "symmetric", "group_size", "act_order",
-                     "sparsity", "n", "m"),
+                     "sparsity", "n", "m", "static_groups"),
 )
 def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bool,
           group_size: int | None, act_order: bool, sparsity: float | None, n: int | None,
-          m: int | None) -> SweepResult:
+          m: int | None, static_groups: bool = False) -> SweepResult:
     """GPTQ (``bits``) and/or SparseGPT (``sparsity`` or ``n:m``) on ``W`` (settings checked
     by the callers)."""
     w = jnp.asarray(w, jnp.float32)
@@ -126,7 +126,7 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
     n_groups = k // g
     # Per-channel scales and act-order groups are fixed from the original weights ("static
     # groups"), so every group keeps one scale whatever order its rows are processed in.
-    dynamic = quant and group_size is not None and not act_order
+    dynamic = quant and group_size is not None and not (act_order or static_groups)
     perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
     gidx = perm // g
     if quant:
