@@ -90,7 +90,8 @@ def test_tree_level_keeps_kernel_shapes_and_selection():
     flat = gptq_matrix(params["q"]["kernel"].reshape(K, 6), s.xtx, bits=4, group_size=8)
     np.testing.assert_array_equal(out["q"]["kernel"].dequantize().reshape(K, 6),
                                   flat.dequantize())
-    mixed = gptq(params, stats, where=lambda p, x: {"bits": 8} if x.ndim == 3 else x.ndim == 2)
+    mixed = gptq(params, stats, contracting={"['q']['kernel']": (0,)},
+                 where=lambda p, x: {"bits": 8} if x.ndim == 3 else x.ndim == 2)
     assert mixed["q"]["kernel"].bits == 8 and mixed["o"]["kernel"].bits == 4
 
 
