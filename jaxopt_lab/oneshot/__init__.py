@@ -1,16 +1,19 @@
 """One-shot compression of trained models from calibration data: GPTQ, SparseGPT, Wanda."""
 
 from jaxopt_lab.oneshot.gptq import gptq, gptq_matrix
+from jaxopt_lab.oneshot.sequential import block_stats, sequential
 from jaxopt_lab.oneshot.sparsegpt import sparsegpt, sparsegpt_matrix
 from jaxopt_lab.oneshot.stats import LayerStats, hessian_accumulate, hessian_init
 from jaxopt_lab.oneshot.wanda import wanda, wanda_matrix
 
 __all__ = (
     "LayerStats",
+    "block_stats",
     "gptq",
     "gptq_matrix",
     "hessian_accumulate",
     "hessian_init",
+    "sequential",
     "sparsegpt",
     "sparsegpt_matrix",
     "wanda",
