@@ -86,8 +86,12 @@ def _group_params(rows, bits, symmetric):
     return scale, zero, lo, hi
 
 
-def _keep_top_per_column(score: jax.Array, n: int) -> jax.Array:
-    """Keeps the ``n`` largest of each column (ties: the lower row index is pruned)."""
+def _keep_top_per_column(score: jax.Array, n: int, *, keep_first_ties: bool = False
+                         ) -> jax.Array:
+    """Keeps the ``n`` largest of each column. Ties: the lower row index is pruned, or with
+    ``keep_first_ties`` kept (`jaxopt_lab.nm_mask`'s convention)."""
+    if keep_first_ties:
+        return _keep_top_per_column(score[::-1], n)[::-1]
     order = jnp.argsort(score, axis=0, stable=True)
     rank = jnp.argsort(order, axis=0, stable=True)
     return rank >= score.shape[0] - n
@@ -164,7 +168,8 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
                 def nm(mask1):
                     rows = lax.dynamic_slice_in_dim(w1, i, m, 0)
                     dg = lax.dynamic_slice_in_dim(d1, i, m)
-                    keep = _keep_top_per_column(rows**2 / (dg**2)[:, None], n)
+                    keep = _keep_top_per_column(rows**2 / (dg**2)[:, None], n,
+                                                keep_first_ties=True)
                     return lax.dynamic_update_slice_in_dim(mask1, keep, i, 0)
                 mask1 = lax.cond(i % m == 0, nm, lambda x: x, mask1)
             row = w1[i]

@@ -5,7 +5,8 @@ over the calibration token rows. The paper compares weights *per output*: each o
 (a column of a Flax ``(K, N)`` kernel; a row of PyTorch's ``(out, in)`` weight) loses exactly
 ``floor(sparsity * K)`` of its ``K`` inputs. ``scope="layer"`` ranks the whole kernel at once
 (exactly ``floor(sparsity * K * N)``), and N:M keeps ``n`` of every ``m`` consecutive inputs
-of each output. Ties are pruned in index order, as in `jaxopt_lab.magnitude_mask`.
+of each output. Ties follow the library's masks: pruned in index order as in
+`jaxopt_lab.magnitude_mask`, and for N:M the earlier entries kept as in `jaxopt_lab.nm_mask`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _wanda(w, norm, *, sparsity, n, m, scope):
     k, ncol = w.shape
     if n is not None:
         groups = score.reshape(k // m, m, ncol).transpose(1, 0, 2).reshape(m, -1)
-        keep = _keep_top_per_column(groups, n)
+        keep = _keep_top_per_column(groups, n, keep_first_ties=True)
         return keep.reshape(m, k // m, ncol).transpose(1, 0, 2).reshape(k, ncol)
     if scope == "layer":
         return _keep_block(score, math.floor(sparsity * k * ncol))
