@@ -4,7 +4,6 @@ inputs, ordinary QTensors, tree level, and errors naming the layer."""
 import doctest
 import importlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

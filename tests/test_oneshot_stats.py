@@ -50,7 +50,7 @@ def test_pmap_and_mesh_equal_single_device(seed):
     pm = jax.pmap(lambda s, b: hessian_accumulate(s, b, axis_name="d"), axis_name="d")(
         init, shards)
     for i in (0, n_dev - 1):
-        chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], pm), single, rtol=1e-5,
+        chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], pm), single, rtol=1e-5,
                                     atol=1e-4)
     mesh = Mesh(np.array(jax.devices()), ("d",))
     sm = jax.jit(jax.shard_map(

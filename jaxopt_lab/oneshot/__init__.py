@@ -1,7 +1,9 @@
-"""One-shot compression of trained models from calibration data: GPTQ, SparseGPT, Wanda."""
+"""One-shot compression of trained models from calibration data: GPTQ, SparseGPT, Wanda,
+SmoothQuant, and the block-by-block calibration driver."""
 
 from jaxopt_lab.oneshot.gptq import gptq, gptq_matrix
 from jaxopt_lab.oneshot.sequential import block_stats, sequential
+from jaxopt_lab.oneshot.smoothquant import smooth_layernorm, smooth_scales
 from jaxopt_lab.oneshot.sparsegpt import sparsegpt, sparsegpt_matrix
 from jaxopt_lab.oneshot.stats import LayerStats, hessian_accumulate, hessian_init
 from jaxopt_lab.oneshot.wanda import wanda, wanda_matrix
@@ -14,6 +16,8 @@ __all__ = (
     "hessian_accumulate",
     "hessian_init",
     "sequential",
+    "smooth_layernorm",
+    "smooth_scales",
     "sparsegpt",
     "sparsegpt_matrix",
     "wanda",
