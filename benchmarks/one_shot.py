@@ -128,7 +128,7 @@ def main(argv=None):
     if args.smoke:
         n_calib, n_eval, max_len, batch = 16, 32, 32, 16
     else:
-        n_calib, n_eval, max_len, batch = 128, 512, 128, 16
+        n_calib, n_eval, max_len, batch = 128, 256, 128, 16
     r = Runner(n_calib, n_eval, max_len, batch)
     g = 128
     rows, times, layer_err = {}, {}, {}
@@ -155,6 +155,18 @@ def main(argv=None):
         new, sec, err = r.sequential(
             lambda bp, st, kw=kw: oneshot.gptq(bp, st, group_size=g, where=KERNEL, **kw))
         record(name, new, sec, err)
+
+    def awq_block(bp, st):
+        out = dict(bp)
+        for k in M.KERNELS:
+            res = oneshot.awq_matrix(bp[k]["kernel"], st[k].xtx,
+                                     st[k].abs_sum / st[k].count, bits=4, group_size=g)
+            # Explicit input scale: (x / s) @ Q(s W) == x @ effective.
+            out[k] = {**bp[k], "kernel": res.effective}
+        return out
+
+    new, sec, err = r.sequential(awq_block)
+    record("awq_int4_g128", new, sec, err)
 
     for label, kw, nm in (("50", dict(sparsity=0.5), None), ("2of4", dict(n=2, m=4), (2, 4))):
         if nm is None:
@@ -184,6 +196,7 @@ def main(argv=None):
         "gptq_int4_g128_act_order / rtn_int4_g128": ratio("gptq_int4_g128_act_order",
                                                            "rtn_int4_g128"),
         "gptq_int3_g128 / rtn_int4_g128": ratio("gptq_int3_g128", "rtn_int4_g128"),
+        "awq_int4_g128 / rtn_int4_g128": ratio("awq_int4_g128", "rtn_int4_g128"),
         "gptq_int3_g128_act_order / rtn_int4_g128": ratio("gptq_int3_g128_act_order",
                                                            "rtn_int4_g128"),
         "sparsegpt_50 / magnitude_50": ratio("sparsegpt_50", "magnitude_50"),
@@ -195,6 +208,7 @@ def main(argv=None):
         "gptq_int4_g128 / rtn_int4_g128": 0.4,
         "gptq_int4_g128_act_order / rtn_int4_g128": 0.33,
         "gptq_int3_g128 / rtn_int4_g128": 1.0,
+        "awq_int4_g128 / rtn_int4_g128": 1.0,
         "sparsegpt_50 / magnitude_50": 0.3,
         "sparsegpt_2of4 / magnitude_2of4": 0.35,
         "wanda_50 / magnitude_50": 0.5,

@@ -1,6 +1,7 @@
 """One-shot compression of trained models from calibration data: GPTQ, SparseGPT, Wanda,
 SmoothQuant, and the block-by-block calibration driver."""
 
+from jaxopt_lab.oneshot.awq import AWQResult, awq_matrix
 from jaxopt_lab.oneshot.gptq import gptq, gptq_matrix
 from jaxopt_lab.oneshot.sequential import block_stats, sequential
 from jaxopt_lab.oneshot.smoothquant import smooth_layernorm, smooth_scales
@@ -9,7 +10,9 @@ from jaxopt_lab.oneshot.stats import LayerStats, hessian_accumulate, hessian_ini
 from jaxopt_lab.oneshot.wanda import wanda, wanda_matrix
 
 __all__ = (
+    "AWQResult",
     "LayerStats",
+    "awq_matrix",
     "block_stats",
     "gptq",
     "gptq_matrix",
