@@ -20,7 +20,9 @@ CONFIGS = [(2, 4, True, False), (3, None, False, True), (4, 8, True, True),
 # GPTQ is greedy: nothing bounds it by RTN. Measured over 30 seeds, static scales were never
 # worse; dynamic group scales (set from the error-updated rows) were, with 4-row groups, in
 # 16/30 cases at 2 bits and 2/30 at 8 bits; static 2-bit symmetric (ternary) codes were
-# once 0.8% worse. The property is asserted where it held: static scales, 3 bits and more.
+# once 0.8% worse; static 8-bit asymmetric 4-row groups once 5% worse (the compensated
+# rows leave the tight fixed range and clip). The property is asserted where it held:
+# static scales at 3 and 4 bits.
 
 
 def _data(seed, rows=48, spread=3.0):
@@ -52,7 +54,7 @@ def test_infinite_damping_is_round_to_nearest(bits, g, sym, act, seed):
         np.testing.assert_array_equal(qt.zero_point, rtn.zero_point)
 
 
-@pytest.mark.parametrize("bits,g,sym,act", [c for c in CONFIGS if c[0] >= 3])
+@pytest.mark.parametrize("bits,g,sym,act", [c for c in CONFIGS if c[0] in (3, 4)])
 @given(seed=st.integers(0, 2**31 - 1))
 def test_never_worse_than_rtn_on_the_calibration_inputs(bits, g, sym, act, seed):
     x, w = _data(seed)
