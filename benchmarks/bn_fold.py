@@ -9,18 +9,19 @@ competing for the cores (the load average is recorded alongside). Also reported:
 folded variables run through the plain ``model.apply`` (BatchNorms computed, as identities),
 and the max relative output difference (a correctness check, not a timing).
 
-Run: ``.venv/bin/python benchmarks/bn_fold.py [--repeats N]``. Prints JSON and writes
-``benchmarks/results/bn_fold.json``.
+Each speedup is the median of per-round ratios (unfolded / folded), with its quartiles and
+extremes (``_util.paired_ratio``); the ratio of the medians is given alongside.
+
+Run: ``python benchmarks/bn_fold.py [--repeats N] [--smoke]``. Prints JSON and writes
+``benchmarks/results/bn_fold.json`` (``--smoke``: 21 repeats, JSON to a temporary folder).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
-import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -30,7 +31,8 @@ import numpy as np
 import jaxopt_lab as jol
 from jaxopt_lab.train.models import TeacherCNN
 
-RESULTS = pathlib.Path(__file__).parent / "results" / "bn_fold.json"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import add_common_args, emit, output_dir, paired_ratio  # noqa: E402
 
 
 def _variables(model, x, seed=0):
@@ -52,7 +54,7 @@ def _per_call_seconds(fn, variables, x, calls: int) -> tuple[float, float]:
     return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
 
 
-def measure(batch: int, repeats: int) -> dict:
+def measure(batch: int, repeats: int, *, warmup_calls: int | None = None) -> dict:
     model = TeacherCNN()
     x = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, 8, 8, 1)), jnp.float32)
     v = _variables(model, x)
@@ -69,7 +71,7 @@ def measure(batch: int, repeats: int) -> dict:
         for fn, vars_ in runs.values())
     calls = 1  # time single calls: a preemption then spoils one sample, which the median drops
     for fn, vars_ in runs.values():  # warm-up beyond compilation (allocations, caches)
-        _per_call_seconds(fn, vars_, x, 200 if batch == 1 else 20)
+        _per_call_seconds(fn, vars_, x, warmup_calls or (200 if batch == 1 else 20))
     wall = {name: [] for name in runs}
     cpu = {name: [] for name in runs}
     names = list(runs)
@@ -81,8 +83,6 @@ def measure(batch: int, repeats: int) -> dict:
             cpu[name].append(c)
     med = {name: statistics.median(ts) for name, ts in wall.items()}
     med_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
-    paired = statistics.median(u / f for u, f in zip(wall["unfolded"],
-                                                     wall["folded_bn_skipped"]))
     ms = lambda d: {k: round(t * 1e3, 5) for k, t in d.items()}  # noqa: E731
     return {
         "batch": batch,
@@ -91,9 +91,10 @@ def measure(batch: int, repeats: int) -> dict:
         "median_wall_ms": ms(med),
         "min_wall_ms": ms({k: min(ts) for k, ts in wall.items()}),
         "median_process_cpu_ms": ms(med_cpu),
-        "speedup_folded_vs_unfolded": round(med["unfolded"] / med["folded_bn_skipped"], 4),
-        "speedup_median_of_paired_repeats": round(paired, 4),
-        "speedup_process_cpu": round(med_cpu["unfolded"] / med_cpu["folded_bn_skipped"], 4),
+        # unfolded / folded: > 1 means folding is faster.
+        "speedup_folded_vs_unfolded": paired_ratio(wall["unfolded"],
+                                                   wall["folded_bn_skipped"]),
+        "speedup_process_cpu": paired_ratio(cpu["unfolded"], cpu["folded_bn_skipped"]),
         "folded_not_slower": med["folded_bn_skipped"] <= med["unfolded"],
         "folded_not_slower_cpu": med_cpu["folded_bn_skipped"] <= med_cpu["unfolded"],
         "pairs_folded": len(report.folded),
@@ -105,22 +106,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=None,
                         help="repeats per batch size (default: 3001 at batch 1, 301 at 256)")
-    args = parser.parse_args()
+    args = add_common_args(parser).parse_args()
+    if args.smoke:
+        repeats = {1: args.repeats or 21, 256: args.repeats or 5}
+    else:
+        repeats = {1: args.repeats or 3001, 256: args.repeats or 301}
     result = {
-        "benchmark": "bn_fold",
         "model": "TeacherCNN (digits, 8x8x1 inputs)",
         "device": str(jax.devices()[0]),
-        "jax": jax.__version__,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average_before": [round(a, 2) for a in os.getloadavg()],
-        "results": [measure(b, args.repeats or (3001 if b == 1 else 301)) for b in (1, 256)],
+        "results": [measure(b, repeats[b], warmup_calls=2 if args.smoke else None)
+                    for b in (1, 256)],
     }
-    result["load_average_after"] = [round(a, 2) for a in os.getloadavg()]
-    text = json.dumps(result, indent=2)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text + "\n")
+    emit("bn_fold", result, out_dir=output_dir(args), smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,11 @@ step() {  # step NAME COMMAND...: runs it under the time limit, appends to $OUT/
 
 # At most 8 files come back from a device run: 6 here (device, log, 4 JSON).
 step quantization "$PY" benchmarks/quantization.py ${QUICK:+--quick} --out "$OUT/quantization.json"
-step pruning "$PY" benchmarks/pruning.py --overhead-only ${QUICK:+--quick}
-cp benchmarks/results/pruning.json "$OUT/pruning.json"
+# --overhead-only keeps the CPU accuracy section, with that run's own provenance.
+step pruning "$PY" benchmarks/pruning.py --overhead-only ${QUICK:+--quick} --out-dir "$OUT"
 step prune_step_variants "$PY" benchmarks/prune_step_variants.py ${QUICK:+--reps 20} \
-  --out "$OUT/prune_step_variants.json"
-step sweep "$PY" benchmarks/sweep.py ${QUICK:+--epochs 1 --repeats 1}
-cp benchmarks/results/sweep.json "$OUT/sweep.json"
+  --out-dir "$OUT"
+step sweep "$PY" benchmarks/sweep.py ${QUICK:+--epochs 1 --repeats 1} --out-dir "$OUT"
 # The tests force JAX_PLATFORMS=cpu unless it is set: run these on the accelerator.
 JAX_PLATFORMS="${JAX_PLATFORMS:-cuda,cpu}" step tests "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_quant_int8_ops.py tests/test_quant_interceptor.py tests/test_quant_core.py \

@@ -12,26 +12,28 @@ jitted steps with donated buffers), all variants timed interleaved in one proces
 * ``row_mask``: ``mask_only`` with one 1024-entry mask row per kernel, broadcast over its
   rows, so the mask stays in L1: the cost of the select itself, without the mask's traffic.
 
-Prints JSON: median ms per step and the ratio to ``plain`` (medians and paired medians).
-Run: ``python benchmarks/prune_step_variants.py [--reps N] [--out FILE]``.
+Prints JSON: median ms per step and the ratio to ``plain`` as the median of per-round ratios
+with its spread (``_util.paired_ratio``; the ratio of the medians alongside), and writes
+``benchmarks/results/prune_step_variants.json``.
+Run: ``python benchmarks/prune_step_variants.py [--reps N] [--smoke]`` (``--smoke``: 2 layers
+of 64x64, 3 steps, JSON to a temporary folder).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
 import jaxopt_lab as jol
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import add_common_args, emit, output_dir, paired_ratio  # noqa: E402
 from pruning import _layers, _timed_runs  # noqa: E402  (the same step and timing loop)
 
 
@@ -70,11 +72,11 @@ def _masking(kind: str) -> optax.GradientTransformation:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reps", type=int, default=200)
-    parser.add_argument("--out", default=None, help="also write the JSON to this file")
-    args = parser.parse_args()
+    parser.add_argument("--reps", type=int, default=None, help="timed steps (default 200)")
+    args = add_common_args(parser).parse_args()
+    n_layers, dim, reps = (2, 64, args.reps or 3) if args.smoke else (4, 1024, args.reps or 200)
     adam = optax.adam(1e-3)
-    fixed = jax.tree.map(_mask_of, _layers(4, 1024, 0))
+    fixed = jax.tree.map(_mask_of, _layers(n_layers, dim, 0))
     txs = {
         "plain": adam,
         "prune": optax.chain(adam, jol.prune(jol.magnitude_mask, 0.5)),
@@ -82,20 +84,15 @@ def main() -> None:
         **{k: optax.chain(adam, _masking(k)) for k in ("mask_only", "mask_in_cond",
                                                        "packed_mask", "row_mask")},
     }
-    runs = _timed_runs(txs, args.reps, n_layers=4, dim=1024)
-    plain = runs["plain"][3]
-    text = json.dumps({
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
-        "reps": args.reps,
-        "variants": {k: {"median_ms": r[0], "ratio_to_plain": r[0] / runs["plain"][0],
-                         "paired_ratio_to_plain": float(np.median(r[3] / plain))}
+    runs = _timed_runs(txs, reps, n_layers=n_layers, dim=dim)
+    plain = list(runs["plain"][3])
+    emit("prune_step_variants", {
+        "setup": f"{n_layers} layers of {dim}x{dim} + bias, adam, jit, donated buffers; all "
+                 "variants interleaved",
+        "reps": reps,
+        "variants": {k: {"median_ms": r[0], "ratio_to_plain": paired_ratio(list(r[3]), plain)}
                      for k, r in runs.items()},
-    }, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    }, out_dir=output_dir(args), smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """Pruning benchmark: accuracy of gradual pruning on the digits teacher, and the cost of
 ``jol.prune`` inside an optimizer step.
 
-Run: ``.venv/bin/python benchmarks/pruning.py [--quick] [--reps N] [--overhead-only]``.
+Run: ``python benchmarks/pruning.py [--quick] [--reps N] [--overhead-only] [--smoke]``.
 Prints JSON and writes ``benchmarks/results/pruning.json``; ``--overhead-only`` (alias
 ``--skip-accuracy``) re-measures just the overhead section and keeps the accuracy section
-already in that file (``sections_measured`` says which sections this run measured).
+already in that file together with the provenance of the run that measured it
+(``accuracy.provenance``; ``sections_measured`` says which sections this run measured).
+``--quick`` (fewer epochs and steps) and ``--smoke`` (2 layers of 64x64, 3 steps, 1 epoch)
+write to a temporary folder, never over the real figures.
+
+Every ratio is the median of per-round ratios of one interleaved pair, with its spread
+(``_util.paired_ratio``); the ratio of the medians and of the minima are given alongside.
 
 Accuracy: the dense TeacherCNN is trained, then fine-tuned with
 ``optax.chain(adam, jol.prune(mask_fn, polynomial_schedule(...)))`` to 50% and 90%
@@ -25,6 +31,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -36,7 +43,10 @@ import jaxopt_lab as jol
 from jaxopt_lab import _select
 from jaxopt_lab.train import TeacherCNN, evaluate, fit, load_digits
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results", "pruning.json")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import add_common_args, emit, output_dir, paired_ratio, provenance  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pruning.json")
 TRAIN_BATCH = 128  # batch of the whole-training-step overhead pair
 
 
@@ -121,14 +131,14 @@ def _pair(runs: dict, num: str, den: str) -> dict:
     """Ratios of two step kinds timed in one interleaved pair."""
     return {
         "median_ms": {k: runs[k][0] for k in (den, num)},
-        "ratio": runs[num][0] / runs[den][0],
         # Per-round ratios of back-to-back steps: robust to load drifting on a shared box.
-        "paired_median_ratio": float(np.median(runs[num][3] / runs[den][3])),
+        "ratio": paired_ratio(list(runs[num][3]), list(runs[den][3])),
         "min_ratio": runs[num][2] / runs[den][2],  # least disturbed by other processes
     }
 
 
-def overhead(reps: int, n_layers: int = 4, dim: int = 1024) -> dict:
+def overhead(reps: int, n_layers: int = 4, dim: int = 1024, train_batch: int = TRAIN_BATCH
+             ) -> dict:
     """Each ratio from its own interleaved pair of step kinds.
 
     A mask-recompute step streams through far more memory than an ordinary step and
@@ -144,36 +154,38 @@ def overhead(reps: int, n_layers: int = 4, dim: int = 1024) -> dict:
                                 reps, n_layers, dim)
     # The same pair inside whole training steps (forward and backward on a batch of
     # 128): what a user's step pays. Each step is ~5x longer: fewer reps.
-    train_reps = max(10, reps // 3)
+    train_reps = max(min(reps, 10), reps // 3)
     train_runs = _timed_runs({"plain_adam": adam, "prune_ordinary": ordinary},
-                             train_reps, n_layers, dim, batch=TRAIN_BATCH)
+                             train_reps, n_layers, dim, batch=train_batch)
     recompute_runs = _timed_runs({"prune_ordinary": ordinary, "prune_recompute": recompute},
                                  reps, n_layers, dim)
     # The sort-based reference is ~100x slower: fewer reps, against its own ordinary step.
+    sort_reps = max(min(reps, 5), reps // 10)
     ref = _timed_runs(
         {"prune_ordinary": ordinary,
          "sort_recompute": optax.chain(adam, jol.prune(sort_magnitude_mask, rising))},
-        max(5, reps // 10), n_layers, dim,
+        sort_reps, n_layers, dim,
     )
     kernels = [recompute_runs["prune_recompute"][1][f"layer{i}"]["kernel"]
                for i in range(n_layers)]
     recompute_pair = _pair(recompute_runs, "prune_recompute", "prune_ordinary")
     # In that pair the ordinary step runs right after a recompute (cold caches), which
     # flatters the ratio; against the ordinary step of the first pair it is not flattered.
-    recompute_pair["ratio_vs_first_pair_ordinary"] = (
-        recompute_runs["prune_recompute"][0] / ordinary_runs["prune_ordinary"][0])
+    recompute_pair["ratio_vs_first_pair_ordinary"] = {
+        "statistic": "ratio of medians from two different pairs",
+        "value": recompute_runs["prune_recompute"][0] / ordinary_runs["prune_ordinary"][0]}
     return {
         "setup": f"{n_layers} layers of {dim}x{dim} + bias, adam, jit, donated buffers; "
                  "each ratio from its own interleaved pair",
         "reps": reps,
         "ordinary_over_plain": _pair(ordinary_runs, "prune_ordinary", "plain_adam"),
         "ordinary_over_plain_train_step": {
-            "batch": TRAIN_BATCH, "reps": train_reps,
+            "batch": train_batch, "reps": train_reps,
             **_pair(train_runs, "prune_ordinary", "plain_adam"),
         },
         "recompute_over_ordinary": recompute_pair,
         "sort_reference": {
-            "reps": max(5, reps // 10),
+            "reps": sort_reps,
             **_pair(ref, "sort_recompute", "prune_ordinary"),
         },
         "targets": {"ordinary_over_plain": 1.05, "recompute_over_ordinary": 3.0},
@@ -191,6 +203,7 @@ def _kernel_sparsity(params, where) -> dict:
 
 
 def accuracy(epochs: int, finetune_epochs: int, seed: int) -> dict:
+    """Dense, then fine-tuned with each pruning; carries its own ``provenance``."""
     data = load_digits(seed=seed)
     model = TeacherCNN()
     dense, _ = fit(model, data, optax.adam(1e-3), epochs=epochs, seed=seed)
@@ -221,6 +234,8 @@ def accuracy(epochs: int, finetune_epochs: int, seed: int) -> dict:
             res["nm_valid"] = _nm_valid(last.params, where)
         out[name] = res
     out["targets_points"] = {"unstructured_50": 1.5, "unstructured_90": 1.5, "nm_2_4": 1.0}
+    # This section may be copied forward by --overhead-only runs: it says where it came from.
+    out["provenance"] = provenance()
     return out
 
 
@@ -245,34 +260,38 @@ def _previous() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer epochs and repetitions")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer epochs and repetitions (JSON to a temporary folder)")
     parser.add_argument("--reps", type=int, default=None, help="timed steps per variant")
     parser.add_argument("--overhead-only", "--skip-accuracy", dest="skip_accuracy",
                         action="store_true",
                         help="measure only the overhead; keep the accuracy already in the JSON")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    reps = args.reps or (20 if args.quick else 150)
-    load_before = os.getloadavg()[0]
+    args = add_common_args(parser).parse_args()
+    args.smoke = args.smoke or args.quick  # neither may overwrite the real figures
+    if args.smoke and not args.quick:
+        reps = args.reps or 3
+        over = overhead(reps, n_layers=2, dim=64, train_batch=8)
+        epochs, ft = 1, 2  # the schedule ramps after the first fine-tuning epoch
+    else:
+        reps = args.reps or (20 if args.quick else 150)
+        over = overhead(reps)
+        epochs, ft = (4, 4) if args.quick else (20, 15)
     result = {
-        "benchmark": "pruning",
         "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
                     "devices": [str(d) for d in jax.devices()[:1]], "cpus": os.cpu_count()},
-        "overhead": overhead(reps),
+        "overhead": over,
+        "sections_measured": ["overhead"],
     }
-    result["machine"]["load_average_1min"] = [load_before, os.getloadavg()[0]]
-    result["sections_measured"] = ["overhead"]
     if not args.skip_accuracy:
-        epochs, ft = (4, 4) if args.quick else (20, 15)
         result["accuracy"] = accuracy(epochs, ft, args.seed)
         result["sections_measured"].append("accuracy")
-    elif "accuracy" in _previous():  # measured by an earlier full run: keep it
-        result["accuracy"] = _previous()["accuracy"]
-    text = json.dumps(result, indent=2)
-    print(text)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text + "\n")
+    elif "accuracy" in _previous():  # measured by an earlier full run: keep it, and say so
+        kept = _previous()["accuracy"]
+        kept.setdefault("provenance", {"commit": "unknown",
+                                       "note": "measured before provenance was recorded"})
+        result["accuracy"] = kept
+    emit("pruning", result, out_dir=output_dir(args), smoke=args.smoke)
 
 
 if __name__ == "__main__":

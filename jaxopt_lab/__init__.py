@@ -7,14 +7,18 @@ norm) that compose with each other and with optax. See README.md and DESIGN.md.
 # Each area keeps its re-exports in its own block; edit only your block.
 # --- training and data ---
 from jaxopt_lab import metrics
-from jaxopt_lab import train
 # --- end training and data ---
+
+# --- model-aware core ---
+from jaxopt_lab import core
+from jaxopt_lab.core import LeafInfo, ModelMap, model_map
+# --- end model-aware core ---
 
 # --- quantization ---
 from jaxopt_lab import io
 from jaxopt_lab import quant
 from jaxopt_lab.io import load, load_metadata, save, tree_nbytes
-from jaxopt_lab.quant.core import dequantize, quantize
+from jaxopt_lab.quant.core import LayoutFallbackWarning, dequantize, quantize
 from jaxopt_lab.quant.fake_quant import fake_quant, lsq_fake_quant, lsq_init
 from jaxopt_lab.quant.qtensor import QTensor
 from jaxopt_lab.quant.calibration import (
@@ -84,8 +88,21 @@ from jaxopt_lab.fold import (
 # --- end folding ---
 
 # --- main job ---
-from jaxopt_lab import report
-from jaxopt_lab.sweep import sweep
+# `train`, `report` and `sweep` sit above the library (orbax, matplotlib, tqdm and
+# scikit-learn load with them): imported on first use, so `import jaxopt_lab` stays light.
+_LAZY = {"train": ("jaxopt_lab.train", None), "report": ("jaxopt_lab.report", None),
+         "sweep": ("jaxopt_lab.sweep", "sweep")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        value = importlib.import_module(module)
+        value = getattr(value, attr) if attr else value
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxopt_lab' has no attribute {name!r}")
 # --- end main job ---
 
 __version__ = "0.1.0"
@@ -94,6 +111,9 @@ __all__ = (
     "CalibrationState",
     "FoldReport",
     "FoldedPair",
+    "LayoutFallbackWarning",
+    "LeafInfo",
+    "ModelMap",
     "PruneState",
     "QTensor",
     "SkippedBatchNorm",
@@ -110,6 +130,7 @@ __all__ = (
     "calibration_observe",
     "calibration_range",
     "calibration_scale",
+    "core",
     "channel_mask",
     "compact",
     "constant_schedule",
@@ -133,6 +154,7 @@ __all__ = (
     "lsq_init",
     "magnitude_mask",
     "metrics",
+    "model_map",
     "nm_mask",
     "observe_activations",
     "one_shot_schedule",

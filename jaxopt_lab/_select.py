@@ -2,8 +2,10 @@
 
 A `where` argument is one of:
 
-* ``None`` -- the default: floating-point leaves with ``ndim >= 2`` (kernels and
-  embeddings, not biases or norm scales);
+* ``None`` -- the default: with a model map (``model_map=``, from
+  `jaxopt_lab.model_map`) the leaves the map knows as kernels (the weights of a
+  ``dot_general``, convolution or einsum; not embeddings, biases or norms); without one, the
+  shape rule: floating-point leaves with ``ndim >= 2``;
 * a pytree of bools with the tree's structure, or a prefix of it (a bool at an inner
   node applies to every leaf below it), as in ``optax.masked``;
 * a callable ``(path, leaf) -> bool`` over ``jax.tree_util`` key paths.
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -83,17 +87,26 @@ def _broadcast_mask(tree: Params, mask: Params, is_leaf) -> list[Choice]:
     return [bool(c) if not isinstance(c, Mapping) else c for c in choices]
 
 
+def map_kernels(model_map: Any) -> Callable[[KeyPath, Any], bool]:
+    """The default selection with a model map: float leaves the map knows as kernels."""
+    def where(path: KeyPath, leaf: Any) -> bool:
+        info = model_map.lookup(path)
+        return is_float_array(leaf) and info is not None and info.role == "kernel"
+    return where
+
+
 def leaf_choices(
-    tree: Params, where: Where = None, *, is_leaf=None
+    tree: Params, where: Where = None, *, is_leaf=None, model_map: Any = None
 ) -> list[tuple[KeyPath, Any, Choice]]:
     """Returns ``(path, leaf, choice)`` for every leaf, in ``jax.tree.leaves`` order.
 
     ``choice`` is ``False`` (untouched), ``True`` (selected) or a mapping of per-leaf
-    setting overrides (selected).
+    setting overrides (selected). ``model_map`` only changes the default selection.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     if where is None:
-        return [(p, x, default_where(p, x)) for p, x in flat]
+        rule = default_where if model_map is None else map_kernels(model_map)
+        return [(p, x, rule(p, x)) for p, x in flat]
     if callable(where) and not isinstance(where, Mapping):
         out = []
         for p, x in flat:
@@ -106,21 +119,24 @@ def leaf_choices(
     return [(p, x, c) for (p, x), c in zip(flat, choices)]
 
 
-def selection(tree: Params, where: Where = None, *, is_leaf=None) -> Params:
+def selection(tree: Params, where: Where = None, *, is_leaf=None, model_map: Any = None
+              ) -> Params:
     """Pytree of Python bools (same structure as ``tree``): which leaves are selected."""
     treedef = jax.tree.structure(tree, is_leaf=is_leaf)
-    picks = [c is not False for _, _, c in leaf_choices(tree, where, is_leaf=is_leaf)]
+    picks = [c is not False
+             for _, _, c in leaf_choices(tree, where, is_leaf=is_leaf, model_map=model_map)]
     return jax.tree.unflatten(treedef, picks)
 
 
 def map_selected(
-    fn: Callable[[KeyPath, Any, Choice], Any], tree: Params, where: Where = None, *, is_leaf=None
+    fn: Callable[[KeyPath, Any, Choice], Any], tree: Params, where: Where = None, *, is_leaf=None,
+    model_map: Any = None,
 ) -> Params:
     """Applies ``fn(path, leaf, choice)`` to the selected leaves; others pass through."""
     treedef = jax.tree.structure(tree, is_leaf=is_leaf)
     out = [
         fn(p, x, c) if c is not False else x
-        for p, x, c in leaf_choices(tree, where, is_leaf=is_leaf)
+        for p, x, c in leaf_choices(tree, where, is_leaf=is_leaf, model_map=model_map)
     ]
     return jax.tree.unflatten(treedef, out)
 
@@ -131,3 +147,15 @@ def check_same_structure(a: Params, b: Params, what_a: str, what_b: str, *, is_l
     sb = jax.tree.structure(b, is_leaf=is_leaf)
     if sa != sb:
         raise ValueError(f"{what_a} tree does not match the {what_b} tree: {sa} vs {sb}")
+
+
+class LayoutFallbackWarning(UserWarning):
+    """Some leaves could not take the requested layout and used the nearest valid one."""
+
+
+def report_fallbacks(fallbacks: list[str], what: str) -> None:
+    """Warns once, one line per leaf, when ``fallbacks`` is not empty."""
+    if fallbacks:
+        lines = "\n  ".join(fallbacks)
+        warnings.warn(f"{what}: {len(fallbacks)} leaf/leaves fell back to another layout:\n  "
+                      f"{lines}", LayoutFallbackWarning, stacklevel=3)

@@ -1,5 +1,11 @@
 """Strategies and judging helpers for tests/test_fuzz_public_api.py (not a test module).
 
+Valid and invalid inputs are separate strategies where a fuzz test splits them: a valid
+input must give a result that passes every property check (an error fails the test), and an
+input invalid by construction must raise (a result fails the test). ``checked()`` and
+``error_checked()`` record which happened, so ``pytest --hypothesis-show-statistics`` shows
+the share of examples that reached the property checks.
+
 Inputs are built from a few hypothesis draws (shape, dtype, kind of values, a seed) and
 filled with NumPy, so one example is cheap and shapes come from small fixed palettes: the
 library's jitted internals then compile once per (shape, dtype, settings) and hit the cache
@@ -154,6 +160,19 @@ def checked() -> None:
     event("properties checked")
 
 
+def error_checked() -> None:
+    """Counts an example invalid by construction whose error was checked."""
+    event("invalid input: error checked")
+
+
+def raises(fn, *args, **kwargs) -> Exception:
+    """The ValueError/TypeError (with a message) ``fn`` must raise; a result fails the test."""
+    result, err = attempt(fn, *args, **kwargs)
+    assert err is not None, f"{getattr(fn, '__name__', fn)} accepted invalid input: {result!r}"
+    error_checked()
+    return err
+
+
 def jax_view(x) -> np.ndarray:
     """The values JAX computes with (float64 downcast to float32 without x64)."""
     x = np.asarray(x)
@@ -213,6 +232,57 @@ def float32_abs_scores(x) -> np.ndarray:
     """|x| in float32 with NaN above +inf: the documented magnitude ranking."""
     a = np.abs(jax_view(x).astype(np.float32)).astype(np.float64)
     return np.where(np.isnan(a), np.inf, a) + np.isnan(a)
+
+
+# --- trees with kernels, valid and not ------------------------------------------------
+
+# Kernels every valid setting accepts: ndim >= 2, every axis even (group_size 2 divides).
+VALID_KERNEL_SHAPES = ((2, 4), (4, 4), (2, 2, 4))
+
+
+def finite_kernels(dtypes=FLOAT_DTYPES):
+    """Float kernels whose values are finite as JAX sees them (float64 beyond float32's
+    range becomes inf: such draws are not valid input and are filtered out)."""
+    return arrays(shapes=VALID_KERNEL_SHAPES, dtypes=dtypes, kinds=FINITE_KINDS).filter(
+        all_finite)
+
+
+def unselected_leaves():
+    """Leaves the default ``where`` (and ``where_kernels_named``) never selects: float
+    scalars and vectors (NaN and Inf included: untouched, so valid), and integer arrays."""
+    return st.one_of(arrays(shapes=((), (0,), (4,)), kinds=KINDS),
+                     arrays(shapes=KERNEL_SHAPES + ((0, 4),), dtypes=INT_DTYPES))
+
+
+@st.composite
+def kernel_trees(draw, kernels=None, others=None):
+    """A pytree holding at least one kernel (at a path naming ``kernel``)."""
+    kernels = finite_kernels() if kernels is None else kernels
+    others = unselected_leaves() if others is None else others
+    layout = draw(st.integers(0, 3))
+    if layout == 0:
+        return {"kernel": draw(kernels)}
+    if layout == 1:
+        return {"kernel": draw(kernels), "bias": draw(others)}
+    if layout == 2:
+        return {"Dense_0": {"kernel": draw(kernels), "bias": draw(others)},
+                "Dense_1": {"kernel": draw(kernels)}, "rest": [draw(others)]}
+    return ({"kernel": draw(kernels)}, None,
+            {"w": draw(others), "step": draw(st.sampled_from([0, 1.5, True]))})
+
+
+BAD_PATH = "['Dense_bad']['kernel']"
+
+
+@st.composite
+def trees_with_a_bad_kernel(draw):
+    """A valid kernel tree plus one kernel at ``BAD_PATH`` that no setting can take: NaN or
+    Inf among its values, or no elements."""
+    if draw(st.booleans()):
+        bad = draw(arrays(shapes=VALID_KERNEL_SHAPES, dtypes=FLOAT_DTYPES, kinds=("nan", "inf")))
+    else:
+        bad = draw(arrays(shapes=((0, 4), (4, 0)), dtypes=FLOAT_DTYPES))
+    return {"Dense_bad": {"kernel": bad}, "ok": draw(kernel_trees())}
 
 
 # --- `where` arguments ----------------------------------------------------------------

@@ -57,13 +57,30 @@ QUANT_SETTINGS = (
     (dict(dtype="float8_e4m3fn", symmetric=False), False),
     (dict(scale_dtype="float16"), False),
 )
-# Mostly valid settings, float leaves and finite values, so that most examples get past
-# validation; invalid ones still come up in about a third of the examples.
+VALID_QUANT = tuple(kw for kw, valid in QUANT_SETTINGS if valid)
+INVALID_QUANT = tuple(kw for kw, valid in QUANT_SETTINGS if not valid)
+# The old mixed strategy (mostly valid settings, float leaves and finite values): still used
+# by the LSQ test below.
 quant_settings = st.sampled_from(QUANT_SETTINGS[:5] * 3 + QUANT_SETTINGS[5:])
 wheres = st.sampled_from((None, None, None) + fz.WHERES[1:])
 quant_trees = fz.trees(leaves=fz.arrays(shapes=fz.KERNEL_SHAPES * 2 + fz.OTHER_SHAPES,
                                         dtypes=fz.FLOAT_DTYPES * 3 + fz.INT_DTYPES,
                                         kinds=fz.MOSTLY_FINITE))
+# Valid by construction: finite float kernels with even axes, unselected leaves of every
+# kind around them, settings that take any such kernel, and a `where` picking kernels only.
+valid_quant = st.sampled_from(VALID_QUANT)
+kernel_wheres = st.sampled_from((None, fz.where_kernels_named))
+
+
+@st.composite
+def invalid_quant_calls(draw):
+    """``(tree, settings, where, bad path)``: invalid settings (any tree), or valid settings
+    with a kernel no setting can take (NaN/Inf or empty) at ``fz.BAD_PATH``."""
+    if draw(st.booleans()):
+        return draw(fz.kernel_trees()), draw(st.sampled_from(INVALID_QUANT)), \
+            draw(kernel_wheres), None
+    return draw(fz.trees_with_a_bad_kernel()), draw(valid_quant), draw(kernel_wheres), \
+        fz.BAD_PATH
 
 
 def _qt_error_bound(qt: jol.QTensor) -> float:
@@ -75,23 +92,24 @@ def _qt_error_bound(qt: jol.QTensor) -> float:
     return float(np.max(np.abs(qt.dequantize(jnp.float32)))) * 2.0**-4 + s * 2.0**-9
 
 
+def _selected(tree, where) -> list[bool]:
+    where = where or (lambda path, leaf: fz.is_float(leaf) and np.ndim(leaf) >= 2)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [bool(where(p, x)) for p, x in flat]
+
+
 @fuzz
-@given(tree=quant_trees, case=quant_settings, where=wheres)
-def test_quantize_dequantize_tree_nbytes(tree, case, where):
-    kw, valid = case
-    q, err = attempt(jol.quantize, tree, where=where, **kw)
-    if err is not None:
-        if valid:  # only a selected leaf can be at fault, and the message must name it
-            assert fz.names_a_leaf(err, tree), err
-        return
-    assert valid, f"quantize accepted invalid settings {kw}"
+@given(tree=fz.kernel_trees(), kw=valid_quant, where=kernel_wheres)
+def test_quantize_dequantize_tree_nbytes(tree, kw, where):
+    q = jol.quantize(tree, where=where, **kw)  # valid input: any error fails the test
     assert jax.tree.structure(q, is_leaf=is_qtensor) == jax.tree.structure(tree)
-    for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(q, is_leaf=is_qtensor)):
+    leaves = jax.tree.leaves(q, is_leaf=is_qtensor)
+    assert [is_qtensor(y) for y in leaves] == _selected(tree, where)
+    for x, y in zip(jax.tree.leaves(tree), leaves):
         if not is_qtensor(y):
             assert y is x
             continue
         assert y.shape == np.shape(x) and y.dtype == fz.canonical_dtype(x.dtype)
-        assert fz.all_finite(x)  # quantize rejects concrete NaN/Inf
         x_hat = np.asarray(y.dequantize(jnp.float32))
         assert np.isfinite(x_hat).all() and np.isfinite(np.asarray(y.scale, np.float32)).all()
         assert (np.asarray(y.scale, np.float32) > 0).all()
@@ -107,33 +125,34 @@ def test_quantize_dequantize_tree_nbytes(tree, case, where):
     expected = sum(leaf.nbytes if is_qtensor(leaf) else np.asarray(leaf).nbytes
                    for leaf in jax.tree.leaves(q, is_leaf=is_qtensor))
     assert jol.tree_nbytes(q) == expected
-    if any(map(is_qtensor, jax.tree.leaves(q, is_leaf=is_qtensor))):
-        fz.checked()
+    fz.checked()
 
 
 @fuzz
-@given(tree=quant_trees, case=quant_settings, where=wheres)
-def test_fake_quant_matches_quantize_and_passes_gradients(tree, case, where):
-    kw, valid = case
-    out, err = attempt(jol.fake_quant, tree, where=where, **kw)
-    if err is not None:
-        if valid:
-            assert fz.names_a_leaf(err, tree), err
-        return
-    assert valid, f"fake_quant accepted invalid settings {kw}"
+@given(call=invalid_quant_calls())
+def test_quantize_and_fake_quant_reject_invalid_input(call):
+    tree, kw, where, bad_path = call
+    for fn in (jol.quantize, jol.fake_quant):
+        err = fz.raises(fn, tree, where=where, **kw)
+        if bad_path is not None:  # the message names the leaf at fault
+            assert bad_path in str(err), err
+
+
+@fuzz
+@given(tree=fz.kernel_trees(), kw=valid_quant, where=kernel_wheres)
+def test_fake_quant_matches_quantize_and_passes_gradients(tree, kw, where):
+    out = jol.fake_quant(tree, where=where, **kw)  # valid input: any error fails the test
     assert jax.tree.structure(out) == jax.tree.structure(tree)
-    q = jol.quantize(tree, where=where, **kw)
-    ref = jol.dequantize(q)
-    changed = []
-    for x, y, r in zip(jax.tree.leaves(tree), jax.tree.leaves(out), jax.tree.leaves(ref)):
-        if y is x:
+    ref = jol.dequantize(jol.quantize(tree, where=where, **kw))
+    picked = _selected(tree, where)
+    for x, y, r, sel in zip(jax.tree.leaves(tree), jax.tree.leaves(out), jax.tree.leaves(ref),
+                            picked):
+        if not sel:
+            assert y is x
             continue
-        changed.append(x)
         assert np.shape(y) == np.shape(x) and y.dtype == fz.canonical_dtype(x.dtype)
         assert fz.same_bits(y, r), "fake_quant differs from dequantize(quantize(x))"
         assert np.isfinite(np.asarray(y, np.float32)).all(), (x, y)
-    if not changed:
-        return
     # STE with absmax scales: nothing is clipped, so d/dx sum(fake_quant(x)) == 1 everywhere.
     def total(t):
         return sum(jnp.sum(v.astype(jnp.float32)) for v in jax.tree.leaves(
@@ -354,9 +373,12 @@ _DOT_CASES = (  # (lhs shape, rhs shape, dimension numbers): valid and invalid
 )
 
 
+_VALID_DOT_CASES, _INVALID_DOT_CASES = _DOT_CASES[:4], _DOT_CASES[4:]
+
+
 @st.composite
-def _keepdims_scale(draw, shape, contracted):
-    kind = draw(st.sampled_from(["scalar", "keep", "keep", "wrong"]))
+def _keepdims_scale(draw, shape, contracted, kinds=("scalar", "keep", "keep", "wrong")):
+    kind = draw(st.sampled_from(kinds))
     if kind == "scalar":
         return np.float32(draw(st.sampled_from([0.01, 1.0, 3.0])))
     if kind == "wrong":
@@ -366,24 +388,25 @@ def _keepdims_scale(draw, shape, contracted):
         np.float32)
 
 
-@fuzz
-@given(data=st.data(), case=st.sampled_from(_DOT_CASES),
-       lhs_dtype=st.sampled_from([np.int8, np.int8, np.int32, np.float32]),
-       zero=st.sampled_from([None, None, 3, "keep"]))
-def test_int8_dot_general(data, case, lhs_dtype, zero):
+def _dot_operands(data, case, lhs_dtype, zero, lhs_scale_kinds=("scalar", "keep"),
+                  rhs_scale_kinds=("scalar", "keep")):
     lhs_shape, rhs_shape, dims = case
     (lc, rc), _ = dims
     lhs = fz.fill(lhs_shape, lhs_dtype, "normal", data.draw(st.integers(0, 99)))
     rhs = fz.fill(rhs_shape, np.int8, "normal", 1)
-    ls = data.draw(_keepdims_scale(lhs_shape, [a % len(lhs_shape) for a in lc]))
-    rs = data.draw(_keepdims_scale(rhs_shape, [a % len(rhs_shape) for a in rc]))
+    ls = data.draw(_keepdims_scale(lhs_shape, [a % len(lhs_shape) for a in lc], lhs_scale_kinds))
+    rs = data.draw(_keepdims_scale(rhs_shape, [a % len(rhs_shape) for a in rc], rhs_scale_kinds))
     z = None if zero is None else (np.int8(3) if zero == 3 else
                                    np.full(np.shape(ls), 2, np.int8) if np.ndim(ls) else None)
-    got, err = attempt(jol.int8_dot_general, lhs, rhs, dims, lhs_scale=ls, rhs_scale=rs,
-                       lhs_zero_point=z)
-    if err is not None:
-        return
-    assert lhs.dtype == np.int8
+    return lhs, rhs, dims, ls, rs, z
+
+
+@fuzz
+@given(data=st.data(), case=st.sampled_from(_VALID_DOT_CASES),
+       zero=st.sampled_from([None, None, 3, "keep"]))
+def test_int8_dot_general(data, case, zero):
+    lhs, rhs, dims, ls, rs, z = _dot_operands(data, case, np.int8, zero)
+    got = jol.int8_dot_general(lhs, rhs, dims, lhs_scale=ls, rhs_scale=rs, lhs_zero_point=z)
     with jax.enable_x64(True):  # a float64 reference: float32 would cancel catastrophically
         ref = jax.lax.dot_general(
             (lhs.astype(np.float64) - (0 if z is None else np.asarray(z, np.float64))) * ls,
@@ -393,28 +416,57 @@ def test_int8_dot_general(data, case, lhs_dtype, zero):
     fz.checked()
 
 
-_EINSUMS = ("ij,jk->ik", "bij,bjk->bik", "...j,jk->...k", "ij,kj->ik", "ij,jk", "ii,ij->j",
-            "ij,jk->ikk", "ij,jk,kl->il")
-
-
 @fuzz
-@given(spec=st.sampled_from(_EINSUMS), seed=st.integers(0, 99),
-       scale_kind=st.sampled_from(["scalar", "keep", "wrong"]))
-def test_int8_einsum(spec, seed, scale_kind):
+@given(data=st.data(), fault=st.sampled_from(["lhs_dtype", "dims", "lhs_scale", "rhs_scale"]),
+       zero=st.sampled_from([None, 3]))
+def test_int8_dot_general_rejects_invalid_input(data, fault, zero):
+    case = data.draw(st.sampled_from(_INVALID_DOT_CASES if fault == "dims"
+                                     else _VALID_DOT_CASES))
+    lhs_dtype = data.draw(st.sampled_from([np.int32, np.float32])) if fault == "lhs_dtype" \
+        else np.int8
+    lhs, rhs, dims, ls, rs, z = _dot_operands(
+        data, case, lhs_dtype, zero,
+        lhs_scale_kinds=("wrong",) if fault == "lhs_scale" else ("scalar", "keep"),
+        rhs_scale_kinds=("wrong",) if fault == "rhs_scale" else ("scalar", "keep"))
+    fz.raises(jol.int8_dot_general, lhs, rhs, dims, lhs_scale=ls, rhs_scale=rs,
+              lhs_zero_point=z)
+
+
+_VALID_EINSUMS = ("ij,jk->ik", "bij,bjk->bik", "...j,jk->...k", "ij,kj->ik")
+_INVALID_EINSUMS = ("ij,jk", "ii,ij->j", "ij,jk->ikk", "ij,jk,kl->il")
+
+
+def _einsum_operands(spec, seed, scale_kind):
     a_shape = (2, 2, 3) if spec.startswith("bij") else (2, 3)
     b_shape = {"bij,bjk->bik": (2, 3, 4), "ij,kj->ik": (4, 3)}.get(spec, (3, 4))
     lhs = fz.fill(a_shape, np.int8, "normal", seed)
     rhs = fz.fill(b_shape, np.int8, "normal", seed + 1)
     ls = {"scalar": np.float32(0.5), "wrong": np.ones((5,), np.float32)}.get(
         scale_kind, np.full(a_shape[:-1] + (1,), 0.25, np.float32))
-    got, err = attempt(jol.int8_einsum, spec, lhs, rhs, lhs_scale=ls, rhs_scale=np.float32(2))
-    if err is not None:
-        return
-    ref = np.einsum(spec.replace("...", ""), lhs.astype(np.float64) * ls,
-                    rhs.astype(np.float64) * 2.0) if "..." not in spec else np.einsum(
-        spec, lhs.astype(np.float64) * ls, rhs.astype(np.float64) * 2.0)
+    return lhs, rhs, ls
+
+
+@fuzz
+@given(spec=st.sampled_from(_VALID_EINSUMS), seed=st.integers(0, 99),
+       scale_kind=st.sampled_from(["scalar", "keep"]))
+def test_int8_einsum(spec, seed, scale_kind):
+    lhs, rhs, ls = _einsum_operands(spec, seed, scale_kind)
+    got = jol.int8_einsum(spec, lhs, rhs, lhs_scale=ls, rhs_scale=np.float32(2))
+    ref = np.einsum(spec, lhs.astype(np.float64) * ls, rhs.astype(np.float64) * 2.0)
     np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-5, atol=1e-5)
     fz.checked()
+
+
+@fuzz
+@given(data=st.data(), seed=st.integers(0, 99), bad_spec=st.booleans())
+def test_int8_einsum_rejects_invalid_input(data, seed, bad_spec):
+    if bad_spec:  # a spec it does not take, whatever the scales
+        spec = data.draw(st.sampled_from(_INVALID_EINSUMS))
+        scale_kind = data.draw(st.sampled_from(["scalar", "keep", "wrong"]))
+    else:  # a valid spec with a scale of the wrong shape
+        spec, scale_kind = data.draw(st.sampled_from(_VALID_EINSUMS)), "wrong"
+    lhs, rhs, ls = _einsum_operands(spec, seed, scale_kind)
+    fz.raises(jol.int8_einsum, spec, lhs, rhs, lhs_scale=ls, rhs_scale=np.float32(2))
 
 
 @fuzz
@@ -596,29 +648,37 @@ _MATMUL_SHAPES = (((2, 3), (3, 4)), ((2, 3), (3, 4)), ((1, 1), (1, 1)), ((0, 3),
                   ((2, 0), (0, 4)), ((2, 3), (4, 5)), ((3,), (3, 4)))
 
 
+_VALID_MATMUL_SHAPES, _INVALID_MATMUL_SHAPES = _MATMUL_SHAPES[:5], _MATMUL_SHAPES[5:]
+
+
 @fuzz
-@given(shapes=st.sampled_from(_MATMUL_SHAPES), seed=st.integers(0, 2**16),
-       dtypes=st.sampled_from([(np.int8, np.int8)] * 4 + [(np.int32, np.int8),
-                                                          (np.int8, np.float32)]),
+@given(shapes=st.sampled_from(_VALID_MATMUL_SHAPES), seed=st.integers(0, 2**16),
        kind=st.sampled_from(["normal", "huge", "zeros"]),
        native=st.sampled_from([True, False, 1, 0, None]))
-def test_int8_matmul_and_use_native_int8(shapes, seed, dtypes, kind, native):
+def test_int8_matmul_and_use_native_int8(shapes, seed, kind, native):
     from jaxopt_lab.quant import native as native_mod
 
-    a = fz.fill(shapes[0], dtypes[0], kind, seed)
-    b = fz.fill(shapes[1], dtypes[1], kind, seed + 1)
+    a = fz.fill(shapes[0], np.int8, kind, seed)
+    b = fz.fill(shapes[1], np.int8, kind, seed + 1)
     with jol.use_native_int8(native):
         assert native_mod.native_int8_available() == (
             bool(native) and native_mod.native_int8_status() == "ok")
-        got, err = attempt(jol.int8_matmul, a, b)
-    if err is not None:
-        return
-    assert a.dtype == b.dtype == np.int8 and a.ndim == b.ndim == 2
+        got = jol.int8_matmul(a, b)  # valid input: any error fails the test
     want = (a.astype(np.int64) @ b.astype(np.int64)).astype(np.int32)  # exact: |sum| < 2**31
     assert np.asarray(got).dtype == np.int32 and np.array_equal(np.asarray(got), want)
     fz.checked()
 
 
+@fuzz
+@given(seed=st.integers(0, 2**16), native=st.booleans(),
+       fault=st.sampled_from(["shapes", "lhs_dtype", "rhs_dtype"]))
+def test_int8_matmul_rejects_invalid_input(seed, native, fault):
+    shapes = (_INVALID_MATMUL_SHAPES if fault == "shapes" else _VALID_MATMUL_SHAPES)[
+        seed % (2 if fault == "shapes" else 5)]
+    a = fz.fill(shapes[0], np.int32 if fault == "lhs_dtype" else np.int8, "normal", seed)
+    b = fz.fill(shapes[1], np.float32 if fault == "rhs_dtype" else np.int8, "normal", seed)
+    with jol.use_native_int8(native):
+        fz.raises(jol.int8_matmul, a, b)
 
 
 def _assert_within_summation_error(got, lhs, weight, dims) -> None:
@@ -635,28 +695,43 @@ def _assert_within_summation_error(got, lhs, weight, dims) -> None:
     assert (err <= bound)[ok].all(), (got, ref)
 
 
-@fuzz
-@given(shapes=st.sampled_from(_MATMUL_SHAPES), seed=st.integers(0, 2**16),
-       dtypes=st.sampled_from([(np.float32, np.int8)] * 4 + [(np.float16, np.int8),
-                                                            (np.float32, np.int32)]),
-       kind=st.sampled_from(["normal", "huge", "wide", "zeros", "nan", "subnormal"]),
-       scale_kind=st.sampled_from(["normal", "normal", "huge", "wrong"]),
-       native=st.sampled_from([True, False]))
-def test_float_int8_matmul(shapes, seed, dtypes, kind, scale_kind, native):
-    a = fz.fill(shapes[0], dtypes[0], kind, seed)
-    b = fz.fill(shapes[1], dtypes[1], "normal", seed + 1)
+def _float_int8_operands(shapes, seed, lhs_dtype, rhs_dtype, kind, scale_kind):
+    a = fz.fill(shapes[0], lhs_dtype, kind, seed)
+    b = fz.fill(shapes[1], rhs_dtype, "normal", seed + 1)
     n = shapes[1][-1]
     scale = (np.ones((n + 1,), np.float32) if scale_kind == "wrong"
              else np.abs(fz.fill((n,), np.float32, scale_kind, seed + 2)) + np.float32(1e-3))
+    return a, b, scale
+
+
+@fuzz
+@given(shapes=st.sampled_from(_VALID_MATMUL_SHAPES), seed=st.integers(0, 2**16),
+       kind=st.sampled_from(["normal", "huge", "wide", "zeros", "nan", "subnormal"]),
+       scale_kind=st.sampled_from(["normal", "normal", "huge"]),
+       native=st.sampled_from([True, False]))
+def test_float_int8_matmul(shapes, seed, kind, scale_kind, native):
+    a, b, scale = _float_int8_operands(shapes, seed, np.float32, np.int8, kind, scale_kind)
     with jol.use_native_int8(native):
-        got, err = attempt(jol.float_int8_matmul, a, b, scale)
-    if err is not None:
-        return
-    assert a.dtype == np.float32 and b.dtype == np.int8 and a.ndim == b.ndim == 2
+        got = jol.float_int8_matmul(a, b, scale)  # valid input: any error fails the test
+    n = shapes[1][-1]
     assert np.asarray(got).dtype == np.float32 and np.shape(got) == (a.shape[0], n)
     weight = b.astype(np.float32) * scale  # dequantize's float32 values
     _assert_within_summation_error(got, a, weight, (((1,), (0,)), ((), ())))
     fz.checked()
+
+
+@fuzz
+@given(seed=st.integers(0, 2**16), native=st.booleans(),
+       fault=st.sampled_from(["shapes", "lhs_dtype", "rhs_dtype", "scale"]))
+def test_float_int8_matmul_rejects_invalid_input(seed, native, fault):
+    shapes = (_INVALID_MATMUL_SHAPES if fault == "shapes" else _VALID_MATMUL_SHAPES)[
+        seed % (2 if fault == "shapes" else 5)]
+    a, b, scale = _float_int8_operands(
+        shapes, seed, np.float16 if fault == "lhs_dtype" else np.float32,
+        np.int32 if fault == "rhs_dtype" else np.int8, "normal",
+        "wrong" if fault == "scale" else "normal")
+    with jol.use_native_int8(native):
+        fz.raises(jol.float_int8_matmul, a, b, scale)
 
 
 @fuzz

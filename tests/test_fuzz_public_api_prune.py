@@ -139,6 +139,9 @@ def _check_mask(name, tree, sparsity, scope, where, previous, mask, extra):
     elif name == "nm":
         n, m_, axis, s = extra
         for _, m in sel:
+            if m.shape[axis] % m_:  # no N:M layout fits: left unpruned (and reported)
+                assert m.all()
+                continue
             groups = np.moveaxis(m, axis, -1).reshape(-1, m_)
             prune = m_ - n if s is None else min(m_ - n, _expected_pruned(s, m_))
             kept = groups.sum(-1)

@@ -67,13 +67,37 @@ def test_mixed_mask_zeroes_unstructured_entries_and_removes_dead_channels():
     np.testing.assert_allclose(np.asarray(small.apply(sv, X)), np.asarray(want), atol=1e-5)
 
 
-def test_nothing_pruned_is_identity_and_head_outputs_are_kept():
+@pytest.mark.parametrize("model", [MLP(hidden=(8,)), TeacherCNN()], ids=["mlp", "teacher"])
+def test_nothing_pruned_is_identity(model):
+    v = random_variables(model)
+    keep_all = jax.tree.map(lambda x: jnp.ones(x.shape, bool), v["params"])
+    small, sv = compact(model, v, keep_all, X[:1])
+    assert small == model  # same widths: the same module
+    assert jax.tree.structure(sv) == jax.tree.structure(v)
+    for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(sv), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    np.testing.assert_array_equal(np.asarray(small.apply(sv, X)), np.asarray(model.apply(v, X)))
+
+
+def test_fully_masked_head_keeps_its_outputs_and_zeroes_them():
     model = MLP(hidden=(8,))
-    v = model.init(jax.random.PRNGKey(0), X[:1])
-    all_pruned_head = jax.tree.map(lambda x: jnp.ones(x.shape, bool), v["params"])
-    all_pruned_head["Dense_1"]["kernel"] = jnp.zeros((8, 10), bool)
-    small, sv = compact(model, v, all_pruned_head, X[:1])
+    v = random_variables(model)
+    pruned_head = jax.tree.map(lambda x: jnp.ones(x.shape, bool), v["params"])
+    pruned_head["Dense_1"]["kernel"] = jnp.zeros((8, 10), bool)
+    small, sv = compact(model, v, pruned_head, X[:1])
+    # The head's outputs are the model's: never removed, only masked.
     assert small.hidden == (8,) and sv["params"]["Dense_1"]["kernel"].shape == (8, 10)
+    assert not np.asarray(sv["params"]["Dense_1"]["kernel"]).any()
+    np.testing.assert_array_equal(np.asarray(sv["params"]["Dense_0"]["kernel"]),
+                                  np.asarray(v["params"]["Dense_0"]["kernel"]))
+    want = model.apply({"params": jol.apply_mask(
+        v["params"], expand_channel_mask(model, v, pruned_head, X[:1]))}, X)
+    got = small.apply(sv, X)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    # A zero head kernel leaves only its bias: every example gets the same logits.
+    np.testing.assert_allclose(np.asarray(got), np.broadcast_to(
+        np.asarray(v["params"]["Dense_1"]["bias"]), got.shape), rtol=1e-6)
 
 
 def test_bad_input():

@@ -67,7 +67,9 @@ def test_nm_bad_input():
     with pytest.raises(ValueError, match="n <= m"):
         jol.nm_mask(w, n=5, m=4)
     with pytest.raises(ValueError, match=r"\['w'\].*length 6, not divisible by m=4"):
-        jol.nm_mask(w, n=2, m=4)
+        jol.nm_mask(w, n=2, m=4, where=lambda p, x: {"axis": 0})
+    with pytest.warns(jol.LayoutFallbackWarning, match=r"\['w'\].*length 6.*left unpruned"):
+        assert bool(jol.nm_mask(w, n=2, m=4)["w"].all())
     with pytest.raises(ValueError, match="out of range"):
         jol.nm_mask({"b": jnp.ones((8,))}, n=2, m=4, where=lambda p, x: True)
     with pytest.raises(ValueError, match="sparsity"):

@@ -80,7 +80,7 @@ def test_pytree_flatten_roundtrip_and_key_paths():
 def test_static_metadata_and_repr():
     x, qt = _qt(bits=4, granularity="group", group_size=4)
     assert (qt.shape, qt.dtype, qt.ndim, qt.size) == ((8, 6), jnp.float32, 2, 48)
-    assert (qt.bits, qt.granularity, qt.group_size, qt.group_axis, qt.axis) == (4, "group", 4, 0, 1)
+    assert (qt.bits, qt.granularity, qt.group_size, qt.group_axis, qt.axis) == (4, "group", 4, (0,), None)
     assert qt.scale.shape == (2, 6) and qt.scale.dtype == jnp.float32
     assert "int4" in repr(qt) and "group_size=4" in repr(qt)
     assert qt.nbytes == 8 * 3 + 2 * 6 * 4

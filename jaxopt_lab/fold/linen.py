@@ -158,8 +158,11 @@ def bn_fold(model: nn.Module, variables: Variables, *example_args,
     and listed in the report. Folding twice is a no-op.
 
     Args:
-      model: the linen module (its code is not changed).
-      variables: ``{"params": ..., "batch_stats": ...}`` (a dict or FrozenDict).
+      model: the linen module (its code is not changed). An NNX module is accepted too:
+        ``bn_fold(module, x)`` is `bn_fold_nnx` ``(module, x)`` and returns a folded
+        module.
+      variables: ``{"params": ..., "batch_stats": ...}`` (a dict or FrozenDict); for an
+        NNX module, the first example input (or ``None``).
       *example_args: example inputs, as for ``model.apply`` (shapes matter, values do not).
       return_report: also return a ``FoldReport`` of what was folded and what was not.
       **example_kwargs: keyword arguments putting the model in inference mode, e.g.
@@ -189,6 +192,11 @@ def bn_fold(model: nn.Module, variables: Variables, *example_args,
       >>> report.folded[0].shift_in
       'layer_bias'
     """
+    from flax import nnx
+    if isinstance(model, nnx.Module):  # the NNX path takes the module and its inputs
+        from jaxopt_lab.fold.nnx import bn_fold_nnx
+        args = example_args if variables is None else (variables, *example_args)
+        return bn_fold_nnx(model, *args, return_report=return_report, **example_kwargs)
     pairs, report = _plan(model, variables, example_args, example_kwargs)
     warn_if_training(report)
     frozen = isinstance(variables, FrozenDict)

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab.prune.transform import apply_mask, check_masks
-from jaxopt_lab.train import models
 
 Params = Any
 Resize = Callable[[nn.Module, list[int]], nn.Module]
@@ -103,13 +102,10 @@ def _expand(layers: list[_Layer], params: Params, mask: Params) -> Params:
 
 
 def _default_resize(model: nn.Module, widths: list[int]) -> nn.Module:
-    if isinstance(model, models.TeacherCNN):
-        n = len(model.features)
-        return model.clone(features=tuple(widths[:n]), hidden=widths[n])
-    if isinstance(model, models.StudentCNN):
-        return model.clone(features=widths[0], hidden=widths[1])
-    if isinstance(model, models.MLP):
-        return model.clone(hidden=tuple(widths))
+    # A model that knows how to rebuild itself narrower says so with a `resized` method
+    # (the bundled reference models do); the library holds no knowledge of model classes.
+    if callable(getattr(model, "resized", None)):
+        return model.resized(widths)
     raise TypeError(
         f"compact does not know how to resize {type(model).__name__}; pass "
         "resize=lambda model, widths: model.clone(...) (widths: kept channels per layer)"
@@ -144,13 +140,14 @@ def compact(
     masked with :func:`expand_channel_mask` (other masked entries are zeroed too).
 
     Args:
-      model: a sequential linen model (``TeacherCNN``, ``StudentCNN``, ``MLP`` built in).
+      model: a sequential linen model of Conv/Dense layers.
       variables: its variables; every collection (``batch_stats``...) is compacted.
       mask: a mask tree over ``variables["params"]``; a channel goes when its whole
         kernel slice is False. The last layer's outputs are never removed.
       *example_args, **example_kwargs: an example call, e.g. ``x[:1]``.
-      resize: ``(model, widths) -> model`` for other model classes; ``widths`` are the
-        kept output channels of every layer but the last, in call order.
+      resize: ``(model, widths) -> model``; ``widths`` are the kept output channels of
+        every layer but the last, in call order. Default: ``model.resized(widths)`` for
+        models that define it (the bundled reference models do).
 
     Raises:
       ValueError: the mask does not match the params, a layer would lose every channel,

@@ -75,6 +75,7 @@ def ranked_mask(
     scope: str,
     where: Any,
     previous: Params | None,
+    model_map: Any = None,
 ) -> Params:
     """Shared driver: prunes the lowest scores (``select.SCORE_KINDS[kind]`` applied to
     ``operands_fn(path, leaf, previous)``) per leaf or globally."""
@@ -87,7 +88,8 @@ def ranked_mask(
     prev = previous_leaves(tree, previous)
     out: list[Any] = []
     pooled: list[tuple[int, jax.Array]] = []
-    for i, (path, leaf, choice) in enumerate(_select.leaf_choices(tree, where)):
+    choices = _select.leaf_choices(tree, where, model_map=model_map)
+    for i, (path, leaf, choice) in enumerate(choices):
         if choice is False:
             out.append(jnp.ones(np.shape(leaf), bool))
             continue
@@ -122,6 +124,7 @@ def magnitude_mask(
     scope: str = "layer",
     where: Any = None,
     previous: Params | None = None,
+    model_map: Any = None,
 ) -> Params:
     """Keeps the largest-magnitude entries; prunes exactly ``floor(sparsity * size)``.
 
@@ -132,6 +135,8 @@ def magnitude_mask(
         ranking across all selected leaves).
       where: leaf selection (see ``jaxopt_lab._select``).
       previous: a mask tree whose False entries are pruned first (nested masks).
+      model_map: a `jaxopt_lab.ModelMap`: the default selection becomes the model's
+        kernels (not embeddings, biases or norms, whatever their shape).
 
     Returns:
       A bool tree with ``tree``'s structure and leaf shapes (True = keep). NaN weights
@@ -155,6 +160,7 @@ def magnitude_mask(
         scope=scope,
         where=where,
         previous=previous,
+        model_map=model_map,
     )
 
 
@@ -166,6 +172,7 @@ def random_mask(
     scope: str = "layer",
     where: Any = None,
     previous: Params | None = None,
+    model_map: Any = None,
 ) -> Params:
     """Prunes a uniformly random subset of exactly ``floor(sparsity * size)`` entries.
 
@@ -186,7 +193,7 @@ def random_mask(
         return (jax.random.fold_in(key, index[path]), x, prev)
 
     return ranked_mask(tree, sparsity, "random", operands, scope=scope, where=where,
-                       previous=previous)
+                       previous=previous, model_map=model_map)
 
 
 def saliency_mask(
@@ -197,6 +204,7 @@ def saliency_mask(
     scope: str = "global",
     where: Any = None,
     previous: Params | None = None,
+    model_map: Any = None,
 ) -> Params:
     """SNIP-style connection saliency: keeps the largest ``|w * g|``.
 
@@ -228,4 +236,4 @@ def saliency_mask(
         return (x, g, prev)
 
     return ranked_mask(tree, sparsity, "product", operands, scope=scope, where=where,
-                       previous=previous)
+                       previous=previous, model_map=model_map)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxopt_lab.prune import select
+from jaxopt_lab.prune import radix
 
 SAMPLE = 4096
 BINS = 1 << 16  # _shift_for assumes this
@@ -42,12 +42,12 @@ _MAX = jnp.iinfo(jnp.int32).max
 _PARTS = 16  # the smallest-survivor pass first folds each array's 16 parts elementwise
 
 
-def _sample(view: select.ScoreView, total: int) -> jax.Array:
+def _sample(view: radix.ScoreView, total: int) -> jax.Array:
     stride = max(1, total // SAMPLE)
     return jnp.sort(jnp.concatenate(view(lambda a: a[::stride])))
 
 
-def _min_positive(view: select.ScoreView) -> jax.Array:
+def _min_positive(view: radix.ScoreView) -> jax.Array:
     """Smallest score > 0 over all arrays (``_MAX`` if none).
 
     XLA writes a reduction's input out before reducing it; folding each array's
@@ -68,7 +68,7 @@ def _min_positive(view: select.ScoreView) -> jax.Array:
 
 
 def _bracket(
-    view: select.ScoreView, sample: jax.Array, k: jax.Array, total: int
+    view: radix.ScoreView, sample: jax.Array, k: jax.Array, total: int
 ) -> tuple[jax.Array, jax.Array]:
     """Score range ``[lo, lo + span)`` around the sample quantile ``k / total``."""
     m = sample.shape[0]
@@ -92,7 +92,7 @@ def _digits(s: jax.Array, lo: jax.Array, shift: jax.Array) -> jax.Array:
     """Histogram bin of each score: ``_SPREAD + (s - lo) >> shift`` inside the range,
     an underflow or overflow counter (chosen by position) outside it."""
     inside = jnp.right_shift(jnp.maximum(s - lo, 0), shift)
-    lane = select.spread_lane(s.shape, _SPREAD)
+    lane = radix.spread_lane(s.shape, _SPREAD)
     above = inside >= BINS
     return jnp.where(s < lo, lane, jnp.where(above, BINS + _SPREAD + lane, inside + _SPREAD))
 
@@ -125,7 +125,7 @@ def _lexicographic_min_cut(scores, digits, j) -> list[jax.Array]:
 
 
 def sampled_keep(
-    make_scores: select.MakeScores, k: jax.Array, view: select.ScoreView | None = None
+    make_scores: radix.MakeScores, k: jax.Array, view: radix.ScoreView | None = None
 ) -> list[jax.Array]:
     """Same contract as ``select.keep_lowest`` (``0 <= k <= total``).
 
@@ -142,8 +142,8 @@ def sampled_keep(
     # Digits are rebuilt from the operands wherever they are used: captured by the
     # branches below, every array's digits would be written out and kept alive together.
     digits = lambda: [_digits(s, lo, shift) for s in make_scores()]  # noqa: E731
-    hist = select.histogram(digits(), _LENGTH)
-    j, below = select.first_reaching(hist, k)
+    hist = radix.histogram(digits(), _LENGTH)
+    j, below = radix.first_reaching(hist, k)
     rank, count = k - below, hist[j]  # the k-th is the rank-th (1-based) of bin j
     fits = (j >= _SPREAD) & (j < _SPREAD + BINS)
     case = jnp.where(fits & (rank == count), 0, jnp.where(fits & (rank == 1), 1, 2))
@@ -152,7 +152,7 @@ def sampled_keep(
         [
             lambda: [d > j for d in digits()],
             lambda: _lexicographic_min_cut(make_scores(), digits(), j),
-            lambda: select.radix_keep(make_scores, k),
+            lambda: radix.radix_keep(make_scores, k),
             lambda: [jnp.ones(s.shape, bool) for s in scores],
         ],
     )

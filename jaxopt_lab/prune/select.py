@@ -26,22 +26,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxopt_lab.prune import sampled
+# Re-exported: the primitives live in prune.radix so that prune.sampled needs only them.
+from jaxopt_lab.prune.radix import (  # noqa: F401
+    MakeScores,
+    ScoreView,
+    first_reaching,
+    histogram,
+    radix_keep,
+    radix_threshold,
+    spread_lane,
+)
+
 # Below this many scores in total a stable argsort beats two histogram passes; from
 # SAMPLED_FROM on, the sampled one-pass select (``prune.sampled``) beats the radix select.
 SORT_BELOW = 4096
 SAMPLED_FROM = 1 << 16
-_HIGH_BITS = 16  # top digit: scores >> 15 < 2**16 because scores < 2**31
-_LOW_BITS = 15
-_LOW_MASK = (1 << _LOW_BITS) - 1
-_ROW = 256  # prefix sums over histograms are done as (rows, _ROW) two-level scans
 
 # Scores: 0 is reserved for "already pruned" (ranks below everything), magnitudes
 # start at 1; NaN ranks above +inf so a NaN weight is never silently chosen to prune.
 _INF_BITS = 0x7F800000
-MakeScores = Callable[[], list[jax.Array]]  # builds the score arrays where it is called
-# ``view(f)``: each array's scores at ``f(flat index range)``, e.g. ``lambda a: a[::64]``,
-# built from that view of the operands where possible (see ``score_views``).
-ScoreView = Callable[[Callable[[jax.Array], jax.Array]], list[jax.Array]]
 
 
 def magnitude_scores(x: jax.Array, previous: jax.Array | None = None) -> jax.Array:
@@ -61,125 +65,6 @@ def random_scores(key: jax.Array, shape, previous: jax.Array | None = None) -> j
     if previous is not None:
         s = jnp.where(previous, s, 0)
     return s
-
-
-def first_reaching(hist: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Smallest bin ``b`` with ``sum(hist[:b+1]) >= target`` and ``sum(hist[:b])``.
-
-    Two-level prefix sums (rows, then one row) avoid a long cumsum, which is slow on CPU.
-    """
-    rows = hist.reshape(-1, _ROW)
-    row_tot = jnp.dot(rows, jnp.ones((_ROW,), jnp.int32), preferred_element_type=jnp.int32)
-    row_cum = jnp.cumsum(row_tot)
-    r = jnp.minimum(jnp.sum(row_cum < target), rows.shape[0] - 1)
-    before_row = row_cum[r] - row_tot[r]
-    within = before_row + jnp.cumsum(rows[r])
-    c = jnp.minimum(jnp.sum(within < target), _ROW - 1)
-    return r * _ROW + c, within[c] - rows[r, c]
-
-
-_SCATTER_DIMS = lax.ScatterDimensionNumbers(
-    update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
-)
-
-
-def histogram(digits: Sequence[jax.Array], length: int) -> jax.Array:
-    """Counts of each digit value, summed over arrays; every digit must be in ``[0, length)``.
-
-    A raw ``lax.scatter_add`` promising in-bounds indices: ``.at[].add`` would first copy
-    the indices to wrap negative ones, an extra pass over the data.
-    """
-    hist = jnp.zeros((length,), jnp.int32)
-    for d in digits:
-        flat = d.reshape(-1, 1)
-        ones = jnp.ones((flat.shape[0],), jnp.int32)
-        hist = lax.scatter_add(
-            hist, flat, ones, _SCATTER_DIMS, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS
-        )
-    return hist
-
-
-_SPREAD = 16
-
-
-def spread_lane(shape: tuple[int, ...], lanes: int) -> jax.Array:
-    """A counter index in ``[0, lanes)`` per entry, cycling along the last axis."""
-    if not shape:
-        return jnp.zeros((), jnp.int32)
-    return lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) & (lanes - 1)
-
-
-def _spread_zero(digit: jax.Array) -> jax.Array:
-    """Moves digit 0 (already-pruned entries, often most of them) to 16 counters chosen by
-    position, and the others up by 15: scatter-adds into one counter serialise on it."""
-    return jnp.where(digit == 0, spread_lane(digit.shape, _SPREAD), digit + _SPREAD - 1)
-
-
-def _merge_spread(hist: jax.Array) -> jax.Array:
-    """Undoes ``_spread_zero`` on a histogram: back to one count per digit."""
-    merged = jnp.concatenate([hist[:_SPREAD].sum(keepdims=True), hist[_SPREAD:]])
-    return merged[: 1 << _HIGH_BITS]
-
-
-def radix_threshold(
-    scores: Sequence[jax.Array], k: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(t, below, equal)``: the k-th lowest score (k >= 1), how many are < t and == t."""
-    high = _merge_spread(histogram([_spread_zero(s >> _LOW_BITS) for s in scores],
-                                   (1 << _HIGH_BITS) + _ROW))
-    b_high, below_high = first_reaching(high, k)
-    lows = [jnp.where((s >> _LOW_BITS) == b_high, s & _LOW_MASK, 1 << _LOW_BITS) for s in scores]
-    low = histogram(lows, (1 << _LOW_BITS) + _ROW)  # bin 2**15 collects the other buckets
-    b_low, below_low = first_reaching(low, k - below_high)
-    return (b_high << _LOW_BITS) | b_low, below_high + below_low, low[b_low]
-
-
-def _nth_true_end(flag: jax.Array, n: jax.Array) -> jax.Array:
-    """Smallest ``i`` with ``sum(flag.ravel()[:i]) == n`` for ``1 <= n <= sum(flag)``."""
-    flat = flag.reshape(-1)
-    size = flat.shape[0]
-    row = min(1024, size)
-    pad = (-size) % row
-    rows = jnp.concatenate([flat, jnp.zeros((pad,), bool)]).reshape(-1, row).astype(jnp.int32)
-    row_tot = rows.sum(axis=1)
-    row_cum = jnp.cumsum(row_tot)
-    r = jnp.sum(row_cum < n)
-    within = row_cum[r] - row_tot[r] + jnp.cumsum(lax.dynamic_index_in_dim(rows, r, 0, False))
-    return r * row + jnp.sum(within < n) + 1
-
-
-def _tie_cuts(ties: Sequence[jax.Array], need: jax.Array) -> list[jax.Array]:
-    """Per array, the flat index below which ties are pruned so ``need`` are pruned in total."""
-    counts = [jnp.sum(t, dtype=jnp.int32) for t in ties]
-    cuts, before = [], jnp.int32(0)
-    for t, c in zip(ties, counts):
-        mine = jnp.clip(need - before, 0, c)
-        cut = lax.cond(
-            (mine > 0) & (mine < c),
-            lambda t=t, mine=mine: _nth_true_end(t, mine),
-            lambda t=t, mine=mine: jnp.where(mine > 0, t.size, 0).astype(jnp.int32),
-        )
-        cuts.append(cut)
-        before = before + c
-    return cuts
-
-
-def radix_keep(make_scores: MakeScores, k: jax.Array) -> list[jax.Array]:
-    """Exact two-pass radix select (any ``k`` in ``[0, total]``)."""
-    scores = make_scores()
-    t, below, equal = radix_threshold(scores, jnp.maximum(k, 1))
-    need = k - below  # how many scores equal to t are pruned, in position order
-    cuts = lax.cond(
-        need >= equal,
-        lambda: [jnp.int32(s.size) for s in scores],
-        lambda: _tie_cuts([s == t for s in scores], need),
-    )
-    keep = []
-    for s, cut in zip(scores, cuts):
-        idx = lax.broadcasted_iota(jnp.int32, (s.size,), 0).reshape(s.shape)
-        pruned = (s < t) | ((s == t) & (idx < cut))
-        keep.append(~pruned)
-    return keep
 
 
 def sort_keep(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
@@ -256,8 +141,6 @@ def keep_lowest(kind: str, operands: Sequence[tuple], k) -> list[jax.Array]:
       order of array, then flat index. Scores are built inside the branches that need
       them, so nothing but the selected path reads the data.
     """
-    from jaxopt_lab.prune import sampled  # noqa: PLC0415  (sampled builds on this module)
-
     score = SCORE_KINDS[kind]
     shapes = [s.shape for s in jax.eval_shape(lambda: [score(*ops) for ops in operands])]
     full = [i for i, sh in enumerate(shapes) if math.prod(sh)]  # empty arrays: nothing to do

@@ -45,6 +45,30 @@ def _group_keep(scores: jax.Array, keep_per_group: jax.Array) -> jax.Array:
     return rank < keep_per_group
 
 
+def _contraction(info: Any, shape: tuple[int, ...], axis: int, explicit: bool
+                 ) -> tuple[int, ...]:
+    """The leaf axes N:M groups run along: the map's contraction, else ``axis``."""
+    if not explicit and info is not None and info.role in ("kernel", "embedding") \
+            and info.contracting:
+        return tuple(info.contracting)
+    return (axis % len(shape),)
+
+
+def _to_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``x`` with ``axes`` moved last (in order) and flattened into one."""
+    rest = [a for a in range(x.ndim) if a not in axes]
+    moved = jnp.transpose(x, rest + list(axes))
+    return moved.reshape(moved.shape[:len(rest)] + (-1,) if moved.size else
+                         moved.shape[:len(rest)] + (math.prod(x.shape[a] for a in axes),))
+
+
+def _from_last(y: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of `_to_last` for an array of the original ``shape``."""
+    rest = [a for a in range(len(shape)) if a not in axes]
+    moved = y.reshape(tuple(shape[a] for a in rest) + tuple(shape[a] for a in axes))
+    return jnp.transpose(moved, np.argsort(rest + list(axes)))
+
+
 def nm_mask(
     tree: Params,
     sparsity: Any = None,
@@ -54,12 +78,16 @@ def nm_mask(
     axis: int = -2,
     where: Any = None,
     previous: Params | None = None,
+    model_map: Any = None,
 ) -> Params:
-    """N:M structured sparsity: every group of ``m`` consecutive entries along ``axis``
-    keeps at most ``n`` (the largest magnitudes; ties by index).
+    """N:M structured sparsity: every group of ``m`` consecutive entries along the
+    contraction keeps at most ``n`` (the largest magnitudes; ties by index).
 
-    ``axis`` is the contraction axis: -2 is the input axis of a Flax ``(in, out)`` Dense
-    kernel and of an HWIO conv kernel, which is what sparse tensor cores want (2:4).
+    The contraction is what sparse tensor cores group (2:4). With a ``model_map`` it is
+    read from the model: all of a kernel's contracting axes, flattened in order (``kh x kw
+    x in`` of a conv, ``heads x head_dim`` of an attention output kernel; never the heads
+    of a query kernel). Without one, the shape rule: ``axis`` (-2, the input axis of a
+    Flax ``(in, out)`` Dense and of an HWIO conv kernel).
 
     Args:
       tree: a pytree of arrays.
@@ -68,13 +96,20 @@ def nm_mask(
         schedule rising to ``1 - n/m`` reaches N:M through nested steps (1:4 pruned at
         25%, 2:4 at 50%).
       n: entries kept per group. m: group size.
-      axis: the grouped axis; its length must be divisible by ``m``.
-      where: leaf selection. A callable may return ``{"n": .., "m": .., "axis": ..}``.
+      axis: the grouped axis without a map (or as a per-leaf override).
+      where: leaf selection (default: the map's kernels, else float leaves with
+        ``ndim >= 2``). A callable may return ``{"n": .., "m": .., "axis": ..}``.
       previous: a mask tree whose False entries are pruned first.
+      model_map: a `jaxopt_lab.ModelMap` of the model.
+
+    Returns:
+      The mask tree. A selected leaf whose contraction length ``m`` does not divide (a
+      first conv with one input channel) is left unpruned and named in one
+      `jaxopt_lab.LayoutFallbackWarning`.
 
     Raises:
-      ValueError: ``n > m``, ``m < 1``, sparsity outside ``[0, 1]``, a selected leaf
-        with too few dimensions or whose ``axis`` length is not divisible by ``m``.
+      ValueError: ``n > m``, ``m < 1``, sparsity outside ``[0, 1]``, an axis out of range,
+        or a per-leaf override whose axis length is not divisible by ``m``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxopt_lab as jol
@@ -85,8 +120,9 @@ def nm_mask(
     _check_nm("nm_mask", n, m)
     check_sparsity(sparsity)
     prev = previous_leaves(tree, previous)
-    out = []
-    for i, (path, leaf, choice) in enumerate(_select.leaf_choices(tree, where)):
+    out, fallbacks = [], []
+    choices = _select.leaf_choices(tree, where, model_map=model_map)
+    for i, (path, leaf, choice) in enumerate(choices):
         shape = np.shape(leaf)
         if choice is False:
             out.append(jnp.ones(shape, bool))
@@ -97,18 +133,25 @@ def nm_mask(
         _check_nm(name, ln, lm)
         if not -len(shape) <= lax_ < len(shape):
             raise ValueError(f"{name}: axis {lax_} is out of range for shape {shape}")
-        if shape[lax_] % lm:
-            raise ValueError(
-                f"{name}: axis {lax_} has length {shape[lax_]}, not divisible by m={lm}"
-            )
+        info = None if model_map is None else model_map.lookup(path)
+        axes = _contraction(info, shape, lax_, "axis" in s)
+        length = math.prod(shape[a] for a in axes)
+        if length % lm:
+            why = f"contraction axes {axes} have length {length}, not divisible by m={lm}"
+            if "axis" in s or "m" in s:
+                raise ValueError(f"{name}: {why}")
+            fallbacks.append(f"{name}: {why}; left unpruned")
+            out.append(jnp.ones(shape, bool))
+            continue
         prune = lm - ln
         if sparsity is not None:
             prune = jnp.minimum(lm - ln, select.count_to_prune(sparsity, lm))
-        scores = jnp.moveaxis(select.magnitude_scores(leaf, prev[i]), lax_, -1)
+        scores = _to_last(select.magnitude_scores(leaf, prev[i]), axes)
         moved = scores.shape
         grouped = scores.reshape(*moved[:-1], moved[-1] // lm, lm)
         keep = _group_keep(grouped, lm - prune).reshape(moved)
-        out.append(jnp.moveaxis(keep, -1, lax_))
+        out.append(_from_last(keep, axes, shape))
+    _select.report_fallbacks(fallbacks, "nm_mask")
     return jax.tree.unflatten(jax.tree.structure(tree), out)
 
 
@@ -129,11 +172,15 @@ def channel_mask(
     axis: int = -1,
     where: Any = None,
     previous: Params | None = None,
+    model_map: Any = None,
 ) -> Params:
     """Prunes whole output channels (filters) with the smallest L1/L2 norm.
 
-    Each selected leaf loses exactly ``floor(sparsity * C)`` of its ``C`` channels along
-    ``axis`` (-1: the output features of a Flax Dense or Conv kernel). The mask has the
+    Each selected leaf loses exactly ``floor(sparsity * C)`` of its ``C`` channels: with
+    a ``model_map`` the channels are the kernel's real output units (every element of
+    its output axes, e.g. ``heads x head_dim`` of an attention query kernel); without
+    one, the indices of ``axis`` (-1: the output features of a Flax Dense or Conv
+    kernel). The mask has the
     leaf's shape, constant along every other axis. A channel that ``previous`` prunes
     anywhere ranks lowest. See :func:`jaxopt_lab.compact` to remove the channels. An empty
     leaf (no channels, or channels of no entries) gets an empty all-True mask, as in
@@ -155,7 +202,8 @@ def channel_mask(
     check_sparsity(sparsity)
     prev = previous_leaves(tree, previous)
     out = []
-    for i, (path, leaf, choice) in enumerate(_select.leaf_choices(tree, where)):
+    for i, (path, leaf, choice) in enumerate(
+            _select.leaf_choices(tree, where, model_map=model_map)):
         shape = np.shape(leaf)
         if choice is False:
             out.append(jnp.ones(shape, bool))
@@ -165,15 +213,21 @@ def channel_mask(
         check_sparsity(s, f"{name}: sparsity")
         if not -len(shape) <= axis < len(shape):
             raise ValueError(f"{name}: axis {axis} is out of range for shape {shape}")
+        info = None if model_map is None else model_map.lookup(path)
+        axes = (info.channel_axes if info is not None and info.role == "kernel"
+                and info.channel_axes else (axis % len(shape),))
+        channels = math.prod(shape[a] for a in axes)
         alive = None
         if prev[i] is not None:
-            moved = jnp.moveaxis(prev[i], axis, -1)
-            alive = moved.reshape(math.prod(moved.shape[:-1]), shape[axis]).all(axis=0)
-        norms = channel_norms(leaf, axis, norm)
+            alive = _to_last(jnp.asarray(prev[i]), axes).reshape(-1, channels).all(axis=0) \
+                if prev[i].size else jnp.ones((channels,), bool)
+        scores = _to_last(jnp.asarray(leaf, jnp.float32), axes)
+        norms = channel_norms(scores.reshape(-1, channels) if scores.size else
+                              jnp.zeros((0, channels)), -1, norm)
         keep = select.keep_lowest(
-            "magnitude", [(norms, alive)], select.count_to_prune(s, shape[axis])
+            "magnitude", [(norms, alive)], select.count_to_prune(s, channels)
         )[0]
-        view = [1] * len(shape)
-        view[axis] = shape[axis]
-        out.append(jnp.broadcast_to(keep.reshape(view), shape))
+        rest = tuple(shape[a] for a in range(len(shape)) if a not in axes)
+        full = jnp.broadcast_to(keep, rest + (channels,))
+        out.append(_from_last(full, axes, shape))
     return jax.tree.unflatten(jax.tree.structure(tree), out)

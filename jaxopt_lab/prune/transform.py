@@ -78,6 +78,7 @@ def prune(
     *,
     where: Any = None,
     axis_name: str | None = None,
+    model_map: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Pruning as an optax transformation; chain it after the optimizer.
 
@@ -96,6 +97,8 @@ def prune(
       where: leaf selection passed to ``mask_fn``; leaves outside it are never masked.
       axis_name: the ``pmap`` axis, if any: masks are then computed from the replicas'
         mean weights so every replica holds the same mask even if they drifted.
+      model_map: a `jaxopt_lab.ModelMap`, passed to ``mask_fn`` (N:M along the real
+        contraction, the model's kernels as the default selection).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`PruneState`.
@@ -133,10 +136,12 @@ def prune(
                 kwargs["previous"] = masks
             if where is not None and "where" in accepted:
                 kwargs["where"] = where
+            if model_map is not None and "model_map" in accepted:
+                kwargs["model_map"] = model_map
             new = mask_fn(tree, None if schedule is None else sparsity, **kwargs)
         new = check_masks(tree, new)
-        if where is not None:  # leaves outside `where` are never masked
-            picks = _select.selection(tree, where)
+        if where is not None or model_map is not None:  # leaves outside are never masked
+            picks = _select.selection(tree, where, model_map=model_map)
             new = jax.tree.map(lambda m, on: m if on else jnp.ones_like(m), new, picks)
         return new
 

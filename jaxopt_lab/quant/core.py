@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 
 from jaxopt_lab import _select
+from jaxopt_lab._select import LayoutFallbackWarning, report_fallbacks  # noqa: F401
 from jaxopt_lab.quant.affine import (
     _exact_div,
     _safe_scale,
@@ -55,7 +56,7 @@ SETTING_KEYS = (
 SCALE_DTYPES = ("float32", "bfloat16")
 
 
-def _check_settings(where: str, s: Mapping[str, Any]) -> None:
+def check_settings(where: str, s: Mapping[str, Any]) -> None:
     """Validates leaf-independent settings (``where`` names their origin in messages)."""
     if s["dtype"] is not None:
         if _dtype_name(s["dtype"]) not in FP8_DTYPES:
@@ -73,8 +74,10 @@ def _check_settings(where: str, s: Mapping[str, Any]) -> None:
         if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g <= 0:
             raise ValueError(f"{where}: granularity='group' needs a positive int group_size, "
                              f"got {g!r}")
-    if not isinstance(s["axis"], (int, np.integer)) or isinstance(s["axis"], bool):
-        raise ValueError(f"{where}: axis must be an int, got {s['axis']!r}")
+    axes = s["axis"] if isinstance(s["axis"], (tuple, list)) else (s["axis"],)
+    if not axes or any(isinstance(a, bool) or not isinstance(a, (int, np.integer))
+                       for a in axes):
+        raise ValueError(f"{where}: axis must be an int or a tuple of ints, got {s['axis']!r}")
     if not isinstance(s["symmetric"], (bool, np.bool_)):
         raise ValueError(f"{where}: symmetric must be a bool, got {s['symmetric']!r}")
     if _dtype_name(s["scale_dtype"]) not in SCALE_DTYPES:
@@ -89,20 +92,57 @@ def _dtype_name(d: Any) -> str | None:
         return None
 
 
-def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any) -> dict[str, Any]:
-    """Merges per-leaf overrides into ``base`` and checks them against the leaf.
+def _as_axes(axis: Any) -> tuple[int, ...]:
+    return tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
 
-    Returns the settings with ``axis`` / ``group_axis`` resolved to non-negative ints
-    (``None`` where unused). Raises ``ValueError`` naming ``path`` for any bad value.
+
+def _shape_rule_layout(shape: tuple[int, ...], axis: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(channel axes, group axes) by the documented shape rule (no model map)."""
+    ndim = len(shape)
+    channel = tuple(sorted(int(a) % ndim for a in _as_axes(axis)))
+    if ndim == 1:
+        return channel, (0,)
+    a = channel[0]
+    return channel, ((a - 1,) if a > 0 else (1,))
+
+
+def _map_layout(info: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(channel axes, group axes) read from the model map, or None when it has none."""
+    if info is None or info.role not in ("kernel", "embedding") or not info.contracting:
+        return None
+    return tuple(sorted(info.outputs + info.batch)), tuple(info.contracting)
+
+
+def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any,
+                  info: Any = None, fallbacks: list[str] | None = None) -> dict[str, Any]:
+    """Merges per-leaf overrides into ``base`` and resolves the leaf's layout.
+
+    The channel axes (``axis``, a tuple) and the group axes (``group_axis``, a tuple of
+    contiguous axes) come from ``info`` (the leaf's `jaxopt_lab.LeafInfo` in a model map:
+    one scale per real output element, groups along the real contraction) unless the
+    leaf's overrides name an ``axis``; without a map the shape rule of the module
+    docstring applies. When the requested layout does not fit the leaf (group size not
+    dividing the contraction, contraction axes not contiguous) and it was not an explicit
+    per-leaf override, the leaf falls back to ``granularity="channel"`` and a line naming
+    ``path`` is appended to ``fallbacks``.
+
+    Returns:
+      The settings with ``axis`` / ``group_axis`` resolved to tuples of non-negative ints
+      (``None`` where unused).
+
+    Raises:
+      ValueError: naming ``path`` for any bad value.
     """
     s = dict(base)
+    explicit = {}
     if isinstance(choice, Mapping):
         unknown = sorted(set(choice) - set(SETTING_KEYS))
         if unknown:
             raise ValueError(f"{path}: unknown quantization settings {unknown} in `where`; "
                              f"allowed: {SETTING_KEYS}")
         s.update(choice)
-    _check_settings(path, s)
+        explicit = dict(choice)
+    check_settings(path, s)
     dtype = getattr(leaf, "dtype", None)
     if not _select.is_float_array(leaf):
         raise ValueError(f"{path}: only floating-point arrays can be quantized, got "
@@ -119,27 +159,39 @@ def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any) ->
         return s
     if ndim == 0:
         raise ValueError(f"{path}: granularity={gran!r} needs ndim >= 1, got a scalar")
-    if not -ndim <= s["axis"] < ndim:
+    axes = _as_axes(s["axis"])
+    if any(not -ndim <= a < ndim for a in axes):
         raise ValueError(f"{path}: axis {s['axis']} out of range for shape {shape}")
-    s["axis"] = axis = int(s["axis"]) % ndim
-    if gran == "group":
-        ga = 0 if ndim == 1 else (axis - 1 if axis > 0 else 1)
-        if shape[ga] % s["group_size"]:
-            raise ValueError(f"{path}: group_size {s['group_size']} does not divide axis {ga} "
-                             f"of length {shape[ga]} (shape {shape})")
-        s["group_axis"] = ga
+    mapped = None if "axis" in explicit else _map_layout(info)
+    channel, group = mapped if mapped else _shape_rule_layout(shape, s["axis"])
+    s["axis"] = channel
+    if gran == "channel":
+        return s
+    n = int(np.prod([shape[a] for a in group]))
+    contiguous = group == tuple(range(group[0], group[-1] + 1))
+    if contiguous and n % s["group_size"] == 0:
+        s["axis"], s["group_axis"] = None, group
+        return s
+    why = (f"contraction axes {group} are not contiguous" if not contiguous else
+           f"group_size {s['group_size']} does not divide the contraction of length {n} "
+           f"(axes {group} of shape {shape})")
+    if "granularity" in explicit or "group_size" in explicit or fallbacks is None:
+        raise ValueError(f"{path}: {why}")
+    fallbacks.append(f"{path}: {why}; quantized per channel (axes {channel}) instead")
+    s["granularity"] = "channel"
     return s
 
 
-def _grouped(x: jax.Array, s: Mapping[str, Any]) -> tuple[jax.Array, tuple[int, ...]]:
+def grouped(x: jax.Array, s: Mapping[str, Any]) -> tuple[jax.Array, tuple[int, ...]]:
     """View of ``x`` in which one scale covers the ``reduce`` axes (kept as size-1 dims)."""
     if s["granularity"] == "tensor":
         return x, tuple(range(x.ndim))
     if s["granularity"] == "channel":
-        return x, tuple(i for i in range(x.ndim) if i != s["axis"])
-    ga, g = s["group_axis"], s["group_size"]
-    view = x.reshape(x.shape[:ga] + (x.shape[ga] // g, g) + x.shape[ga + 1:])
-    return view, (ga + 1,)
+        return x, tuple(i for i in range(x.ndim) if i not in s["axis"])
+    g0, g1, g = s["group_axis"][0], s["group_axis"][-1] + 1, s["group_size"]
+    n = int(np.prod(x.shape[g0:g1]))
+    view = x.reshape(x.shape[:g0] + (n // g, g) + x.shape[g1:])
+    return view, (g0 + 1,)
 
 
 def _stored(param: jax.Array, shape: tuple[int, ...], s: Mapping[str, Any]) -> jax.Array:
@@ -147,8 +199,8 @@ def _stored(param: jax.Array, shape: tuple[int, ...], s: Mapping[str, Any]) -> j
     if s["granularity"] == "tensor":
         return param.reshape(())
     if s["granularity"] == "channel":
-        return param.reshape((shape[s["axis"]],))
-    return jnp.squeeze(param, s["group_axis"] + 1)
+        return param.reshape(tuple(shape[a] for a in s["axis"]))
+    return jnp.squeeze(param, s["group_axis"][0] + 1)
 
 
 def _round_scale_up(scale: jax.Array, dtype: Any) -> jax.Array:
@@ -167,7 +219,7 @@ def _round_scale_up(scale: jax.Array, dtype: Any) -> jax.Array:
     return jnp.minimum(up, float(jnp.finfo(jnp.bfloat16).max))
 
 
-def _codes(view: jax.Array, red: tuple[int, ...], s: Mapping[str, Any]):
+def compute_codes(view: jax.Array, red: tuple[int, ...], s: Mapping[str, Any]):
     """Codes of the grouped ``view`` with keepdims scale and zero point (``None``)."""
     if s["dtype"] is not None:
         fmax = float(jnp.finfo(s["dtype"]).max)
@@ -205,8 +257,8 @@ def quantize_array(x: jax.typing.ArrayLike, **settings: Any) -> QTensor:
     s = settings
     x = jnp.asarray(x)
     shape = x.shape
-    view, red = _grouped(x.astype(jnp.float32), s)
-    codes, scale, zero = _codes(view, red, s)
+    view, red = grouped(x.astype(jnp.float32), s)
+    codes, scale, zero = compute_codes(view, red, s)
     meta = dict(shape=shape, dtype=x.dtype, granularity=s["granularity"], axis=s["axis"],
                 group_axis=s["group_axis"],
                 group_size=None if s["group_axis"] is None else s["group_size"])
@@ -219,7 +271,7 @@ def quantize_array(x: jax.typing.ArrayLike, **settings: Any) -> QTensor:
     return QTensor(pack(codes, s["bits"]), scale, zero, bits=s["bits"], **meta)
 
 
-def _is_bare_array(tree: Any) -> bool:
+def is_bare_array(tree: Any) -> bool:
     return hasattr(tree, "shape") and hasattr(tree, "dtype") and not is_qtensor(tree)
 
 
@@ -234,6 +286,7 @@ def quantize(
     where: _select.Where = None,
     dtype: Any = None,
     scale_dtype: Any = "float32",
+    model_map: Any = None,
 ) -> Params:
     """Replaces the selected float leaves of ``tree`` by `QTensor` s.
 
@@ -246,23 +299,34 @@ def quantize(
         the module docstring).
       group_size: elements per group for ``granularity="group"``.
       symmetric: zero point 0 (default) or an ``int8`` zero point with the full range.
-      axis: the channel axis (default -1: a Flax kernel's output features).
-      where: leaf selection as in `jaxopt_lab._select`; default float leaves with
-        ``ndim >= 2``. A callable/mask may return a mapping of per-leaf overrides of the
-        settings above, e.g. ``{"bits": 8}`` for the first layer (mixed precision).
+      axis: the channel axis or axes (default -1: a Flax kernel's output features); only
+        used without a model map, or as a per-leaf override.
+      where: leaf selection (see `jaxopt_lab.select`); default: the kernels of
+        ``model_map``, or without a map float leaves with ``ndim >= 2``. A callable/mask
+        may return a mapping of per-leaf overrides of the settings above, e.g.
+        ``{"bits": 8}`` for the first layer (mixed precision).
       dtype: ``"float8_e4m3fn"`` or ``"float8_e5m2"`` for fp8 codes instead of integers.
       scale_dtype: ``"float32"`` (default) or ``"bfloat16"`` storage for the scales; bfloat16
         scales are rounded *up* before the codes are computed (nothing extra clips) and save
         2 bytes per scale (int4 with 128-element groups: 7.5x -> 7.75x smaller than fp32).
+      model_map: a `jaxopt_lab.ModelMap` of the model (`jaxopt_lab.model_map`): each
+        kernel gets one scale per real output element (``heads x head_dim`` for an
+        attention query kernel) and groups along its real contraction axes (flattened when
+        there are several, e.g. a conv's ``kh x kw x in``); biases, norms and embeddings
+        are left float by default (select an embedding explicitly to quantize it, one
+        scale per row).
 
     Returns:
       ``tree`` with selected leaves replaced by `QTensor`; other leaves untouched.
-      Existing `QTensor` leaves are left as they are.
+      Existing `QTensor` leaves are left as they are. A leaf whose contraction the group
+      size does not divide (a first conv with 1 or 3 input channels) is quantized per
+      channel instead and named in one `LayoutFallbackWarning`.
 
     Raises:
       ValueError: naming the leaf path, for unsupported bits/granularity/dtype, a group
-        size that does not divide the contraction axis, a selected leaf that is not a
-        non-empty float array, or a concrete leaf holding NaN/Inf.
+        size given as a per-leaf override that does not divide the contraction, a
+        selected leaf that is not a non-empty float array, or a concrete leaf holding
+        NaN/Inf.
 
     Examples:
       >>> import jax.numpy as jnp, jaxopt_lab as jol
@@ -275,17 +339,22 @@ def quantize(
     """
     base = dict(bits=bits, granularity=granularity, group_size=group_size,
                 symmetric=symmetric, axis=axis, dtype=dtype, scale_dtype=scale_dtype)
-    _check_settings("quantize", base)
-    if where is None and _is_bare_array(tree):
+    check_settings("quantize", base)
+    bare = is_bare_array(tree)
+    if where is None and bare:
         where = True
+    fallbacks: list[str] | None = None if bare else []  # one array: the caller's layout
 
     def one(path, leaf, choice):
         if is_qtensor(leaf):
             return leaf
         name = _select.path_str(path)
-        return quantize_array(leaf, **leaf_settings(name, leaf, base, choice))
+        info = None if model_map is None else model_map.lookup(path)
+        return quantize_array(leaf, **leaf_settings(name, leaf, base, choice, info, fallbacks))
 
-    return _select.map_selected(one, tree, where, is_leaf=is_qtensor)
+    out = _select.map_selected(one, tree, where, is_leaf=is_qtensor, model_map=model_map)
+    report_fallbacks(fallbacks or [], "quantize")
+    return out
 
 
 def dequantize(tree: Params, *, dtype: Any = None) -> Params:

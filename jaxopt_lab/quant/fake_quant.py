@@ -29,8 +29,15 @@ import jax.numpy as jnp
 
 from jaxopt_lab import _select
 from jaxopt_lab.quant.affine import clamp_cast, divide, integer_range, round_half_away
-from jaxopt_lab.quant.core import SETTING_KEYS, _check_settings, _codes, _grouped, _is_bare_array
-from jaxopt_lab.quant.core import leaf_settings
+from jaxopt_lab.quant.core import (
+    SETTING_KEYS,
+    check_settings,
+    compute_codes,
+    grouped,
+    is_bare_array,
+    leaf_settings,
+    report_fallbacks,
+)
 from jaxopt_lab.quant.qtensor import INT_BITS, is_qtensor
 
 Params = Any
@@ -44,8 +51,8 @@ def fake_quantize_array(x: jax.Array, **settings: Any) -> tuple[jax.Array, jax.A
     of ``[-max, max]``): there rounding, not clipping, decided the value.
     """
     s = settings
-    view, red = _grouped(x.astype(jnp.float32), s)
-    codes, scale, zero = _codes(view, red, s)
+    view, red = grouped(x.astype(jnp.float32), s)
+    codes, scale, zero = compute_codes(view, red, s)
     ratio = divide(view, scale)
     if s["dtype"] is not None:
         info = jnp.finfo(s["dtype"])
@@ -85,13 +92,15 @@ def fake_quant(
     where: _select.Where = None,
     dtype: Any = None,
     scale_dtype: Any = "float32",
+    model_map: Any = None,
 ) -> Params:
     """Quantize-dequantize with the straight-through estimator, for QAT inside a loss.
 
     Args:
       tree_or_array: one float array (always selected) or a pytree of arrays.
-      bits, granularity, group_size, symmetric, axis, where, dtype, scale_dtype: as in
-        `jaxopt_lab.quantize` (``where`` may return per-leaf overrides).
+      bits, granularity, group_size, symmetric, axis, where, dtype, scale_dtype, model_map:
+        as in `jaxopt_lab.quantize` (``where`` may return per-leaf overrides; the map gives
+        each kernel its real channel and contraction axes).
 
     Returns:
       The same structure; selected leaves replaced by their fake-quantized values
@@ -111,17 +120,23 @@ def fake_quant(
     """
     base = dict(bits=bits, granularity=granularity, group_size=group_size,
                 symmetric=symmetric, axis=axis, dtype=dtype, scale_dtype=scale_dtype)
-    _check_settings("fake_quant", base)
-    if where is None and _is_bare_array(tree_or_array):
+    check_settings("fake_quant", base)
+    bare = is_bare_array(tree_or_array)
+    if where is None and bare:
         where = True
+    fallbacks: list[str] | None = None if bare else []
 
     def one(path, leaf, choice):
         if is_qtensor(leaf):
             return leaf
-        s = leaf_settings(_select.path_str(path), leaf, base, choice)
+        info = None if model_map is None else model_map.lookup(path)
+        s = leaf_settings(_select.path_str(path), leaf, base, choice, info, fallbacks)
         return _ste(jnp.asarray(leaf), tuple(sorted(s.items())))
 
-    return _select.map_selected(one, tree_or_array, where, is_leaf=is_qtensor)
+    out = _select.map_selected(one, tree_or_array, where, is_leaf=is_qtensor,
+                               model_map=model_map)
+    report_fallbacks(fallbacks or [], "fake_quant")
+    return out
 
 
 # --- LSQ -------------------------------------------------------------------------------
@@ -221,7 +236,7 @@ def lsq_init(
         if qs["granularity"] == "group":
             raise ValueError(f"{name}: LSQ steps are per tensor or per channel, not per group")
         x = jnp.abs(jnp.asarray(leaf, jnp.float32))
-        red = tuple(i for i in range(x.ndim) if i != qs["axis"])
+        red = tuple(i for i in range(x.ndim) if qs["axis"] is None or i not in qs["axis"])
         # A float32 sum of huge values overflows: average big leaves in units of 2**64 (a
         # power of two, so exact), then clamp the step itself into the float32 range.
         unit = jnp.where(jnp.max(x, axis=red, keepdims=True) > 2.0**64, 2.0**64, 1.0)

@@ -1,29 +1,27 @@
-"""Run an unchanged Flax linen model with quantized weights, via ``nn.intercept_methods``.
+"""Run an unchanged linen or NNX model on quantized weights, through the one hook layer.
 
-`quantized_apply(model, qvariables, *args, mode=...)` replaces ``model.apply``:
+`quantized_apply(model, qvariables, *args, mode=...)` replaces ``model.apply`` (linen) or
+calling the module (NNX). The model is traced once (`jaxopt_lab.core.flax_hooks`) and
+every op that consumes a quantized kernel -- a ``dot_general`` (Dense, DenseGeneral,
+attention, Einsum, ``Embed.attend``, ``jnp.einsum``) or a convolution -- is computed from
+the kernel's codes. Which axes contract is read from the op, so attention kernels
+``(embed, heads, head_dim)`` and their per ``heads x head_dim`` scales are handled like a
+Dense kernel. Boxed (partitioned) parameters are unboxed by Flax during the trace.
 
-* ``mode="weight_only"``: the model runs in float on its dequantized weights. Every
-  ``nn.Dense`` and ``nn.DenseGeneral`` whose ``kernel`` is an integer `QTensor` with one
-  scale per tensor or per output channel contracts its input through
-  `weight_only_dot_general` (on CPU a native kernel dequantizes the codes panel by panel
-  inside the matmul, so the dequantized kernel is never written out); every other
-  `QTensor` is dequantized on the fly. The result equals
-  ``model.apply(jol.dequantize(qvariables), ...)`` up to summation order (bit for bit
-  with the native kernel off, `use_native_int8(False)`).
-* ``mode="w8a8"``: the ``__call__`` of every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``
-  and ``nn.Einsum`` whose ``kernel`` is an integer `QTensor` with one scale per tensor or
-  per output channel is intercepted: its input is quantized to int8 -- with static
-  calibrated scales (``act_scales`` from `calibrate`) or dynamic per-token scales
-  (``act_scales="dynamic"``) -- and the layer computes int8 x int8 -> int32 with the
-  kernel's integer codes (see `jaxopt_lab.quant.int8_ops`), rescaled to float. Everything
-  else (biases, norms, other layers, group-wise or fp8 kernels, masked convolutions) runs in
-  float on dequantized values.
+* ``mode="weight_only"``: float compute on the integer codes: an int8 kernel with one scale
+  per tensor or per output element contracts through `weight_only_dot_general` (on CPU a
+  native kernel dequantizes the codes panel by panel inside the matmul); every other
+  `QTensor` is dequantized where an op needs it. The result equals
+  ``apply(dequantize(qvariables), ...)`` up to summation order.
+* ``mode="w8a8"``: each such op whose kernel is a symmetric integer `QTensor` with one
+  scale per tensor or per output element quantizes its input to int8 -- static calibrated
+  scales (``act_scales`` from `calibrate`) or dynamic per-token ones -- and computes
+  int8 x int8 -> int32 (`jaxopt_lab.quant.int8_ops`), rescaled to float. Everything else
+  (biases, norms, group-wise or fp8 kernels) runs in float on dequantized values. A call
+  that intercepts no op raises ``ValueError`` rather than silently running in float.
 
-Dense, DenseGeneral and Conv run their own ``__call__`` (padding, reshapes, bias...) with
-their ``dot_general`` / ``conv_general_dilated`` hook pointed at the int8 op for the
-duration of the call; Einsum, which has no hook, is re-expressed with the same steps.
-The model's code is never edited. Layers are keyed by their module path joined with
-``/`` (e.g. ``"Dense_0"``, ``"Block_0/Conv_1"``).
+Layers are keyed by their module path joined with ``/`` (``"Dense_0"``,
+``"Block_0/Conv_1"``, ``"MultiHeadDotProductAttention_0/query"``; NNX: attribute path).
 
 Examples:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxopt_lab as jol
@@ -38,21 +36,18 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxopt_lab.quant.core import dequantize
+from jaxopt_lab.core import flax_hooks
+from jaxopt_lab.core.mapping import layer_of, path_names
 from jaxopt_lab.quant.int8_ops import (
     int8_conv_general_dilated,
     int8_dot_general,
-    int8_einsum,
-    parse_einsum,
     quantize_activations,
     quantize_with,
     weight_only_dot_general,
@@ -62,100 +57,48 @@ from jaxopt_lab.quant.qtensor import QTensor, is_qtensor
 Variables = Any
 ActScales = Mapping[str, tuple[jax.Array, jax.Array | None]]
 MODES = ("weight_only", "w8a8")
-INTERCEPTED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
-
-
-def layer_key(module: nn.Module) -> str:
-    """The key of a layer in activation statistics and scales: its path joined by ``/``."""
-    return "/".join(str(p) for p in module.path)
-
-
-def is_intercepted(module: nn.Module) -> bool:
-    """Exactly these layer types (not subclasses, whose ``__call__`` may differ)."""
-    return type(module) in INTERCEPTED
-
-
-def integer_kernels(qvariables: Variables) -> dict[str, QTensor]:
-    """``{layer key: kernel}`` for the ``params/.../kernel`` QTensors usable by int8 compute.
-
-    Usable: integer codes (not fp8), symmetric, one scale per tensor or per channel, no
-    stacked batch axes.
-    """
-    out = {}
-    flat = jax.tree_util.tree_flatten_with_path(qvariables, is_leaf=is_qtensor)[0]
-    for path, leaf in flat:
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if (not is_qtensor(leaf) or len(names) < 2 or names[0] != "params"
-                or names[-1] != "kernel" or leaf.fp8 is not None or not leaf.symmetric
-                or leaf.granularity not in ("tensor", "channel")
-                or jnp.ndim(leaf.qvalue) != len(leaf.storage_shape)):
-            continue
-        out["/".join(str(n) for n in names[1:-1])] = leaf
-    return out
 
 
 def kernel_scale(qt: QTensor) -> jax.Array:
-    """The kernel's scale in keepdims form (scalar or size ``C`` on the channel axis)."""
+    """The kernel's scale in keepdims form (scalar, or sized on the channel axes)."""
     scale = jnp.asarray(qt.scale, jnp.float32)
     if qt.granularity == "tensor":
         return scale.reshape(())
-    return scale.reshape(tuple(qt.shape[i] if i == qt.axis else 1 for i in range(qt.ndim)))
+    return scale.reshape(tuple(qt.shape[i] if i in qt.axis else 1 for i in range(qt.ndim)))
 
 
-def _scale_factors_out(qt: QTensor, rhs: jax.Array, contracted) -> bool:
-    """Whether the layer contracts the kernel as stored, with its scale off the contraction."""
-    return (tuple(rhs.shape) == qt.shape
-            and qt.axis not in tuple(a % rhs.ndim for a in contracted))
+def int8_ready(qt: Any, contracting: tuple[int, ...]) -> bool:
+    """Integer codes, symmetric, one scale per tensor or per element of non-contracted axes,
+    no stacked batch axes: a kernel whose contraction can run on its codes."""
+    return (is_qtensor(qt) and qt.fp8 is None and qt.symmetric
+            and qt.granularity in ("tensor", "channel")
+            and not set(qt.axis or ()) & set(contracting)
+            and jnp.ndim(qt.qvalue) == len(qt.storage_shape))
 
 
-@contextlib.contextmanager
-def _hooked(module: nn.Module, **attrs: Any):
-    """Temporarily points a bound layer's op hooks (frozen dataclass fields) elsewhere."""
-    old = {k: getattr(module, k) for k in attrs}
-    try:
-        for k, v in attrs.items():
-            object.__setattr__(module, k, v)
-        yield
-    finally:
-        for k, v in old.items():
-            object.__setattr__(module, k, v)
+def _dot_layout(eqn, operand: int, perm: tuple[int, ...]):
+    """Dimension numbers for ``dot_general(x, leaf)`` and the output permutation back."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    x_c, w_c, x_b, w_b = (rc, lc, rb, lb) if operand == 0 else (lc, rc, lb, rb)
+    x_ndim = eqn.invars[1 - operand].aval.ndim
+    w_ndim = len(perm)
+    dn = ((tuple(x_c), tuple(perm[d] for d in w_c)), (tuple(x_b), tuple(perm[d] for d in w_b)))
+    # lax.dot_general's output: batch, x free (x order), leaf free (leaf-axis order).
+    w_free_op = [d for d in range(w_ndim) if d not in w_c and d not in w_b]  # operand order
+    w_free_leaf = sorted(perm[d] for d in w_free_op)
+    nb, nx = len(x_b), x_ndim - len(x_c) - len(x_b)
+    w_pos = [nb + nx + w_free_leaf.index(perm[d]) for d in w_free_op]
+    x_pos = list(range(nb, nb + nx))
+    order = list(range(nb)) + (x_pos + w_pos if operand == 1 else w_pos + x_pos)
+    return dn, order
 
 
-class _WeightOnly:
-    """The weight-only interceptor: Dense layers contract with integer codes, then scale."""
+class _Quantized:
+    """The hook: computes kernel contractions from `QTensor` codes."""
 
-    def __init__(self, kernels: Mapping[str, QTensor]):
-        self.kernels = kernels
-
-    def __call__(self, next_fun: Callable, args, kwargs, context) -> Any:
-        module = context.module
-        qt = None
-        if context.method_name == "__call__" and type(module) in (nn.Dense, nn.DenseGeneral):
-            qt = self.kernels.get(layer_key(module))
-        if qt is None:
-            return next_fun(*args, **kwargs)
-        with _hooked(module, dot_general=self.dot_hook(qt), dot_general_cls=None):
-            return next_fun(*args, **kwargs)
-
-    @staticmethod
-    def dot_hook(qt: QTensor) -> Callable:
-        def dot_general(lhs, rhs, dimension_numbers, precision=None,
-                        preferred_element_type=None, **unused):
-            (_, rc), _ = dimension_numbers
-            if not _scale_factors_out(qt, rhs, rc) or rhs.dtype != lhs.dtype:
-                return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                       preferred_element_type=preferred_element_type)
-            return weight_only_dot_general(lhs, qt.values(), dimension_numbers,
-                                           rhs_scale=kernel_scale(qt), precision=precision,
-                                           preferred_element_type=preferred_element_type)
-        return dot_general
-
-
-class _W8A8:
-    """The interceptor: per-layer int8 compute with static or dynamic activation scales."""
-
-    def __init__(self, kernels: Mapping[str, QTensor], act_scales: str | ActScales):
-        self.kernels, self.act_scales = kernels, act_scales
+    def __init__(self, mode: str, act_scales: str | ActScales, layers: list[str]):
+        self.mode, self.act_scales, self.layers = mode, act_scales, layers
+        self.intercepted: list[str] = []
 
     def activation(self, key: str, x: jax.Array, reduce_axes) -> tuple[jax.Array, ...]:
         """(codes, scale keepdims, zero point) of a layer input."""
@@ -171,122 +114,126 @@ class _W8A8:
                              f"shape {scale.shape}")
         return quantize_with(x, scale, zero), scale, zero
 
-    def __call__(self, next_fun: Callable, args, kwargs, context) -> Any:
-        module = context.module
-        if context.method_name != "__call__" or not is_intercepted(module):
-            return next_fun(*args, **kwargs)
-        key = layer_key(module)
-        qt = self.kernels.get(key)
-        if qt is None:
-            return next_fun(*args, **kwargs)
-        if isinstance(module, nn.Einsum):
-            return self.einsum(module, key, qt, next_fun, args, kwargs)
-        if isinstance(module, nn.Conv):
-            if module.mask is not None:
-                return next_fun(*args, **kwargs)
-            hook = self.conv_hook(key, qt)
-            with _hooked(module, conv_general_dilated=hook, conv_general_dilated_cls=None):
-                return next_fun(*args, **kwargs)
-        with _hooked(module, dot_general=self.dot_hook(key, qt), dot_general_cls=None):
-            return next_fun(*args, **kwargs)
+    def __call__(self, eqn, uses, views, read, leaves):
+        viewed = [v for v in views if v is not None]
+        if len(viewed) != 1 or len(uses) != 1:
+            return None
+        use, view = uses[0], viewed[0]
+        qt = leaves[view.leaf]
+        perm = flax_hooks.operand_permutation(view)
+        if (use.op not in ("dot_general", "conv") or perm is None
+                or not int8_ready(qt, use.contracting)):
+            return None
+        x = read(eqn.invars[1 - use.operand])
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return None
+        key = self.layers[view.leaf]
+        out_dtype = eqn.outvars[0].aval.dtype
+        if use.op == "dot_general":
+            y = self.dot(eqn, use.operand, perm, key, qt, x, out_dtype)
+        else:
+            y = self.conv(eqn, perm, key, qt, x, out_dtype)
+        if y is not None:
+            self.intercepted.append(key)
+            return [y]
+        return None
 
-    def dot_hook(self, key: str, qt: QTensor) -> Callable:
-        def dot_general(lhs, rhs, dimension_numbers, precision=None,
-                        preferred_element_type=None, **unused):
-            (lc, rc), _ = dimension_numbers
-            if not _scale_factors_out(qt, rhs, rc):
-                return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                       preferred_element_type=preferred_element_type)
-            codes, scale, zero = self.activation(key, lhs, tuple(a % lhs.ndim for a in lc))
-            return int8_dot_general(codes, qt.values(), dimension_numbers, lhs_scale=scale,
-                                    rhs_scale=kernel_scale(qt), lhs_zero_point=zero,
-                                    out_dtype=lhs.dtype)
-        return dot_general
+    def dot(self, eqn, operand, perm, key, qt, x, out_dtype):
+        dn, order = _dot_layout(eqn, operand, perm)
+        if self.mode == "weight_only":
+            if x.dtype != out_dtype:
+                return None
+            y = weight_only_dot_general(x, qt.values(), dn, rhs_scale=kernel_scale(qt),
+                                        precision=eqn.params.get("precision"),
+                                        preferred_element_type=out_dtype)
+        else:
+            codes, scale, zero = self.activation(key, x, dn[0][0])
+            y = int8_dot_general(codes, qt.values(), dn, lhs_scale=scale,
+                                 rhs_scale=kernel_scale(qt), lhs_zero_point=zero,
+                                 out_dtype=out_dtype)
+        return jnp.transpose(y, order) if order != sorted(order) else y
 
-    def conv_hook(self, key: str, qt: QTensor) -> Callable:
-        def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                 rhs_dilation=None, dimension_numbers=None,
-                                 feature_group_count=1, precision=None, **unused):
-            dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            reduce_axes = tuple(i for i in range(lhs.ndim) if i != dn.lhs_spec[0])
-            conv = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                        dimension_numbers=dn, feature_group_count=feature_group_count)
-            channel_ok = qt.granularity == "tensor" or qt.axis == dn.rhs_spec[0]
-            if tuple(rhs.shape) != qt.shape or not channel_ok:
-                return lax.conv_general_dilated(lhs, rhs, window_strides, padding,
-                                                precision=precision, **conv)
-            codes, scale, zero = self.activation(key, lhs, reduce_axes)
-            return int8_conv_general_dilated(codes, qt.values(), window_strides, padding,
-                                             lhs_scale=scale, rhs_scale=kernel_scale(qt),
-                                             lhs_zero_point=zero, out_dtype=lhs.dtype, **conv)
-        return conv_general_dilated
+    def conv(self, eqn, perm, key, qt, x, out_dtype):
+        if self.mode == "weight_only":
+            return None  # float convolution on the dequantized kernel
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        rhs_spec = tuple(perm[d] for d in dn.rhs_spec)
+        if qt.granularity == "channel" and qt.axis != (rhs_spec[0],):
+            return None
+        if p["batch_group_count"] != 1:
+            return None
+        dn = lax.ConvDimensionNumbers(dn.lhs_spec, rhs_spec, dn.out_spec)
+        reduce_axes = tuple(i for i in range(x.ndim) if i != dn.lhs_spec[0])
+        codes, scale, zero = self.activation(key, x, reduce_axes)
+        return int8_conv_general_dilated(
+            codes, qt.values(), p["window_strides"], p["padding"], lhs_scale=scale,
+            rhs_scale=kernel_scale(qt), lhs_zero_point=zero, out_dtype=out_dtype,
+            lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
+            dimension_numbers=dn, feature_group_count=p["feature_group_count"])
 
-    def einsum(self, module: nn.Einsum, key: str, qt: QTensor, next_fun, args, kwargs):
-        """``nn.Einsum.__call__`` with the contraction in int8 (same steps as Flax)."""
-        inputs = args[0] if args else kwargs["inputs"]
-        spec = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-        spec = nn.module.merge_param("einsum_str", module.einsum_str, spec).replace(" ", "")
-        try:
-            a, b, out = parse_einsum(spec, jnp.ndim(inputs), len(qt.shape))
-        except ValueError:
-            return next_fun(*args, **kwargs)  # Flax raises its own error, or it runs in float
-        if qt.granularity == "channel" and b[qt.axis] not in out:
-            return next_fun(*args, **kwargs)
-        kernel = module.get_variable("params", "kernel")
-        bias = module.get_variable("params", "bias") if module.use_bias else None
-        if tuple(jnp.shape(kernel)) != tuple(module.shape):
-            return next_fun(*args, **kwargs)  # let Flax report the shape mismatch
-        inputs, _, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
-        reduce_axes = tuple(i for i, c in enumerate(a) if c not in out)
-        codes, scale, zero = self.activation(key, inputs, reduce_axes)
-        y = int8_einsum(f"{a},{b}->{out}", codes, qt.values(), lhs_scale=scale,
-                        rhs_scale=kernel_scale(qt), lhs_zero_point=zero, out_dtype=inputs.dtype)
-        if bias is not None:
-            sizes = {c: qt.shape[i] for i, c in enumerate(b)}
-            y = y + jnp.reshape(bias, tuple(sizes[c] if c in b else 1 for c in out))
-        return y
+
+def _float_leaf(x: Any) -> Any:
+    return x.dequantize() if is_qtensor(x) else x
 
 
 def quantized_apply(
-    model: nn.Module,
+    model: Any,
     qvariables: Variables,
     *args: Any,
     mode: str = "weight_only",
     act_scales: str | ActScales | None = None,
     **kwargs: Any,
 ) -> Any:
-    """``model.apply`` with quantized variables, the model's code unchanged.
+    """Calls a linen or NNX model with quantized variables, the model's code unchanged.
 
     Args:
-      model: a Flax linen module.
-      qvariables: its variables with some leaves replaced by `QTensor` (from `quantize`).
-      *args: positional arguments of ``model.apply`` after the variables.
-      mode: ``"weight_only"`` (float compute on the integer codes or dequantized weights)
-        or ``"w8a8"`` (int8 weights and activations in Dense, DenseGeneral, Conv and
-        Einsum layers).
+      model: a Flax linen module, or an NNX module (or graphdef). An NNX module is not
+        modified: state updates made during the call (batch statistics, RNG counts) are
+        discarded, as for inference.
+      qvariables: linen: the variables with some leaves replaced by `QTensor` (from
+        `quantize`; boxed/partitioned trees as ``init`` returns them are fine). NNX: a
+        state with `QTensor` leaves, e.g. ``jol.quantize(nnx.state(module, nnx.Param))``
+        (laid over the module's own state), or the full state for a graphdef.
+      *args: the call's positional arguments.
+      mode: ``"weight_only"`` or ``"w8a8"`` (see the module docstring).
       act_scales: for ``"w8a8"``: ``None`` or ``"dynamic"`` for dynamic per-token scales
         (per example for convolutions), or the static per-layer scales from `calibrate`.
-      **kwargs: keyword arguments of ``model.apply`` (``train=False``, ``method``,
+      **kwargs: static keyword arguments of the call (``train=False``, ``method``,
         ``mutable``...).
 
     Returns:
-      What ``model.apply`` returns.
+      What the model call returns.
 
     Raises:
-      ValueError: for an unknown mode, ``act_scales`` with ``"weight_only"``, or static
-        scales missing an intercepted layer.
+      ValueError: for an unknown mode, ``act_scales`` with ``"weight_only"``, static
+        scales missing an intercepted layer, a model that is not a Flax module, or
+        ``mode="w8a8"`` when no op of the model can run on int8 codes (no integer,
+        symmetric, per-tensor or per-channel kernel is consumed by a contraction).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    floats = dequantize(qvariables)  # stand-ins; under jit the hooked layers' copies are dead
-    if mode == "weight_only":
-        if act_scales is not None:
-            raise ValueError("act_scales only applies to mode='w8a8'")
-        with nn.intercept_methods(_WeightOnly(integer_kernels(qvariables))):
-            return model.apply(floats, *args, **kwargs)
+    if mode == "weight_only" and act_scales is not None:
+        raise ValueError("act_scales only applies to mode='w8a8'")
     if act_scales is None:
         act_scales = "dynamic"
     if isinstance(act_scales, str) and act_scales != "dynamic":
         raise ValueError(f"act_scales must be None, 'dynamic' or a mapping, got {act_scales!r}")
-    with nn.intercept_methods(_W8A8(integer_kernels(qvariables), act_scales)):
-        return model.apply(floats, *args, **kwargs)
+    program = flax_hooks.trace(model, qvariables, *args, **kwargs)
+    variables = qvariables if not flax_hooks.is_nnx(model) else \
+        flax_hooks.model_call(model, qvariables, dict(kwargs))[1]
+    leaves = flax_hooks.flat_leaves(program, variables)
+    layers = [layer_of(path_names(p), program.api) for p in program.paths]
+    hook = _Quantized(mode, act_scales, layers)
+    out = flax_hooks.run(program, leaves, jax.tree.leaves(args), hook=hook,
+                         float_leaf=_float_leaf)
+    if mode == "w8a8" and not hook.intercepted:
+        kinds = sorted({f"{x.fp8 or f'int{x.bits}'} {x.granularity}"
+                        f"{'' if x.symmetric else ' asymmetric'}"
+                        for x in leaves if is_qtensor(x)})
+        raise ValueError(
+            "quantized_apply(mode='w8a8'): no contraction of this model consumes a kernel that "
+            "int8 compute can use (integer, symmetric, one scale per tensor or per output "
+            f"element); the quantized leaves are: {kinds or 'none'}. Quantize the kernels with "
+            "jol.quantize(..., bits=8) (per channel), or use mode='weight_only'.")
+    return out

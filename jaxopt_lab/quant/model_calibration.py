@@ -1,8 +1,10 @@
-"""Calibrating static int8 activation scales for every layer of a Flax linen model.
+"""Calibrating static int8 activation scales for every layer of a linen or NNX model.
 
-A calibration pass runs the float model on a few batches with an interceptor that feeds
-the input of every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` and ``nn.Einsum`` to a
-`CalibrationState`, keyed by the layer's module path (``"Dense_0"``, ``"Block_0/Conv_1"``).
+A calibration pass runs the float model on a few batches through the hook layer
+(`jaxopt_lab.core.flax_hooks`), which feeds the input of every kernel contraction -- a
+``dot_general`` (Dense, DenseGeneral, attention, Einsum, ``Embed.attend``) or a convolution
+-- to a `CalibrationState`, keyed by the kernel's layer (``"Dense_0"``, ``"Block_0/Conv_1"``,
+``"MultiHeadDotProductAttention_0/query"``), exactly the ops `quantized_apply` intercepts.
 The states turn into per-tensor scales with `activation_scales`; `calibrate` does both.
 The pass is a pure function of (variables, statistics, inputs), so it can be jitted,
 and with ``axis_name`` it runs under ``pmap`` with the statistics combined over devices.
@@ -27,9 +29,11 @@ import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
+
+from jaxopt_lab.core import flax_hooks
+from jaxopt_lab.core.mapping import layer_of, path_names
 
 from jaxopt_lab.quant.calibration import (
     CalibrationState,
@@ -37,15 +41,15 @@ from jaxopt_lab.quant.calibration import (
     calibration_observe,
     calibration_scale,
 )
-from jaxopt_lab.quant.core import dequantize
-from jaxopt_lab.quant.interceptor import ActScales, is_intercepted, layer_key
+from jaxopt_lab.quant.interceptor import ActScales
+from jaxopt_lab.quant.qtensor import is_qtensor
 
 Variables = Any
 Stats = dict[str, CalibrationState]
 
 
 def observe_activations(
-    model: nn.Module,
+    model: Any,
     variables: Variables,
     stats: Mapping[str, CalibrationState] | None,
     *args: Any,
@@ -57,7 +61,7 @@ def observe_activations(
     """Runs ``model.apply(variables, *args, **kwargs)`` and records every layer's input.
 
     Args:
-      model: a Flax linen module (unchanged).
+      model: a Flax linen module or an NNX module (unchanged).
       variables: float variables, or quantized ones (then dequantized first).
       stats: statistics from a previous call, or ``None`` to start.
       *args, **kwargs: the model's inputs (``train=False`` and so on), as for ``apply``.
@@ -66,25 +70,31 @@ def observe_activations(
       num_bins: histogram bins for layers seen for the first time.
 
     Returns:
-      ``{layer key: CalibrationState}`` covering every Dense, DenseGeneral, Conv and
-      Einsum the forward pass called (a layer called twice is observed twice).
+      ``{layer key: CalibrationState}`` covering every kernel contraction the forward pass
+      ran (a layer called twice is observed twice).
     """
     new: Stats = dict(stats or {})
+    program = flax_hooks.trace(model, variables, *args, **kwargs)
+    layers = [layer_of(path_names(p), program.api) for p in program.paths]
+    if flax_hooks.is_nnx(model):
+        variables = flax_hooks.model_call(model, variables, dict(kwargs))[1]
 
-    def record(next_fun, call_args, call_kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and is_intercepted(module):
-            key = layer_key(module)
-            x = call_args[0] if call_args else call_kwargs["inputs"]
+    def record(eqn, uses, views, read, leaves):
+        del leaves
+        for use, view in zip(uses, [v for v in views if v is not None]):
+            if use.op not in ("dot_general", "conv"):
+                continue
+            x = read(eqn.invars[1 - use.operand])
+            key = layers[view.leaf]
             state = new.get(key)
             if state is None:
                 state = calibration_init(num_bins=num_bins)
             new[key] = calibration_observe(state, x, momentum=momentum, axis_name=axis_name,
                                            name=key)
-        return next_fun(*call_args, **call_kwargs)
+        return None
 
-    with nn.intercept_methods(record):
-        model.apply(dequantize(variables), *args, **kwargs)
+    flax_hooks.run(program, flax_hooks.flat_leaves(program, variables), jax.tree.leaves(args),
+                   hook=record, float_leaf=lambda x: x.dequantize() if is_qtensor(x) else x)
     return new
 
 
@@ -96,7 +106,7 @@ def _scale(state, *, method, symmetric, percentile, num_candidates):
 
 
 def activation_stats_init(
-    model: nn.Module, variables: Variables, *args: Any, num_bins: int = 2048, **kwargs: Any
+    model: Any, variables: Variables, *args: Any, num_bins: int = 2048, **kwargs: Any
 ) -> Stats:
     """Empty statistics for every layer the forward pass on ``args`` would observe.
 
@@ -137,7 +147,7 @@ def activation_scales(
 
 
 def calibrate(
-    model: nn.Module,
+    model: Any,
     variables: Variables,
     batches: Iterable[Any],
     *,

@@ -17,9 +17,13 @@ Storage layout:
 ``scale`` and ``zero_point`` shapes by granularity:
 
 * ``"tensor"``: ``()``;
-* ``"channel"``: ``(shape[axis],)``;
-* ``"group"``: ``shape`` with ``shape[group_axis]`` replaced by
-  ``shape[group_axis] // group_size`` (one scale per group and per index of every other axis).
+* ``"channel"``: ``tuple(shape[a] for a in axis)`` -- ``axis`` is a tuple of the channel
+  axes (one scale per real output element: ``(heads, head_dim)`` for an attention query
+  kernel ``(embed, heads, head_dim)``);
+* ``"group"``: ``group_axis`` is a tuple of *contiguous* axes (the contraction, flattened when
+  it spans several axes, e.g. ``(heads, head_dim)`` of an attention output kernel); their
+  flattened length ``n`` is replaced by ``n // group_size``: one scale per ``group_size``
+  consecutive contraction elements and per index of every other axis.
 
 Children may carry extra *leading* axes (a QTensor stacked by ``vmap``/``pmap`` or
 ``jnp.stack`` through ``jax.tree.map``); `QTensor.values` and `QTensor.dequantize`
@@ -123,10 +127,16 @@ class QTensor:
     * ``scale``: float32 (bfloat16 if quantized with ``scale_dtype="bfloat16"``),
       ``x_hat = (q - zero_point) * scale``;
     * ``zero_point``: ``int8`` of ``scale``'s shape, or ``None`` for symmetric codes;
-    * ``bits``, ``granularity`` (``"tensor"|"channel"|"group"``), ``axis`` (channel axis,
+    * ``bits``, ``granularity`` (``"tensor"|"channel"|"group"``), ``axis`` (channel axes,
       non-negative, or ``None``), ``group_axis`` and ``group_size`` (``None`` unless
-      ``"group"``), ``shape`` and ``dtype`` of the original array, ``fp8`` (format name or
+      ``"group"``; axes are tuples, an int is accepted for one axis), ``shape`` and
+      ``dtype`` of the original array, ``fp8`` (format name or
       ``None``).
+
+    Raises:
+      ValueError: at construction, naming the field, for inconsistent metadata (unknown
+        granularity, axes out of range, a group size that does not divide, a scale of the
+        wrong shape).
 
     Examples:
       >>> import jax.numpy as jnp, jaxopt_lab as jol
@@ -154,13 +164,20 @@ class QTensor:
         group_size: int | None = None,
         fp8: str | None = None,
     ):
-        # No validation of children here: jax rebuilds nodes with tracers, None or specs.
+        # Children are checked only for the shape of a concrete scale: jax rebuilds nodes with
+        # tracers, None or specs (through tree_unflatten, which skips __init__).
         self.qvalue, self.scale, self.zero_point = qvalue, scale, zero_point
-        self.bits, self.granularity = int(bits), str(granularity)
-        self.axis, self.group_axis, self.group_size = axis, group_axis, group_size
-        self.shape = tuple(int(d) for d in shape)
-        self.dtype_name = jnp.dtype(dtype).name
-        self.fp8 = fp8
+        meta = check_metadata(bits=bits, shape=shape, dtype=dtype, granularity=granularity,
+                              axis=axis, group_axis=group_axis, group_size=group_size, fp8=fp8)
+        for k, v in meta.items():
+            setattr(self, k, v)
+        want = self.scale_shape
+        for name, child in (("scale", scale), ("zero_point", zero_point)):
+            got = getattr(child, "shape", None)
+            if got is not None and tuple(got[len(got) - len(want):]) != want:
+                raise ValueError(f"QTensor {name}: shape {tuple(got)} does not end in the "
+                                 f"{want} that granularity={self.granularity!r} needs for "
+                                 f"an array of shape {self.shape}")
 
     # --- pytree protocol ---
     def _aux(self) -> tuple:
@@ -197,6 +214,12 @@ class QTensor:
     @property
     def symmetric(self) -> bool:
         return self.zero_point is None
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        """Shape of ``scale`` (and ``zero_point``) for one (unbatched) tensor."""
+        return scale_shape(self.shape, self.granularity, self.axis, self.group_axis,
+                           self.group_size)
 
     @property
     def storage_shape(self) -> tuple[int, ...]:
@@ -238,6 +261,95 @@ class QTensor:
                 f"granularity={self.granularity!r}{extra}, symmetric={self.symmetric})")
 
 
+def _axes(value: Any, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    out = []
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+            raise ValueError(f"QTensor {name} must be an int or a tuple of ints, got {value!r}")
+        out.append(int(a))
+    return tuple(out)
+
+
+def check_metadata(*, bits, shape, dtype, granularity, axis, group_axis, group_size, fp8
+                   ) -> dict[str, Any]:
+    """Validates and normalises a QTensor's static fields (axes become sorted tuples).
+
+    Raises:
+      ValueError: naming the first inconsistent field and its value.
+    """
+    if isinstance(bits, bool) or bits not in INT_BITS:
+        raise ValueError(f"QTensor bits must be one of {INT_BITS}, got {bits!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"QTensor granularity must be one of {GRANULARITIES}, "
+                         f"got {granularity!r}")
+    if fp8 is not None and (fp8 not in FP8_DTYPES or bits != 8):
+        raise ValueError(f"QTensor fp8 must be None or one of {FP8_DTYPES} with bits=8, got "
+                         f"fp8={fp8!r}, bits={bits!r}")
+    try:
+        shape = tuple(int(d) for d in shape)
+        dtype_name = jnp.dtype(dtype).name
+    except TypeError as e:
+        raise ValueError(f"QTensor shape/dtype invalid: {shape!r}, {dtype!r} ({e})") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"QTensor shape must be non-negative, got {shape}")
+    ndim = len(shape)
+    axis, group_axis = _axes(axis, "axis"), _axes(group_axis, "group_axis")
+    for name, axes in (("axis", axis), ("group_axis", group_axis)):
+        if axes is not None:
+            if any(not -ndim <= a < ndim for a in axes) or not axes:
+                raise ValueError(f"QTensor {name} {axes} out of range for shape {shape}")
+            axes = tuple(sorted(a % ndim for a in axes))
+            if len(set(axes)) != len(axes):
+                raise ValueError(f"QTensor {name} {axes} repeats an axis")
+            if name == "axis":
+                axis = axes
+            else:
+                group_axis = axes
+    if granularity == "tensor" and (axis, group_axis, group_size) != (None, None, None):
+        raise ValueError(f"QTensor granularity='tensor' takes no axis/group_axis/group_size, "
+                         f"got {axis}, {group_axis}, {group_size}")
+    if granularity == "channel" and (axis is None or group_axis is not None
+                                      or group_size is not None):
+        raise ValueError(f"QTensor granularity='channel' needs axis and no group fields, got "
+                         f"axis={axis}, group_axis={group_axis}, group_size={group_size}")
+    if granularity == "group":
+        if group_axis is None or axis is not None:
+            raise ValueError(f"QTensor granularity='group' needs group_axis and no axis, got "
+                             f"axis={axis}, group_axis={group_axis}")
+        if group_axis != tuple(range(group_axis[0], group_axis[-1] + 1)):
+            raise ValueError(f"QTensor group_axis {group_axis} must be contiguous axes")
+        n = math.prod(shape[a] for a in group_axis)
+        if (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
+                or group_size <= 0 or n % group_size):
+            raise ValueError(f"QTensor group_size {group_size!r} must be a positive int "
+                             f"dividing {n} (axes {group_axis} of shape {shape})")
+        group_size = int(group_size)
+    return dict(bits=int(bits), granularity=str(granularity), axis=axis,
+                group_axis=group_axis, group_size=group_size, shape=shape,
+                dtype_name=dtype_name, fp8=fp8)
+
+
+def scale_shape(shape, granularity, axis, group_axis, group_size) -> tuple[int, ...]:
+    """The scale's shape for the (normalised) metadata; see the module docstring."""
+    if granularity == "tensor":
+        return ()
+    if granularity == "channel":
+        return tuple(shape[a] for a in axis)
+    g0, g1 = group_axis[0], group_axis[-1] + 1
+    return shape[:g0] + (math.prod(shape[g0:g1]) // group_size,) + shape[g1:]
+
+
+def _group_view_shape(shape: tuple[int, ...], meta: QTensor) -> tuple[int, ...]:
+    """``shape`` (possibly with leading batch axes) with the group axes as (groups, size)."""
+    extra = len(shape) - meta.ndim
+    g0, g1 = extra + meta.group_axis[0], extra + meta.group_axis[-1] + 1
+    n = math.prod(shape[g0:g1])
+    return shape[:g0] + (n // meta.group_size, meta.group_size) + shape[g1:]
+
+
 def _unpacked(qvalue: jax.Array, batch: tuple[int, ...], meta: QTensor) -> jax.Array:
     if meta.fp8 is not None:
         return jnp.asarray(qvalue).reshape(batch + meta.shape)
@@ -250,9 +362,9 @@ def _broadcast(param: jax.Array, batch: tuple[int, ...], meta: QTensor) -> jax.A
     if meta.granularity == "tensor":
         return param.reshape(batch + (1,) * meta.ndim)
     if meta.granularity == "channel":
-        dims = tuple(meta.shape[i] if i == meta.axis else 1 for i in range(meta.ndim))
+        dims = tuple(meta.shape[i] if i in meta.axis else 1 for i in range(meta.ndim))
         return param.reshape(batch + dims)
-    return jnp.expand_dims(param, len(batch) + meta.group_axis + 1)
+    return jnp.expand_dims(param, len(batch) + meta.group_axis[0] + 1)
 
 
 def _meta(aux: tuple) -> QTensor:
@@ -271,10 +383,7 @@ def _dequantize(qvalue, scale, zero_point, batch: tuple[int, ...], aux: tuple, o
     meta = _meta(aux)
     vals = _unpacked(qvalue, batch, meta).astype(jnp.float32)
     if meta.granularity == "group":
-        ga = len(batch) + meta.group_axis
-        n = vals.shape[ga]
-        vals = vals.reshape(vals.shape[:ga] + (n // meta.group_size, meta.group_size)
-                            + vals.shape[ga + 1:])
+        vals = vals.reshape(_group_view_shape(vals.shape, meta))
     if zero_point is not None:
         vals = vals - _broadcast(jnp.asarray(zero_point), batch, meta).astype(jnp.float32)
     out = vals * _broadcast(jnp.asarray(scale, jnp.float32), batch, meta)

@@ -221,7 +221,7 @@ def nm24(ctx: JobContext) -> Variant:
 def kd_loss(ctx: JobContext):
     """Hinton distillation from the trained teacher, with the job's T and alpha."""
     s = ctx.settings
-    return jol.distill.kd_loss(ctx.models.teacher, ctx.teacher_variables,
+    return jol.train.kd_loss(ctx.models.teacher, ctx.teacher_variables,
                                temperature=s.temperature, alpha=s.alpha)
 
 

@@ -5,6 +5,15 @@ from jaxopt_lab.train import data
 from jaxopt_lab.train import distributed
 from jaxopt_lab.train import models
 from jaxopt_lab.train.checkpoint import Checkpointer, DataPosition
+from jaxopt_lab.train.distill_step import (
+    FeatureHint,
+    HintedParams,
+    create_distill_state,
+    kd_loss,
+    make_distill_step,
+    student_variables,
+    teacher_outputs,
+)
 from jaxopt_lab.train.data import Dataset, Split, batches, load_digits, load_npz, make_dataset
 from jaxopt_lab.train.distributed import distributed_train_step, global_mesh, process_rows
 from jaxopt_lab.train.loop import (
@@ -33,6 +42,13 @@ from jaxopt_lab.train.step import (
 )
 
 __all__ = (
+    "FeatureHint",
+    "HintedParams",
+    "create_distill_state",
+    "kd_loss",
+    "make_distill_step",
+    "student_variables",
+    "teacher_outputs",
     "MLP",
     "NNXMLP",
     "Checkpointer",

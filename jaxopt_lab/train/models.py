@@ -37,6 +37,11 @@ class TeacherCNN(nn.Module):
     num_classes: int = 10
     axis_name: str | None = None  # set to the pmap axis to sync BatchNorm statistics
 
+    def resized(self, widths):
+        """This model with the given hidden widths (for `jaxopt_lab.compact`)."""
+        n = len(self.features)
+        return self.clone(features=tuple(widths[:n]), hidden=widths[n])
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i, f in enumerate(self.features):
@@ -60,6 +65,10 @@ class StudentCNN(nn.Module):
     num_classes: int = 10
     axis_name: str | None = None  # set to the pmap axis to sync BatchNorm statistics
 
+    def resized(self, widths):
+        """This model with the given hidden widths (for `jaxopt_lab.compact`)."""
+        return self.clone(features=widths[0], hidden=widths[1])
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.Conv(self.features, (3, 3), use_bias=False)(x)
@@ -78,6 +87,10 @@ class MLP(nn.Module):
 
     hidden: Sequence[int] = (256, 128)
     num_classes: int = 10
+
+    def resized(self, widths):
+        """This model with the given hidden widths (for `jaxopt_lab.compact`)."""
+        return self.clone(hidden=tuple(widths))
 
     @nn.compact
     def __call__(self, x, train: bool = False):

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxopt_lab as jol
-from jaxopt_lab.distill import (
+from jaxopt_lab.train import (
     FeatureHint,
     HintedParams,
     create_distill_state,

@@ -1,0 +1,116 @@
+"""``benchmarks/``: every script's ``--smoke`` run in a subprocess, and ``benchmarks/_util``.
+
+A smoke run uses tiny sizes and few repeats: it shows a broken benchmark fails CI, not how
+fast anything is (no test depends on timing). It must exit 0, write a JSON with its
+provenance into the folder it was given, and leave ``benchmarks/results/`` untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")
+                 and p.stem != "run_all")
+
+
+def _util():
+    spec = importlib.util.spec_from_file_location("_bench_util", BENCH / "_util.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _results_digest() -> dict[str, str]:
+    return {str(p.relative_to(RESULTS)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(RESULTS.rglob("*")) if p.is_file()}
+
+
+def test_every_script_is_run_by_run_all():
+    run_all = (BENCH / "run_all.py").read_text()
+    for name in SCRIPTS:
+        assert f'"{name}"' in run_all, f"benchmarks/run_all.py does not run {name}.py"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_smoke_run_writes_json_with_provenance_and_leaves_results_alone(name, tmp_path):
+    source = (BENCH / f"{name}.py").read_text()
+    if "--smoke" not in source:
+        pytest.skip(f"benchmarks/{name}.py has no --smoke flag yet (its owner adds it)")
+    args = ["--smoke"] + (["--out-dir", str(tmp_path)] if "--out-dir" in source else [])
+    before = _results_digest()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    # The tests' 8 forced host devices are not what the scripts run with by default.
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _results_digest() == before, f"{name} --smoke changed benchmarks/results/"
+    written = list(tmp_path.glob("*.json"))
+    if "--out-dir" not in source:
+        return  # the script chose its own temporary folder
+    assert [p.name for p in written] == [f"{name}.json"], written
+    result = json.loads(written[0].read_text())
+    assert result["benchmark"] == name and result["smoke"] is True
+    prov = result["provenance"]
+    for key in ("commit", "date_utc", "command", "machine", "versions"):
+        assert prov[key], key
+    assert "--smoke" in prov["command"]
+    for key in ("cpu_model", "cores", "load_average_start", "load_average_end"):
+        assert prov["machine"][key], key
+    for key in ("jax", "jaxlib", "flax", "python"):
+        assert prov["versions"][key], key
+
+
+def test_run_all_rejects_unknown_benchmarks():
+    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nope"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+# --- _util ------------------------------------------------------------------------------
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios_with_its_spread():
+    u = _util()
+    num, den = [2.0, 3.0, 10.0, 4.0], [1.0, 1.0, 1.0, 4.0]  # ratios 2, 3, 10, 1
+    r = u.paired_ratio(num, den)
+    assert r["statistic"] == "median of per-round ratios"
+    assert r["value"] == 2.5 and r["rounds"] == 4
+    assert r["spread"]["min"] == 1.0 and r["spread"]["max"] == 10.0
+    assert r["spread"]["q25"] <= r["value"] <= r["spread"]["q75"]
+    assert r["ratio_of_medians"] == 3.5 / 1.0
+    with pytest.raises(ValueError, match="equal"):
+        u.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_interleaved_seconds_pairs_rounds_and_alternates_order():
+    u = _util()
+    calls = []
+    times = u.interleaved_seconds({"a": lambda: calls.append("a"),
+                                   "b": lambda: calls.append("b")}, repeats=3, warmup=0)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert [len(v) for v in times.values()] == [3, 3]
+
+
+def test_emit_refuses_a_smoke_run_into_results(tmp_path, capsys):
+    u = _util()
+    with pytest.raises(ValueError, match="smoke"):
+        u.emit("x", {}, out_dir=u.RESULTS, smoke=True)
+    path = u.emit("x", {"a": 1}, out_dir=str(tmp_path), smoke=True)
+    capsys.readouterr()
+    data = json.loads(pathlib.Path(path).read_text())
+    assert data["a"] == 1 and data["smoke"] is True
+    commit = data["provenance"]["commit"]
+    assert commit == "unknown" or len(commit.removesuffix("-dirty")) == 40
+    assert commit.endswith("-dirty") == bool(data["provenance"]["dirty_paths"])
