@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_lab.oneshot import _obs
-from jaxopt_lab.quant.core import quantize_array
+from jaxopt_lab.quant.core import leaf_settings, quantize_array
 from jaxopt_lab.quant.qtensor import QTensor
 
 
@@ -37,15 +37,17 @@ class AWQResult(NamedTuple):
     effective: jax.Array
 
 
-def _settings(bits, group_size, symmetric):
-    return dict(bits=bits, granularity="channel" if group_size is None else "group",
-                group_size=group_size, symmetric=symmetric, axis=1, dtype=None,
-                scale_dtype="float32", group_axis=None if group_size is None else 0)
+def _settings(w, bits, group_size, symmetric, name: str) -> tuple:
+    """`jaxopt_lab.quantize`'s resolved settings for a ``(K, N)`` kernel, as a static tuple."""
+    base = dict(bits=bits, granularity="channel" if group_size is None else "group",
+                group_size=group_size, symmetric=symmetric, axis=-1, dtype=None,
+                scale_dtype="float32")
+    return tuple(sorted(leaf_settings(name, w, base, True).items()))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "n_grid"))
-def _search(w, h, act_mean, *, bits, group_size, symmetric, n_grid):
-    s_set = _settings(bits, group_size, symmetric)
+@functools.partial(jax.jit, static_argnames=("settings", "n_grid"))
+def _search(w, h, act_mean, *, settings, n_grid):
+    s_set = dict(settings)
     mean = jnp.maximum(act_mean, 1e-8)
     alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
 
@@ -115,6 +117,7 @@ def awq_matrix(
     if int(n_grid) < 1:
         raise ValueError(f"{name}: n_grid must be >= 1, got {n_grid}")
     return AWQResult(*_search(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
-                              jnp.asarray(act_mean, jnp.float32), bits=int(bits),
-                              group_size=group_size, symmetric=bool(symmetric),
+                              jnp.asarray(act_mean, jnp.float32),
+                              settings=_settings(jnp.asarray(w, jnp.float32), int(bits),
+                                                 group_size, bool(symmetric), name),
                               n_grid=int(n_grid)))
