@@ -1,0 +1,38 @@
+"""One-shot compression of trained models from calibration data: GPTQ, AWQ, SmoothQuant,
+Hadamard rotation, SparseGPT, Wanda, and the block-by-block calibration driver."""
+
+from jaxopt_lab.oneshot.awq import AWQResult, awq_matrix
+from jaxopt_lab.oneshot.gptq import gptq, gptq_matrix
+from jaxopt_lab.oneshot.rotation import (
+    fold_norm_scale,
+    random_hadamard,
+    rotate_readers,
+    rotate_writers,
+)
+from jaxopt_lab.oneshot.sequential import block_stats, sequential
+from jaxopt_lab.oneshot.smoothquant import smooth_layernorm, smooth_scales
+from jaxopt_lab.oneshot.sparsegpt import sparsegpt, sparsegpt_matrix
+from jaxopt_lab.oneshot.stats import LayerStats, hessian_accumulate, hessian_init
+from jaxopt_lab.oneshot.wanda import wanda, wanda_matrix
+
+__all__ = (
+    "AWQResult",
+    "LayerStats",
+    "awq_matrix",
+    "block_stats",
+    "fold_norm_scale",
+    "gptq",
+    "gptq_matrix",
+    "hessian_accumulate",
+    "hessian_init",
+    "random_hadamard",
+    "rotate_readers",
+    "rotate_writers",
+    "sequential",
+    "smooth_layernorm",
+    "smooth_scales",
+    "sparsegpt",
+    "sparsegpt_matrix",
+    "wanda",
+    "wanda_matrix",
+)

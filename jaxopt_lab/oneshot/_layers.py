@@ -1,0 +1,91 @@
+"""Kernels as ``(K, N)`` matrices and the per-leaf driver of the tree-level methods
+(private).
+
+A kernel's contracting axes (the inputs it sums over) are flattened, in order, into ``K``
+and the remaining axes into ``N``. Until a model map says which axes contract, they come
+from a ``contracting`` mapping ``{leaf path: axes}``; absent leaves use the shape rule of a
+Flax ``Dense``/``Conv`` kernel: every axis but the last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_lab import _select
+
+Params = Any
+Contracting = Mapping[str, tuple[int, ...]] | None
+
+
+def contracting_axes(name: str, shape: tuple[int, ...], contracting: Contracting
+                     ) -> tuple[int, ...]:
+    """The leaf's contracting axes (non-negative, sorted as given), checked."""
+    nd = len(shape)
+    axes = (contracting or {}).get(name)
+    if axes is None:
+        axes = tuple(range(nd - 1))
+    axes = tuple(int(a) % nd if -nd <= int(a) < nd else None for a in axes)
+    if not axes or None in axes or len(set(axes)) != len(axes) or len(axes) >= nd:
+        raise ValueError(f"{name}: bad contracting axes {axes} for a kernel of shape {shape}")
+    return axes
+
+
+def as_matrix(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``x`` with ``axes`` moved to the front (in order) and flattened to ``(K, N)``."""
+    rest = tuple(i for i in range(x.ndim) if i not in axes)
+    k = int(np.prod([x.shape[a] for a in axes]))
+    return jnp.transpose(x, axes + rest).reshape(k, -1)
+
+
+def from_matrix(mat: jax.Array, shape: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
+    """Inverse of `as_matrix` for a kernel of ``shape``."""
+    rest = tuple(i for i in range(len(shape)) if i not in axes)
+    order = axes + rest
+    moved = mat.reshape(tuple(shape[a] for a in order))
+    return jnp.transpose(moved, tuple(int(i) for i in np.argsort(order)))
+
+
+def stats_leaf(stats: Any, path: tuple, name: str) -> Any:
+    """The statistics of the leaf at ``path``: ``stats`` is keyed by leaf path string or is
+    a tree with the params' structure (a prefix holding `LayerStats` records)."""
+    if isinstance(stats, Mapping) and name in stats:
+        return stats[name]
+    node = stats
+    for key in path:
+        k = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+        try:
+            node = node[k]
+        except (KeyError, IndexError, TypeError):
+            return None
+        if hasattr(node, "xtx"):
+            return node
+    return node if hasattr(node, "xtx") else None
+
+
+def map_kernels(fn: Callable[[str, tuple, jax.Array, Any], Any], params: Params,
+                where: _select.Where) -> Params:
+    """Applies ``fn(name, path, leaf, choice)`` to the selected leaves."""
+    return _select.map_selected(
+        lambda p, x, c: fn(_select.path_str(p), p, x, c), params, where)
+
+
+def check_weights(name: str, w) -> None:
+    if not _select.is_float_array(w) or np.ndim(w) < 2:
+        raise ValueError(f"{name}: expected a float kernel with ndim >= 2, got "
+                         f"{getattr(w, 'dtype', type(w))} of shape {np.shape(w)}")
+    if not isinstance(w, jax.core.Tracer) and not bool(np.isfinite(np.asarray(w)).all()):
+        raise ValueError(f"{name}: the kernel holds NaN or Inf")
+
+
+def overrides(name: str, choice: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(choice, Mapping):
+        return {}
+    bad = set(choice) - set(allowed)
+    if bad:
+        raise ValueError(f"{name}: unknown per-leaf settings {sorted(bad)}; allowed {allowed}")
+    return dict(choice)

@@ -1,0 +1,250 @@
+"""The optimal-brain-surgeon sweep shared by GPTQ and SparseGPT (private).
+
+Weights are a Flax-layout matrix ``W`` of shape ``(K, N)``: row ``k`` is one input channel
+(the papers' column), so the sweep walks the rows. With ``U`` the upper Cholesky factor of
+the damped ``H^-1`` (``H^-1 = U^T U``), row ``i`` is replaced by its quantized and/or
+pruned value ``q`` and the error ``(w - q) / U[i, i]`` is spread onto the rows not yet
+processed with weights ``U[i, i:]`` (Frantar et al. 2022, Algorithm 1; Frantar & Alistarh
+2023, Algorithm 1). Updates are lazy: inside a block of ``B`` rows they go to the block,
+and the rows after the block receive the whole block's errors as one matrix product.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxopt_lab.quant.affine import affine_codes, affine_params, integer_range
+
+INT_BITS = (2, 3, 4, 8)
+
+
+class SweepResult(NamedTuple):
+    """Output of `sweep` (in the original row order).
+
+    ``weights``: the new float32 ``(K, N)`` weights (quantized values and exact zeros);
+    ``codes``: ``int8`` codes or ``None``; ``scale``/``zero``: ``(G, N)`` quantizer
+    parameters (``G = K // group_size``, or 1 per channel), ``zero`` ``None`` if symmetric;
+    ``mask``: bool ``(K, N)``, True = kept.
+    """
+
+    weights: jax.Array
+    codes: jax.Array | None
+    scale: jax.Array | None
+    zero: jax.Array | None
+    mask: jax.Array
+
+
+def damped_hinv_factor(h: jax.Array, damp: float) -> jax.Array:
+    """Upper ``U`` with ``U^T U = (H_n + damp I)^-1 (1 + damp)``, ``H_n = H / mean diag H``.
+
+    Dead inputs (``H[k, k] == 0``: the channel was always 0) get ``H_n[k, k] = 1`` as in
+    the papers' code. The sweep only uses ratios of ``U`` entries, so the common factor
+    ``1 / (1 + damp)`` changes nothing, and ``damp = inf`` gives ``U = I`` exactly: no error
+    is propagated, which is round-to-nearest (magnitude pruning for SparseGPT).
+    """
+    k = h.shape[0]
+    eye = jnp.eye(k, dtype=jnp.float32)
+    d = jnp.diag(h)
+    dead = d <= 0
+    mean = jnp.mean(jnp.where(dead, 0.0, d))
+    hn = jnp.where(mean > 0, h / jnp.where(mean > 0, mean, 1.0), 0.0)
+    hn = jnp.where(eye > 0, jnp.where(dead, 1.0, hn), hn)
+    a = 1.0 / (1.0 + jnp.float32(damp))
+    hd = a * hn + (1.0 - a) * eye
+    low = jnp.linalg.cholesky(hd)
+    hinv = jax.scipy.linalg.cho_solve((low, True), eye)
+    hinv = 0.5 * (hinv + hinv.T)
+    return jnp.triu(jnp.linalg.cholesky(hinv).T)
+
+
+def _quantize_row(w, scale, zero, lo, hi, bits, symmetric):
+    """Codes and values of one row with given parameters (as `jaxopt_lab.quantize`)."""
+    codes = affine_codes(w, scale, zero, bits=bits, symmetric=symmetric)
+    if not symmetric:
+        # quantize_array pins the range ends to qmin/qmax; so must we, to equal it.
+        qmin, qmax = integer_range(bits, False)
+        codes = jnp.where((w == hi) & (hi > 0), jnp.int8(qmax), codes)
+        codes = jnp.where((w == lo) & (lo < 0), jnp.int8(qmin), codes)
+        vals = (codes.astype(jnp.float32) - zero.astype(jnp.float32)) * scale
+    else:
+        vals = codes.astype(jnp.float32) * scale
+    return codes, vals
+
+
+def _group_params(rows, bits, symmetric):
+    lo, hi = rows.min(0), rows.max(0)
+    scale, zero = affine_params(lo, hi, bits=bits, symmetric=symmetric)
+    if zero is None:
+        zero = jnp.zeros_like(scale, jnp.int8)
+    return scale, zero, lo, hi
+
+
+def _keep_top_per_column(score: jax.Array, n: int, *, keep_first_ties: bool = False
+                         ) -> jax.Array:
+    """Keeps the ``n`` largest of each column. Ties: the lower row index is pruned, or with
+    ``keep_first_ties`` kept (`jaxopt_lab.nm_mask`'s convention)."""
+    if keep_first_ties:
+        return _keep_top_per_column(score[::-1], n)[::-1]
+    order = jnp.argsort(score, axis=0, stable=True)
+    rank = jnp.argsort(order, axis=0, stable=True)
+    return rank >= score.shape[0] - n
+
+
+def _keep_block(score: jax.Array, prune: int) -> jax.Array:
+    """Prunes exactly ``prune`` lowest of the whole block (ties by flat index)."""
+    flat = score.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(flat.shape[0], dtype=order.dtype))
+    return (rank >= prune).reshape(score.shape)
+
+
+def block_rows(block_size: int, group_size: int | None, dynamic: bool, m: int | None) -> int:
+    """Block length: a multiple of the dynamic group size and of ``m`` (groups never
+    straddle blocks, so their scales and N:M choices see up-to-date rows)."""
+    unit = math.lcm(group_size if dynamic else 1, m or 1)
+    return unit * max(1, block_size // unit)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("damp", "block_size", "bits", "symmetric", "group_size", "act_order",
+                     "sparsity", "n", "m", "static_groups"),
+)
+def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bool,
+          group_size: int | None, act_order: bool, sparsity: float | None, n: int | None,
+          m: int | None, static_groups: bool = False) -> SweepResult:
+    """GPTQ (``bits``) and/or SparseGPT (``sparsity`` or ``n:m``) on ``W`` (settings checked
+    by the callers)."""
+    w = jnp.asarray(w, jnp.float32)
+    h = jnp.asarray(h, jnp.float32)
+    k, ncol = w.shape
+    quant = bits is not None
+    g = group_size or k
+    n_groups = k // g
+    # Per-channel scales and act-order groups are fixed from the original weights ("static
+    # groups"), so every group keeps one scale whatever order its rows are processed in.
+    dynamic = quant and group_size is not None and not (act_order or static_groups)
+    perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
+    gidx = perm // g
+    if quant:
+        if dynamic:
+            scale = jnp.ones((n_groups, ncol), jnp.float32)
+            zero = jnp.zeros((n_groups, ncol), jnp.int8)
+            lo = hi = jnp.zeros((n_groups, ncol), jnp.float32)
+        else:
+            scale, zero, lo, hi = jax.vmap(lambda r: _group_params(r, bits, symmetric))(
+                w.reshape(n_groups, g, ncol))
+    wp = w[perm]
+    u = damped_hinv_factor(h[perm][:, perm], damp)
+    diag_u = jnp.diag(u)
+    big_b = block_rows(block_size, group_size, dynamic, m)
+    outs, codes_out, mask_out = [], [], []
+    for i1 in range(0, k, big_b):
+        i2 = min(i1 + big_b, k)
+        nb = i2 - i1
+        w1 = wp[i1:i2]
+        u1 = u[i1:i2, i1:i2]
+        d1 = diag_u[i1:i2]
+        if sparsity is not None:
+            cnt = math.floor(sparsity * ncol * i2) - math.floor(sparsity * ncol * i1)
+            mask1 = _keep_block(w1**2 / (d1**2)[:, None], cnt)
+        else:
+            mask1 = jnp.ones((nb, ncol), bool)
+        carry = (w1, jnp.zeros((nb, ncol), jnp.float32), jnp.zeros((nb, ncol), jnp.float32),
+                 jnp.zeros((nb, ncol), jnp.int8), mask1)
+        if quant:
+            carry += (scale, zero, lo, hi)
+
+        def body(i, c, i1=i1, u1=u1, d1=d1, gidx1=gidx[i1:i2]):
+            w1, err1, q1, c1, mask1 = c[:5]
+            if m is not None:
+                def nm(mask1):
+                    rows = lax.dynamic_slice_in_dim(w1, i, m, 0)
+                    dg = lax.dynamic_slice_in_dim(d1, i, m)
+                    keep = _keep_top_per_column(rows**2 / (dg**2)[:, None], n,
+                                                keep_first_ties=True)
+                    return lax.dynamic_update_slice_in_dim(mask1, keep, i, 0)
+                mask1 = lax.cond(i % m == 0, nm, lambda x: x, mask1)
+            row = w1[i]
+            keep = mask1[i]
+            if quant:
+                sc, zp, lo_, hi_ = c[5:]
+                if dynamic:
+                    def grp(p):
+                        new = _group_params(lax.dynamic_slice_in_dim(w1, i, g, 0), bits,
+                                            symmetric)
+                        gi = (i1 + i) // g
+                        return tuple(a.at[gi].set(v) for a, v in zip(p, new))
+                    sc, zp, lo_, hi_ = lax.cond(i % g == 0, grp, lambda p: p,
+                                                (sc, zp, lo_, hi_))
+                gi = gidx1[i]
+                codes, q = _quantize_row(row, sc[gi], zp[gi], lo_[gi], hi_[gi], bits,
+                                         symmetric)
+                codes = jnp.where(keep, codes, zp[gi])
+            else:
+                codes = jnp.zeros((ncol,), jnp.int8)
+                q = row
+            q = jnp.where(keep, q, 0.0)
+            err = (row - q) / d1[i]
+            w1 = w1 - u1[i][:, None] * err[None, :]
+            out = (w1, err1.at[i].set(err), q1.at[i].set(q), c1.at[i].set(codes), mask1)
+            return out + ((sc, zp, lo_, hi_) if quant else ())
+
+        carry = lax.fori_loop(0, nb, body, carry)
+        err1 = carry[1]
+        outs.append(carry[2])
+        codes_out.append(carry[3])
+        mask_out.append(carry[4])
+        if quant:
+            scale, zero, lo, hi = carry[5:]
+        if i2 < k:
+            upd = jnp.matmul(u[i1:i2, i2:].T, err1, precision=lax.Precision.HIGHEST)
+            wp = wp.at[i2:].add(-upd)
+    inv = jnp.argsort(perm)
+    weights = jnp.concatenate(outs)[inv]
+    mask = jnp.concatenate(mask_out)[inv]
+    if not quant:
+        return SweepResult(weights, None, None, None, mask)
+    codes = jnp.concatenate(codes_out)[inv]
+    return SweepResult(weights, codes, scale, None if symmetric else zero, mask)
+
+
+def check_matrix(name: str, w, h) -> tuple[int, int]:
+    """Shape checks shared by the matrix functions; returns ``(K, N)``."""
+    if np.ndim(w) != 2:
+        raise ValueError(f"{name}: expected a (K, N) weight matrix, got shape {np.shape(w)}")
+    k, ncol = np.shape(w)
+    if h is None:
+        raise ValueError(f"{name}: no calibration statistics (Hessian) for this layer")
+    if np.shape(h) != (k, k):
+        raise ValueError(f"{name}: Hessian of shape {np.shape(h)} does not match K={k}")
+    if k == 0 or ncol == 0:
+        raise ValueError(f"{name}: empty weight matrix of shape {(k, ncol)}")
+    return k, ncol
+
+
+def check_quant(name: str, k: int, bits: int, group_size: int | None) -> None:
+    if bits not in INT_BITS:
+        raise ValueError(f"{name}: bits must be one of {INT_BITS}, got {bits!r}")
+    if group_size is not None and (int(group_size) < 1 or k % int(group_size)):
+        raise ValueError(f"{name}: group_size={group_size} does not divide K={k}")
+
+
+def check_damp(name: str, damp: float) -> None:
+    if not (isinstance(damp, (int, float)) and damp >= 0) or math.isnan(damp):
+        raise ValueError(f"{name}: damp must be a number >= 0 (inf allowed), got {damp!r}")
+
+
+def check_finite(name: str, h) -> None:
+    """Concrete-only NaN/Inf check of a Hessian (skipped under tracing)."""
+    if isinstance(h, jax.core.Tracer):
+        return
+    if not bool(np.isfinite(np.asarray(h)).all()):
+        raise ValueError(f"{name}: the Hessian X^T X holds NaN or Inf")

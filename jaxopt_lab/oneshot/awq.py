@@ -1,0 +1,123 @@
+"""AWQ (Lin et al. 2023): activation-aware per-input-channel scaling before rounding.
+
+Input channels that carry large activations matter more; scaling their weight rows up by
+``s_k`` before round-to-nearest (and the input down by ``s_k``) protects them. AWQ searches
+``s = mean|X_k|^a`` (normalized so ``sqrt(max s * min s) = 1``) over a grid of ``a`` in
+``[0, 1)`` and keeps the one with the smallest output error ``||X W - (X / s) Q(s W)||``,
+computed exactly from ``H = X^T X``. ``a = 0`` is plain round-to-nearest, so the chosen
+scales are never worse than it on the calibration inputs. All grid points are evaluated in
+one compiled program (``vmap``).
+
+The returned ``s`` must divide the kernel's input: fold it into the op before (a pre-LN
+norm's scale, or a previous Dense's output columns) where that op feeds only this kernel,
+otherwise keep it explicit (``x / s`` before the matmul). `awq_matrix` also returns the
+effective weights ``Q(s W) / s`` that both forms compute.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxopt_lab.oneshot import _obs
+from jaxopt_lab.quant.core import leaf_settings, quantize_array
+from jaxopt_lab.quant.qtensor import QTensor
+
+
+class AWQResult(NamedTuple):
+    """``qtensor``: ``Q(diag(s) W)``; ``scales``: ``s`` (``(K,)``); ``alpha``: the chosen
+    exponent; ``effective``: ``Q(s W) / s`` as float ``(K, N)``."""
+
+    qtensor: QTensor
+    scales: jax.Array
+    alpha: jax.Array
+    effective: jax.Array
+
+
+def _settings(w, bits, group_size, symmetric, name: str) -> tuple:
+    """`jaxopt_lab.quantize`'s resolved settings for a ``(K, N)`` kernel, as a static tuple."""
+    base = dict(bits=bits, granularity="channel" if group_size is None else "group",
+                group_size=group_size, symmetric=symmetric, axis=-1, dtype=None,
+                scale_dtype="float32")
+    return tuple(sorted(leaf_settings(name, w, base, True).items()))
+
+
+@functools.partial(jax.jit, static_argnames=("settings", "n_grid"))
+def _search(w, h, act_mean, *, settings, n_grid):
+    s_set = dict(settings)
+    mean = jnp.maximum(act_mean, 1e-8)
+    alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+
+    def scales(a):
+        s = mean ** a
+        return s / jnp.sqrt(s.max() * s.min())
+
+    def loss(a):
+        s = scales(a)
+        eff = quantize_array(w * s[:, None], **s_set).dequantize(jnp.float32) / s[:, None]
+        d = w - eff
+        return jnp.sum(d * jnp.matmul(h, d, precision=jax.lax.Precision.HIGHEST))
+
+    losses = jax.vmap(loss)(alphas)
+    best = alphas[jnp.argmin(losses)]
+    s = jnp.where(best == 0, 1.0, scales(best))  # a = 0 is exactly round-to-nearest
+    qt = quantize_array(w * s[:, None], **s_set)
+    return qt, s, best, qt.dequantize(jnp.float32) / s[:, None]
+
+
+def awq_matrix(
+    w: jax.typing.ArrayLike,
+    h: jax.typing.ArrayLike,
+    act_mean: jax.typing.ArrayLike,
+    *,
+    bits: int = 4,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    n_grid: int = 20,
+    name: str = "weight",
+) -> AWQResult:
+    """AWQ scale search for one ``(K, N)`` kernel.
+
+    Args:
+      w: float weights, Flax layout.
+      h: ``X^T X`` of the calibration inputs (the error is measured with it).
+      act_mean: ``mean |X_k|`` per input channel (``abs_sum / count`` of `LayerStats`).
+      bits, group_size, symmetric: the round-to-nearest quantizer (`jaxopt_lab.quantize`).
+      n_grid: exponents ``0, 1/n_grid, ..., (n_grid - 1)/n_grid`` are tried.
+      name: what error messages call the layer.
+
+    Returns:
+      An `AWQResult`.
+
+    Raises:
+      ValueError: naming ``name``, for bad shapes, bits, a group size that does not divide
+        ``K``, or non-finite statistics.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxopt_lab as jol
+      >>> from jaxopt_lab.oneshot import awq_matrix
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8)) * jnp.arange(1.0, 9.0)[None]
+      >>> w = jax.random.normal(jax.random.key(1), (8, 4))
+      >>> r = awq_matrix(w, x.T @ x, jnp.abs(x).mean(0), bits=3)
+      >>> err = lambda v: float(jnp.linalg.norm(x @ (w - v)))
+      >>> err(r.effective) <= err(jol.dequantize(jol.quantize(w, bits=3)))
+      True
+    """
+    k, _ = _obs.check_matrix(name, w, h)
+    _obs.check_quant(name, k, bits, group_size)
+    if jnp.shape(act_mean) != (k,):
+        raise ValueError(f"{name}: activation means of shape {jnp.shape(act_mean)} do not "
+                         f"match K={k}")
+    _obs.check_finite(name, h)
+    if not bool(jnp.isfinite(jnp.asarray(act_mean)).all()):
+        raise ValueError(f"{name}: activation means hold NaN or Inf")
+    if int(n_grid) < 1:
+        raise ValueError(f"{name}: n_grid must be >= 1, got {n_grid}")
+    return AWQResult(*_search(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
+                              jnp.asarray(act_mean, jnp.float32),
+                              settings=_settings(jnp.asarray(w, jnp.float32), int(bits),
+                                                 group_size, bool(symmetric), name),
+                              n_grid=int(n_grid)))

@@ -1,0 +1,150 @@
+"""Wanda (Sun et al. 2023): prune by ``|W| * ||X||`` without weight updates.
+
+The score of weight ``W[k, j]`` (input ``k``, output ``j``) is ``|W[k, j]| * ||X[:, k]||_2``
+over the calibration token rows. The paper compares weights *per output*: each output
+(a column of a Flax ``(K, N)`` kernel; a row of PyTorch's ``(out, in)`` weight) loses exactly
+``floor(sparsity * K)`` of its ``K`` inputs. ``scope="layer"`` ranks the whole kernel at once
+(exactly ``floor(sparsity * K * N)``), and N:M keeps ``n`` of every ``m`` consecutive inputs
+of each output. Ties follow the library's masks: pruned in index order as in
+`jaxopt_lab.magnitude_mask`, and for N:M the earlier entries kept as in `jaxopt_lab.nm_mask`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_lab import _select
+from jaxopt_lab.oneshot import _layers
+from jaxopt_lab.oneshot._obs import _keep_block, _keep_top_per_column
+from jaxopt_lab.oneshot.sparsegpt import check_pruning
+from jaxopt_lab.oneshot.stats import check_stats
+
+Params = Any
+SCOPES = ("output", "layer")
+
+
+@functools.partial(jax.jit, static_argnames=("sparsity", "n", "m", "scope"))
+def _wanda(w, norm, *, sparsity, n, m, scope):
+    score = jnp.abs(w.astype(jnp.float32)) * norm[:, None]
+    k, ncol = w.shape
+    if n is not None:
+        groups = score.reshape(k // m, m, ncol).transpose(1, 0, 2).reshape(m, -1)
+        keep = _keep_top_per_column(groups, n, keep_first_ties=True)
+        return keep.reshape(m, k // m, ncol).transpose(1, 0, 2).reshape(k, ncol)
+    if scope == "layer":
+        return _keep_block(score, math.floor(sparsity * k * ncol))
+    prune = math.floor(sparsity * k)
+    return _keep_top_per_column(score, k - prune)
+
+
+def wanda_matrix(
+    w: jax.typing.ArrayLike,
+    input_norm: jax.typing.ArrayLike,
+    *,
+    sparsity: float | None = None,
+    n: int | None = None,
+    m: int | None = None,
+    scope: str = "output",
+    name: str = "weight",
+) -> jax.Array:
+    """The Wanda mask of one ``(K, N)`` matrix.
+
+    Args:
+      w: weights, Flax layout (rows = the ``K`` contracted inputs).
+      input_norm: ``||X[:, k]||_2`` per input (``sqrt(diag(X^T X))``), shape ``(K,)``.
+      sparsity: fraction pruned, in ``[0, 1]``.
+      n, m: N:M along ``K`` instead (per output).
+      scope: ``"output"`` (the paper: per output column) or ``"layer"``.
+      name: what error messages call the layer.
+
+    Returns:
+      Bool ``(K, N)`` mask, True = kept.
+
+    Raises:
+      ValueError: naming ``name``, for bad shapes, sparsity outside ``[0, 1]``, invalid
+        ``n:m``, an unknown scope, or non-finite norms.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt_lab.oneshot import wanda_matrix
+      >>> w = jnp.array([[1.0, 1.0], [2.0, 0.1]])
+      >>> wanda_matrix(w, jnp.array([3.0, 1.0]), sparsity=0.5).tolist()
+      [[True, True], [False, False]]
+    """
+    if np.ndim(w) != 2:
+        raise ValueError(f"{name}: expected a (K, N) weight matrix, got shape {np.shape(w)}")
+    k = np.shape(w)[0]
+    if np.shape(input_norm) != (k,):
+        raise ValueError(f"{name}: input norms of shape {np.shape(input_norm)} do not match "
+                         f"K={k}")
+    if scope not in SCOPES:
+        raise ValueError(f"{name}: scope must be one of {SCOPES}, got {scope!r}")
+    check_pruning(name, k, sparsity, n, m)
+    norm = jnp.asarray(input_norm, jnp.float32)
+    if not isinstance(norm, jax.core.Tracer) and not bool(jnp.isfinite(norm).all()):
+        raise ValueError(f"{name}: input norms hold NaN or Inf")
+    return _wanda(jnp.asarray(w), norm, sparsity=None if sparsity is None else float(sparsity),
+                  n=n, m=m, scope=scope)
+
+
+def wanda(
+    params: Params,
+    stats: Any,
+    *,
+    sparsity: float | None = None,
+    n: int | None = None,
+    m: int | None = None,
+    scope: str = "output",
+    contracting: _layers.Contracting = None,
+    where: _select.Where = None,
+) -> Params:
+    """Wanda masks of every selected kernel -> a bool mask tree (True = kept).
+
+    Args:
+      params: a pytree of arrays.
+      stats: per-kernel `LayerStats` (as for `gptq`); the norms are ``sqrt(diag(xtx))``.
+      sparsity, n, m, scope: as in `wanda_matrix`; a ``where`` callable may override them.
+      contracting: ``{leaf path string: contracting axes}``; default every axis but the last.
+      where: leaf selection (default: float leaves with ``ndim >= 2``).
+
+    Returns:
+      A bool tree with ``params``' structure (all True for unselected leaves), for
+      ``apply_mask``, ``prune(..., )`` starting masks and ``to_sparse``.
+
+    Raises:
+      ValueError: naming the leaf, for missing or empty statistics and the errors of
+        `wanda_matrix`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxopt_lab as jol
+      >>> from jaxopt_lab.oneshot import hessian_accumulate, hessian_init, wanda
+      >>> x = jax.random.normal(jax.random.key(0), (32, 8))
+      >>> params = {"kernel": jax.random.normal(jax.random.key(1), (8, 4))}
+      >>> stats = {"['kernel']": hessian_accumulate(hessian_init(8), x)}
+      >>> masks = wanda(params, stats, n=2, m=4)
+      >>> float(jol.sparsity(jol.apply_mask(params, masks)).overall)
+      0.5
+    """
+    base = dict(sparsity=sparsity, n=n, m=m, scope=scope)
+
+    def one(name, path, leaf, choice):
+        s = {**base, **_layers.overrides(name, choice, tuple(base))}
+        _layers.check_weights(name, leaf)
+        shape = tuple(np.shape(leaf))
+        axes = _layers.contracting_axes(name, shape, contracting)
+        mat = _layers.as_matrix(jnp.asarray(leaf), axes)
+        st = _layers.stats_leaf(stats, path, name)
+        check_stats(name, st, mat.shape[0])
+        norm = jnp.sqrt(jnp.maximum(jnp.diag(st.xtx), 0.0))
+        return _layers.from_matrix(wanda_matrix(mat, norm, name=name, **s), shape, axes)
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = [one(_select.path_str(p), p, x, c) if c is not False else jnp.ones(np.shape(x), bool)
+           for (p, x), (_, _, c) in zip(flat, _select.leaf_choices(params, where))]
+    return jax.tree.unflatten(treedef, out)
