@@ -73,6 +73,10 @@ from jaxopt_lab.prune import (
 )
 # --- end pruning ---
 
+# --- one-shot compression ---
+from jaxopt_lab import oneshot
+# --- end one-shot compression ---
+
 # --- distillation ---
 from jaxopt_lab import distill
 from jaxopt_lab.distill import distill_loss, feature_distill_loss
@@ -162,6 +166,7 @@ __all__ = (
     "model_map",
     "nm_mask",
     "observe_activations",
+    "oneshot",
     "one_shot_schedule",
     "one_shot_sparsity",
     "polynomial_schedule",

@@ -2,6 +2,7 @@
 Hadamard rotation, SparseGPT, Wanda, and the block-by-block calibration driver."""
 
 from jaxopt_lab.oneshot.awq import AWQResult, awq_matrix
+from jaxopt_lab.oneshot.calibration import calibration_stats
 from jaxopt_lab.oneshot.gptq import gptq, gptq_matrix
 from jaxopt_lab.oneshot.rotation import (
     fold_norm_scale,
@@ -20,6 +21,7 @@ __all__ = (
     "LayerStats",
     "awq_matrix",
     "block_stats",
+    "calibration_stats",
     "fold_norm_scale",
     "gptq",
     "gptq_matrix",

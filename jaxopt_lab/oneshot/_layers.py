@@ -2,8 +2,8 @@
 (private).
 
 A kernel's contracting axes (the inputs it sums over) are flattened, in order, into ``K``
-and the remaining axes into ``N``. Until a model map says which axes contract, they come
-from a ``contracting`` mapping ``{leaf path: axes}``; absent leaves use the shape rule of a
+and the remaining axes into ``N``. Which axes contract comes from a ``contracting`` mapping
+``{leaf path: axes}``, else from the model map (``model_map=``), else the shape rule of a
 Flax ``Dense``/``Conv`` kernel: every axis but the last.
 """
 
@@ -17,16 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import _select
+from jaxopt_lab.core.mapping import path_names
 
 Params = Any
 Contracting = Mapping[str, tuple[int, ...]] | None
 
 
-def contracting_axes(name: str, shape: tuple[int, ...], contracting: Contracting
-                     ) -> tuple[int, ...]:
-    """The leaf's contracting axes (non-negative, sorted as given), checked."""
+def contracting_axes(name: str, shape: tuple[int, ...], contracting: Contracting,
+                     model_map: Any = None, path: tuple = ()) -> tuple[int, ...]:
+    """The leaf's contracting axes (non-negative, sorted as given), checked: from the
+    ``contracting`` mapping, else the model map, else every axis but the last."""
     nd = len(shape)
     axes = (contracting or {}).get(name)
+    if axes is None and model_map is not None:
+        info = model_map.lookup(path)
+        if info is not None and info.contracting:
+            axes = info.contracting
     if axes is None:
         axes = tuple(range(nd - 1))
     axes = tuple(int(a) % nd if -nd <= int(a) < nd else None for a in axes)
@@ -55,6 +61,12 @@ def stats_leaf(stats: Any, path: tuple, name: str) -> Any:
     a tree with the params' structure (a prefix holding `LayerStats` records)."""
     if isinstance(stats, Mapping) and name in stats:
         return stats[name]
+    if isinstance(stats, Mapping) and stats and all(isinstance(k, tuple) for k in stats):
+        # {leaf names: stats} from `calibration_stats`: names from the model's root, so
+        # the leaf's path (relative to a subtree) must end exactly one of them.
+        names = path_names(path)
+        found = [k for k in stats if k[len(k) - len(names):] == names]
+        return stats[found[0]] if len(found) == 1 else None
     node = stats
     for key in path:
         k = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
@@ -68,10 +80,11 @@ def stats_leaf(stats: Any, path: tuple, name: str) -> Any:
 
 
 def map_kernels(fn: Callable[[str, tuple, jax.Array, Any], Any], params: Params,
-                where: _select.Where) -> Params:
-    """Applies ``fn(name, path, leaf, choice)`` to the selected leaves."""
+                where: _select.Where, model_map: Any = None) -> Params:
+    """Applies ``fn(name, path, leaf, choice)`` to the selected leaves (default: the map's
+    kernels, else float leaves with ``ndim >= 2``)."""
     return _select.map_selected(
-        lambda p, x, c: fn(_select.path_str(p), p, x, c), params, where)
+        lambda p, x, c: fn(_select.path_str(p), p, x, c), params, where, model_map=model_map)
 
 
 def check_weights(name: str, w) -> None:

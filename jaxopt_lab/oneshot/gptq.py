@@ -28,20 +28,21 @@ def _qtensor(res: _obs.SweepResult, shape: tuple[int, ...], axes: tuple[int, ...
     k, ncol = res.codes.shape
     nd = len(shape)
     out_shape = tuple(shape[i] for i in range(nd) if i not in axes)
-    if axes == tuple(range(len(axes))) and len(out_shape) == 1 and group_size is None:
-        # Leading contracting axes, one output axis: one scale per output channel.
-        meta = dict(granularity="channel", axis=nd - 1)
-        scale = res.scale.reshape(ncol)
-        zero = None if res.zero is None else res.zero.reshape(ncol)
-    elif axes == (0,):
+    leading = axes == tuple(range(len(axes)))
+    if leading and group_size is None:
+        # Leading contracting axes: one scale per real output element.
+        meta = dict(granularity="channel", axis=tuple(range(len(axes), nd)))
+        scale = res.scale.reshape(out_shape)
+        zero = None if res.zero is None else res.zero.reshape(out_shape)
+    elif leading:
         g = group_size or k
-        meta = dict(granularity="group", group_axis=0, group_size=g)
+        meta = dict(granularity="group", group_axis=axes, group_size=g)
         scale = res.scale.reshape((k // g,) + out_shape)
         zero = None if res.zero is None else res.zero.reshape((k // g,) + out_shape)
     else:
         raise ValueError(
             f"{name}: a kernel of shape {shape} contracting over axes {axes} has no QTensor "
-            "layout for these groups; use group_size=None or one leading contracting axis")
+            "layout: its contracting axes must lead (transpose the kernel, or use quantize)")
     codes = res.codes.reshape(shape)
     return QTensor(pack(codes, bits), scale, zero, bits=bits, shape=shape, dtype=dtype, **meta)
 
@@ -129,6 +130,7 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     contracting: _layers.Contracting = None,
+    model_map: Any = None,
     where: _select.Where = None,
 ) -> Params:
     """GPTQ of every selected kernel of ``params`` -> the tree with `QTensor` leaves.
@@ -142,7 +144,10 @@ def gptq(
         ``where`` callable may override them per leaf (``{"bits": 8}``).
       contracting: ``{leaf path string: contracting axes}``; default every axis but the
         last (Flax ``Dense``/``Conv``). The ``QTensor`` keeps the kernel's own shape.
-      where: leaf selection (default: float leaves with ``ndim >= 2``).
+      model_map: a `jaxopt_lab.ModelMap`: each kernel's contracting axes are read from it
+        (``contracting`` entries still win), and the default selection is its kernels.
+      where: leaf selection (default: the map's kernels, else float leaves with
+        ``ndim >= 2``).
 
     Returns:
       ``params`` with the selected kernels as `QTensor` (usable with ``dequantize``,
@@ -169,7 +174,7 @@ def gptq(
         s = {**base, **_layers.overrides(name, choice, tuple(base))}
         _layers.check_weights(name, leaf)
         shape = tuple(np.shape(leaf))
-        axes = _layers.contracting_axes(name, shape, contracting)
+        axes = _layers.contracting_axes(name, shape, contracting, model_map, path)
         mat = _layers.as_matrix(jnp.asarray(leaf), axes)
         st = _layers.stats_leaf(stats, path, name)
         check_stats(name, st, mat.shape[0])
@@ -181,7 +186,7 @@ def gptq(
         raise ValueError(f"{name}: GPTQ to a QTensor needs leading contracting axes, got "
                          f"{axes} for shape {shape}")
 
-    return _layers.map_kernels(one, params, where)
+    return _layers.map_kernels(one, params, where, model_map)
 
 
 def _as_result(qt: QTensor) -> _obs.SweepResult:

@@ -119,6 +119,7 @@ def sparsegpt(
     damp: float = 0.01,
     block_size: int = 128,
     contracting: _layers.Contracting = None,
+    model_map: Any = None,
     where: _select.Where = None,
 ) -> tuple[Params, Params]:
     """SparseGPT of every selected kernel -> ``(new params, mask tree)``.
@@ -130,6 +131,8 @@ def sparsegpt(
         `sparsegpt_matrix` (N:M runs along the contraction); a ``where`` callable may
         override them per leaf.
       contracting: ``{leaf path string: contracting axes}``; default every axis but the last.
+      model_map: a `jaxopt_lab.ModelMap`: each kernel's contracting axes are read from it
+        (``contracting`` entries still win).
       where: leaf selection (default: float leaves with ``ndim >= 2``).
 
     Returns:
@@ -154,7 +157,7 @@ def sparsegpt(
     base = dict(sparsity=sparsity, n=n, m=m, bits=bits, group_size=group_size,
                 symmetric=symmetric, damp=damp, block_size=block_size)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    choices = _select.leaf_choices(params, where)
+    choices = _select.leaf_choices(params, where, model_map=model_map)
     new, masks = [], []
     for (path, leaf), (_, _, choice) in zip(flat, choices):
         if choice is False:
@@ -165,7 +168,7 @@ def sparsegpt(
         s = {**base, **_layers.overrides(name, choice, tuple(base))}
         _layers.check_weights(name, leaf)
         shape = tuple(np.shape(leaf))
-        axes = _layers.contracting_axes(name, shape, contracting)
+        axes = _layers.contracting_axes(name, shape, contracting, model_map, path)
         mat = _layers.as_matrix(jnp.asarray(leaf), axes)
         st = _layers.stats_leaf(stats, path, name)
         check_stats(name, st, mat.shape[0])

@@ -102,6 +102,7 @@ def wanda(
     m: int | None = None,
     scope: str = "output",
     contracting: _layers.Contracting = None,
+    model_map: Any = None,
     where: _select.Where = None,
 ) -> Params:
     """Wanda masks of every selected kernel -> a bool mask tree (True = kept).
@@ -111,6 +112,8 @@ def wanda(
       stats: per-kernel `LayerStats` (as for `gptq`); the norms are ``sqrt(diag(xtx))``.
       sparsity, n, m, scope: as in `wanda_matrix`; a ``where`` callable may override them.
       contracting: ``{leaf path string: contracting axes}``; default every axis but the last.
+      model_map: a `jaxopt_lab.ModelMap`: each kernel's contracting axes are read from it
+        (``contracting`` entries still win).
       where: leaf selection (default: float leaves with ``ndim >= 2``).
 
     Returns:
@@ -137,7 +140,7 @@ def wanda(
         s = {**base, **_layers.overrides(name, choice, tuple(base))}
         _layers.check_weights(name, leaf)
         shape = tuple(np.shape(leaf))
-        axes = _layers.contracting_axes(name, shape, contracting)
+        axes = _layers.contracting_axes(name, shape, contracting, model_map, path)
         mat = _layers.as_matrix(jnp.asarray(leaf), axes)
         st = _layers.stats_leaf(stats, path, name)
         check_stats(name, st, mat.shape[0])
@@ -145,6 +148,7 @@ def wanda(
         return _layers.from_matrix(wanda_matrix(mat, norm, name=name, **s), shape, axes)
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    choices = _select.leaf_choices(params, where, model_map=model_map)
     out = [one(_select.path_str(p), p, x, c) if c is not False else jnp.ones(np.shape(x), bool)
-           for (p, x), (_, _, c) in zip(flat, _select.leaf_choices(params, where))]
+           for (p, x), (_, _, c) in zip(flat, choices)]
     return jax.tree.unflatten(treedef, out)
