@@ -14,7 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jaxopt_lab.report.settings import VARIANTS
+# Only light modules at import time: ``--help`` and argument errors must not wait for JAX.
+from jaxopt_lab.report.settings import NPZ_LAYOUT, VARIANTS
 
 PROG = "jaxopt-lab"
 DEBUG_ENV = "JAXOPT_LAB_DEBUG"  # set to 1 to see the traceback of an unexpected error
@@ -51,6 +52,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxopt-lab`` argument parser (``run`` and ``sweep``), every option with help."""
     parser = _Parser(prog=PROG, description="Make trained JAX models smaller, faster and "
                      "cheaper: quantize, prune, distill and fold batch norm, and compare.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -66,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="jaxopt_lab_report",
                      help="output folder (default ./jaxopt_lab_report/)")
     run.add_argument("--data", metavar="PATH.npz",
-                     help="your own data: an .npz file with arrays x (examples first) and y "
-                     "(integer labels); images as (N, H, W[, C])")
+                     help="your own data: " + NPZ_LAYOUT)
     run.add_argument("--only", metavar="NAMES",
                      help="comma-separated variants to build (the baseline always is), from: "
                      + ", ".join(VARIANTS))
@@ -84,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the swept hyperparameter (default: final sparsity)")
     sweep.add_argument("--values", type=_float_list,
                        help="comma-separated values (default: 8 values of the parameter)")
-    sweep.add_argument("--epochs", type=_positive_int, default=5)
-    sweep.add_argument("--seed", type=_non_negative_int, default=0)
+    sweep.add_argument("--epochs", type=_positive_int, default=5,
+                       help="training epochs of every configuration (default 5)")
+    sweep.add_argument("--seed", type=_non_negative_int, default=0,
+                       help="seed of the split, initialisation and shuffling (default 0)")
     sweep.add_argument("--out", metavar="PATH.json", help="also write the table as JSON")
     return parser
 
@@ -143,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
+# What ``--data`` must hold; every message about an unusable data file repeats it.
+NPZ_LAYOUT = ("an .npz file (numpy.savez) holding two arrays: x, the examples along the first "
+              "axis (images as (N, H, W) or (N, H, W, C), or feature rows (N, F)), and y, "
+              "N integer class labels 0..K-1 with at least 2 classes")
+
 # Every variant the job can build, in report order; "baseline" is always built.
 VARIANTS = (
     "baseline",
