@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train on digits (or your data), build every variant, "
                          "write a report", description="Trains the teacher, builds every "
                          "variant from jaxopt_lab's public API, measures each on the test split "
-                         "and writes report.json, report.md and pareto.png.")
+                         "and writes report.html (self-contained), report.md, report.json, pareto.png and "
+                         "learning_curves.png.")
     run.add_argument("--quick", action="store_true",
                      help="small settings: the whole job in under a minute on a 2-core CPU")
     run.add_argument("--seed", type=_non_negative_int, default=0,
@@ -104,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     report = job.run_job(settings, out=args.out, data_path=args.data, only=args.only)
     print(render.table(report["variants"]))
     t = report["timings"]
-    print(f"\nwrote report.json, report.md, pareto.png and models/ to {args.out} "
+    print(f"\nwrote report.html, report.md, report.json, the plots and models/ to {args.out} "
           f"in {t['total_s']:.1f} s (teacher training {t['teacher_training_s']:.1f} s)")
     return 0
 

@@ -30,14 +30,29 @@ def test_counts_of_a_tree_without_kernels():
         "params": 3, "nonzero_params": 0, "sparsity": 0.0}
 
 
-def test_median_seconds_alternates_with_the_baseline():
+def test_median_seconds_alternates_with_the_baseline_and_the_order():
     calls = []
     a = lambda: calls.append("a") or jnp.ones(2)  # noqa: E731
     b = lambda: calls.append("b") or jnp.ones(2)  # noqa: E731
-    t, tb = measure.median_seconds(a, repeats=3, inner=2, against=b)
+    t, tb = measure.median_seconds(a, repeats=4, against=b)
     assert t > 0 and tb > 0
-    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2
     assert measure.median_seconds(a, repeats=2)[1] is None
+
+
+@given(st.floats(0.0, 1.0), st.integers(1, 10_000))
+def test_wilson_interval_contains_the_estimate(p, n):
+    p = round(p * n) / n  # an accuracy measured on n examples
+    lo, hi = measure.wilson_interval(p, n)
+    assert 0.0 <= lo <= p + 1e-12 and p - 1e-12 <= hi <= 1.0
+    lo2, hi2 = measure.wilson_interval(p, 4 * n)  # more examples, a narrower interval
+    assert hi2 - lo2 <= hi - lo + 1e-12
+
+
+def test_wilson_interval_matches_the_formula():
+    # 352 of 359 correct: the Wilson interval worked by hand with z = 1.96.
+    lo, hi = measure.wilson_interval(352 / 359, 359)
+    assert lo == pytest.approx(0.96030, abs=1e-5) and hi == pytest.approx(0.99052, abs=1e-5)
 
 
 def _variant(model_scale=1.0):
@@ -53,13 +68,25 @@ def test_latency_figures_and_ratios():
     inputs = measure.latency_inputs(np.ones((5, 2, 2), np.float32))
     assert {b: x.shape for b, x in inputs.items()} == {1: (1, 2, 2), 256: (256, 2, 2)}
     calls = measure.latency_calls(variant, variant.stored, inputs)
-    own = measure.latency(calls, repeats=2)
-    assert own["latency_b1_ratio"] == own["latency_b256_ratio"] == 1.0
-    other = measure.latency(calls, repeats=3, baseline=calls)
+    base = {"name": "baseline", **measure.latency(calls, repeats=2)}
+    other = {"name": "toy", **measure.latency(calls, repeats=3, baseline=calls)}
+    measure.add_latency_ratios([base, other], base)
     for b in measure.LATENCY_BATCHES:
-        assert other[f"latency_b{b}_ms"] > 0
+        assert other[f"latency_b{b}_ms"] > 0 and base[f"latency_b{b}_ratio"] == 1.0
+        assert len(base[f"latency_b{b}_samples_ms"]) == 2  # the baseline's own samples
+        assert f"latency_b{b}_baseline_samples_ms" not in other  # pooled into the baseline
         assert math.isclose(other[f"latency_b{b}_ratio"],
-                            other[f"latency_b{b}_ms"] / other[f"latency_b{b}_baseline_ms"])
+                            other[f"latency_b{b}_ms"] / base[f"latency_b{b}_ms"])
+
+
+def test_memory_counts_weights_and_xla_temporaries():
+    variant = _variant()
+    inputs = measure.latency_inputs(np.ones((5, 2, 2), np.float32))
+    mem = measure.memory(variant, variant.stored, inputs)
+    assert mem["memory_weights_bytes"] == 4 * 3 * 4
+    for b in measure.LATENCY_BATCHES:
+        assert mem[f"memory_temp_b{b}_bytes"] >= 0
+        assert mem[f"memory_b{b}_bytes"] == 48 + mem[f"memory_temp_b{b}_bytes"]
 
 
 def test_save_and_reload_sizes_the_written_file(tmp_path):

@@ -71,8 +71,13 @@ class JobContext:
             if owner:
                 future = self._shared[key] = concurrent.futures.Future()
         if owner:
+            # Training runs inside are the shared result's, not the asking variant's.
+            asking = getattr(self._current, "variant", None)
+            self._current.variant = key
             try:
                 future.set_result(compute())
             except BaseException as e:
                 future.set_exception(e)
+            finally:
+                self._current.variant = asking
         return future.result()

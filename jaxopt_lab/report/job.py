@@ -216,7 +216,7 @@ def build_and_measure(ctx: JobContext, names: Sequence[str], model_dir: str
 
 def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
             only: str | Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the whole job and writes ``report.json``, ``report.md`` and ``pareto.png``.
+    """Runs the whole job and writes ``report.json``, ``.md``, ``.html`` and the plots.
 
     Trains the teacher, builds the selected variants (several at once, see
     ``JobSettings.workers``), saves each with ``jol.save`` under ``out/models/``, reloads
@@ -271,6 +271,7 @@ def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
                                    baseline=None if name == "baseline" else baseline_calls))
         rows.append(row)
         latency_s[name] = time.perf_counter() - t
+    measure.add_latency_ratios(rows, rows[0])
     measure.add_ratios(rows, rows[0])
     timings = {
         "teacher_training_s": t1 - t0,
@@ -289,6 +290,7 @@ def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
         "environment": environment(),
         "baseline": "baseline",
         "variants": rows,
+        "learning_curves": {n: ctx.histories[n] for n in names if n in ctx.histories},
         "timings": timings,
     }
     render.write_all(report, out)

@@ -26,6 +26,23 @@ VARIANTS = (
 )
 
 
+# The technique family of each variant: one colour per family in the report's plots.
+FAMILIES = {
+    "baseline": "baseline",
+    "bn_folded": "folding",
+    "int8_ptq": "quantization",
+    "int4_group_ptq": "quantization",
+    "int4_qat": "quantization",
+    "prune50_gradual": "pruning",
+    "prune90_gradual": "pruning",
+    "nm24": "pruning",
+    "channel_compact": "pruning",
+    "student_kd": "distillation",
+    "pipeline": "composed",
+}
+assert tuple(FAMILIES) == VARIANTS
+
+
 @dataclasses.dataclass(frozen=True)
 class JobSettings:
     """How much work the main job does; everything else follows from the seed.
