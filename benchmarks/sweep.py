@@ -53,8 +53,8 @@ def bench_one(param: str, epochs: int, repeats: int) -> dict:
     t_single = median_seconds(lambda: single(values[0]), repeats=repeats, warmup=1)
     t_sequential = median_seconds(sequential, repeats=repeats, warmup=1)
 
-    acc_v = [float(a) for a in jax.device_get(vmapped(values))["accuracy"]]
-    acc_s = [float(jax.device_get(o)["accuracy"]) for o in sequential()]
+    acc_v = [float(a) for a in jax.device_get(vmapped(values))["val_accuracy"]]
+    acc_s = [float(jax.device_get(o)["val_accuracy"]) for o in sequential()]
     e2e_vmapped = vmapped_compile_s + t_vmapped
     e2e_single = single_compile_s + t_single
     return {

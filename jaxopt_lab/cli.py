@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="train several configurations of the student at "
                            "once under jax.vmap", description="Trains the student on digits "
                            "for every value of one hyperparameter in one compiled, vmapped "
-                           "program and prints test accuracy per configuration.")
+                           "program, prints validation accuracy per configuration and test accuracy for the "
+                           "one selected by it.")
     sweep.add_argument("--param", choices=("learning_rate", "sparsity"), default="sparsity",
                        help="the swept hyperparameter (default: final sparsity)")
     sweep.add_argument("--values", type=_float_list,
