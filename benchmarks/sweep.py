@@ -68,8 +68,8 @@ def bench_one(param: str, epochs: int, repeats: int) -> dict:
         statistics.median(rounds[k]) for k in ("vmapped", "single_configuration", "sequential"))
     vmapped_over_single = paired_ratio(rounds["vmapped"], rounds["single_configuration"])
 
-    acc_v = [float(a) for a in jax.device_get(vmapped(values))["accuracy"]]
-    acc_s = [float(jax.device_get(o)["accuracy"]) for o in sequential()]
+    acc_v = [float(a) for a in jax.device_get(vmapped(values))["val_accuracy"]]
+    acc_s = [float(jax.device_get(o)["val_accuracy"]) for o in sequential()]
     e2e_vmapped = vmapped_compile_s + t_vmapped
     e2e_single = single_compile_s + t_single
     return {

@@ -14,7 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jaxopt_lab.report.settings import VARIANTS
+# Only light modules at import time: ``--help`` and argument errors must not wait for JAX.
+from jaxopt_lab.report.settings import NPZ_LAYOUT, VARIANTS
 
 PROG = "jaxopt-lab"
 DEBUG_ENV = "JAXOPT_LAB_DEBUG"  # set to 1 to see the traceback of an unexpected error
@@ -51,6 +52,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxopt-lab`` argument parser (``run`` and ``sweep``), every option with help."""
     parser = _Parser(prog=PROG, description="Make trained JAX models smaller, faster and "
                      "cheaper: quantize, prune, distill and fold batch norm, and compare.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train on digits (or your data), build every variant, "
                          "write a report", description="Trains the teacher, builds every "
                          "variant from jaxopt_lab's public API, measures each on the test split "
-                         "and writes report.json, report.md and pareto.png.")
+                         "and writes report.html (self-contained), report.md, report.json, pareto.png and "
+                         "learning_curves.png.")
     run.add_argument("--quick", action="store_true",
                      help="small settings: the whole job in under a minute on a 2-core CPU")
     run.add_argument("--seed", type=_non_negative_int, default=0,
@@ -66,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="jaxopt_lab_report",
                      help="output folder (default ./jaxopt_lab_report/)")
     run.add_argument("--data", metavar="PATH.npz",
-                     help="your own data: an .npz file with arrays x (examples first) and y "
-                     "(integer labels); images as (N, H, W[, C])")
+                     help="your own data: " + NPZ_LAYOUT)
     run.add_argument("--only", metavar="NAMES",
                      help="comma-separated variants to build (the baseline always is), from: "
                      + ", ".join(VARIANTS))
@@ -79,13 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="train several configurations of the student at "
                            "once under jax.vmap", description="Trains the student on digits "
                            "for every value of one hyperparameter in one compiled, vmapped "
-                           "program and prints test accuracy per configuration.")
+                           "program, prints validation accuracy per configuration and test accuracy for the "
+                           "one selected by it.")
     sweep.add_argument("--param", choices=("learning_rate", "sparsity"), default="sparsity",
                        help="the swept hyperparameter (default: final sparsity)")
     sweep.add_argument("--values", type=_float_list,
                        help="comma-separated values (default: 8 values of the parameter)")
-    sweep.add_argument("--epochs", type=_positive_int, default=5)
-    sweep.add_argument("--seed", type=_non_negative_int, default=0)
+    sweep.add_argument("--epochs", type=_positive_int, default=5,
+                       help="training epochs of every configuration (default 5)")
+    sweep.add_argument("--seed", type=_non_negative_int, default=0,
+                       help="seed of the split, initialisation and shuffling (default 0)")
     sweep.add_argument("--out", metavar="PATH.json", help="also write the table as JSON")
     return parser
 
@@ -101,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     report = job.run_job(settings, out=args.out, data_path=args.data, only=args.only)
     print(render.table(report["variants"]))
     t = report["timings"]
-    print(f"\nwrote report.json, report.md, pareto.png and models/ to {args.out} "
+    print(f"\nwrote report.html, report.md, report.json, the plots and models/ to {args.out} "
           f"in {t['total_s']:.1f} s (teacher training {t['teacher_training_s']:.1f} s)")
     return 0
 
@@ -143,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 A configuration is one value of a scalar hyperparameter (a learning rate, a final
 sparsity...), and ``make_optimizer(value)`` builds its optax transformation from the
 traced value. :func:`sweep` stacks the values, ``jax.vmap`` s a whole training run from
-shared initial variables -- every step of every epoch under ``lax.scan``, then the test
-evaluation -- over them, and compiles it once. Convolutions run as patch matrix products
+shared initial variables -- every step of every epoch under ``lax.scan``, then the
+evaluation -- over them, and compiles it once. Configurations are compared on the
+validation split; the test split is reported only for the one selected (best validation
+accuracy), so the reported test figure is not itself chosen by looking at the test set. Convolutions run as patch matrix products
 inside the sweep (see ``jaxopt_lab._conv_matmul``): vmapped convolutions become grouped
 ones, which XLA's CPU backend runs very slowly.
 
@@ -20,7 +22,9 @@ Examples:
   >>> rows = jol.sweep(jol.train.MLP(hidden=(32,)), data, lambda lr: optax.adam(lr),
   ...                  [1e-3, 3e-3], epochs=1, name="learning_rate")
   >>> list(rows[0])
-  ['learning_rate', 'accuracy', 'train_loss', 'kernel_sparsity']
+  ['learning_rate', 'val_accuracy', 'train_loss', 'kernel_sparsity', 'selected']
+  >>> sum(r["selected"] for r in rows), sum("test_accuracy" in r for r in rows)
+  (1, 1)
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ def epoch_batches(split: train.Split, batch_size: int, epochs: int, seed: int
 
 def training_run(model: nn.Module, data: train.Dataset, make_optimizer: MakeOptimizer, *,
                  epochs: int, batch_size: int, seed: int) -> Callable[[jax.Array], dict]:
-    """A pure ``value -> {"accuracy", "train_loss", "kernel_sparsity"}``: one whole run,
-    jit/vmap-able.
+    """A pure ``value -> {"val_accuracy", "test_accuracy", "train_loss", "kernel_sparsity"}``:
+    one whole run, jit/vmap-able.
 
     The batches and the initial variables are constants shared by every configuration,
     so configurations differ only by the hyperparameter.
@@ -74,6 +78,7 @@ def training_run(model: nn.Module, data: train.Dataset, make_optimizer: MakeOpti
     xs, ys = epoch_batches(data.train, batch_size, epochs, seed)
     init_key, _ = jax.random.split(jax.random.PRNGKey(seed))
     variables = jax.jit(lambda k, x: model.init(k, x, train=False))(init_key, xs[0, :1])
+    val_x, val_y = jnp.asarray(data.val.x), jnp.asarray(data.val.y)
     test_x, test_y = jnp.asarray(data.test.x), jnp.asarray(data.test.y)
 
     def run(value: jax.Array) -> dict[str, jax.Array]:
@@ -90,9 +95,14 @@ def training_run(model: nn.Module, data: train.Dataset, make_optimizer: MakeOpti
             return state, metrics["loss"]
 
         state, losses = jax.lax.scan(body, state, (jnp.asarray(xs), jnp.asarray(ys)))
-        logits = model.apply({"params": state.params, **state.model_state}, test_x, train=False)
+        trained = {"params": state.params, **state.model_state}
+
+        def accuracy(x, y):
+            return jnp.mean(jnp.argmax(model.apply(trained, x, train=False), -1) == y)
+
         return {
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == test_y),
+            "val_accuracy": accuracy(val_x, val_y),
+            "test_accuracy": accuracy(test_x, test_y),
             "train_loss": losses[-1],
             "kernel_sparsity": jol.sparsity(state.params).overall,
         }
@@ -100,11 +110,21 @@ def training_run(model: nn.Module, data: train.Dataset, make_optimizer: MakeOpti
     return run
 
 
+RESULT_KEYS = ("val_accuracy", "train_loss", "kernel_sparsity", "selected", "test_accuracy")
+
+
 def _rows(name: str, values: np.ndarray, out: dict[str, Any]) -> list[Row]:
+    """One row per value; test accuracy only on the row selected by validation accuracy
+    (the first of equals)."""
     out = jax.device_get(out)
-    return [{name: float(v), **{k: float(out[k][i]) for k in ("accuracy", "train_loss",
+    rows = [{name: float(v), **{k: float(out[k][i]) for k in ("val_accuracy", "train_loss",
                                                                "kernel_sparsity")}}
             for i, v in enumerate(values)]
+    best = int(np.argmax([r["val_accuracy"] for r in rows]))
+    for i, row in enumerate(rows):
+        row["selected"] = i == best
+    rows[best]["test_accuracy"] = float(out["test_accuracy"][best])
+    return rows
 
 
 def _check_values(values: Sequence[float]) -> np.ndarray:
@@ -150,7 +170,8 @@ def sweep(
 
     Args:
       model: a linen model taking ``(x, train)``.
-      data: a :class:`jol.train.Dataset`; trains on ``train``, reports on ``test``.
+      data: a :class:`jol.train.Dataset`; trains on ``train``, compares configurations on
+        ``val`` and reports ``test`` for the selected one only.
       make_optimizer: ``value -> optax transformation``; ``value`` is a traced float32
         scalar, e.g. ``lambda lr: optax.adam(lr)`` or a ``jol.prune`` chain whose
         schedule scales with it.
@@ -161,9 +182,10 @@ def sweep(
       name: the key of the value in each row.
 
     Returns:
-      One row per value, in order: ``{name: value, "accuracy", "train_loss",
-      "kernel_sparsity"}`` (test accuracy, last training loss, fraction of zeros in the
-      kernels).
+      One row per value, in order: ``{name: value, "val_accuracy", "train_loss",
+      "kernel_sparsity", "selected"}`` (validation accuracy, last training loss, fraction
+      of zeros in the kernels, whether it has the best validation accuracy); the one
+      selected row also holds ``"test_accuracy"``.
 
     Raises:
       TypeError: ``model`` not a linen ``Module``, ``data`` not a ``Dataset``,
@@ -183,7 +205,7 @@ def sweep(
     _check_types(model, data, make_optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
                  name=name)
     arr = _check_values(values)
-    if name in ("accuracy", "train_loss", "kernel_sparsity"):
+    if name in RESULT_KEYS:
         raise ValueError(f"name {name!r} clashes with a result column")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -237,11 +259,20 @@ def sweep_student(*, param: str = "sparsity", values: Sequence[float] | None = N
 
 
 def format_table(rows: list[Row]) -> str:
-    """The rows as a Markdown table."""
+    """The rows as a Markdown table (``-`` where a row has no test accuracy)."""
     if not rows:
         return ""
     keys = list(rows[0])
+    keys += [k for r in rows for k in r if k not in keys]
+
+    def cell(r, i, k):
+        if k not in r:
+            return "-"
+        if isinstance(r[k], bool):
+            return "yes" if r[k] else ""
+        return f"{r[k]:.4g}" if i == 0 else f"{r[k]:.4f}"
+
     lines = ["| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys)]
-    lines += ["| " + " | ".join(f"{r[k]:.4g}" if i == 0 else f"{r[k]:.4f}"
-                                for i, k in enumerate(keys)) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, i, k) for i, k in enumerate(keys)) + " |"
+              for r in rows]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ folder; every report test reads what it wrote.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -17,8 +18,9 @@ import numpy as np
 import pytest
 
 import jaxopt_lab as jol
-from jaxopt_lab.cli import main
+from jaxopt_lab.cli import build_parser, main
 from jaxopt_lab.report import VARIANTS
+from jaxopt_lab.report.settings import NPZ_LAYOUT
 
 # Both modules share the session's one quick run: keep them on one xdist worker.
 pytestmark = pytest.mark.xdist_group("quick_report")
@@ -202,5 +204,56 @@ def test_module_entry_point_reports_a_corrupt_file_without_traceback(tmp_path):
         capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1
     line = _one_error_line(proc.stderr)
-    assert "not a readable .npz file" in line
+    assert "not an .npz archive" in line and "holding two arrays: x" in line
     assert proc.stdout == ""
+
+
+def test_any_unreadable_data_names_the_expected_layout(tmp_path, capsys):
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b\n1,2\n")
+    pickled = tmp_path / "obj.npz"
+    np.savez(pickled, x=np.array([object()] * 10), y=np.arange(10) % 2)
+    for path in (csv, pickled, tmp_path / "missing.npz"):
+        assert main(["run", "--quick", "--data", str(path), "--out", str(tmp_path / "r")]) == 1
+        line = _one_error_line(capsys.readouterr().err)
+        assert NPZ_LAYOUT in line, line
+        assert "allow_pickle" not in line
+
+
+def test_one_class_data_is_an_error(tmp_path, capsys):
+    path = tmp_path / "one.npz"
+    np.savez(path, x=np.random.default_rng(0).random((30, 4), np.float32), y=np.zeros(30, int))
+    assert main(["run", "--quick", "--data", str(path), "--out", str(tmp_path / "r")]) == 1
+    assert "single class" in _one_error_line(capsys.readouterr().err)
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = subparsers[0].choices
+    assert set(commands) == {"run", "sweep"}
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help and action.help.strip(), (name, action.dest)
+
+
+def test_help_imports_no_jax():
+    """``--help`` loads argparse and the settings only, never JAX (it must answer at once).
+
+    The package's own ``__init__`` is bypassed: this checks the command line's modules, not
+    what ``import jaxopt_lab`` loads.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(jol.__file__)))
+    code = (
+        "import sys, types, contextlib, io\n"
+        f"pkg = types.ModuleType('jaxopt_lab'); pkg.__path__ = [{root!r} + '/jaxopt_lab']\n"
+        "sys.modules['jaxopt_lab'] = pkg\n"
+        "from jaxopt_lab.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n        main(['run', '--help'])\n    except SystemExit:\n        pass\n"
+        "heavy = sorted(m for m in ('jax', 'numpy', 'optax', 'flax') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr

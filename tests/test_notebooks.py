@@ -1,53 +1,40 @@
-"""Executes every notebook in ``notebooks/`` with small settings; any cell error fails.
+"""The notebooks: committed executed, Colab-ready, and re-executed here with quick settings.
 
-Each notebook runs top to bottom in a fresh kernel of *this* interpreter (a kernelspec written
-to a temporary ``JUPYTER_PATH``, so a ``python3`` kernelspec pointing elsewhere is never
-used), in its own temporary working directory, with ``JAXOPT_LAB_NOTEBOOK_QUICK=1`` (one epoch
-everywhere). The kernels share a persistent JAX compilation cache, so the programs the
+Each notebook runs top to bottom in a fresh kernel of *this* interpreter
+(``notebooks/refresh.py``: a kernelspec written to a temporary ``JUPYTER_PATH``), in its
+own temporary working directory, with ``QUICK = True`` appended to its cell tagged
+``parameters``. The kernels share a persistent JAX compilation cache, so the programs the
 notebooks have in common (the teacher's train step...) compile once per test session.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import pathlib
 import sys
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-KERNEL_NAME = "jaxopt-lab-notebook-test"
 CELL_TIMEOUT_S = 300  # a hang fails the test instead of stalling the suite
+
+
+def _refresh():
+    spec = importlib.util.spec_from_file_location("notebook_refresh", NOTEBOOK_DIR / "refresh.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
 def kernel_dirs(tmp_path_factory) -> dict[str, str]:
     """Environment variables for hermetic kernels: kernelspec, runtime, IPython, JAX cache."""
-    jupyter = tmp_path_factory.mktemp("jupyter")
-    spec_dir = jupyter / "kernels" / KERNEL_NAME
-    spec_dir.mkdir(parents=True)
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "jaxopt_lab tests",
-        "language": "python",
-    }
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    ipython = tmp_path_factory.mktemp("ipython")  # no user profile; plain-text tracebacks
-    (ipython / "profile_default").mkdir()
-    (ipython / "profile_default" / "ipython_kernel_config.py").write_text(
-        'c.InteractiveShell.colors = "nocolor"\n'
-    )
-    return {
-        "JUPYTER_PATH": str(jupyter),
-        "JUPYTER_RUNTIME_DIR": str(tmp_path_factory.mktemp("jupyter_runtime")),
-        "IPYTHONDIR": str(ipython),
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAXOPT_LAB_NOTEBOOK_QUICK": "1",
-    }
+    env = _refresh().kernel_env(tmp_path_factory.mktemp("kernel"))
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
 
 
 def test_notebooks_exist():
@@ -56,55 +43,63 @@ def test_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_is_saved_without_outputs(path):
+def test_notebook_is_committed_executed_with_its_outputs(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code, f"{path.name} has no code cell"
-    assert all(not c.outputs and c.execution_count is None for c in code), (
-        f"{path.name} was saved with outputs; clear them before committing"
-    )
-    first = code[0].source
-    assert "google.colab" in first, f"{path.name}: the first code cell must be the Colab install"
+    counts = [c.execution_count for c in code]
+    assert counts == list(range(1, len(code) + 1)), (
+        f"{path.name}: not saved from one top-to-bottom run (python notebooks/refresh.py)")
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], path.name
+    assert len(outputs) >= 3, f"{path.name} shows almost no results"
+    if path.stem == "quickstart":  # the report table and the plot are shown
+        kinds = {k for o in outputs for k in o.get("data", {})}
+        assert {"text/markdown", "image/png"} <= kinds, kinds
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_colab_install_cell(path, monkeypatch):
-    """On Colab the first cell pip-installs JAXOPT_LAB_SOURCE, and only when needed."""
-    import importlib.util
-    import subprocess
-    import types
+def test_colab_badge_parameters_cell_and_no_test_switch_in_prose(path):
+    nb = nbformat.read(path, as_version=4)
+    assert "colab-badge.svg" in nb.cells[0].source
+    assert f"notebooks/{path.name}" in nb.cells[0].source
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].cell_type == "code"
+    assert "QUICK = False" in tagged[0].source
+    assert not any("JAXOPT_LAB_NOTEBOOK_QUICK" in c.source for c in nb.cells)
 
-    source = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_install_cell_works_unedited_from_a_checkout(path, monkeypatch):
+    """The first code cell pip-installs the checkout (``..``) only when jaxopt_lab is
+    missing; Colab needs one line changed, the one naming JAXOPT_LAB_SOURCE."""
+    import subprocess
+
+    source = next(c for c in nbformat.read(path, as_version=4).cells
+                  if c.cell_type == "code").source
+    assert [line for line in source.splitlines()
+            if line.startswith("JAXOPT_LAB_SOURCE =")] == [
+        'JAXOPT_LAB_SOURCE = ".."  # Colab: "git+https://github.com/jaxopt-lab/jaxopt_lab" '
+        "(the only line to change)"]
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda args, **kw: calls.append(args))
-    exec(source.source, {})  # not on Colab: nothing happens
-    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    exec(source.source, {})  # on Colab, jaxopt_lab already installed: nothing either
+    exec(source, {})  # installed already: nothing happens
     assert calls == []
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "jaxopt_lab" else real_find_spec(name, *a))
-    with pytest.raises(RuntimeError, match="JAXOPT_LAB_SOURCE"):
-        exec(source.source, {})  # on Colab without a source: a clear error
-    exec(source.source.replace('JAXOPT_LAB_SOURCE = ""', 'JAXOPT_LAB_SOURCE = "pkg.whl"'), {})
-    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "pkg.whl"]]
+    exec(source, {})
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", ".."]]
+    assert (NOTEBOOK_DIR.parent / "pyproject.toml").exists()  # what ".." installs
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, kernel_dirs, tmp_path, monkeypatch):
     for name, value in kernel_dirs.items():
         monkeypatch.setenv(name, value)
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb,
-        kernel_name=KERNEL_NAME,
-        timeout=CELL_TIMEOUT_S,
-        startup_timeout=120,
-        resources={"metadata": {"path": str(tmp_path)}},  # the kernel's working directory
-    )
-    client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
-
+    # Raises CellExecutionError, with the cell and its traceback, on any error.
+    nb = _refresh().execute(path, quick=True, workdir=tmp_path, timeout=CELL_TIMEOUT_S)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), "some cells did not run"
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]

@@ -48,9 +48,13 @@ def test_vmapped_sweep_equals_each_configuration_alone():
                                seed=0))
     for row, lr in zip(rows, lrs):
         alone = run(jnp.float32(lr))
-        assert row["accuracy"] == pytest.approx(float(alone["accuracy"]), abs=1 / 359 + 1e-6)
+        assert row["val_accuracy"] == pytest.approx(float(alone["val_accuracy"]),
+                                                    abs=1 / len(DATA.val.y) + 1e-6)
         assert row["train_loss"] == pytest.approx(float(alone["train_loss"]), rel=1e-3, abs=1e-4)
-    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert all(0 <= r["val_accuracy"] <= 1 for r in rows)
+    chosen = [r for r in rows if r["selected"]]
+    assert len(chosen) == 1 and [r for r in rows if "test_accuracy" in r] == chosen
+    assert chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
     assert all(r["kernel_sparsity"] == pytest.approx(0, abs=1e-6) for r in rows)
 
 
@@ -69,7 +73,8 @@ def test_sweep_command_trains_the_student(tmp_path, capsys):
                  "--epochs", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["learning_rate"] for r in rows] == pytest.approx([0.001, 0.003])
-    assert all(r["accuracy"] > 0.3 for r in rows)  # the student learns in one epoch
+    assert all(r["val_accuracy"] > 0.3 for r in rows)  # the student learns in one epoch
+    assert sum("test_accuracy" in r for r in rows) == 1
     assert format_table(rows) in capsys.readouterr().out
 
 
@@ -83,18 +88,21 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="epochs"):
         jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], epochs=0)
     with pytest.raises(ValueError, match="clashes"):
-        jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], name="accuracy")
+        jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], name="val_accuracy")
     with pytest.raises(ValueError, match="param"):
         sweep_student(param="momentum")
 
 
 def test_format_table():
-    rows = [{"lr": 0.001, "accuracy": 0.5, "train_loss": 1.0, "kernel_sparsity": 0.0}]
+    rows = [{"lr": 0.001, "val_accuracy": 0.5, "train_loss": 1.0, "selected": False},
+            {"lr": 0.01, "val_accuracy": 0.7, "train_loss": 0.5, "selected": True,
+             "test_accuracy": 0.65}]
     table = format_table(rows)
-    assert table.splitlines()[0] == "| lr | accuracy | train_loss | kernel_sparsity |"
-    assert "| 0.001 | 0.5000 |" in table
+    assert table.splitlines()[0] == "| lr | val_accuracy | train_loss | selected | test_accuracy |"
+    assert "| 0.001 | 0.5000 | 1.0000 |  | - |" in table
+    assert "| 0.01 | 0.7000 | 0.5000 | yes | 0.6500 |" in table
     assert format_table([]) == ""
-    chex.assert_equal(len(table.splitlines()), 3)
+    chex.assert_equal(len(table.splitlines()), 4)
 
 
 @pytest.mark.parametrize("arg, bad", [

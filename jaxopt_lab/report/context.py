@@ -32,7 +32,9 @@ class JobContext:
     teacher_variables: Variables
     settings: JobSettings
     progress: bool = False  # progress bars in fine-tunes (off when builders run in threads)
+    histories: dict = dataclasses.field(default_factory=dict)  # variant -> [run_summary]
     _shared: dict = dataclasses.field(default_factory=dict, repr=False)
+    _current: threading.local = dataclasses.field(default_factory=threading.local, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -47,8 +49,19 @@ class JobContext:
         """``fit_model`` with the job's batch size, seed and devices."""
         s = self.settings
         kwargs.setdefault("progress", self.progress)
+        name = getattr(self._current, "variant", None)
+        if name is not None:
+            kwargs.setdefault("on_history", lambda h: self._record(name, h))
         return fit_model(model, self.data, tx, epochs=epochs, batch_size=s.batch_size,
                          seed=s.seed, devices=s.devices, **kwargs)
+
+    def building(self, name: str | None) -> None:
+        """Marks this thread as building variant ``name`` (for :attr:`histories`)."""
+        self._current.variant = name
+
+    def _record(self, name: str, summary: dict) -> None:
+        with self._lock:
+            self.histories.setdefault(name, []).append(summary)
 
     def shared(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` the first time ``key`` is asked for (in any thread), then its result."""
@@ -58,8 +71,13 @@ class JobContext:
             if owner:
                 future = self._shared[key] = concurrent.futures.Future()
         if owner:
+            # Training runs inside are the shared result's, not the asking variant's.
+            asking = getattr(self._current, "variant", None)
+            self._current.variant = key
             try:
                 future.set_result(compute())
             except BaseException as e:
                 future.set_exception(e)
+            finally:
+                self._current.variant = asking
         return future.result()

@@ -6,11 +6,13 @@ import concurrent.futures
 import dataclasses
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 import jaxopt_lab as jol
@@ -18,7 +20,7 @@ from jaxopt_lab import train
 from jaxopt_lab.report import measure, pipeline, render, variants
 from jaxopt_lab.report.context import JobContext
 from jaxopt_lab.report.models import as_model_input, models_for
-from jaxopt_lab.report.settings import VARIANTS, JobSettings
+from jaxopt_lab.report.settings import NPZ_LAYOUT, VARIANTS, JobSettings
 from jaxopt_lab.report.training import check_devices
 
 BUILDERS: dict[str, Callable[[JobContext], variants.Variant]] = {
@@ -64,18 +66,45 @@ def load_data(path: str | None, seed: int) -> tuple[train.Dataset, str]:
     """The embedded digits, or a user ``.npz`` with ``x`` and ``y``, ready for the models.
 
     Raises:
-      ValueError: an unreadable file, bad arrays, or too few examples for three splits.
+      ValueError: an unreadable file, bad arrays, a single class, or too few examples for
+        three splits; the message names the expected layout.
     """
     if path is None:
         data, name = train.load_digits(seed=seed), "digits (scikit-learn, embedded)"
     else:
-        data, name = train.load_npz(path, seed=seed), os.path.basename(path)
+        name = os.path.basename(path)
+        try:
+            data = train.load_npz(path, seed=seed)
+        except Exception as e:  # a CSV, a pickle, a corrupt zip, wrong keys or dtypes...
+            raise ValueError(f"--data {path!r}: {_npz_problem(path, e)}; expected "
+                             f"{NPZ_LAYOUT}") from None
+        classes = np.unique(np.concatenate([data.train.y, data.val.y, data.test.y]))
+        if len(classes) < 2:
+            raise ValueError(f"--data {path!r} has a single class ({classes.tolist()}): there "
+                             f"is nothing to classify; expected {NPZ_LAYOUT}")
     splits = [train.Split(as_model_input(s.x), s.y) for s in (data.train, data.val, data.test)]
     for label, split in zip(("train", "validation", "test"), splits):
         if len(split.y) == 0:
             raise ValueError(f"{name}: too few examples for a {label} split "
                              f"({sum(len(s.y) for s in splits)} in all)")
     return train.Dataset(*splits, data.num_classes), name
+
+
+def _npz_problem(path: str, error: Exception) -> str:
+    """What is wrong with a data file, in words (not numpy's advice to unpickle it)."""
+    if not os.path.isfile(path):
+        return "does not exist"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive
+        return "is not an .npz archive"
+    text = " ".join(str(error).split())
+    if "pickle" in text.lower():  # numpy's advice to unpickle would run untrusted code
+        return "holds Python objects (object arrays), not numeric arrays"
+    return text
 
 
 def environment() -> dict[str, Any]:
@@ -105,6 +134,42 @@ _BUILD_ORDER = ("pipeline", "channel_compact", "int4_qat", "prune90_gradual",
 assert sorted(_BUILD_ORDER) == sorted(VARIANTS)
 
 
+class _BuildProgress:
+    """Progress of "build variants": which variants are being built now, and a line per
+    finished variant with its time, so the bar never sits silent at 0% for long."""
+
+    def __init__(self, settings: JobSettings, total: int):
+        self._bar = None
+        self._running: list[str] = []
+        self._lock = threading.Lock()
+        if settings.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc="build variants", leave=False)
+
+    def started(self, name: str) -> None:
+        with self._lock:
+            self._running.append(name)
+            self._show()
+
+    def finished(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._running.remove(name)
+            if self._bar is not None:
+                self._bar.write(f"built {name} in {seconds:.1f} s")
+                self._bar.update(1)
+            self._show()
+
+    def _show(self) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str("building " + ", ".join(self._running)
+                                      if self._running else "")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def build_and_measure(ctx: JobContext, names: Sequence[str], model_dir: str
                       ) -> tuple[dict[str, tuple[dict, dict]], dict[str, float]]:
     """Builds, saves, reloads and evaluates the named variants, several at once in threads.
@@ -113,34 +178,45 @@ def build_and_measure(ctx: JobContext, names: Sequence[str], model_dir: str
     seconds each took. Every builder is deterministic on its own, so nothing depends on
     how the threads interleave. Latency is timed afterwards, one variant at a time.
     """
-    def work(name):
-        t0 = time.perf_counter()
-        variant = BUILDERS[name](ctx)
-        out = measure.measure(variant, ctx.data, model_dir, seed=ctx.settings.seed)
-        return out, time.perf_counter() - t0
-
     ordered = [n for n in _BUILD_ORDER if n in names]
+    progress = _BuildProgress(ctx.settings, len(ordered))
+
+    def work(name):
+        progress.started(name)
+        ctx.building(name)
+        t0 = time.perf_counter()
+        try:
+            variant = BUILDERS[name](ctx)
+            out = measure.measure(variant, ctx.data, model_dir, seed=ctx.settings.seed)
+        finally:
+            ctx.building(None)
+        seconds = time.perf_counter() - t0
+        progress.finished(name, seconds)
+        return out, seconds
+
     workers = ctx.settings.build_workers()
-    if workers == 1:
-        done = {n: work(n) for n in _progress(ordered, ctx.settings, "build variants")}
-    else:
-        with concurrent.futures.ThreadPoolExecutor(workers, "jaxopt-lab-build") as pool:
-            futures = {pool.submit(work, n): n for n in ordered}
-            done = {}
-            try:
-                for future in _progress(concurrent.futures.as_completed(futures),
-                                        ctx.settings, "build variants", total=len(futures)):
-                    done[futures[future]] = future.result()
-            except BaseException:  # a failed builder or Ctrl-C: start nothing more
-                for future in futures:
-                    future.cancel()
-                raise
+    try:
+        if workers == 1:
+            done = {n: work(n) for n in ordered}
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers, "jaxopt-lab-build") as pool:
+                futures = {pool.submit(work, n): n for n in ordered}
+                done = {}
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        done[futures[future]] = future.result()
+                except BaseException:  # a failed builder or Ctrl-C: start nothing more
+                    for future in futures:
+                        future.cancel()
+                    raise
+    finally:
+        progress.close()
     return {n: done[n][0] for n in names}, {n: done[n][1] for n in names}
 
 
 def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
             only: str | Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the whole job and writes ``report.json``, ``report.md`` and ``pareto.png``.
+    """Runs the whole job and writes ``report.json``, ``.md``, ``.html`` and the plots.
 
     Trains the teacher, builds the selected variants (several at once, see
     ``JobSettings.workers``), saves each with ``jol.save`` under ``out/models/``, reloads
@@ -179,9 +255,11 @@ def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
     t0 = time.perf_counter()
     ctx = JobContext(data, pair, None, settings,
                      progress=settings.progress and settings.build_workers() == 1)
+    ctx.building("baseline")
     ctx.teacher_variables = ctx.fit(pair.teacher, optax.adam(settings.learning_rate),
                                     epochs=settings.teacher_epochs, patience=settings.patience,
                                     progress=settings.progress)
+    ctx.building(None)
     t1 = time.perf_counter()
     measured, build_s = build_and_measure(ctx, names, model_dir)
     t2 = time.perf_counter()
@@ -193,6 +271,7 @@ def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
                                    baseline=None if name == "baseline" else baseline_calls))
         rows.append(row)
         latency_s[name] = time.perf_counter() - t
+    measure.add_latency_ratios(rows, rows[0])
     measure.add_ratios(rows, rows[0])
     timings = {
         "teacher_training_s": t1 - t0,
@@ -211,6 +290,7 @@ def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
         "environment": environment(),
         "baseline": "baseline",
         "variants": rows,
+        "learning_curves": {n: ctx.histories[n] for n in names if n in ctx.histories},
         "timings": timings,
     }
     render.write_all(report, out)

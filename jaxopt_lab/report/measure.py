@@ -1,10 +1,11 @@
 """Measuring one variant: accuracy, counts, the saved file's size, latency.
 
 Every figure is taken from the tree read back from the file ``jol.save`` wrote, so a
-variant is measured exactly as it would be deployed. Latency is the median of repeated
-runs of the jitted inference path, after a compile-and-warm-up call; its ratio to the
-baseline comes from runs alternating with the baseline's in the same process, so a
-change of machine load during the job moves both.
+variant is measured exactly as it would be deployed. Latency is the median of single,
+blocked calls of the jitted inference path, after a compile-and-warm-up call, alternating
+with the baseline's calls (and alternating which goes first), so a change of machine load
+during the job moves both; ratios are quotients of the figures the report prints.
+Accuracy comes with its Wilson 95% interval for the test-set size.
 """
 
 from __future__ import annotations
@@ -35,29 +36,39 @@ def _jitted(infer: Callable) -> Callable:
     return jax.jit(infer)
 
 
-def _timed(fn: Callable[[], Any], inner: int) -> float:
+def _timed_once(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
-    for _ in range(inner):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / inner
+    jax.block_until_ready(fn())  # per call: never several calls in flight at once
+    return time.perf_counter() - t0
 
 
-def median_seconds(fn: Callable[[], Any], *, repeats: int, inner: int = 1,
-                   against: Callable[[], Any] | None = None) -> tuple[float, float | None]:
-    """Median wall time of ``fn()`` (blocked) over ``repeats`` runs of ``inner`` calls.
+def paired_seconds(fn: Callable[[], Any], *, repeats: int,
+                   against: Callable[[], Any] | None = None) -> tuple[list[float], list[float]]:
+    """Wall times of ``repeats`` single blocked calls of ``fn`` (and of ``against``).
 
-    With ``against``, its runs alternate with ``fn``'s and its median is returned too:
-    a ratio of the two then compares them under the same machine load.
+    After one compile-and-warm-up call of each, ``fn`` and ``against`` alternate, and which
+    one goes first alternates too (ABBA...), so neither gets the warmer cache or the
+    quieter moment systematically.
     """
     jax.block_until_ready(fn())  # compile and warm up
     if against is not None:
         jax.block_until_ready(against())
     times, other = [], []
-    for _ in range(repeats):
-        times.append(_timed(fn, inner))
-        if against is not None:
-            other.append(_timed(against, inner))
+    for i in range(repeats):
+        if against is not None and i % 2:
+            other.append(_timed_once(against))
+            times.append(_timed_once(fn))
+        else:
+            times.append(_timed_once(fn))
+            if against is not None:
+                other.append(_timed_once(against))
+    return times, other
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int,
+                   against: Callable[[], Any] | None = None) -> tuple[float, float | None]:
+    """Medians of :func:`paired_seconds` (``None`` for ``against`` when not given)."""
+    times, other = paired_seconds(fn, repeats=repeats, against=against)
     return statistics.median(times), statistics.median(other) if other else None
 
 
@@ -74,19 +85,79 @@ def latency_calls(variant: Variant, stored: Any, inputs: dict[int, np.ndarray]
     return {b: functools.partial(fn, prepared, jax.device_put(x)) for b, x in inputs.items()}
 
 
-def latency(calls: dict[int, Callable[[], Any]], *, repeats: int,
-            baseline: dict[int, Callable[[], Any]] | None = None) -> dict[str, float]:
-    """``latency_b{B}_ms`` per batch size, and ``_ratio`` to ``baseline`` timed alternately."""
-    out = {}
-    for batch, call in calls.items():
-        inner = 10 if batch == 1 else 1  # batch 1 is too quick to time one call at a time
-        ms, base = median_seconds(call, repeats=repeats, inner=inner,
-                                  against=None if baseline is None else baseline[batch])
-        out[f"latency_b{batch}_ms"] = 1e3 * ms
-        out[f"latency_b{batch}_ratio"] = 1.0 if base is None else ms / base
-        if base is not None:
-            out[f"latency_b{batch}_baseline_ms"] = 1e3 * base
+def memory(variant: Variant, stored: Any, inputs: dict[int, np.ndarray]) -> dict[str, int]:
+    """Inference memory: resident weight bytes plus XLA's temporary bytes per batch size.
+
+    The weights are the prepared tree held on the device between calls; the temporaries
+    come from the compiled program's ``memory_analysis()`` (what XLA allocates per call
+    besides arguments and outputs). ``memory_b{B}_bytes`` is their sum.
+    """
+    prepared = run_once(variant.prepare, stored)
+    weights = int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(prepared)))
+    out = {"memory_weights_bytes": weights}
+    for b, x in inputs.items():
+        compiled = _jitted(variant.infer).lower(prepared, x).compile()
+        analysis = compiled.memory_analysis()
+        temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis else 0
+        out[f"memory_temp_b{b}_bytes"] = temp
+        out[f"memory_b{b}_bytes"] = weights + temp
     return out
+
+
+def latency(calls: dict[int, Callable[[], Any]], *, repeats: int,
+            baseline: dict[int, Callable[[], Any]] | None = None) -> dict[str, Any]:
+    """Per-call latency medians ``latency_b{B}_ms``, each call blocked on its own.
+
+    With ``baseline``, its calls alternate with these (:func:`paired_seconds`) and its raw
+    times come back as ``latency_b{B}_baseline_samples_ms``: the job pools every such
+    sample into the baseline's own figure, and each ratio in the report is a quotient of
+    two figures the table prints (:func:`add_latency_ratios`).
+    """
+    out: dict[str, Any] = {}
+    for batch, call in calls.items():
+        times, base = paired_seconds(call, repeats=repeats,
+                                     against=None if baseline is None else baseline[batch])
+        out[f"latency_b{batch}_ms"] = 1e3 * statistics.median(times)
+        out[f"latency_b{batch}_samples_ms"] = [1e3 * t for t in times]
+        if base:
+            out[f"latency_b{batch}_baseline_samples_ms"] = [1e3 * t for t in base]
+            out[f"latency_b{batch}_paired_ratio"] = statistics.median(times) / statistics.median(base)
+    return out
+
+
+def add_latency_ratios(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> None:
+    """Sets the baseline's latency to the median of all its samples (its own and those taken
+    alternately with each variant), then ``latency_b{B}_ratio = ms / baseline ms`` for
+    every row, in place: the ratio is computed from the printed figures."""
+    for b in LATENCY_BATCHES:
+        key = f"latency_b{b}_ms"
+        if key not in baseline:
+            continue
+        pooled = list(baseline.get(f"latency_b{b}_samples_ms", []))
+        for row in rows:
+            pooled += row.pop(f"latency_b{b}_baseline_samples_ms", [])
+        if pooled:
+            baseline[key] = statistics.median(pooled)
+        for row in rows:
+            if key in row:
+                row[f"latency_b{b}_ratio"] = row[key] / baseline[key]
+
+
+def wilson_interval(accuracy: float, n: int, *, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of an accuracy measured on ``n`` examples.
+
+    Examples:
+      >>> lo, hi = wilson_interval(0.98, 359)
+      >>> round(lo, 4), round(hi, 4)
+      (0.9596, 0.9902)
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = min(max(accuracy, 0.0), 1.0)
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def save_and_reload(variant: Variant, directory: str, metadata: dict) -> tuple[str, int, Any]:
@@ -125,17 +196,28 @@ def measure(variant: Variant, data: train.Dataset, directory: str, *, seed: int
                                          {"variant": variant.name, "seed": seed})
     variables = run_once(variant.to_variables, loaded)
     scores = train.evaluate(variant.model, variables, data.test, num_classes=data.num_classes)
-    calls = latency_calls(variant, loaded, latency_inputs(data.test.x))
+    seen = {split: train.evaluate(variant.model, variables, getattr(data, split),
+                                  num_classes=data.num_classes)["accuracy"]
+            for split in ("train", "val")}
+    low, high = wilson_interval(scores["accuracy"], len(data.test.y))
+    inputs = latency_inputs(data.test.x)
+    calls = latency_calls(variant, loaded, inputs)
     for call in calls.values():
         jax.block_until_ready(call())  # compile now, so timing later measures runs only
     row = {
         "name": variant.name,
         "description": variant.description,
         "accuracy": scores["accuracy"],
+        "accuracy_ci_low": low,
+        "accuracy_ci_high": high,
+        "test_examples": len(data.test.y),
+        "train_accuracy": seen["train"],
+        "val_accuracy": seen["val"],
         "f1_macro": scores["f1_macro"],
         **counts(variables["params"]),
         "sparsity_target": variant.sparsity_target,
         "size_bytes": size,
+        **memory(variant, loaded, inputs),
         "file": os.path.basename(path),
         "seed": seed,
         **(variant.extra or {}),

@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
+# What ``--data`` must hold; every message about an unusable data file repeats it.
+NPZ_LAYOUT = ("an .npz file (numpy.savez) holding two arrays: x, the examples along the first "
+              "axis (images as (N, H, W) or (N, H, W, C), or feature rows (N, F)), and y, "
+              "N integer class labels 0..K-1 with at least 2 classes")
+
 # Every variant the job can build, in report order; "baseline" is always built.
 VARIANTS = (
     "baseline",
@@ -19,6 +24,23 @@ VARIANTS = (
     "student_kd",
     "pipeline",
 )
+
+
+# The technique family of each variant: one colour per family in the report's plots.
+FAMILIES = {
+    "baseline": "baseline",
+    "bn_folded": "folding",
+    "int8_ptq": "quantization",
+    "int4_group_ptq": "quantization",
+    "int4_qat": "quantization",
+    "prune50_gradual": "pruning",
+    "prune90_gradual": "pruning",
+    "nm24": "pruning",
+    "channel_compact": "pruning",
+    "student_kd": "distillation",
+    "pipeline": "composed",
+}
+assert tuple(FAMILIES) == VARIANTS
 
 
 @dataclasses.dataclass(frozen=True)

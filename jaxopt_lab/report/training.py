@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -85,23 +86,49 @@ def fit_model(
     patience: int | None = None,
     progress: bool = False,
     keep_last: bool = False,
+    on_history: Callable[[dict[str, Any]], None] | None = None,
 ) -> Variables:
     """Trains and returns the best variables (``fit``'s contract), on a mesh if ``devices``.
 
     ``keep_last`` returns the final variables instead of the best on validation: a
     gradual-pruning run must end at its final sparsity, not at an earlier, denser epoch.
     Returned variables are host (numpy) arrays, so later steps never depend on where
-    training ran.
+    training ran. ``on_history`` receives :func:`run_summary` of the run; with ``progress``
+    an early stop is announced, since the progress bar itself vanishes.
     """
     batch = global_batch(batch_size, len(data.train.y), devices)
     if variables is None:
         variables = init_variables(model, data.train.x, seed)
-    out, _ = train.fit(model, data, tx, epochs=epochs, batch_size=batch, seed=seed,
-                       variables=variables, loss=loss, param_transform=param_transform,
-                       patience=patience, keep="last" if keep_last else "best",
-                       mesh=None if devices is None else train.data_mesh(devices),
-                       progress=progress)
+    out, history = train.fit(model, data, tx, epochs=epochs, batch_size=batch, seed=seed,
+                             variables=variables, loss=loss, param_transform=param_transform,
+                             patience=patience, keep="last" if keep_last else "best",
+                             mesh=None if devices is None else train.data_mesh(devices),
+                             progress=progress)
+    summary = run_summary(history, epochs)
+    if progress and summary["stopped_early"]:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"train {type(model).__name__}: {summary['message']}")
+    if on_history is not None:
+        on_history(summary)
     return jax.tree.map(np.asarray, out)
+
+
+def run_summary(history: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """The learning curve and early-stopping outcome of one ``train.fit`` history.
+
+    Epochs are counted from 1. ``message`` reads "stopped early at epoch N (best val at
+    M)" when early stopping ended the run before ``epochs``.
+    """
+    ran = len(history["val_accuracy"])
+    best = int(history["best_epoch"]) + 1
+    stopped = ran < epochs
+    message = (f"stopped early at epoch {ran} (best val at {best})" if stopped
+               else f"ran all {ran} epochs (best val at {best})")
+    return {"train_loss": [float(v) for v in history["train_loss"]],
+            "val_accuracy": [float(v) for v in history["val_accuracy"]],
+            "epochs": epochs, "epochs_run": ran, "best_epoch": best,
+            "stopped_early": stopped, "message": message}
 
 
 def fit_each(
