@@ -20,7 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The CPU benchmarks, cheapest first. gpu_check.sh covers accelerators.
 SCRIPTS = ("bn_fold", "train_throughput", "sweep", "prune_step_variants", "pruning",
-           "distillation", "quantization")
+           "distillation", "quantization", "model_map", "eager", "scale", "one_shot")
 
 
 def main(argv: list[str] | None = None) -> int:
