@@ -1,7 +1,7 @@
 """jaxopt_lab: make trained JAX models smaller, faster and cheaper.
 
 Pure-function transforms on parameter pytrees (quantize, prune, distill, fold batch
-norm) that compose with each other and with optax. See README.md and DESIGN.md.
+norm) that compose with each other and with optax. See README.md and docs/design.md.
 """
 
 # Each area keeps its re-exports in its own block; edit only your block.

@@ -1,6 +1,6 @@
 """`quantize` / `dequantize`: affine integer (2, 3, 4, 8 bits) and fp8 weight quantization.
 
-Numerics (DESIGN.md): ``q = clip(round(x / s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``.
+Numerics (docs/design.md): ``q = clip(round(x / s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``.
 
 * Symmetric (default): ``z = 0``, codes in ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (the
   restricted range, so ``-x`` quantizes to ``-q``), ``s = max|x| / qmax``.
@@ -150,7 +150,7 @@ def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any,
     shape = tuple(np.shape(leaf))
     if int(np.prod(shape)) == 0:
         raise ValueError(f"{path}: cannot quantize an empty array of shape {shape}")
-    if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.isfinite(leaf).all()):
+    if not isinstance(leaf, jax.core.Tracer) and not np.isfinite(np.asarray(leaf)).all():
         raise ValueError(f"{path}: cannot quantize an array containing NaN or Inf")
     ndim, gran = len(shape), s["granularity"]
     s["group_axis"] = None
