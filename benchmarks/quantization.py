@@ -677,7 +677,11 @@ def main(argv=None) -> int:
     result["failed_sections"] = failed
     name = ("quantization_smoke" if args.smoke
             else "quantization_latency" if args.latency_only else "quantization")
-    emit(name, result)
+    if args.smoke:  # never into benchmarks/results/
+        import tempfile
+        emit(name, result, out_dir=tempfile.mkdtemp(prefix="jol_smoke_"), smoke=True)
+    else:
+        emit(name, result)
     if args.out:
         out = pathlib.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ import jaxopt_lab
 
 MODULES = sorted(
     m.name for m in pkgutil.walk_packages(jaxopt_lab.__path__, prefix="jaxopt_lab.")
-    if not m.name.endswith("__main__")
+    # __main__ runs the command line; _jol_native is the compiled kernel library (ctypes,
+    # not a Python module)
+    if not m.name.endswith("__main__") and not m.name.endswith("_jol_native")
 )
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 

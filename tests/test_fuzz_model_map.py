@@ -43,7 +43,7 @@ def linen_layers(draw):
     return layer, jnp.ones((b, t, d)), None
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)  # the ci profile: 30; HYPOTHESIS_PROFILE=fuzz for 200
 @given(linen_layers(), st.integers(0, 2**31 - 1))
 def test_model_map_of_random_linen_layers(case, seed):
     layer, x, axes = case
@@ -66,7 +66,7 @@ def test_model_map_of_random_linen_layers(case, seed):
         assert mat.shape[1] == int(np.prod([info.shape[a] for a in info.contracting]))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)  # the ci profile: 30; HYPOTHESIS_PROFILE=fuzz for 200
 @given(st.one_of(st.none(), st.integers(), st.text(max_size=3), st.just(jnp.ones(3)),
                  st.just(lambda x: x)))
 def test_model_map_rejects_what_is_not_a_flax_module(bad):
@@ -74,7 +74,7 @@ def test_model_map_rejects_what_is_not_a_flax_module(bad):
         jol.model_map(bad, {}, jnp.ones((1, 2)))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)  # the ci profile: 30; HYPOTHESIS_PROFILE=fuzz for 200
 @given(st.integers(1, 4), st.integers(1, 4), st.sampled_from(["drop", "extra", "shape"]))
 def test_model_map_rejects_variables_that_do_not_fit(d_in, d_out, how):
     layer = nn.Dense(d_out)

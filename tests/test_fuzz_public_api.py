@@ -783,6 +783,7 @@ FUZZED = {
     "activation_scales", "quantized_apply", "activation_stats_init", "int8_matmul",
     "use_native_int8", "sweep", "float_int8_matmul", "weight_only_dot_general",
     "model_map",  # tests/test_fuzz_model_map.py
+    "weight_only_matmul",  # tests/test_quant_weight_only.py (200 examples per kernel)
     "constant_sparsity", "one_shot_sparsity", "polynomial_sparsity",  # = the old schedules
 }
 

@@ -1,6 +1,7 @@
 """Unstructured mask functions: exact counts, nesting, selection, jit, bad input."""
 
 import math
+from fractions import Fraction
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -51,7 +52,7 @@ def test_layer_scope_exact_per_leaf(tree, s):
 def test_python_sparsity_exact_and_jit_equal(tree, s):
     eager = jol.magnitude_mask(tree, s)
     for name in ("a", "b"):
-        assert zeros(eager[name]["kernel"]) == math.floor(s * tree[name]["kernel"].size)
+        assert zeros(eager[name]["kernel"]) == _count(s, tree[name]["kernel"].size)
     jax.tree.map(np.testing.assert_array_equal, eager, _layer(tree, s))
 
 
@@ -59,7 +60,7 @@ def test_python_sparsity_exact_and_jit_equal(tree, s):
 def test_global_scope_exact_total_and_keeps_largest(tree, s):
     mask = _global(tree, s)
     total = tree["a"]["kernel"].size + tree["b"]["kernel"].size
-    assert zeros(mask["a"]["kernel"]) + zeros(mask["b"]["kernel"]) == math.floor(s * total)
+    assert zeros(mask["a"]["kernel"]) + zeros(mask["b"]["kernel"]) == _count(s, total)
     key = {n: np.nan_to_num(np.abs(np.asarray(tree[n]["kernel"])), nan=np.inf) for n in "ab"}
     kept = np.concatenate([key[n][np.asarray(mask[n]["kernel"])] for n in "ab"])
     pruned = np.concatenate([key[n][~np.asarray(mask[n]["kernel"])] for n in "ab"])
@@ -160,3 +161,8 @@ def test_eager_and_jit_agree_for_every_mask_function():
     ]
     for fn in fns:
         jax.tree.map(np.testing.assert_array_equal, fn(tree), jax.jit(fn)(tree))
+
+
+def _count(s, size):
+    """floor(float32(sparsity) * size), exactly: the one definition of the pruned count."""
+    return math.floor(Fraction(float(np.float32(s))) * size)

@@ -1,5 +1,7 @@
 """Vmapped sweeps: one compiled program, same results as the configurations one by one."""
 
+import math
+from fractions import Fraction
 import json
 
 import chex
@@ -62,9 +64,12 @@ def test_sparsity_sweep_reaches_each_target():
     targets = [0.0, 0.5, 0.9]
     make = sparsity_optimizer(learning_rate=1e-3, end_step=10)
     rows = jol.sweep(MLP, DATA, make, targets, epochs=1, name="sparsity")
+    sizes = [x.size for x in jax.tree.leaves(MLP.init(jax.random.PRNGKey(0), DATA.train.x[:1]))
+             if x.ndim >= 2]
     for row, target in zip(rows, targets):
-        # magnitude_mask prunes floor(target * size) per kernel
-        assert row["kernel_sparsity"] == pytest.approx(target, abs=1e-3)
+        # magnitude_mask prunes floor(float32(target) * size) per kernel (0.9 of 160: 143)
+        pruned = sum(math.floor(Fraction(float(np.float32(target))) * n) for n in sizes)
+        assert row["kernel_sparsity"] == pytest.approx(pruned / sum(sizes), abs=1e-6)
 
 
 def test_sweep_command_trains_the_student(tmp_path, capsys):

@@ -243,10 +243,14 @@ def compute_codes(view: jax.Array, red: tuple[int, ...], s: Mapping[str, Any]):
         # Float noise in near-ties can leave a range end one code short of qmin/qmax; pin it
         # (error still <= s/2 + rounding), so dequantized values reproduce the same (s, z).
         qmin, qmax = integer_range(bits, False)
-        # Only a near-tie is pinned: a scale clamped up from an underflow (tiny ranges near
-        # 1e-38) leaves the range ends well inside [qmin, qmax], and there they stay.
-        codes = jnp.where((view == hi) & (hi > 0) & (codes >= qmax - 1), jnp.int8(qmax), codes)
-        codes = jnp.where((view == lo) & (lo < 0) & (codes <= qmin + 1), jnp.int8(qmin), codes)
+        # Only a near-tie is pinned (the end's level within float noise of half a code from
+        # qmin/qmax): a scale clamped up from an underflow (ranges near 1e-38) leaves the
+        # range ends well inside [qmin, qmax], and there they stay.
+        level = divide(view, scale) + zero.astype(jnp.float32)
+        codes = jnp.where((view == hi) & (hi > 0) & (level >= qmax - 0.5 - 1e-3),
+                          jnp.int8(qmax), codes)
+        codes = jnp.where((view == lo) & (lo < 0) & (level <= qmin + 0.5 + 1e-3),
+                          jnp.int8(qmin), codes)
     return codes, scale, zero
 
 

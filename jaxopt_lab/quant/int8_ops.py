@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxopt_lab.quant.affine import affine_params, integer_range
@@ -323,6 +324,12 @@ def int8_conv_general_dilated(
     dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     lhs_spec, rhs_spec, out_spec = dnums
     n_sp = lhs.ndim - 2
+    for name, v in (("window_strides", window_strides), ("lhs_dilation", lhs_dilation),
+                    ("rhs_dilation", rhs_dilation)):
+        if v is not None and (len(tuple(v)) != n_sp or any(
+                isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+                for d in v)):
+            raise ValueError(f"{name} must be {n_sp} positive ints, got {v!r}")
     padding = _conv_padding(padding, n_sp)
     s_l = _keepdims("lhs_scale", lhs_scale, lhs,
                     [i for i in range(lhs.ndim) if i != lhs_spec[0]])
