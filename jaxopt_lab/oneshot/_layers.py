@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxopt_lab import _select
 from jaxopt_lab.core.mapping import path_names
+from jaxopt_lab.oneshot.stats import check_stats
 
 Params = Any
 Contracting = Mapping[str, tuple[int, ...]] | None
@@ -85,6 +86,18 @@ def map_kernels(fn: Callable[[str, tuple, jax.Array, Any], Any], params: Params,
     kernels, else float leaves with ``ndim >= 2``)."""
     return _select.map_selected(
         lambda p, x, c: fn(_select.path_str(p), p, x, c), params, where, model_map=model_map)
+
+
+def kernel_matrix(name: str, path: tuple, leaf: Any, stats: Any, contracting: Contracting,
+                  model_map: Any) -> tuple[tuple[int, ...], tuple[int, ...], jax.Array, Any]:
+    """``(shape, contracting axes, W as (K, N), the leaf's LayerStats)``, all checked."""
+    check_weights(name, leaf)
+    shape = tuple(np.shape(leaf))
+    axes = contracting_axes(name, shape, contracting, model_map, path)
+    mat = as_matrix(jnp.asarray(leaf), axes)
+    st = stats_leaf(stats, path, name)
+    check_stats(name, st, mat.shape[0])
+    return shape, axes, mat, st
 
 
 def check_weights(name: str, w) -> None:

@@ -16,7 +16,6 @@ import numpy as np
 
 from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _layers, _obs
-from jaxopt_lab.oneshot.stats import check_stats
 from jaxopt_lab.quant.qtensor import QTensor, pack
 
 Params = Any
@@ -172,12 +171,8 @@ def gptq(
 
     def one(name, path, leaf, choice):
         s = {**base, **_layers.overrides(name, choice, tuple(base))}
-        _layers.check_weights(name, leaf)
-        shape = tuple(np.shape(leaf))
-        axes = _layers.contracting_axes(name, shape, contracting, model_map, path)
-        mat = _layers.as_matrix(jnp.asarray(leaf), axes)
-        st = _layers.stats_leaf(stats, path, name)
-        check_stats(name, st, mat.shape[0])
+        shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
+                                                     model_map)
         _obs.check_quant(name, mat.shape[0], s["bits"], s["group_size"])
         qt = gptq_matrix(mat, st.xtx, name=name, **s)
         if axes == tuple(range(len(axes))):

@@ -18,7 +18,6 @@ import numpy as np
 
 from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _layers, _obs
-from jaxopt_lab.oneshot.stats import check_stats
 
 Params = Any
 
@@ -166,12 +165,8 @@ def sparsegpt(
             continue
         name = _select.path_str(path)
         s = {**base, **_layers.overrides(name, choice, tuple(base))}
-        _layers.check_weights(name, leaf)
-        shape = tuple(np.shape(leaf))
-        axes = _layers.contracting_axes(name, shape, contracting, model_map, path)
-        mat = _layers.as_matrix(jnp.asarray(leaf), axes)
-        st = _layers.stats_leaf(stats, path, name)
-        check_stats(name, st, mat.shape[0])
+        shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
+                                                     model_map)
         w2, mask = sparsegpt_matrix(mat, st.xtx, name=name, **s)
         new.append(_layers.from_matrix(w2, shape, axes))
         masks.append(_layers.from_matrix(mask, shape, axes))

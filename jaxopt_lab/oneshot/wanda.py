@@ -23,7 +23,6 @@ from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _layers
 from jaxopt_lab.oneshot._obs import _keep_block, _keep_top_per_column
 from jaxopt_lab.oneshot.sparsegpt import check_pruning
-from jaxopt_lab.oneshot.stats import check_stats
 
 Params = Any
 SCOPES = ("output", "layer")
@@ -138,12 +137,8 @@ def wanda(
 
     def one(name, path, leaf, choice):
         s = {**base, **_layers.overrides(name, choice, tuple(base))}
-        _layers.check_weights(name, leaf)
-        shape = tuple(np.shape(leaf))
-        axes = _layers.contracting_axes(name, shape, contracting, model_map, path)
-        mat = _layers.as_matrix(jnp.asarray(leaf), axes)
-        st = _layers.stats_leaf(stats, path, name)
-        check_stats(name, st, mat.shape[0])
+        shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
+                                                     model_map)
         norm = jnp.sqrt(jnp.maximum(jnp.diag(st.xtx), 0.0))
         return _layers.from_matrix(wanda_matrix(mat, norm, name=name, **s), shape, axes)
 
