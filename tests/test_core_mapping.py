@@ -262,3 +262,10 @@ def test_bn_fold_accepts_nnx_module():
     model, x = fm.nnx_convnet(3)
     folded = jol.bn_fold(model, x)
     chex.assert_trees_all_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_layer_inputs_of_an_nnx_module_given_only_its_params():
+    model, ids = fm.nnx_transformer()
+    _, xs = layer_inputs(model, nnx.state(model, nnx.Param), ids)
+    key = ("blocks", "0", "attn", "query", "kernel")
+    assert xs[key].shape == (ids.size, fm.EMBED)

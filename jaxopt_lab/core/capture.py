@@ -98,8 +98,6 @@ def layer_inputs(
     """
     program = flax_hooks.trace(model, variables, *args, **kwargs)
     names = [path_names(p) for p in program.paths]
-    leaves = flax_hooks.flat_leaves(program, variables if variables is not None else
-                                    flax_hooks.model_call(model, None, dict(kwargs))[1])
     captured: dict[Names, list[jax.Array]] = {}
 
     def hook(eqn, uses, views, read, leaf_values):
@@ -116,5 +114,5 @@ def layer_inputs(
                 captured.setdefault(key, []).append(mat)
         return None
 
-    out = flax_hooks.run(program, leaves, jax.tree.leaves(args), hook=hook)
+    out = flax_hooks.run(program, program.leaves, jax.tree.leaves(args), hook=hook)
     return out, {k: v[0] if len(v) == 1 else jnp.concatenate(v) for k, v in captured.items()}

@@ -91,6 +91,7 @@ class Program:
     out_treedef: Any
     n_vars: int
     api: str  # "linen" or "nnx"
+    leaves: tuple  # the traced variables' leaves (QTensors whole; NNX: over the module's state)
 
 
 def _is_leaf(x: Any) -> bool:
@@ -187,7 +188,8 @@ def trace(model: Any, variables: Any, *args: Any, **kwargs: Any) -> Program:
     closed = jax.make_jaxpr(flat_fn)([_stand_in(x) for _, x in flat],
                                      [_stand_in(x) for x in arg_leaves])
     api = "nnx" if is_nnx(model) else "linen"
-    return Program(closed, paths, var_treedef, arg_treedef, out_box[-1], len(paths), api)
+    return Program(closed, paths, var_treedef, arg_treedef, out_box[-1], len(paths), api,
+                   tuple(x for _, x in flat))
 
 
 # --- the interpreter ------------------------------------------------------------------
@@ -382,18 +384,6 @@ def run(program: Program, leaves: Sequence[Any], arg_leaves: Sequence[Any], *,
     args = [_Deferred(lambda x=x: float_leaf(x)) for x in leaves] + list(arg_leaves)
     outs = interp.eval(jaxpr, program.closed.consts, args, views)
     return jax.tree.unflatten(program.out_treedef, outs)
-
-
-def flat_leaves(program: Program, variables: Any) -> list[Any]:
-    """``variables``' leaves in ``program.paths`` order (QTensors kept whole).
-
-    Raises:
-      ValueError: when the tree's structure differs from the traced one.
-    """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(variables, is_leaf=_is_leaf)
-    if tuple(p for p, _ in flat) != program.paths:
-        raise ValueError("variables do not have the structure the model was traced with")
-    return [x for _, x in flat]
 
 
 def operand_permutation(view: View) -> tuple[int, ...] | None:

@@ -263,9 +263,7 @@ def quantized_apply(
     if isinstance(act_scales, str) and act_scales != "dynamic":
         raise ValueError(f"act_scales must be None, 'dynamic' or a mapping, got {act_scales!r}")
     program = flax_hooks.trace(model, qvariables, *args, **kwargs)
-    variables = qvariables if not flax_hooks.is_nnx(model) else \
-        flax_hooks.model_call(model, qvariables, dict(kwargs))[1]
-    leaves = flax_hooks.flat_leaves(program, variables)
+    leaves = program.leaves
     layers = [layer_of(path_names(p), program.api) for p in program.paths]
     hook = _Quantized(mode, act_scales, layers)
     out = flax_hooks.run(program, leaves, jax.tree.leaves(args), hook=hook,

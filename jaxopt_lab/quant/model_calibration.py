@@ -76,8 +76,6 @@ def observe_activations(
     new: Stats = dict(stats or {})
     program = flax_hooks.trace(model, variables, *args, **kwargs)
     layers = [layer_of(path_names(p), program.api) for p in program.paths]
-    if flax_hooks.is_nnx(model):
-        variables = flax_hooks.model_call(model, variables, dict(kwargs))[1]
 
     def record(eqn, uses, views, read, leaves):
         del leaves
@@ -93,7 +91,7 @@ def observe_activations(
                                            name=key)
         return None
 
-    flax_hooks.run(program, flax_hooks.flat_leaves(program, variables), jax.tree.leaves(args),
+    flax_hooks.run(program, program.leaves, jax.tree.leaves(args),
                    hook=record, float_leaf=lambda x: x.dequantize() if is_qtensor(x) else x)
     return new
 
