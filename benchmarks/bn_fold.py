@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxopt_lab as jol
-from jaxopt_lab.train.models import TeacherCNN
+from jaxopt_lab.app.models import TeacherCNN
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import add_common_args, emit, output_dir, paired_ratio  # noqa: E402

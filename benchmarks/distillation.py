@@ -74,11 +74,11 @@ def main() -> dict:
     tune_seeds = (10,) if args.quick or args.smoke else (10, 11)
     seeds = SEEDS[:1] if args.smoke else SEEDS
 
-    data = jol.train.load_digits(seed=0)
-    teacher, student = jol.train.TeacherCNN(), jol.train.StudentCNN()
+    data = jol.app.load_digits(seed=0)
+    teacher, student = jol.app.TeacherCNN(), jol.app.StudentCNN()
 
     # Warm-up: compile the jitted eval path once so no measured run pays for it alone.
-    jol.train.evaluate(student, jol.train.init_model(student, data.train.x), data.val)
+    jol.train.evaluate(student, jol.app.init_model(student, data.train.x), data.val)
 
     t_vars, t_seconds = _train(teacher, data, epochs=teacher_epochs, lr=1e-3, seed=TEACHER_SEED)
     teacher_test = jol.train.evaluate(teacher, t_vars, data.test)
@@ -111,8 +111,8 @@ def main() -> dict:
                 "seconds_per_epoch": seconds / epochs,
             })
 
-    t_params = jol.train.param_count(t_vars["params"])
-    s_params = jol.train.param_count(jol.train.init_model(student, data.train.x)["params"])
+    t_params = jol.app.param_count(t_vars["params"])
+    s_params = jol.app.param_count(jol.app.init_model(student, data.train.x)["params"])
     acc = {k: _summary([r["test"]["accuracy"] for r in v]) for k, v in runs.items()}
     f1 = {k: _summary([r["test"]["f1_macro"] for r in v]) for k, v in runs.items()}
     spe = {k: statistics.median(r["seconds_per_epoch"] for r in v) for k, v in runs.items()}

@@ -41,7 +41,8 @@ import optax
 
 import jaxopt_lab as jol
 from jaxopt_lab import _select
-from jaxopt_lab.train import TeacherCNN, evaluate, fit, load_digits
+from jaxopt_lab.app import TeacherCNN, load_digits
+from jaxopt_lab.train import evaluate, fit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import add_common_args, emit, output_dir, paired_ratio, provenance  # noqa: E402

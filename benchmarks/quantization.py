@@ -207,8 +207,8 @@ def rel_err(y, ref) -> float:
 
 # --------------------------------------------------------------------------- teacher
 def teacher_section(quick: bool) -> dict:
-    data = jol.train.load_digits()
-    model = jol.train.TeacherCNN()
+    data = jol.app.load_digits()
+    model = jol.app.TeacherCNN()
     epochs, qat_epochs = (3, 1) if quick else (30, 8)
     t0 = time.perf_counter()
     variables, hist = jol.train.fit(model, data, optax.adam(1e-3), epochs=epochs,
@@ -263,7 +263,7 @@ def teacher_section(quick: bool) -> dict:
 
 # --------------------------------------------------------------------------- MLP speed
 def mlp_section(quick: bool) -> dict:
-    model = jol.train.MLP(hidden=(4096,), num_classes=1024)
+    model = jol.app.MLP(hidden=(4096,), num_classes=1024)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1024, 1024)), jnp.float32)
     variables = jax.jit(lambda k, x: model.init(k, x))(jax.random.PRNGKey(0), x[:1])
     q8 = jol.quantize(variables, bits=8)
@@ -478,7 +478,7 @@ def qwix_latency_variants(dims, layers, x) -> tuple[dict, dict]:
     """Qwix's PTQ forwards of the same MLP (as a linen model with the same weights)."""
     import qwix  # the `bench` extra; a missing Qwix fails the comparison
 
-    model = jol.train.MLP(hidden=tuple(dims[1:-1]), num_classes=dims[-1])
+    model = jol.app.MLP(hidden=tuple(dims[1:-1]), num_classes=dims[-1])
     params = {f"Dense_{i}": {"kernel": w, "bias": b} for i, (w, b) in enumerate(layers)}
     out, info = {}, {"version": getattr(qwix, "__version__", "?")}
     for name, rule in QWIX_RULES.items():

@@ -40,7 +40,7 @@ from _util import (  # noqa: E402
     paired_ratio,
 )
 
-from jaxopt_lab.sweep import DEFAULT_VALUES, student_sweep_setup, training_run  # noqa: E402
+from jaxopt_lab.app.sweeps import DEFAULT_VALUES, student_sweep_setup, training_run  # noqa: E402
 
 
 def _timed_compile(fn, *args) -> tuple[object, float]:

@@ -31,14 +31,15 @@ from _util import (  # noqa: E402
     paired_ratio,
 )
 
+from jaxopt_lab import app as A  # noqa: E402
 from jaxopt_lab import train as T  # noqa: E402
 
 
 def measure(global_batch: int, repeats: int) -> dict:
-    data = T.load_digits()
+    data = A.load_digits()
     n = jax.device_count()
     x, y = data.train.x[:global_batch], data.train.y[:global_batch]
-    model, tx = T.TeacherCNN(), optax.adam(1e-3)
+    model, tx = A.TeacherCNN(), optax.adam(1e-3)
     s0 = T.create_train_state(model, tx, data.train.x)
 
     jit_step = T.jit_train_step(model, tx)

@@ -47,8 +47,8 @@ from jaxopt_lab.quant.model_calibration import (
 # --- end quantization ---
 
 # --- pruning ---
-from jaxopt_lab import prune as pruning
-from jaxopt_lab.prune import (
+from jaxopt_lab import pruning
+from jaxopt_lab.pruning import (
     PruneState,
     SparseTensor,
     Sparsity,
@@ -96,19 +96,24 @@ from jaxopt_lab.fold import (
 # --- end folding ---
 
 # --- main job ---
-# `train`, `report` and `sweep` sit above the library (orbax, matplotlib, tqdm and
-# scikit-learn load with them): imported on first use, so `import jaxopt_lab` stays light.
-_LAZY = {"train": ("jaxopt_lab.train", None), "report": ("jaxopt_lab.report", None),
-         "sweep": ("jaxopt_lab.sweep", "sweep")}
+# `train` and `app` load orbax, matplotlib, tqdm and scikit-learn: imported on first use, so
+# `import jaxopt_lab` stays light. `sweep` and `report` moved to the app (one-release aliases).
+_LAZY = {"train": ("jaxopt_lab.train", None), "app": ("jaxopt_lab.app", None)}
+_MOVED = {"report": ("jaxopt_lab.app.report", None), "sweep": ("jaxopt_lab.app.sweeps", "sweep")}
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
+    if name in _LAZY or name in _MOVED:
         import importlib
-        module, attr = _LAZY[name]
+        module, attr = _LAZY.get(name) or _MOVED[name]
+        if name in _MOVED:
+            import warnings
+            new = f"{module}.{attr}" if attr else module
+            warnings.warn(f"jaxopt_lab.{name} moved to {new}", DeprecationWarning, stacklevel=2)
         value = importlib.import_module(module)
         value = getattr(value, attr) if attr else value
-        globals()[name] = value
+        if name in _LAZY:
+            globals()[name] = value
         return value
     raise AttributeError(f"module 'jaxopt_lab' has no attribute {name!r}")
 # --- end main job ---
@@ -129,6 +134,7 @@ __all__ = (
     "Sparsity",
     "activation_scales",
     "activation_stats_init",
+    "app",
     "apply_mask",
     "bn_fold",
     "bn_fold_nnx",
@@ -178,11 +184,9 @@ __all__ = (
     "quantize_activations",
     "quantized_apply",
     "random_mask",
-    "report",
     "saliency_mask",
     "save",
     "sparsity",
-    "sweep",
     "to_dense",
     "to_sparse",
     "train",

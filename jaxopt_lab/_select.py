@@ -37,6 +37,23 @@ def path_str(path: KeyPath) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
+def leaf_overrides(path: KeyPath | str, choice: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """The per-leaf settings a `where` choice carries, checked against ``allowed``.
+
+    The one check of per-leaf overrides for every technique: ``True`` (or any
+    non-mapping choice) carries none; a mapping with a key outside ``allowed`` raises a
+    ``ValueError`` naming the leaf.
+    """
+    if not isinstance(choice, Mapping):
+        return {}
+    unknown = sorted(set(choice) - set(allowed))
+    if unknown:
+        where = path if isinstance(path, str) else path_str(path)
+        raise ValueError(f"{where}: unknown per-leaf setting(s) {unknown} in `where`; "
+                         f"allowed: {list(allowed)}")
+    return dict(choice)
+
+
 def is_float_array(leaf: Any) -> bool:
     """True for array-likes with a floating dtype (float16, bfloat16, float32, float64)."""
     dtype = getattr(leaf, "dtype", None)

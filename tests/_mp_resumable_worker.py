@@ -31,10 +31,11 @@ def main(argv: list[str]) -> None:
     import numpy as np
     import optax
 
+    from jaxopt_lab import app as A
     from jaxopt_lab import train as T
 
-    data = T.load_digits(seed=0, image=False)
-    state = T.train_resumable(T.MLP(hidden=(32,)), data, optax.adam(1e-2), steps=STEPS,
+    data = A.load_digits(seed=0, image=False)
+    state = T.train_resumable(A.MLP(hidden=(32,)), data, optax.adam(1e-2), steps=STEPS,
                               ckpt_dir=ckpt_dir, save_every=SAVE_EVERY, batch_size=BATCH,
                               mesh=dist.global_mesh(), max_to_keep=None)
     params = jax.tree_util.tree_flatten_with_path(dist.to_host(state.params))[0]

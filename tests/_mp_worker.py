@@ -24,8 +24,8 @@ def experiment():
     """``(model, tx)``: a digits MLP under Adam with gradual magnitude pruning to 80%."""
     import optax
 
-    from jaxopt_lab.prune import magnitude_mask, polynomial_schedule, prune
-    from jaxopt_lab.train import MLP
+    from jaxopt_lab.pruning import magnitude_mask, polynomial_schedule, prune
+    from jaxopt_lab.app import MLP
 
     tx = optax.chain(
         optax.adam(1e-2), prune(magnitude_mask, polynomial_schedule(0.0, 0.8, 0, 6))

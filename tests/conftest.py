@@ -46,7 +46,7 @@ def quick_report(tmp_path_factory):
     Returns ``(exit code, output folder, printed stdout)``; tests that need the quick job's
     output share this run instead of paying for their own.
     """
-    from jaxopt_lab.cli import main
+    from jaxopt_lab.app.cli import main
 
     out = tmp_path_factory.mktemp("quick_report")
     printed = io.StringIO()

@@ -74,10 +74,10 @@ _COMMON = ("benchmarks/_util.py", "jaxopt_lab/_select.py", "jaxopt_lab/train")
 SOURCES = {
     "quantization.json": ("benchmarks/quantization.py", "jaxopt_lab/quant", "jaxopt_lab/fold",
                           *_COMMON),
-    "pruning.json": ("benchmarks/pruning.py", "jaxopt_lab/prune", *_COMMON),
+    "pruning.json": ("benchmarks/pruning.py", "jaxopt_lab/pruning", *_COMMON),
     "prune_step_variants.json": ("benchmarks/prune_step_variants.py", "benchmarks/pruning.py",
-                                 "jaxopt_lab/prune", *_COMMON),
-    "sweep.json": ("benchmarks/sweep.py", "jaxopt_lab/sweep.py", "jaxopt_lab/prune",
+                                 "jaxopt_lab/pruning", *_COMMON),
+    "sweep.json": ("benchmarks/sweep.py", "jaxopt_lab/app/sweeps.py", "jaxopt_lab/pruning",
                    *_COMMON),
 }
 

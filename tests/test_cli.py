@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import jaxopt_lab as jol
-from jaxopt_lab.cli import build_parser, main
-from jaxopt_lab.report import VARIANTS
-from jaxopt_lab.report.settings import NPZ_LAYOUT
+from jaxopt_lab.app.cli import build_parser, main
+from jaxopt_lab.app.report import VARIANTS
+from jaxopt_lab.app.report.settings import NPZ_LAYOUT
 
 # Both modules share the session's one quick run: keep them on one xdist worker.
 pytestmark = pytest.mark.xdist_group("quick_report")
@@ -248,7 +248,7 @@ def test_help_imports_no_jax():
         "import sys, types, contextlib, io\n"
         f"pkg = types.ModuleType('jaxopt_lab'); pkg.__path__ = [{root!r} + '/jaxopt_lab']\n"
         "sys.modules['jaxopt_lab'] = pkg\n"
-        "from jaxopt_lab.cli import main\n"
+        "from jaxopt_lab.app.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n        main(['run', '--help'])\n    except SystemExit:\n        pass\n"
         "heavy = sorted(m for m in ('jax', 'numpy', 'optax', 'flax') if m in sys.modules)\n"

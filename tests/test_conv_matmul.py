@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 
-from jaxopt_lab import train
+from jaxopt_lab import app
 from jaxopt_lab._conv_matmul import conv_as_matmul, convs_as_matmuls
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -73,7 +73,7 @@ def test_vmapped_over_kernels():
 
 
 def test_context_rewrites_linen_convs_only_inside_it():
-    model = train.StudentCNN()
+    model = app.StudentCNN()
     x = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
     v = jax.jit(lambda k: model.init(k, x))(jax.random.PRNGKey(1))
     with convs_as_matmuls():

@@ -96,7 +96,7 @@ def test_layer_names_and_errors(net):
 
 def test_reference_cnns_expose_hint_layers():
     x = jnp.zeros((2, 8, 8, 1))
-    teacher, student = jol.train.TeacherCNN(), jol.train.StudentCNN()
+    teacher, student = jol.app.TeacherCNN(), jol.app.StudentCNN()
     t_vars = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), x))
     s_vars = jax.eval_shape(lambda: student.init(jax.random.PRNGKey(0), x))
     assert "BatchNorm_1" in layer_names(teacher, t_vars, x)

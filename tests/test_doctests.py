@@ -24,7 +24,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
 def test_modules_are_found():
-    assert {"jaxopt_lab.quant.core", "jaxopt_lab.prune.transform", "jaxopt_lab.cli"} <= set(
+    assert {"jaxopt_lab.quant.core", "jaxopt_lab.pruning.transform", "jaxopt_lab.app.cli"} <= set(
         MODULES)
 
 

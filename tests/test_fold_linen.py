@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import jaxopt_lab as jol
 from jaxopt_lab.fold import arith
-from jaxopt_lab.train.models import StudentCNN, TeacherCNN
+from jaxopt_lab.app.models import StudentCNN, TeacherCNN
 
 DIGITS = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
 
@@ -198,7 +198,7 @@ def test_bad_inputs_raise():
 
 
 def test_fold_then_quantize_keeps_accuracy():
-    data = jol.train.load_digits()
+    data = jol.app.load_digits()
     model = StudentCNN(features=8, hidden=32)
     tx = optax.adam(1e-2)
     init = random_variables(model, data.train.x[:1], zero_scale=False)  # no eager init

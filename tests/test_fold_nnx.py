@@ -8,7 +8,7 @@ from _fold_testing import leaves_equal, nnx_call, random_nnx, rel_err
 from flax import nnx
 
 import jaxopt_lab as jol
-from jaxopt_lab.train.models import NNXMLP
+from jaxopt_lab.app.models import NNXMLP
 
 
 def _state(module):

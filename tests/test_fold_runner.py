@@ -8,7 +8,7 @@ import pytest
 from _fold_testing import random_variables, rel_err
 
 import jaxopt_lab as jol
-from jaxopt_lab.train.models import TeacherCNN
+from jaxopt_lab.app.models import TeacherCNN
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 1)), jnp.float32)
 

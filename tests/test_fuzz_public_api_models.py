@@ -574,9 +574,9 @@ def test_make_dataset_load_npz_and_batches(data, n, x_shape, dtype, kind, fracti
     with tempfile.TemporaryDirectory() as d:  # load_npz: the same arrays from a file
         path = os.path.join(d, "data.npz")
         np.savez(path, x=x, y=y) if data.draw(st.booleans()) else np.savez(path, z=x)
-        from_file, file_err = attempt(jol.train.load_npz, path, seed=3, fractions=fractions,
+        from_file, file_err = attempt(jol.app.load_npz, path, seed=3, fractions=fractions,
                                       num_classes=num_classes, normalize=normalize)
-        _, missing_err = attempt(jol.train.load_npz, os.path.join(d, "missing.npz"))
+        _, missing_err = attempt(jol.app.load_npz, os.path.join(d, "missing.npz"))
         assert missing_err is not None
     if err is not None:
         assert bad, f"make_dataset rejected valid data: {err}"
@@ -664,7 +664,7 @@ def test_regularisers(data, tree, where, strength):
 def _sweep_setup():
     rng = np.random.default_rng(0)
     data = jol.train.make_dataset(rng.standard_normal((20, 4)), np.arange(20) % 2, seed=0)
-    return jol.train.MLP(hidden=(3,), num_classes=2), data
+    return jol.app.MLP(hidden=(3,), num_classes=2), data
 
 
 @settings(max_examples=40, deadline=None)  # each example builds a sweep program (seconds): 40 cover the grid
@@ -679,6 +679,6 @@ def test_sweep_rejects_bad_arguments(broken, values, epochs, batch_size, name):
     kw = dict(values=[0.1], epochs=1, batch_size=4, name="lr")
     kw[broken] = {"values": values, "epochs": epochs, "batch_size": batch_size,
                   "name": name}.get(broken)
-    _, err = attempt(jol.sweep, model, data, lambda v: optax.sgd(v), kw["values"],
+    _, err = attempt(jol.app.sweep, model, data, lambda v: optax.sgd(v), kw["values"],
                      epochs=kw["epochs"], batch_size=kw["batch_size"], name=kw["name"])
     assert err is not None, f"sweep accepted a bad {broken}"

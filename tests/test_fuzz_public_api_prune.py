@@ -361,7 +361,7 @@ def _check_sparsity(tree):
 
 @functools.cache
 def _compact_model():
-    model = jol.train.MLP(hidden=(4, 3), num_classes=2)
+    model = jol.app.MLP(hidden=(4, 3), num_classes=2)
     x = jnp.asarray(fz.fill((2, 5), np.float32, "normal", 0))
     return model, model.init(jax.random.PRNGKey(0), x), x
 

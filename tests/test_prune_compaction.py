@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxopt_lab as jol
-from jaxopt_lab.prune.compaction import compact, expand_channel_mask
-from jaxopt_lab.train.models import MLP, NNXMLP, TeacherCNN
+from jaxopt_lab.pruning.compaction import compact, expand_channel_mask
+from jaxopt_lab.app.models import MLP, NNXMLP, TeacherCNN
 
 X = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 1))
 
@@ -49,8 +49,8 @@ def test_compacted_model_equals_masked_model(model, head, sparsity):
     small, sv = compact(model, v, mask, X[:1])
     got = jax.jit(small.apply)(sv, X)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    kept = jol.train.param_count(sv["params"])
-    assert kept < jol.train.param_count(v["params"]) * (1 - sparsity) + 2000
+    kept = jol.app.param_count(sv["params"])
+    assert kept < jol.app.param_count(v["params"]) * (1 - sparsity) + 2000
     if "batch_stats" in v:
         assert jax.tree.structure(sv["batch_stats"]) == jax.tree.structure(v["batch_stats"])
 
@@ -110,6 +110,6 @@ def test_bad_input():
     with pytest.raises(ValueError, match="mask tree does not match"):
         compact(model, v, {"Dense_0": dead["Dense_0"]}, X[:1])
     with pytest.raises(TypeError, match="resize"):
-        from jaxopt_lab.prune.compaction import _default_resize
+        from jaxopt_lab.pruning.compaction import _default_resize
 
         _default_resize(NNXMLP, [1])

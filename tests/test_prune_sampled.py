@@ -12,7 +12,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxopt_lab.prune import sampled, select
+from jaxopt_lab.pruning import sampled, select
 
 SHAPES = ((300, 250), (1000,))  # 76000 scores in two arrays: above select.SAMPLED_FROM
 TOTAL = sum(int(np.prod(s)) for s in SHAPES)
@@ -71,11 +71,11 @@ def test_keep_lowest_routes_large_inputs_through_the_sampled_select():
 
 
 def test_no_import_cycle_between_select_and_sampled():
-    # prune.select dispatches to prune.sampled; sampled builds on prune.radix only.
-    for module in (sampled, __import__("jaxopt_lab.prune.radix", fromlist=["radix"])):
+    # pruning.select dispatches to pruning.sampled; sampled builds on pruning.radix only.
+    for module in (sampled, __import__("jaxopt_lab.pruning.radix", fromlist=["radix"])):
         tree = ast.parse(pathlib.Path(module.__file__).read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                     for a in n.names} | {n.module or "" for n in ast.walk(tree)
                                          if isinstance(n, ast.ImportFrom)}
-        assert "select" not in imported and "jaxopt_lab.prune.select" not in imported, (
+        assert "select" not in imported and "jaxopt_lab.pruning.select" not in imported, (
             module.__name__)

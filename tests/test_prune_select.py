@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxopt_lab.prune import select
-from jaxopt_lab.prune.masks import magnitude_mask, random_mask
-from jaxopt_lab.prune.structured import nm_mask
+from jaxopt_lab.pruning import select
+from jaxopt_lab.pruning.masks import magnitude_mask, random_mask
+from jaxopt_lab.pruning.structured import nm_mask
 
 SHAPES = [(64, 128), (100,), (3, 5, 7)]  # 8192 (radix) + small leaves
 TOTAL = sum(math.prod(s) for s in SHAPES)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxopt_lab as jol
-from jaxopt_lab.prune.sparse import SparseTensor, is_sparse, sparse_array, to_dense, to_sparse
+from jaxopt_lab.pruning.sparse import SparseTensor, is_sparse, sparse_array, to_dense, to_sparse
 
 NASTY = st.sampled_from([0.0, 0.0, 0.0, -0.0, 1.0, np.nan, np.inf, -np.inf, 1e-45, -3e38])
 _dense = jax.jit(to_dense)

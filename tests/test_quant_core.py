@@ -144,7 +144,7 @@ def test_where_mapping_gives_mixed_precision():
     assert [q[k].bits for k in ("first", "mid", "last")] == [8, 4, 8]
     q = jol.quantize(tree, where={"first": False, "mid": {"granularity": "tensor"}, "last": True})
     assert q["first"] is tree["first"] and q["mid"].granularity == "tensor"
-    with pytest.raises(ValueError, match=r"\['first'\]: unknown quantization settings \['bitz'\]"):
+    with pytest.raises(ValueError, match=r"\['first'\]: unknown per-leaf setting\(s\) \['bitz'\]"):
         jol.quantize(tree, where=lambda p, x: {"bitz": 4})
 
 

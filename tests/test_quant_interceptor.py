@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxopt_lab as jol
-from jaxopt_lab.train.models import MLP, TeacherCNN
+from jaxopt_lab.app.models import MLP, TeacherCNN
 
 
 class GeneralEinsum(nn.Module):
@@ -29,7 +29,7 @@ class GeneralEinsum(nn.Module):
 
 @functools.cache
 def _data(n=32):
-    x = jol.train.load_digits().test.x[:n]
+    x = jol.app.load_digits().test.x[:n]
     return jnp.asarray(x)
 
 

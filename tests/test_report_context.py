@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from jaxopt_lab.report.context import JobContext
+from jaxopt_lab.app.report.context import JobContext
 
 
 def _ctx():

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jaxopt_lab.report import VARIANTS, JobSettings, run_job, select_variants
-from jaxopt_lab.report.job import load_data
+from jaxopt_lab.app.report import VARIANTS, JobSettings, run_job, select_variants
+from jaxopt_lab.app.report.job import load_data
 
 
 @given(st.lists(st.sampled_from(VARIANTS), min_size=1, max_size=6))

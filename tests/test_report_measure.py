@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxopt_lab as jol
-from jaxopt_lab.report import measure
-from jaxopt_lab.report.variants import Variant
+from jaxopt_lab.app.report import measure
+from jaxopt_lab.app.report.variants import Variant
 
 
 @given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, max_side=6),

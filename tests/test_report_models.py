@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopt_lab import train
-from jaxopt_lab.report.models import DenseBNNet, as_model_input, models_for, resize
+from jaxopt_lab import app
+from jaxopt_lab.app.report.models import DenseBNNet, as_model_input, models_for, resize
 
 
 @pytest.mark.parametrize("shape, kind", [
@@ -38,4 +38,4 @@ def test_resize_gives_the_kept_widths():
 
 def test_resize_refuses_other_models():
     with pytest.raises(TypeError):
-        resize(train.MLP(), [3])
+        resize(app.MLP(), [3])

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxopt_lab as jol
-from jaxopt_lab.report.pipeline import from_storage, kept_mask, to_storage
+from jaxopt_lab.app.report.pipeline import from_storage, kept_mask, to_storage
 
 # A few shapes only: every new shape compiles the quantizer's ops again.
 KERNELS = hnp.arrays(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jaxopt_lab.report import render
+from jaxopt_lab.app.report import render
 
 
 def _row(name, acc, size, b1=0.1, b256=2.0, **extra):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxopt_lab.report.settings import VARIANTS, JobSettings
+from jaxopt_lab.app.report.settings import VARIANTS, JobSettings
 
 
 def test_quick_preset_is_smaller_than_the_default():

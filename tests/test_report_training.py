@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxopt_lab import train
-from jaxopt_lab.report.models import DenseBNNet
-from jaxopt_lab.report.training import (
+from jaxopt_lab.app.report.models import DenseBNNet
+from jaxopt_lab.app.report.training import (
     check_devices,
     fit_model,
     global_batch,

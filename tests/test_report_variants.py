@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import jaxopt_lab as jol
-from jaxopt_lab.report import variants as V
-from jaxopt_lab.train.models import TeacherCNN
+from jaxopt_lab.app.report import variants as V
+from jaxopt_lab.app.models import TeacherCNN
 
 X = jax.random.normal(jax.random.PRNGKey(1), (5, 8, 8, 1))
 

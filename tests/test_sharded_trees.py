@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxopt_lab as jol
-from jaxopt_lab.prune import select
+from jaxopt_lab.pruning import select
 
 
 def _mesh():

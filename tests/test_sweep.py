@@ -12,9 +12,8 @@ import optax
 import pytest
 
 import jaxopt_lab as jol
-from jaxopt_lab.cli import main
-from jaxopt_lab import sweep as _  # noqa: F401  (the module is shadowed by the function)
-from jaxopt_lab.sweep import (
+from jaxopt_lab.app.cli import main
+from jaxopt_lab.app.sweeps import (
     epoch_batches,
     format_table,
     sparsity_optimizer,
@@ -22,8 +21,8 @@ from jaxopt_lab.sweep import (
     training_run,
 )
 
-DATA = jol.train.load_digits()
-MLP = jol.train.MLP(hidden=(16,))
+DATA = jol.app.load_digits()
+MLP = jol.app.MLP(hidden=(16,))
 
 
 def test_epoch_batches_are_fits_batches():
@@ -43,7 +42,7 @@ def test_vmapped_sweep_equals_each_configuration_alone():
         traces.append(1)
         return optax.adam(lr)
 
-    rows = jol.sweep(MLP, DATA, make, lrs, epochs=1, name="learning_rate")
+    rows = jol.app.sweep(MLP, DATA, make, lrs, epochs=1, name="learning_rate")
     assert len(traces) == 1  # vmap traces one configuration for all values
     assert [r["learning_rate"] for r in rows] == pytest.approx(lrs)
     run = jax.jit(training_run(MLP, DATA, lambda lr: optax.adam(lr), epochs=1, batch_size=64,
@@ -63,7 +62,7 @@ def test_vmapped_sweep_equals_each_configuration_alone():
 def test_sparsity_sweep_reaches_each_target():
     targets = [0.0, 0.5, 0.9]
     make = sparsity_optimizer(learning_rate=1e-3, end_step=10)
-    rows = jol.sweep(MLP, DATA, make, targets, epochs=1, name="sparsity")
+    rows = jol.app.sweep(MLP, DATA, make, targets, epochs=1, name="sparsity")
     sizes = [x.size for x in jax.tree.leaves(MLP.init(jax.random.PRNGKey(0), DATA.train.x[:1]))
              if x.ndim >= 2]
     for row, target in zip(rows, targets):
@@ -86,14 +85,14 @@ def test_sweep_command_trains_the_student(tmp_path, capsys):
 @pytest.mark.parametrize("values", [[], [[0.1]], [float("nan")], [0.1, float("inf")]])
 def test_bad_values(values):
     with pytest.raises(ValueError, match="values"):
-        jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), values, epochs=1)
+        jol.app.sweep(MLP, DATA, lambda lr: optax.sgd(lr), values, epochs=1)
 
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="epochs"):
-        jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], epochs=0)
+        jol.app.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], epochs=0)
     with pytest.raises(ValueError, match="clashes"):
-        jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], name="val_accuracy")
+        jol.app.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], name="val_accuracy")
     with pytest.raises(ValueError, match="param"):
         sweep_student(param="momentum")
 
@@ -111,7 +110,7 @@ def test_format_table():
 
 
 @pytest.mark.parametrize("arg, bad", [
-    ("model", "not a model"), ("model", jol.train.NNXMLP), ("data", DATA.train),
+    ("model", "not a model"), ("model", jol.app.NNXMLP), ("data", DATA.train),
     ("data", (DATA.train.x, DATA.train.y)), ("make_optimizer", optax.sgd(0.1)),
     ("epochs", 1.5), ("epochs", "2"), ("batch_size", 2.5), ("seed", None), ("name", 3),
 ])
@@ -121,6 +120,6 @@ def test_bad_types_raise_type_error_naming_the_argument(arg, bad):
               batch_size=4, seed=0, name="lr")
     kw[arg] = bad
     with pytest.raises(TypeError, match=arg):
-        jol.sweep(kw.pop("model"), kw.pop("data"), kw.pop("make_optimizer"), [0.1], **kw)
+        jol.app.sweep(kw.pop("model"), kw.pop("data"), kw.pop("make_optimizer"), [0.1], **kw)
     with pytest.raises(ValueError, match="batch_size"):
-        jol.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], batch_size=0)
+        jol.app.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], batch_size=0)

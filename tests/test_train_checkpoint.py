@@ -17,8 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxopt_lab import app as A
+
 from jaxopt_lab import train as T
-from jaxopt_lab.prune import PruneState, magnitude_mask, polynomial_schedule, prune
+from jaxopt_lab.pruning import PruneState, magnitude_mask, polynomial_schedule, prune
 from jaxopt_lab.quant import lsq_fake_quant, lsq_init
 from jaxopt_lab.train.checkpoint import Checkpointer, DataPosition
 
@@ -30,7 +32,7 @@ def _net_kernels(path, leaf):
 def qat_prune_setup():
     """An MLP trained with LSQ fake quantization (trainable step sizes in the params)
     and gradual magnitude pruning of its kernels: every kind of state a run carries."""
-    model = T.MLP(hidden=(16,))
+    model = A.MLP(hidden=(16,))
     tx = optax.chain(optax.adam(1e-2),
                      prune(magnitude_mask, polynomial_schedule(0.0, 0.5, 0, 4),
                            where=_net_kernels))
@@ -51,7 +53,7 @@ def qat_prune_setup():
 def trained_state():
     """``(state after 3 steps, an abstract state of the same structure as restore target)``."""
     model, tx, variables, transform = qat_prune_setup()
-    data = T.load_digits(image=False)
+    data = A.load_digits(image=False)
     state = T.create_train_state(model, tx, data.train.x, variables=variables(0))
     step = jax.jit(T.make_train_step(model, tx, param_transform=transform))
     for x, y in itertools.islice(T.batches(data.train, 64), 3):

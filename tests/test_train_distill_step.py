@@ -20,7 +20,8 @@ from jaxopt_lab.train import (
     make_distill_step,
     student_variables,
 )
-from jaxopt_lab.train import MLP, create_train_state, make_train_step
+from jaxopt_lab.app import MLP
+from jaxopt_lab.train import create_train_state, make_train_step
 
 T, ALPHA = 3.0, 0.7
 N_DEV = 8

@@ -24,6 +24,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jaxopt_lab import app as A
+
 from jaxopt_lab import train as T
 from jaxopt_lab.train import distributed as dist
 from jaxopt_lab.train.checkpoint import Checkpointer
@@ -88,7 +90,7 @@ def running_job(work: Path):
 
 @functools.lru_cache(maxsize=None)
 def _train_split():
-    return T.load_digits(seed=0, image=False).train
+    return A.load_digits(seed=0, image=False).train
 
 
 @functools.lru_cache(maxsize=None)

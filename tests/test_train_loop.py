@@ -12,12 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxopt_lab as jol
+from jaxopt_lab import app as A
 from jaxopt_lab import train as T
 
 
 @functools.lru_cache(maxsize=None)
 def _digits():
-    return T.load_digits(seed=0)
+    return A.load_digits(seed=0)
 
 
 @given(metrics=st.lists(st.floats(0, 1), min_size=1, max_size=30), patience=st.integers(0, 4),
@@ -52,14 +53,14 @@ def test_early_stopping_bad_input():
 
 def test_teacher_reaches_97_percent_and_student_is_a_quarter_of_its_size():
     d = _digits()
-    teacher, student = T.TeacherCNN(), T.StudentCNN()
+    teacher, student = A.TeacherCNN(), A.StudentCNN()
     variables, history = T.fit(teacher, d, optax.adam(2e-3), epochs=8, patience=3)
     result = T.evaluate(teacher, variables, d.test)
     assert result["accuracy"] >= 0.97, result
     assert 0.9 <= result["f1_macro"] <= 1 and np.isfinite(result["loss"])
     assert len(history["val_accuracy"]) <= 8 and 0 <= history["best_epoch"] < 8
-    n_t = T.param_count(variables["params"])
-    n_s = T.param_count(T.init_model(student, d.train.x)["params"])
+    n_t = A.param_count(variables["params"])
+    n_s = A.param_count(A.init_model(student, d.train.x)["params"])
     assert n_s * 4 <= n_t, (n_s, n_t)
     # The best weights (not the last) are returned: re-evaluating val gives the best value.
     val = T.evaluate(teacher, variables, d.val)["accuracy"]
@@ -70,12 +71,12 @@ def test_fit_with_l1_and_an_optax_schedule_trains_the_mlp():
     d = _digits()
     lr = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 5, 100)
     tx = optax.chain(T.add_l1(1e-5), T.add_l2(1e-4), optax.adam(lr))
-    variables, _ = T.fit(T.MLP(hidden=(64,)), d, tx, epochs=4)
-    assert T.evaluate(T.MLP(hidden=(64,)), variables, d.test)["accuracy"] > 0.9
+    variables, _ = T.fit(A.MLP(hidden=(64,)), d, tx, epochs=4)
+    assert T.evaluate(A.MLP(hidden=(64,)), variables, d.test)["accuracy"] > 0.9
 
 
 def test_tree_transforms_work_on_nnx_state():
-    model = T.NNXMLP(rngs=nnx.Rngs(0))
+    model = A.NNXMLP(rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x = _digits().test.x[:32]
     want = np.asarray(model(x))
@@ -92,14 +93,14 @@ def test_tree_transforms_work_on_nnx_state():
 
 def test_fit_rejects_bad_settings():
     with pytest.raises(ValueError, match="epochs"):
-        T.fit(T.MLP(), _digits(), optax.sgd(0.1), epochs=0)
+        T.fit(A.MLP(), _digits(), optax.sgd(0.1), epochs=0)
     with pytest.raises(ValueError, match="batch_size"):
-        T.fit(T.MLP(), _digits(), optax.sgd(0.1), epochs=1, batch_size=100_000)
+        T.fit(A.MLP(), _digits(), optax.sgd(0.1), epochs=1, batch_size=100_000)
 
 
 def test_fit_keep_last_returns_the_final_state_and_validates_keep_and_mesh():
     d = _digits()
-    model = T.MLP(hidden=(16,))
+    model = A.MLP(hidden=(16,))
     last, history = T.fit(model, d, optax.sgd(0.05), epochs=2, keep="last")
     final = history["final_state"]
     chex.assert_trees_all_equal(last["params"], final.params)

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jaxopt_lab.train.models import max_pool_2x2
+from jaxopt_lab.app.models import max_pool_2x2
 
 _shapes = st.tuples(st.integers(1, 3), st.integers(1, 7), st.integers(1, 7), st.integers(1, 3))
 

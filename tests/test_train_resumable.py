@@ -17,8 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxopt_lab import app as A
+
 from jaxopt_lab import train as T
-from jaxopt_lab.prune import magnitude_mask, polynomial_schedule, prune
+from jaxopt_lab.pruning import magnitude_mask, polynomial_schedule, prune
 from jaxopt_lab.quant import lsq_fake_quant, lsq_init
 from jaxopt_lab.train.checkpoint import Checkpointer, DataPosition
 from jaxopt_lab.train.resumable import batches_from, train_resumable
@@ -34,11 +36,11 @@ def _net_kernels(path, leaf):
 def setup():
     """Digits MLP with LSQ quantization-aware training (step sizes trained in the params)
     and gradual magnitude pruning in the optimizer chain."""
-    model = T.MLP(hidden=(16,))
+    model = A.MLP(hidden=(16,))
     tx = optax.chain(optax.adam(1e-2),
                      prune(magnitude_mask, polynomial_schedule(0.0, 0.6, 0, 8),
                            where=_net_kernels))
-    data = T.load_digits(seed=0, image=False)
+    data = A.load_digits(seed=0, image=False)
 
     @jax.jit
     def init():

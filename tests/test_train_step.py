@@ -9,12 +9,14 @@ import numpy as np
 import optax
 import pytest
 
+from jaxopt_lab import app as A
+
 from jaxopt_lab import train as T
 
 
 @functools.lru_cache(maxsize=None)
 def _digits():
-    return T.load_digits(seed=0)
+    return A.load_digits(seed=0)
 
 
 def _batches(n_steps=3, bs=64):
@@ -41,7 +43,7 @@ def _run_three_ways(model, tx, *, param_transform=None):
     return s_jit, T.unreplicate(s_pm), s_mesh
 
 
-@pytest.mark.parametrize("model", [T.TeacherCNN(features=(8, 16, 16), hidden=32), T.MLP(hidden=(32,))],
+@pytest.mark.parametrize("model", [A.TeacherCNN(features=(8, 16, 16), hidden=32), A.MLP(hidden=(32,))],
                          ids=["teacher_bn", "mlp"])
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_jit_pmap_mesh_give_same_params(model, opt):
@@ -64,7 +66,7 @@ def test_jit_pmap_mesh_give_same_params(model, opt):
 
 
 def test_param_transform_is_applied_inside_the_loss():
-    model, tx = T.MLP(hidden=(16,)), optax.sgd(0.1)
+    model, tx = A.MLP(hidden=(16,)), optax.sgd(0.1)
     d = _digits()
     s0 = T.create_train_state(model, tx, d.train.x)
     x, y = _batches(1)[0]
@@ -81,7 +83,7 @@ def test_param_transform_is_applied_inside_the_loss():
 def test_bad_global_batch_for_devices():
     with pytest.raises(ValueError, match="not divisible"):
         T.shard_batch_for_pmap(np.zeros((10, 3)), 8)
-    model, tx = T.MLP(hidden=(8,)), optax.sgd(0.1)
+    model, tx = A.MLP(hidden=(8,)), optax.sgd(0.1)
     _, _, put_batch = T.mesh_train_step(model, tx, T.data_mesh(8))
     with pytest.raises(ValueError, match="not divisible"):
         put_batch(np.zeros((10, 64), np.float32), np.zeros(10, np.int32))

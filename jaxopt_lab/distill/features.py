@@ -12,7 +12,7 @@ image features) takes the student's features to the teacher's width.
 
 Examples:
   >>> import jax, jax.numpy as jnp, jaxopt_lab as jol
-  >>> model = jol.train.StudentCNN(); x = jnp.zeros((2, 8, 8, 1))
+  >>> model = jol.app.StudentCNN(); x = jnp.zeros((2, 8, 8, 1))
   >>> variables = model.init(jax.random.PRNGKey(0), x)
   >>> logits, feats = jol.distill.capture_features(model, variables, x, layers=["BatchNorm_0"])
   >>> feats["BatchNorm_0"].shape

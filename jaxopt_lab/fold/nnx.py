@@ -223,7 +223,7 @@ def bn_fold_nnx(module: nnx.Module, *example_args, return_report: bool = False,
     Examples:
       >>> import jax.numpy as jnp, jaxopt_lab as jol
       >>> from flax import nnx
-      >>> model = jol.train.NNXMLP(din=4, hidden=8, num_classes=3, rngs=nnx.Rngs(0))
+      >>> model = jol.app.NNXMLP(din=4, hidden=8, num_classes=3, rngs=nnx.Rngs(0))
       >>> model.eval()
       >>> x = jnp.ones((2, 4))
       >>> folded = jol.bn_fold_nnx(model, x)

@@ -106,12 +106,3 @@ def check_weights(name: str, w) -> None:
                          f"{getattr(w, 'dtype', type(w))} of shape {np.shape(w)}")
     if not isinstance(w, jax.core.Tracer) and not bool(np.isfinite(np.asarray(w)).all()):
         raise ValueError(f"{name}: the kernel holds NaN or Inf")
-
-
-def overrides(name: str, choice: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(choice, Mapping):
-        return {}
-    bad = set(choice) - set(allowed)
-    if bad:
-        raise ValueError(f"{name}: unknown per-leaf settings {sorted(bad)}; allowed {allowed}")
-    return dict(choice)

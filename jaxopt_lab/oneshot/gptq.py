@@ -170,7 +170,7 @@ def gptq(
                 static_groups=static_groups, damp=damp, block_size=block_size)
 
     def one(name, path, leaf, choice):
-        s = {**base, **_layers.overrides(name, choice, tuple(base))}
+        s = {**base, **_select.leaf_overrides(name, choice, tuple(base))}
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         _obs.check_quant(name, mat.shape[0], s["bits"], s["group_size"])

@@ -164,7 +164,7 @@ def sparsegpt(
             masks.append(jnp.ones(np.shape(leaf), bool))
             continue
         name = _select.path_str(path)
-        s = {**base, **_layers.overrides(name, choice, tuple(base))}
+        s = {**base, **_select.leaf_overrides(name, choice, tuple(base))}
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         w2, mask = sparsegpt_matrix(mat, st.xtx, name=name, **s)

@@ -136,7 +136,7 @@ def wanda(
     base = dict(sparsity=sparsity, n=n, m=m, scope=scope)
 
     def one(name, path, leaf, choice):
-        s = {**base, **_layers.overrides(name, choice, tuple(base))}
+        s = {**base, **_select.leaf_overrides(name, choice, tuple(base))}
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         norm = jnp.sqrt(jnp.maximum(jnp.diag(st.xtx), 0.0))

@@ -134,14 +134,8 @@ def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any,
       ValueError: naming ``path`` for any bad value.
     """
     s = dict(base)
-    explicit = {}
-    if isinstance(choice, Mapping):
-        unknown = sorted(set(choice) - set(SETTING_KEYS))
-        if unknown:
-            raise ValueError(f"{path}: unknown quantization settings {unknown} in `where`; "
-                             f"allowed: {SETTING_KEYS}")
-        s.update(choice)
-        explicit = dict(choice)
+    explicit = _select.leaf_overrides(path, choice, SETTING_KEYS)
+    s.update(explicit)
     check_settings(path, s)
     dtype = getattr(leaf, "dtype", None)
     if not _select.is_float_array(leaf):

@@ -1,9 +1,13 @@
-"""Data, reference models, train and eval steps, regularisers, early stopping,
-checkpoints and resumable training, multi-process data parallelism."""
+"""Train and eval steps, regularisers, early stopping, checkpoints and resumable
+training, multi-process data parallelism, and the :class:`Dataset` they consume.
+
+The bundled data and reference models moved to :mod:`jaxopt_lab.app` (the main job);
+``jaxopt_lab.train.TeacherCNN`` and the other old names still resolve there, with a
+``DeprecationWarning``, for one release.
+"""
 
 from jaxopt_lab.train import data
 from jaxopt_lab.train import distributed
-from jaxopt_lab.train import models
 from jaxopt_lab.train.checkpoint import Checkpointer, DataPosition
 from jaxopt_lab.train.distill_step import (
     FeatureHint,
@@ -14,7 +18,7 @@ from jaxopt_lab.train.distill_step import (
     student_variables,
     teacher_outputs,
 )
-from jaxopt_lab.train.data import Dataset, Split, batches, load_digits, load_npz, make_dataset
+from jaxopt_lab.train.data import Dataset, Split, batches, make_dataset
 from jaxopt_lab.train.distributed import distributed_train_step, global_mesh, process_rows
 from jaxopt_lab.train.loop import (
     EarlyStoppingState,
@@ -24,7 +28,6 @@ from jaxopt_lab.train.loop import (
     fit,
     predict,
 )
-from jaxopt_lab.train.models import MLP, NNXMLP, StudentCNN, TeacherCNN, init_model, param_count
 from jaxopt_lab.train.regularize import add_l1, add_l2
 from jaxopt_lab.train.resumable import batches_from, train_resumable
 from jaxopt_lab.train.step import (
@@ -49,15 +52,11 @@ __all__ = (
     "make_distill_step",
     "student_variables",
     "teacher_outputs",
-    "MLP",
-    "NNXMLP",
     "Checkpointer",
     "DataPosition",
     "Dataset",
     "EarlyStoppingState",
     "Split",
-    "StudentCNN",
-    "TeacherCNN",
     "TrainState",
     "add_l1",
     "add_l2",
@@ -74,15 +73,10 @@ __all__ = (
     "evaluate",
     "fit",
     "global_mesh",
-    "init_model",
     "jit_train_step",
-    "load_digits",
-    "load_npz",
     "make_dataset",
     "make_train_step",
     "mesh_train_step",
-    "models",
-    "param_count",
     "pmap_train_step",
     "predict",
     "process_rows",
@@ -91,3 +85,23 @@ __all__ = (
     "train_resumable",
     "unreplicate",
 )
+
+
+# Moved to the app layer (one-release aliases): resolved on access, so the library never
+# imports the app.
+_MOVED = {"MLP": "models", "NNXMLP": "models", "StudentCNN": "models", "TeacherCNN": "models",
+          "init_model": "models", "param_count": "models", "models": None,
+          "load_digits": "datasets", "load_npz": "datasets"}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    module = _MOVED[name]
+    new = f"jaxopt_lab.app.{module}.{name}" if module else f"jaxopt_lab.app.{name}"
+    warnings.warn(f"jaxopt_lab.train.{name} moved to {new}", DeprecationWarning, stacklevel=2)
+    value = importlib.import_module(f"jaxopt_lab.app.{module or name}")
+    return getattr(value, name) if module else value

@@ -13,8 +13,8 @@ Restoring needs a *target*: a state of the right structure (e.g. a freshly creat
 
 Examples:
   >>> import tempfile, optax, jaxopt_lab as jol
-  >>> model, tx = jol.train.MLP(hidden=(8,)), optax.adam(1e-3)
-  >>> state = jol.train.create_train_state(model, tx, jol.train.load_digits().train.x)
+  >>> model, tx = jol.app.MLP(hidden=(8,)), optax.adam(1e-3)
+  >>> state = jol.train.create_train_state(model, tx, jol.app.load_digits().train.x)
   >>> with jol.train.Checkpointer(tempfile.mkdtemp()) as ckpt:
   ...     ckpt.save(0, state, jol.train.DataPosition(epoch=0, batch=0))
   ...     restored, position = ckpt.restore(state)

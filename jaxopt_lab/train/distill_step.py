@@ -13,9 +13,9 @@ a :class:`HintedParams` ``(student, projection)`` pair.
 
 Examples:
   >>> import jax, optax, jaxopt_lab as jol
-  >>> data = jol.train.load_digits()
-  >>> teacher, student = jol.train.MLP(hidden=(64,)), jol.train.MLP(hidden=(16,))
-  >>> t_vars = jol.train.init_model(teacher, data.train.x)  # in practice: a trained teacher
+  >>> data = jol.app.load_digits()
+  >>> teacher, student = jol.app.MLP(hidden=(64,)), jol.app.MLP(hidden=(16,))
+  >>> t_vars = jol.app.init_model(teacher, data.train.x)  # in practice: a trained teacher
   >>> tx = optax.adam(1e-3)
   >>> state = jol.distill.create_distill_state(student, tx, data.train.x)
   >>> step = jax.jit(jol.distill.make_distill_step(

@@ -112,7 +112,7 @@ def fit(
 
     Args:
       model: a linen module taking ``(x, train)``.
-      data: a :class:`Dataset` (e.g. ``jol.train.load_digits()``).
+      data: a :class:`Dataset` (e.g. ``jol.app.load_digits()``).
       tx: any optax transformation, e.g. ``optax.chain(optax.adam(1e-3), jol.prune(...))``.
       epochs: maximum number of passes over the training split.
       batch_size: examples per step (the last partial batch is dropped); with ``mesh``, the

@@ -8,8 +8,8 @@ bit-identical to those of a run that was never interrupted (same machine and sof
 
 Examples:
   >>> import tempfile, optax, jaxopt_lab as jol
-  >>> data, d = jol.train.load_digits(), tempfile.mkdtemp()
-  >>> model, tx = jol.train.MLP(hidden=(8,)), optax.adam(1e-2)
+  >>> data, d = jol.app.load_digits(), tempfile.mkdtemp()
+  >>> model, tx = jol.app.MLP(hidden=(8,)), optax.adam(1e-2)
   >>> part = jol.train.train_resumable(model, data, tx, steps=6, ckpt_dir=d, save_every=2,
   ...                                  stop_after=3)  # stops at step 3; step 2 is saved
   >>> full = jol.train.train_resumable(model, data, tx, steps=6, ckpt_dir=d, save_every=2)
@@ -57,7 +57,7 @@ def batches_from(
 
     Examples:
       >>> import itertools, jaxopt_lab as jol
-      >>> split = jol.train.load_digits().train  # 1257 examples: 4 batches of 256 per epoch
+      >>> split = jol.app.load_digits().train  # 1257 examples: 4 batches of 256 per epoch
       >>> stream = jol.train.batches_from(split, 256, jol.train.DataPosition(epoch=2, batch=3))
       >>> [p for p, x, y in itertools.islice(stream, 2)]
       [DataPosition(epoch=3, batch=0), DataPosition(epoch=3, batch=1)]

@@ -8,8 +8,8 @@ global batch, seed and steps the three agree to float tolerance.
 
 Examples:
   >>> import optax, jaxopt_lab as jol
-  >>> data = jol.train.load_digits()
-  >>> model, tx = jol.train.MLP(hidden=(32,)), optax.adam(1e-3)
+  >>> data = jol.app.load_digits()
+  >>> model, tx = jol.app.MLP(hidden=(32,)), optax.adam(1e-3)
   >>> state = jol.train.create_train_state(model, tx, data.train.x)
   >>> step = jax.jit(jol.train.make_train_step(model, tx))
   >>> state, metrics = step(state, data.train.x[:64], data.train.y[:64])

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any
 
-from jaxopt_lab.report.settings import FAMILIES
+from jaxopt_lab.app.report.settings import FAMILIES
 
 PLOTS = ("pareto.png", "learning_curves.png")
 

@@ -1,7 +1,7 @@
 """Histogram passes over int32 scores, and the exact two-pass radix select built on them.
 
-The primitives both selects share: ``prune.select`` (which picks a method by input size)
-and ``prune.sampled`` (whose one-pass select falls back to ``radix_keep``) import them from
+The primitives both selects share: ``pruning.select`` (which picks a method by input size)
+and ``pruning.sampled`` (whose one-pass select falls back to ``radix_keep``) import them from
 here, so neither imports the other's module back (no import cycle).
 """
 

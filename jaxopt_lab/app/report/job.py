@@ -17,11 +17,12 @@ import optax
 
 import jaxopt_lab as jol
 from jaxopt_lab import train
-from jaxopt_lab.report import measure, pipeline, render, variants
-from jaxopt_lab.report.context import JobContext
-from jaxopt_lab.report.models import as_model_input, models_for
-from jaxopt_lab.report.settings import NPZ_LAYOUT, VARIANTS, JobSettings
-from jaxopt_lab.report.training import check_devices
+from jaxopt_lab.app import datasets
+from jaxopt_lab.app.report import measure, pipeline, render, variants
+from jaxopt_lab.app.report.context import JobContext
+from jaxopt_lab.app.report.models import as_model_input, models_for
+from jaxopt_lab.app.report.settings import NPZ_LAYOUT, VARIANTS, JobSettings
+from jaxopt_lab.app.report.training import check_devices
 
 BUILDERS: dict[str, Callable[[JobContext], variants.Variant]] = {
     "baseline": variants.baseline,
@@ -70,11 +71,11 @@ def load_data(path: str | None, seed: int) -> tuple[train.Dataset, str]:
         three splits; the message names the expected layout.
     """
     if path is None:
-        data, name = train.load_digits(seed=seed), "digits (scikit-learn, embedded)"
+        data, name = datasets.load_digits(seed=seed), "digits (scikit-learn, embedded)"
     else:
         name = os.path.basename(path)
         try:
-            data = train.load_npz(path, seed=seed)
+            data = datasets.load_npz(path, seed=seed)
         except Exception as e:  # a CSV, a pickle, a corrupt zip, wrong keys or dtypes...
             raise ValueError(f"--data {path!r}: {_npz_problem(path, e)}; expected "
                              f"{NPZ_LAYOUT}") from None
@@ -238,7 +239,7 @@ def run_job(settings: JobSettings, *, out: str, data_path: str | None = None,
 
     Examples:
       >>> import tempfile
-      >>> from jaxopt_lab.report import JobSettings, run_job
+      >>> from jaxopt_lab.app.report import JobSettings, run_job
       >>> settings = JobSettings.preset(quick=True, teacher_epochs=1, progress=False)
       >>> report = run_job(settings, out=tempfile.mkdtemp(), only="int8_ptq")
       >>> [row["name"] for row in report["variants"]]

@@ -1,9 +1,9 @@
 """Pruning: exact mask functions, sparsity schedules, the ``prune`` optax transformation,
 channel compaction and sparse storage."""
 
-from jaxopt_lab.prune.compaction import compact, expand_channel_mask
-from jaxopt_lab.prune.masks import magnitude_mask, random_mask, saliency_mask
-from jaxopt_lab.prune.schedules import (
+from jaxopt_lab.pruning.compaction import compact, expand_channel_mask
+from jaxopt_lab.pruning.masks import magnitude_mask, random_mask, saliency_mask
+from jaxopt_lab.pruning.schedules import (
     constant_schedule,
     constant_sparsity,
     one_shot_schedule,
@@ -11,9 +11,9 @@ from jaxopt_lab.prune.schedules import (
     polynomial_schedule,
     polynomial_sparsity,
 )
-from jaxopt_lab.prune.sparse import SparseTensor, to_dense, to_sparse
-from jaxopt_lab.prune.structured import channel_mask, nm_mask
-from jaxopt_lab.prune.transform import PruneState, Sparsity, apply_mask, prune, sparsity
+from jaxopt_lab.pruning.sparse import SparseTensor, to_dense, to_sparse
+from jaxopt_lab.pruning.structured import channel_mask, nm_mask
+from jaxopt_lab.pruning.transform import PruneState, Sparsity, apply_mask, prune, sparsity
 
 __all__ = (
     "PruneState",

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_lab.prune.transform import apply_mask, check_masks
+from jaxopt_lab.pruning.transform import apply_mask, check_masks
 
 Params = Any
 Resize = Callable[[nn.Module, list[int]], nn.Module]
@@ -156,7 +156,7 @@ def compact(
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxopt_lab as jol
-      >>> model = jol.train.MLP(hidden=(8,))
+      >>> model = jol.app.MLP(hidden=(8,))
       >>> x = jnp.ones((2, 4))
       >>> v = model.init(jax.random.PRNGKey(0), x)
       >>> m = jol.channel_mask(v["params"], 0.5, where=lambda p, w: "Dense_0" in str(p))

@@ -23,8 +23,8 @@ import numpy as np
 
 import jaxopt_lab as jol
 from jaxopt_lab import train
-from jaxopt_lab.report.training import run_once
-from jaxopt_lab.report.variants import Variant
+from jaxopt_lab.app.report.training import run_once
+from jaxopt_lab.app.report.variants import Variant
 
 LATENCY_BATCHES = (1, 256)
 

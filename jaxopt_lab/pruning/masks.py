@@ -14,7 +14,7 @@ its own target.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import _select
-from jaxopt_lab.prune import select
+from jaxopt_lab.pruning import select
 
 Params = Any
 # (path, leaf, previous leaf mask) -> the operands of ``select.SCORE_KINDS[kind]``
@@ -36,18 +36,6 @@ def check_sparsity(sparsity: Any, what: str = "sparsity") -> None:
     value = np.asarray(sparsity)
     if value.shape != () or not (0.0 <= float(value) <= 1.0):
         raise ValueError(f"{what} must be a scalar in [0, 1], got {sparsity!r}")
-
-
-def _overrides(path, choice, allowed: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(choice, Mapping):
-        return {}
-    bad = set(choice) - set(allowed)
-    if bad:
-        raise ValueError(
-            f"{_select.path_str(path)}: unsupported per-leaf setting(s) {sorted(bad)}; "
-            f"allowed: {list(allowed)}"
-        )
-    return dict(choice)
 
 
 def previous_leaves(tree: Params, previous: Params | None) -> list[Any]:
@@ -93,7 +81,7 @@ def ranked_mask(
         if choice is False:
             out.append(jnp.ones(np.shape(leaf), bool))
             continue
-        settings = _overrides(path, choice, ("sparsity",))
+        settings = _select.leaf_overrides(path, choice, ("sparsity",))
         operands = operands_fn(path, leaf, prev[i])
         size = int(np.size(leaf))
         out.append(None)

@@ -1,7 +1,7 @@
 """Structured mask functions: N:M groups and whole output channels.
 
 Both follow the ``mask_fn(tree, sparsity, ...) -> mask tree`` protocol of
-:mod:`jaxopt_lab.prune.masks` (True = keep, all-True for unselected leaves, ``previous``
+:mod:`jaxopt_lab.pruning.masks` (True = keep, all-True for unselected leaves, ``previous``
 for nested masks) and select leaves with ``where``.
 """
 
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import _select
-from jaxopt_lab.prune import select
-from jaxopt_lab.prune.masks import _overrides, check_sparsity, previous_leaves
+from jaxopt_lab.pruning import select
+from jaxopt_lab.pruning.masks import check_sparsity, previous_leaves
 
 Params = Any
 
@@ -128,7 +128,7 @@ def nm_mask(
             out.append(jnp.ones(shape, bool))
             continue
         name = _select.path_str(path)
-        s = _overrides(path, choice, ("n", "m", "axis"))
+        s = _select.leaf_overrides(path, choice, ("n", "m", "axis"))
         ln, lm, lax_ = s.get("n", n), s.get("m", m), s.get("axis", axis)
         _check_nm(name, ln, lm)
         if not -len(shape) <= lax_ < len(shape):
@@ -213,7 +213,7 @@ def channel_mask(
             out.append(jnp.ones(shape, bool))
             continue
         name = _select.path_str(path)
-        s = _overrides(path, choice, ("sparsity",)).get("sparsity", sparsity)
+        s = _select.leaf_overrides(path, choice, ("sparsity",)).get("sparsity", sparsity)
         check_sparsity(s, f"{name}: sparsity")
         if not -len(shape) <= axis < len(shape):
             raise ValueError(f"{name}: axis {axis} is out of range for shape {shape}")

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import numpy as np
 
-from jaxopt_lab import train
+from jaxopt_lab.app import models
 
 
 class DenseBNNet(nn.Module):
@@ -50,8 +50,8 @@ def as_model_input(x: np.ndarray) -> np.ndarray:
 def models_for(x: np.ndarray, num_classes: int) -> ModelPair:
     """Convolutional models for images at least 2x2, Dense ones for everything else."""
     if x.ndim == 4 and x.shape[1] >= 2 and x.shape[2] >= 2:
-        return ModelPair(train.TeacherCNN(num_classes=num_classes),
-                         train.StudentCNN(num_classes=num_classes), "cnn", "Dense_1")
+        return ModelPair(models.TeacherCNN(num_classes=num_classes),
+                         models.StudentCNN(num_classes=num_classes), "cnn", "Dense_1")
     hidden = (256, 128)
     return ModelPair(DenseBNNet(hidden=hidden, num_classes=num_classes),
                      DenseBNNet(hidden=(32,), num_classes=num_classes), "dense",

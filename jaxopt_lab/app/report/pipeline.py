@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 import jaxopt_lab as jol
-from jaxopt_lab.report.context import JobContext
-from jaxopt_lab.report.variants import Variant, gradual_prune, kd_loss, student_variables
+from jaxopt_lab.app.report.context import JobContext
+from jaxopt_lab.app.report.variants import Variant, gradual_prune, kd_loss, student_variables
 
 Tree = Any
 QAT_SETTINGS = dict(bits=8, granularity="channel")

@@ -8,7 +8,7 @@ count is exact and the result deterministic. Three exact methods, by input size:
 * small (< ``SORT_BELOW``): a stable argsort;
 * medium: a two-pass radix select -- a 65,536-bin histogram of the top 16 bits finds the
   bucket holding the k-th score, a histogram of the low 15 bits inside it pins it down;
-* large (>= ``SAMPLED_FROM``): :mod:`jaxopt_lab.prune.sampled`, usually one histogram
+* large (>= ``SAMPLED_FROM``): :mod:`jaxopt_lab.pruning.sampled`, usually one histogram
   pass, falling back to the radix select when its sample-based guess does not settle it.
 
 Each pass is one scatter-add over the data, so a recompute costs a few elementwise passes
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxopt_lab.prune import sampled
-# Re-exported: the primitives live in prune.radix so that prune.sampled needs only them.
-from jaxopt_lab.prune.radix import (  # noqa: F401
+from jaxopt_lab.pruning import sampled
+# Re-exported: the primitives live in pruning.radix so that pruning.sampled needs only them.
+from jaxopt_lab.pruning.radix import (  # noqa: F401
     MakeScores,
     ScoreView,
     first_reaching,
@@ -41,7 +41,7 @@ from jaxopt_lab.prune.radix import (  # noqa: F401
 )
 
 # Below this many scores in total a stable argsort beats two histogram passes; from
-# SAMPLED_FROM on, the sampled one-pass select (``prune.sampled``) beats the radix select.
+# SAMPLED_FROM on, the sampled one-pass select (``pruning.sampled``) beats the radix select.
 SORT_BELOW = 4096
 SAMPLED_FROM = 1 << 16
 

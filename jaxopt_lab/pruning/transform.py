@@ -20,7 +20,7 @@ import optax
 from jax import lax
 
 from jaxopt_lab import _select
-from jaxopt_lab.prune.schedules import constant_sparsity
+from jaxopt_lab.pruning.schedules import constant_sparsity
 
 Params = Any
 MaskFn = Callable[..., Params]

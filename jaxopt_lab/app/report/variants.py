@@ -21,9 +21,9 @@ import numpy as np
 import optax
 
 import jaxopt_lab as jol
-from jaxopt_lab.report import models
-from jaxopt_lab.report.context import JobContext
-from jaxopt_lab.report.training import fit_each, run_once
+from jaxopt_lab.app.report import models
+from jaxopt_lab.app.report.context import JobContext
+from jaxopt_lab.app.report.training import fit_each, run_once
 
 Variables = Any
 Tree = Any

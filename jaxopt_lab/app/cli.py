@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 # Only light modules at import time: ``--help`` and argument errors must not wait for JAX.
-from jaxopt_lab.report.settings import NPZ_LAYOUT, VARIANTS
+from jaxopt_lab.app.report.settings import NPZ_LAYOUT, VARIANTS
 
 PROG = "jaxopt-lab"
 DEBUG_ENV = "JAXOPT_LAB_DEBUG"  # set to 1 to see the traceback of an unexpected error
@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from jaxopt_lab.report import job, render
-    from jaxopt_lab.report.settings import JobSettings
+    from jaxopt_lab.app.report import job, render
+    from jaxopt_lab.app.report.settings import JobSettings
 
     settings = JobSettings.preset(quick=args.quick, seed=args.seed, devices=args.devices,
                                   progress=not args.no_progress)
@@ -114,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     import json
 
-    from jaxopt_lab.sweep import format_table, sweep_student
+    from jaxopt_lab.app.sweeps import format_table, sweep_student
 
     result = sweep_student(param=args.param, values=args.values, epochs=args.epochs,
                            seed=args.seed)

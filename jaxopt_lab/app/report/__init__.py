@@ -5,14 +5,14 @@
 ``--help`` never waits for JAX to import.
 """
 
-from jaxopt_lab.report.settings import VARIANTS, JobSettings
+from jaxopt_lab.app.report.settings import VARIANTS, JobSettings
 
 __all__ = ("VARIANTS", "JobSettings", "run_job", "select_variants")
 
 
 def __getattr__(name: str):
     if name in ("run_job", "select_variants"):
-        from jaxopt_lab.report import job
+        from jaxopt_lab.app.report import job
 
         return getattr(job, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

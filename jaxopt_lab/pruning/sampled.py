@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxopt_lab.prune import radix
+from jaxopt_lab.pruning import radix
 
 SAMPLE = 4096
 BINS = 1 << 16  # _shift_for assumes this

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from jaxopt_lab import train
-from jaxopt_lab.report.models import ModelPair
-from jaxopt_lab.report.settings import JobSettings
-from jaxopt_lab.report.training import fit_model, global_batch
+from jaxopt_lab.app.report.models import ModelPair
+from jaxopt_lab.app.report.settings import JobSettings
+from jaxopt_lab.app.report.training import fit_model, global_batch
 
 Variables = Any
 

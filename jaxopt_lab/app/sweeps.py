@@ -18,8 +18,8 @@ without compilation).
 
 Examples:
   >>> import optax, jaxopt_lab as jol
-  >>> data = jol.train.load_digits()
-  >>> rows = jol.sweep(jol.train.MLP(hidden=(32,)), data, lambda lr: optax.adam(lr),
+  >>> data = jol.app.load_digits()
+  >>> rows = jol.app.sweep(jol.app.MLP(hidden=(32,)), data, lambda lr: optax.adam(lr),
   ...                  [1e-3, 3e-3], epochs=1, name="learning_rate")
   >>> list(rows[0])
   ['learning_rate', 'val_accuracy', 'train_loss', 'kernel_sparsity', 'selected']
@@ -40,6 +40,7 @@ import optax
 
 import jaxopt_lab as jol
 from jaxopt_lab import train
+from jaxopt_lab.app import datasets, models
 from jaxopt_lab._conv_matmul import convs_as_matmuls
 
 Row = dict[str, float]
@@ -196,8 +197,8 @@ def sweep(
 
     Examples:
       >>> import optax, jaxopt_lab as jol
-      >>> data = jol.train.load_digits()
-      >>> rows = jol.sweep(jol.train.MLP(hidden=(16,)), data, lambda lr: optax.sgd(lr),
+      >>> data = jol.app.load_digits()
+      >>> rows = jol.app.sweep(jol.app.MLP(hidden=(16,)), data, lambda lr: optax.sgd(lr),
       ...                  [0.01, 0.1], epochs=1, name="learning_rate")
       >>> [r["learning_rate"] for r in rows]
       [0.009999999776482582, 0.10000000149011612]
@@ -237,8 +238,8 @@ def student_sweep_setup(param: str, *, epochs: int, batch_size: int = 64,
     """``(model, data, make_optimizer)`` for sweeping the student's ``param`` on digits."""
     if param not in DEFAULT_VALUES:
         raise ValueError(f"param must be one of {sorted(DEFAULT_VALUES)}, got {param!r}")
-    data = train.load_digits(seed=seed) if data is None else data
-    model = train.StudentCNN(num_classes=data.num_classes)
+    data = datasets.load_digits(seed=seed) if data is None else data
+    model = models.StudentCNN(num_classes=data.num_classes)
     if param == "learning_rate":
         return model, data, lambda lr: optax.adam(lr)
     steps = epochs * (len(data.train.y) // batch_size)
