@@ -2,35 +2,40 @@
 report and the ``jaxopt-lab`` command line.
 
 The app imports the library through its public names; nothing in the library imports
-the app. It loads orbax, matplotlib, tqdm and scikit-learn as it needs them.
+the app. Its names load on first use, so that ``jaxopt-lab --help`` (which imports
+``jaxopt_lab.app.cli``) never waits for JAX, orbax, matplotlib or scikit-learn.
 """
 
-from jaxopt_lab.app import datasets, models
-from jaxopt_lab.app.datasets import load_digits, load_npz
-from jaxopt_lab.app.models import (
-    MLP,
-    NNXMLP,
-    StudentCNN,
-    TeacherCNN,
-    init_model,
-    max_pool_2x2,
-    param_count,
-)
-from jaxopt_lab.app.sweeps import format_table, sweep, sweep_student
+import importlib
 
-__all__ = (
-    "MLP",
-    "NNXMLP",
-    "StudentCNN",
-    "TeacherCNN",
-    "datasets",
-    "format_table",
-    "init_model",
-    "load_digits",
-    "load_npz",
-    "max_pool_2x2",
-    "models",
-    "param_count",
-    "sweep",
-    "sweep_student",
-)
+_NAMES = {
+    "MLP": "models",
+    "NNXMLP": "models",
+    "StudentCNN": "models",
+    "TeacherCNN": "models",
+    "init_model": "models",
+    "max_pool_2x2": "models",
+    "param_count": "models",
+    "load_digits": "datasets",
+    "load_npz": "datasets",
+    "format_table": "sweeps",
+    "sweep": "sweeps",
+    "sweep_student": "sweeps",
+}
+_MODULES = ("cli", "datasets", "models", "report", "sweeps")
+
+__all__ = tuple(sorted((*_NAMES, *_MODULES)))
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted((*globals(), *__all__))
