@@ -109,3 +109,37 @@ def test_fit_keep_last_returns_the_final_state_and_validates_keep_and_mesh():
     grid = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("a", "b"))
     with pytest.raises(ValueError, match="1-D"):
         T.fit(model, d, optax.sgd(0.1), epochs=1, mesh=grid)
+
+
+def test_a_shared_step_gives_the_run_fit_builds():
+    # fit(step=...) runs the same loop on a caller's step: one jitted step with the
+    # learning rate as an argument serves several runs, each equal to its own fit.
+    data = _digits()
+    model = A.MLP(hidden=(16,))
+
+    @jax.jit
+    def step(state, x, y, lr):
+        return T.make_train_step(model, optax.sgd(lr))(state, x, y)
+
+    for lr in (0.05, 0.2):
+        want, hist_want = T.fit(model, data, optax.sgd(lr), epochs=2, batch_size=128)
+        got, hist_got = T.fit(model, data, optax.sgd(lr), epochs=2, batch_size=128,
+                              step=functools.partial(step, lr=np.float32(lr)))
+        chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+        assert hist_got["val_accuracy"] == hist_want["val_accuracy"]
+    assert step._cache_size() == 1
+
+
+def test_step_and_mesh_are_exclusive():
+    with pytest.raises(ValueError, match="step= or mesh="):
+        T.fit(A.MLP(hidden=(8,)), _digits(), optax.sgd(0.1), epochs=1,
+              step=lambda s, x, y: (s, {}), mesh=T.data_mesh(1))
+
+
+def test_fit_reuses_the_compiled_step_of_an_earlier_run():
+    data, model, tx = _digits(), A.MLP(hidden=(8,)), optax.sgd(0.1)
+    T.fit(model, data, tx, epochs=1, batch_size=256)
+    step, _, _ = T.step.placed_train_step(model, tx)
+    before = step._cache_size()
+    T.fit(model, data, tx, epochs=1, batch_size=256, seed=1)
+    assert step._cache_size() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -19,8 +20,7 @@ from jaxopt_lab.train.step import (
     LossFn,
     ParamTransform,
     create_train_state,
-    make_train_step,
-    mesh_train_step,
+    placed_train_step,
 )
 
 
@@ -107,6 +107,7 @@ def fit(
     keep: str = "best",
     mesh: Mesh | None = None,
     progress: bool = False,
+    step: Callable | None = None,
 ) -> tuple[dict, dict[str, Any]]:
     """Trains ``model`` on ``data.train``, keeping the best weights on ``data.val``.
 
@@ -128,6 +129,10 @@ def fit(
       mesh: train data-parallel on this 1-D mesh (see :func:`data_mesh`): the batch is
         sharded along its axis, the state replicated, as :func:`mesh_train_step` does.
       progress: show a tqdm progress bar.
+      step: a train step ``(state, x, y) -> (state, metrics)`` to run instead of the one
+        built from ``model``, ``tx``, ``loss`` and ``param_transform`` -- for example one
+        jitted step with a hyperparameter argument shared by several runs, so that they
+        compile once. ``tx`` still builds the initial optimizer state. Not with ``mesh``.
 
     Returns:
       ``(variables, history)``: the kept variables (``{"params": ..., **collections}``;
@@ -139,17 +144,15 @@ def fit(
         raise ValueError(f"epochs must be positive, got {epochs}")
     if keep not in ("best", "last"):
         raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
+    if step is not None and mesh is not None:
+        raise ValueError("fit: pass either step= or mesh=, not both")
     state = create_train_state(model, tx, data.train.x, seed=seed, variables=variables)
-    if mesh is None:
-        step = jax.jit(make_train_step(model, tx, loss=loss, param_transform=param_transform))
-    else:
-        if mesh.devices.ndim != 1:
-            raise ValueError(f"mesh must be 1-D (data parallel), got axes {mesh.axis_names}")
-        step, put_state, put_batch = mesh_train_step(
-            model, tx, mesh, data_axis=mesh.axis_names[0], loss=loss,
-            param_transform=param_transform)
+    if step is None:
+        step, put_state, put_batch = placed_train_step(
+            model, tx, mesh=mesh, loss=loss, param_transform=param_transform)
         state = put_state(state)
-        step = functools.partial(_sharded_step, step, put_batch)
+        if mesh is not None:
+            step = functools.partial(_sharded_step, step, put_batch)
     # Validation sees what the forward pass sees; jitted, since an eager param_transform
     # (fake_quant) would compile each of its ops separately every epoch.
     current_variables = jax.jit(lambda params, model_state: {

@@ -19,12 +19,10 @@ Examples:
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterator
 
 import flax.linen as nn
-import jax
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -36,8 +34,7 @@ from jaxopt_lab.train.step import (
     ParamTransform,
     TrainState,
     create_train_state,
-    make_train_step,
-    mesh_train_step,
+    placed_train_step,
 )
 
 
@@ -80,17 +77,6 @@ def _stream(split, batch_size, position, seed, num_batches):
             last = b + 1 == num_batches
             yield (DataPosition(epoch + 1, 0) if last else DataPosition(epoch, b + 1)), x, y
         epoch, skip = epoch + 1, 0
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_step(model, tx, mesh, loss, param_transform):
-    """The jitted step and placement helpers, cached so that resuming in the same process
-    (a notebook, a retry loop) reuses the compiled step instead of compiling it again."""
-    kwargs = {"loss": loss, "param_transform": param_transform}
-    if mesh is not None:
-        return mesh_train_step(model, tx, mesh, **kwargs)
-    step = jax.jit(make_train_step(model, tx, **kwargs))
-    return step, lambda state: state, lambda x, y: (x, y)
 
 
 def train_resumable(
@@ -140,14 +126,8 @@ def train_resumable(
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     state = create_train_state(model, tx, data.train.x, seed=seed, variables=variables)
-    key = (model, tx, mesh, loss, param_transform)
-    try:
-        hash(key)
-    except TypeError:  # e.g. a module with a list attribute: build the step uncached
-        build = _compiled_step.__wrapped__
-    else:
-        build = _compiled_step
-    step_fn, put_state, put_batch = build(*key)
+    step_fn, put_state, put_batch = placed_train_step(
+        model, tx, mesh=mesh, loss=loss, param_transform=param_transform)
     state = put_state(state)
     with Checkpointer(ckpt_dir, max_to_keep=max_to_keep) as ckpt:
         done, position = 0, DataPosition()

@@ -194,3 +194,38 @@ def mesh_train_step(model, tx, mesh: Mesh, *, data_axis: str = "data", **kwargs)
         return jax.device_put(x, batched), jax.device_put(y, batched)
 
     return step, put_state, put_batch
+
+
+def placed_train_step(model, tx, *, mesh: Mesh | None = None, loss=None,
+                      param_transform=None):
+    """``(step, put_state, put_batch)`` for one device (``mesh=None``) or a 1-D data mesh.
+
+    The one step construction behind :func:`jaxopt_lab.train.fit` and
+    :func:`jaxopt_lab.train.train_resumable`. Cached on its (hashable) arguments, so that
+    another run in the same process (a notebook, a retry, a resumption) reuses the
+    compiled step instead of compiling it again.
+    """
+    key = (model, tx, mesh, loss, param_transform)
+    try:
+        hash(key)
+    except TypeError:  # e.g. a module with a list attribute: build the step uncached
+        return _placed_train_step.__wrapped__(*key)
+    return _placed_train_step(*key)
+
+
+@functools.lru_cache(maxsize=8)
+def _placed_train_step(model, tx, mesh, loss, param_transform):
+    kwargs = {"loss": loss, "param_transform": param_transform}
+    if mesh is None:
+        return jax.jit(make_train_step(model, tx, **kwargs)), _same, _pair
+    if mesh.devices.ndim != 1:
+        raise ValueError(f"mesh must be 1-D (data parallel), got axes {mesh.axis_names}")
+    return mesh_train_step(model, tx, mesh, data_axis=mesh.axis_names[0], **kwargs)
+
+
+def _same(state):
+    return state
+
+
+def _pair(x, y):
+    return x, y

@@ -147,8 +147,8 @@ def fit_each(
 
     ``make_tx(value)`` builds the optax transformation; the value is an argument of one
     jitted step, so every run shares one compiled program (a pruning step compiles in
-    seconds on a small CPU). Each run is ``fit_model(..., keep_last=True)`` with
-    ``make_tx(value)``. With ``devices``, runs go through :func:`fit_model` one by one.
+    seconds on a small CPU). Each run is ``train.fit(..., keep="last", step=...)`` with
+    that shared step. With ``devices``, runs go through :func:`fit_model` one by one.
     """
     if devices is not None:
         return [fit_model(model, data, make_tx(v), epochs=epochs, batch_size=batch_size,
@@ -163,10 +163,8 @@ def fit_each(
     out = []
     for v in values:
         value = jnp.float32(v)
-        state = train.create_train_state(model, make_tx(value), data.train.x, seed=seed,
-                                         variables=variables)
-        for epoch in range(epochs):
-            for x, y in train.batches(data.train, batch, seed=seed, epoch=epoch):
-                state, _ = step(state, x, y, value)
-        out.append(jax.tree.map(np.asarray, {"params": state.params, **state.model_state}))
+        trained, _ = train.fit(model, data, make_tx(value), epochs=epochs, batch_size=batch,
+                               seed=seed, variables=variables, keep="last",
+                               step=functools.partial(step, value=value))
+        out.append(jax.tree.map(np.asarray, trained))
     return out
