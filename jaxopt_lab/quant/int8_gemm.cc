@@ -125,20 +125,34 @@ void Tile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t 
   // segments hold whole quads (kw * C % 4 == 0), so packed quads follow on across them.
   const int64_t segments = s.rows.Segments(), length = s.rows.SegmentLength(s.k);
   const int64_t stride = s.rows.SegmentStride(), quads = (length + 3) / 4;
+  // Whole quads take one constant 4-byte load each (a variable-length copy there would
+  // become a memcpy call per quad); a matrix's partial last quad comes after the loop.
+  const int64_t whole = length / 4;
   for (int64_t seg = 0; seg < segments; ++seg) {
     const int64_t at = seg * stride;
     const int8_t* bseg = packed + seg * quads * kPanel * 4;
-    for (int64_t q = 0; q < quads; ++q) {
+    for (int64_t q = 0; q < whole; ++q) {
       const int8_t* bq = bseg + q * kPanel * 4;
       __m512i b[B];
 #pragma GCC unroll 4
       for (int c = 0; c < B; ++c) b[c] = _mm512_loadu_si512(bq + 64 * c);
-      const int64_t remaining = length - 4 * q;
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const __m512i av = Quad(a[r] + at + 4 * q, remaining);
+        const __m512i av = Quad(a[r] + at + 4 * q, 4);
 #pragma GCC unroll 4
         for (int c = 0; c < B; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, b[c]);
+      }
+    }
+    if (whole < quads) {
+      const int8_t* bq = bseg + whole * kPanel * 4;
+      const int64_t remaining = length - 4 * whole;
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512i av = Quad(a[r] + at + 4 * whole, remaining);
+#pragma GCC unroll 4
+        for (int c = 0; c < B; ++c) {
+          acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, _mm512_loadu_si512(bq + 64 * c));
+        }
       }
     }
   }
