@@ -406,15 +406,21 @@ def read_bandwidth(mib: int = 64, repeats: int = 9) -> dict:
         for t in threads:
             t.join()
 
-    out = {}
-    for name, fn in (("one_thread", one), ("two_threads", two)):
+    dst = np.empty_like(a)
+
+    def copy():  # a streaming copy: each byte read once and written once
+        np.copyto(dst, a)
+
+    out = {"loadavg": os.getloadavg()}
+    for name, fn, moved in (("one_thread", one, a.nbytes), ("two_threads", two, a.nbytes),
+                            ("copy", copy, 2 * a.nbytes)):
         fn()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        out[f"{name}_gb_per_s"] = round(a.nbytes / float(np.median(times)) / 1e9, 2)
+        out[f"{name}_gb_per_s"] = round(moved / float(np.median(times)) / 1e9, 2)
     return out
 
 
@@ -510,11 +516,13 @@ def mlp_latency_section(dims, batches, rounds: int, bandwidth: dict) -> dict:
         x = jnp.asarray(rng.standard_normal((batch, dims[0])), jnp.float32)
         args = {k: (p, x) for k, (_, p) in funcs.items()}
         inner = max(1, min(20, 64 // batch))  # batch 1: many calls per timing
+        rounds_here = rounds if batch < 1024 else max(3, rounds // 3)
         load = os.getloadavg()
-        t, cpu, per_round = time_interleaved(jitted, args, rounds, inner=inner)
+        t, cpu, per_round = time_interleaved(jitted, args, rounds_here, inner=inner)
         ref = jitted["fp32"](*args["fp32"])
         row = {
-            "rounds": rounds, "calls_per_timing": inner, "loadavg_before": load,
+            "rounds": rounds_here, "calls_per_timing": inner,
+            "median_process_cpu_ms": {k: round(v * 1e3, 4) for k, v in cpu.items()}, "loadavg_before": load,
             "loadavg_after": os.getloadavg(),
             "median_ms": {k: round(v * 1e3, 4) for k, v in t.items()},
             "speedup_vs_fp32": {k: ratio(t["fp32"], v) for k, v in t.items() if k != "fp32"},
@@ -522,16 +530,17 @@ def mlp_latency_section(dims, batches, rounds: int, bandwidth: dict) -> dict:
             "relative_max_error_vs_fp32": {k: rel_err(jitted[k](*args[k]), ref)
                                            for k in jitted if k != "fp32"},
         }
-        if batch == 1:
-            limit = {}
-            for k in ("fp32", "int8_weight_only", "int4_g128_weight_only"):
-                nbytes = _bytes_per_call(k, layers, qts)
-                floor = {b: nbytes / (gbs * 1e9) for b, gbs in bandwidth.items()}
-                limit[k] = {"bytes_per_call": nbytes,
-                            "floor_ms": {b: round(f * 1e3, 4) for b, f in floor.items()},
-                            "fraction_of_limit": {b: round(f / t[k], 3)
-                                                  for b, f in floor.items()}}
-            row["memory_bound"] = limit
+        acts = 4 * batch * sum(dims)  # float32 activations read and written once a layer
+        limit = {}
+        for k in ("fp32", "int8_weight_only", "int4_g128_weight_only", "w8a8_static",
+                  "w8a8_dynamic"):
+            nbytes = _bytes_per_call(k, layers, qts) + acts
+            floor = {b: nbytes / (gbs * 1e9) for b, gbs in bandwidth.items()}
+            limit[k] = {"bytes_per_call": nbytes,
+                        "floor_ms": {b: round(f * 1e3, 4) for b, f in floor.items()},
+                        "fraction_of_limit": {b: round(f / t[k], 3)
+                                              for b, f in floor.items()}}
+        row["memory_bound"] = limit
         res["rows"][f"batch_{batch}"] = row
     return res
 
@@ -558,38 +567,119 @@ class ResNetLike(nn.Module):
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
-def convnet_section(batches, size: int, base: int, rounds: int) -> dict:
-    """The ResNet-18-like net: fp32 against `quantized_apply` W8A8 and int8 weight-only."""
+def _conv_bytes(tree) -> int:
+    """Bytes of the weights a call reads: QTensor codes and scales, float leaves."""
+    return int(jol.tree_nbytes(tree))
+
+
+def convnet_section(model, batches, size: int, channels: int, rounds: int,
+                    bandwidth: dict, **kw) -> dict:
+    """A conv net: fp32 against `quantized_apply` int8 / int4 weight-only and W8A8
+    (dynamic and static scales), every variant in interleaved rounds, with the bytes each
+    call reads (weights; activations excluded) over the measured bandwidth."""
     rng = np.random.default_rng(1)
-    model = ResNetLike(base=base)
-    x0 = jnp.asarray(rng.standard_normal((16, size, size, 3)), jnp.float32)
+    x0 = jnp.asarray(rng.standard_normal((16, size, size, channels)), jnp.float32)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), x0[:1])
     q8 = jol.quantize(variables, bits=8)
-    scales = jol.calibrate(model, variables, [x0], method="percentile")
+    q4 = jol.quantize(variables, where=int4_where)
+    scales = jol.calibrate(model, variables, [x0], method="percentile", **kw)
     fns = {
-        "fp32": jax.jit(lambda v, x: model.apply(v, x)),
-        "int8_weight_only": jax.jit(lambda q, x: jol.quantized_apply(model, q, x,
-                                                                     mode="weight_only")),
-        "w8a8_dynamic": jax.jit(lambda q, x: jol.quantized_apply(model, q, x, mode="w8a8")),
-        "w8a8_static": jax.jit(lambda q, x: jol.quantized_apply(model, q, x, mode="w8a8",
-                                                                act_scales=scales)),
+        "fp32": (jax.jit(lambda v, x: model.apply(v, x, **kw)), variables),
+        "int8_weight_only": (jax.jit(lambda q, x: jol.quantized_apply(
+            model, q, x, mode="weight_only", **kw)), q8),
+        "int4_weight_only": (jax.jit(lambda q, x: jol.quantized_apply(
+            model, q, x, mode="weight_only", **kw)), q4),
+        "w8a8_dynamic": (jax.jit(lambda q, x: jol.quantized_apply(model, q, x, mode="w8a8",
+                                                                   **kw)), q8),
+        "w8a8_static": (jax.jit(lambda q, x: jol.quantized_apply(
+            model, q, x, mode="w8a8", act_scales=scales, **kw)), q8),
     }
-    res = {"base_filters": base, "input": [size, size, 3], "convs": 1 + 4 * 4 + 3, "rows": {}}
+    weights = {k: _conv_bytes(p) for k, (_, p) in fns.items()}
+    res = {"model": type(model).__name__, "input": [size, size, channels],
+           "weight_bytes": weights, "rows": {}}
+    jitted = {k: f for k, (f, _) in fns.items()}
     for batch in batches:
-        x = jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32)
-        args = {k: ((variables if k == "fp32" else q8), x) for k in fns}
+        x = jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32)
+        args = {k: (p, x) for k, (_, p) in fns.items()}
         load = os.getloadavg()
-        t, _, per_round = time_interleaved(fns, args, rounds, inner=4 if batch == 1 else 1)
-        ref = fns["fp32"](*args["fp32"])
+        t, cpu, per_round = time_interleaved(jitted, args, rounds,
+                                             inner=max(1, min(10, 16 // batch)))
+        ref = jitted["fp32"](*args["fp32"])
         res["rows"][f"batch_{batch}"] = {
             "rounds": rounds, "loadavg_before": load, "loadavg_after": os.getloadavg(),
             "median_ms": {k: round(v * 1e3, 4) for k, v in t.items()},
+            "median_process_cpu_ms": {k: round(v * 1e3, 4) for k, v in cpu.items()},
             "speedup_vs_fp32": {k: ratio(t["fp32"], v) for k, v in t.items() if k != "fp32"},
             "speedup_vs_fp32_median_of_round_ratios": round_ratios(per_round),
-            "relative_max_error_vs_fp32": {k: rel_err(fns[k](*args[k]), ref) for k in fns
+            "relative_max_error_vs_fp32": {k: rel_err(jitted[k](*args[k]), ref) for k in jitted
                                            if k != "fp32"},
+            "weight_bytes_floor_ms": {k: {b: round(w / (g * 1e9) * 1e3, 4)
+                                          for b, g in bandwidth.items()}
+                                      for k, w in weights.items()},
+            "weight_bytes_share_of_fp32_time": {
+                k: round(w / (bandwidth["copy"] * 1e9) / t["fp32"], 4)
+                for k, w in weights.items()},
         }
     return res
+
+
+def _resnet_convs(base: int, size: int) -> list[tuple[int, int, int, int, int]]:
+    """``(spatial, Cin, Cout, window, stride)`` of every convolution of `ResNetLike`."""
+    out, s, c = [(size, 3, base, 3, 1)], size, base
+    for stage in range(4):
+        f = base * 2**stage
+        for block in range(2):
+            st = 2 if stage > 0 and block == 0 else 1
+            out.append((s, c, f, 3, st))
+            out.append((s // st, f, f, 3, 1))
+            if st != 1 or c != f:
+                out.append((s, c, f, 1, st))
+            s, c = s // st, f
+    return out
+
+
+def conv_layer_section(base: int, size: int, rounds: int, limit: int | None = None) -> dict:
+    """Each convolution of the ResNet-like net alone at batch 1: XLA's fp32 conv, W8A8
+    (dynamic per-example activation scales, the native int8 conv kernel), int8 weight-only
+    through the native kernel (`weight_only_conv`) and XLA's conv on the dequantized
+    kernel, interleaved; which is fastest, per layer."""
+    from jaxopt_lab.quant.weight_only import weight_only_conv
+
+    rng = np.random.default_rng(3)
+    dn = ("NHWC", "HWIO", "NHWC")
+    rows, totals = [], {}
+    for (s, c, f, k, st) in _resnet_convs(base, size)[:limit]:
+        x = jnp.asarray(rng.standard_normal((1, s, s, c)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((k, k, c, f)) / np.sqrt(k * k * c), jnp.float32)
+        qt = jol.quantize(w, bits=8)
+        scale = jnp.asarray(qt.scale, jnp.float32).reshape(1, 1, 1, f)
+
+        def conv(x, w, st=st):
+            return jax.lax.conv_general_dilated(x, w, (st, st), "SAME", dimension_numbers=dn)
+
+        def w8a8(x, codes, scale, st=st):
+            q, sx = jol.quantize_activations(x, reduce_axes=(1, 2, 3))
+            return jol.int8_conv_general_dilated(q, codes, (st, st), "SAME", lhs_scale=sx,
+                                                 rhs_scale=scale, dimension_numbers=dn)
+
+        fns = {"fp32": jax.jit(conv), "w8a8_dynamic": jax.jit(w8a8),
+               "int8_weight_only_native": jax.jit(
+                   lambda x, q, st=st: weight_only_conv(x, q, (st, st), "SAME")),
+               "int8_dequantized_xla_conv": jax.jit(
+                   lambda x, q: conv(x, q.dequantize(jnp.float32)))}
+        args = {"fp32": (x, w), "w8a8_dynamic": (x, qt.qvalue, scale),
+                "int8_weight_only_native": (x, qt), "int8_dequantized_xla_conv": (x, qt)}
+        t, cpu, _ = time_interleaved(fns, args, rounds, inner=10)
+        us = {kk: round(v * 1e6, 1) for kk, v in t.items()}
+        for kk, v in us.items():
+            totals[kk] = round(totals.get(kk, 0.0) + v, 1)
+        rows.append({"spatial": s, "cin": c, "cout": f, "window": k, "stride": st,
+                     "macs": (s // st) ** 2 * k * k * c * f, "fp32_weight_bytes": int(w.nbytes),
+                     "median_us": us,
+                     "median_process_cpu_us": {kk: round(v * 1e6, 1) for kk, v in cpu.items()},
+                     "fastest": min(us, key=us.get)})
+    return {"batch": 1, "rounds": rounds, "loadavg_after": os.getloadavg(), "layers": rows,
+            "sum_us": totals}
 
 
 def layer_section(size: int, rounds: int) -> dict:
@@ -617,19 +707,26 @@ def layer_section(size: int, rounds: int) -> dict:
             "speedup_vs_bf16_median_of_round_ratios": round_ratios(per_round, "bf16")}
 
 
-def latency(smoke: bool) -> dict:
-    """The issue-16 latency tables: MLP at batch 1/16/1024 and the conv net at 16/1."""
+def latency(smoke: bool, rounds: int = 15) -> dict:
+    """The issue-16 latency tables: the MLP at batch 1/8/16/64/1024, the ResNet-like net and
+    the bundled TeacherCNN at 1/8/64, the ResNet's convolutions one by one at batch 1."""
     bandwidth = read_bandwidth(8 if smoke else 64)
     bw = {"one_thread": bandwidth["one_thread_gb_per_s"],
-          "two_threads": bandwidth["two_threads_gb_per_s"]}
+          "two_threads": bandwidth["two_threads_gb_per_s"], "copy": bandwidth["copy_gb_per_s"]}
     if smoke:
         parts = {"mlp": lambda: mlp_latency_section((128, 256, 128), (1,), 2, bw),
-                 "resnet18_like": lambda: convnet_section((1,), 8, 4, 2),
+                 "resnet18_like": lambda: convnet_section(ResNetLike(base=4), (1,), 8, 3, 2, bw),
+                 "resnet18_like_layers": lambda: conv_layer_section(4, 8, 2, limit=2),
                  "layer_batch_1": lambda: layer_section(256, 2)}
     else:
-        parts = {"mlp": lambda: mlp_latency_section((1024, 4096, 1024), (1, 16, 1024), 20, bw),
-                 "resnet18_like": lambda: convnet_section((16, 1), 32, 16, 15),
-                 "layer_batch_1": lambda: layer_section(4096, 20)}
+        parts = {"mlp": lambda: mlp_latency_section((1024, 4096, 1024),
+                                                    (1, 8, 16, 64, 1024), rounds, bw),
+                 "resnet18_like": lambda: convnet_section(ResNetLike(base=16), (1, 8, 64), 32,
+                                                          3, rounds, bw),
+                 "teacher_cnn": lambda: convnet_section(jol.train.TeacherCNN(), (1, 8, 64), 8,
+                                                        1, rounds, bw, train=False),
+                 "resnet18_like_layers": lambda: conv_layer_section(16, 32, max(3, rounds // 2)),
+                 "layer_batch_1": lambda: layer_section(4096, rounds)}
     out = {"read_bandwidth": bandwidth, "native": {
         "weight_only": native.native_weight_only_status(), "int8": native.native_int8_status()}}
     for name, part in parts.items():  # one failing part keeps the others' figures
@@ -648,6 +745,8 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-only", action="store_true",
                         help="only the latency tables (no accuracy training)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--rounds", type=int, default=15,
+                        help="interleaved timing rounds of the latency tables")
     args = parser.parse_args(argv)
     result = {
         "quick": args.quick, "smoke": args.smoke,
@@ -668,7 +767,8 @@ def main(argv=None) -> int:
     failed = []
     for name, section in sections:
         try:
-            result[name] = section(args.smoke if name == "latency" else args.quick)
+            result[name] = (section(args.smoke, args.rounds) if name == "latency"
+                            else section(args.quick))
         except Exception:  # reported as failed below, and the exit status says so
             result[name] = {"failed": traceback.format_exc()[-3000:]}
             failed.append(name)

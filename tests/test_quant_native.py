@@ -31,6 +31,18 @@ def test_native_equals_xla_for_every_tail(m, k, n, seed):
 
 
 @needs_native
+@settings(max_examples=15)
+@given(st.integers(90, 420), st.integers(1, 40), st.integers(1, 70), st.integers(0, 2**31 - 1))
+def test_native_tall_products_split_along_rows(m, k, n, seed):
+    # A convolution's patches @ kernel: many rows (split into row chunks across threads),
+    # few columns (the 16- and 32-column tiles of a narrow panel), every row tail.
+    rng = np.random.default_rng(seed)
+    a = jnp.asarray(rng.integers(-128, 128, (m, k)), jnp.int8)
+    b = jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8)
+    np.testing.assert_array_equal(matmul(a, b), np.asarray(a, np.int64) @ np.asarray(b, np.int64))
+
+
+@needs_native
 def test_native_handles_extremes_and_a_multi_panel_product():
     a = jnp.full((7, 260), -128, jnp.int8)
     b = jnp.full((260, 200), -128, jnp.int8).at[::3].set(127)
@@ -96,6 +108,15 @@ def test_float_kernel_is_the_dequantized_product_for_every_tail(m, k, n, seed):
     with native.use_native_int8(False):  # XLA's dot on the dequantized weight agrees
         xla = jax.jit(native.float_int8_matmul)(a, b, s)
     np.testing.assert_allclose(y, xla, rtol=1e-5, atol=1e-5 * float(np.abs(xla).max()))
+
+
+@needs_native
+@settings(max_examples=15)
+@given(st.integers(90, 420), st.integers(1, 40), st.integers(1, 70), st.integers(0, 2**31 - 1))
+def test_float_kernel_tall_products_split_along_rows(m, k, n, seed):
+    # Row chunks across threads and the narrow-panel tiles, as for a convolution's patches.
+    a, b, s = _float_operands(np.random.default_rng(seed), m, k, n)
+    _assert_float_close(float_matmul(a, b, s), a, b, s)
 
 
 @needs_native

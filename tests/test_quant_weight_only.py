@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 import jaxopt_lab as jol
 from jaxopt_lab.quant import native
 from jaxopt_lab.quant.qtensor import QTensor, pack
-from jaxopt_lab.quant.weight_only import _as_rows, weight_only_matmul
+from jaxopt_lab.quant.weight_only import (
+    _as_rows,
+    _kernel_matrix,
+    conv_patches,
+    weight_only_conv,
+    weight_only_matmul,
+)
 
 EXAMPLES = 200  # per kernel, as issue 16 asks
 needs_native = pytest.mark.skipif(not native.native_weight_only_available(),
@@ -81,7 +87,9 @@ def assert_matches_dequantized_product(y, x, qt):
 GEMV_SHAPES = ((1, 16, 1, 1), (1, 99, 3, 257), (1, 35, 5, 300), (1, 129, 1, 513),
                (1, 40, 5, 256), (1, 7, 7, 31))
 GEMM_SHAPES = ((2, 16, 1, 65), (5, 99, 3, 130), (6, 35, 5, 64), (7, 129, 1, 1),
-               (13, 40, 5, 257), (3, 7, 7, 33))
+               (13, 40, 5, 257), (3, 7, 7, 33),
+               # tall and narrow (a convolution's patches): row chunks, 16/32-column tiles
+               (150, 45, 5, 16), (301, 9, 1, 33))
 jitted = jax.jit(weight_only_matmul)
 
 
@@ -200,3 +208,81 @@ def test_bad_inputs_raise_value_errors():
     stacked = jax.tree.map(lambda a: jnp.stack([a, a]), qt)
     with pytest.raises(ValueError, match="2-D"):
         weight_only_matmul(jnp.ones((1, 8)), stacked)
+
+
+# --- convolutions -------------------------------------------------------------------------
+
+CONV_WINDOWS = ((1, 1, 3), (3, 3, 2), (3, 2, 5), (2, 3, 8))  # kh, kw, input channels
+conv_jitted = jax.jit(weight_only_conv, static_argnums=(2, 3))
+
+
+@settings(max_examples=40)
+@given(st.sampled_from(CONV_WINDOWS), st.sampled_from([(1, 1), (2, 2), (2, 1)]),
+       st.sampled_from(["SAME", "VALID", ((1, 0), (2, 1)), ((0, -1), (1, 1))]),
+       st.sampled_from([4, 8]), st.sampled_from(["tensor", "channel", "group"]),
+       st.booleans(), st.sampled_from([1, 16, 33]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_conv_is_the_convolution_of_the_dequantized_kernel(window, strides, padding, bits,
+                                                           granularity, symmetric, cout,
+                                                           native_on, seed):
+    # The patches (exact float32 copies of the padded input) times the kernel matrix: the
+    # same float32-summation bound as the matmul, native (windows read in place) or not.
+    kh, kw, cin = window
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal((kh, kw, cin, cout)), jnp.float32)
+    if granularity == "group":
+        qt = jol.quantize(w, bits=bits, granularity="group", group_size=cin,
+                          symmetric=symmetric, axis=-1)
+    else:
+        qt = jol.quantize(w, bits=bits, granularity=granularity, symmetric=symmetric)
+    x = jnp.asarray(rng.standard_normal((2, 7, 6, cin)), jnp.float32)
+    with native.use_native_int8(native_on):
+        y = jax.jit(lambda x, q: weight_only_conv(x, q, strides, padding))(x, qt)
+    ref = jax.lax.conv_general_dilated(x, qt.dequantize(jnp.float32), strides, padding,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert y.shape == ref.shape and y.dtype == jnp.float32
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+    xp = jax.lax.pad(x, 0.0, [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)])
+    cols, _ = conv_patches(xp, (kh, kw), strides, "VALID")
+    mat = _kernel_matrix(qt)
+    assert mat is not None
+    assert_matches_dequantized_product(y.reshape(-1, cout), cols, mat)
+
+
+@needs_native
+def test_conv_runs_the_native_kernel_and_quantized_apply_uses_it():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(16, (3, 3))(x))
+            x = nn.Conv(8, (3, 3), strides=2, padding="VALID")(x)
+            return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+    model, x = Net(), jnp.linspace(-1.0, 1.0, 2 * 9 * 9 * 3).reshape(2, 9, 9, 3)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    for bits in (8, 4):
+        q = jol.quantize(variables, bits=bits)
+        run = lambda q, x: jol.quantized_apply(model, q, x, mode="weight_only")  # noqa: E731
+        assert str(jax.make_jaxpr(run)(q, x)).count("jaxopt_lab_weight_only_conv") == 2
+        y = jax.jit(run)(q, x)
+        ref = model.apply(jol.dequantize(q), x)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+def test_conv_bad_inputs_and_unviewable_scales():
+    qt = jol.quantize(jnp.ones((3, 3, 2, 4)), bits=8)
+    with pytest.raises(ValueError, match="4-D"):
+        weight_only_conv(jnp.ones((1, 5, 5, 2)), jol.quantize(jnp.ones((3, 4)), bits=8),
+                         (1, 1), "SAME")
+    with pytest.raises(ValueError, match="x must be"):
+        weight_only_conv(jnp.ones((1, 5, 5, 3)), qt, (1, 1), "SAME")
+    # Scales per input channel have no (K, N) view: XLA's convolution, same values.
+    per_in = jol.quantize(jnp.arange(72.0).reshape(3, 3, 2, 4), bits=8, granularity="channel",
+                          axis=2)
+    x = jnp.ones((1, 5, 5, 2))
+    ref = jax.lax.conv_general_dilated(x, per_in.dequantize(jnp.float32), (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(weight_only_conv(x, per_in, (1, 1), "SAME"), ref, rtol=1e-6)

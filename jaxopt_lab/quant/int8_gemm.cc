@@ -45,6 +45,7 @@ struct Shared : Panels {
   const int8_t* b;
   int32_t* c;
   int64_t row_chunks = 1, chunk_rows = 0;
+  jaxopt_lab::Rows rows;  // A: a matrix, or a convolution's input (segments of whole quads)
 };
 
 constexpr int64_t kMinChunk = 8 * kRows;
@@ -105,63 +106,96 @@ inline __m512i Quad(const int8_t* p, int64_t remaining) {
   return _mm512_xor_si512(_mm512_set1_epi32(word), _mm512_set1_epi32(0x80808080u));
 }
 
-// R rows (a compile-time constant, so the R x 4 accumulators stay in registers).
-template <int R>
+// R rows x B 16-column blocks (compile-time constants, so the R x B accumulators stay in
+// registers). A panel narrower than 64 columns (a convolution with 16 or 32 output
+// channels) runs only its B = ceil(width / 16) blocks, with more rows per tile, instead of
+// multiplying zero padding.
+template <int R, int B>
 void Tile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t i0,
           int64_t j0) {
-  const int64_t k4 = (s.k + 3) / 4;
-  const int64_t full = s.k / 4;  // quads that can be read with one 4-byte load
-  const int8_t* a = s.a + i0 * s.k;
-  __m512i acc[R][kBlocks];
-#pragma GCC unroll 8
+  const int8_t* a[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) a[r] = s.a + s.rows.Start(i0 + r, s.k);
+  __m512i acc[R][B];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < kBlocks; ++c) acc[r][c] = _mm512_setzero_si512();
-  for (int64_t q = 0; q < k4; ++q) {
-    const int8_t* bq = packed + q * kPanel * 4;
-    const __m512i b0 = _mm512_loadu_si512(bq);
-    const __m512i b1 = _mm512_loadu_si512(bq + 64);
-    const __m512i b2 = _mm512_loadu_si512(bq + 128);
-    const __m512i b3 = _mm512_loadu_si512(bq + 192);
-    const int64_t remaining = q < full ? 4 : s.k - 4 * q;
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512i av = Quad(a + r * s.k + 4 * q, remaining);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
-      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
-      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, b3);
+    for (int c = 0; c < B; ++c) acc[r][c] = _mm512_setzero_si512();
+  // A matrix is one segment of K values (its last quad may be partial); a convolution's
+  // segments hold whole quads (kw * C % 4 == 0), so packed quads follow on across them.
+  const int64_t segments = s.rows.Segments(), length = s.rows.SegmentLength(s.k);
+  const int64_t stride = s.rows.SegmentStride(), quads = (length + 3) / 4;
+  // Whole quads take one constant 4-byte load each (a variable-length copy there would
+  // become a memcpy call per quad); a matrix's partial last quad comes after the loop.
+  const int64_t whole = length / 4;
+  for (int64_t seg = 0; seg < segments; ++seg) {
+    const int64_t at = seg * stride;
+    const int8_t* bseg = packed + seg * quads * kPanel * 4;
+    for (int64_t q = 0; q < whole; ++q) {
+      const int8_t* bq = bseg + q * kPanel * 4;
+      __m512i b[B];
+#pragma GCC unroll 4
+      for (int c = 0; c < B; ++c) b[c] = _mm512_loadu_si512(bq + 64 * c);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512i av = Quad(a[r] + at + 4 * q, 4);
+#pragma GCC unroll 4
+        for (int c = 0; c < B; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, b[c]);
+      }
+    }
+    if (whole < quads) {
+      const int8_t* bq = bseg + whole * kPanel * 4;
+      const int64_t remaining = length - 4 * whole;
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512i av = Quad(a[r] + at + 4 * whole, remaining);
+#pragma GCC unroll 4
+        for (int c = 0; c < B; ++c) {
+          acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, _mm512_loadu_si512(bq + 64 * c));
+        }
+      }
     }
   }
   // Epilogue with compile-time indices only, so the accumulators never leave registers.
   const int64_t width = std::min<int64_t>(kPanel, s.n - j0);
-  __mmask16 mask[kBlocks];
-  __m512i corr[kBlocks];
+  __mmask16 mask[B];
+  __m512i corr[B];
 #pragma GCC unroll 4
-  for (int c = 0; c < kBlocks; ++c) {
+  for (int c = 0; c < B; ++c) {
     const int64_t cols = std::max<int64_t>(0, std::min<int64_t>(16, width - 16 * c));
     mask[c] = static_cast<__mmask16>((1u << cols) - 1u);
     corr[c] = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask[c], colsum + 16 * c), 7);
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     int32_t* row = s.c + (i0 + r) * s.n + j0;
 #pragma GCC unroll 4
-    for (int c = 0; c < kBlocks; ++c) {
+    for (int c = 0; c < B; ++c) {
       _mm512_mask_storeu_epi32(row + 16 * c, mask[c], _mm512_sub_epi32(acc[r][c], corr[c]));
     }
   }
 }
 
-void TailTile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t i0,
-              int64_t j0, int64_t rows) {
-  switch (rows) {
-    case 1: return Tile<1>(s, packed, colsum, i0, j0);
-    case 2: return Tile<2>(s, packed, colsum, i0, j0);
-    case 3: return Tile<3>(s, packed, colsum, i0, j0);
-    case 4: return Tile<4>(s, packed, colsum, i0, j0);
-    default: return Tile<5>(s, packed, colsum, i0, j0);
+// Rows per tile for B blocks: R * B accumulators + B panel registers stay within the 32
+// vector registers.
+template <int B>
+constexpr int RowsFor() {
+  return B == 1 ? 12 : B == 2 ? 8 : kRows;
+}
+
+// Rows [i0, end) of the panel at j0 with B blocks: full tiles, then one tail tile.
+template <int B>
+void Rows(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t i0,
+          int64_t end, int64_t j0) {
+  constexpr int R = RowsFor<B>();
+  for (; i0 + R <= end; i0 += R) Tile<R, B>(s, packed, colsum, i0, j0);
+  // The tail (< R rows) in tiles of 8, 4, 2 and 1 rows.
+  if constexpr (R > 8) {
+    if (end - i0 >= 8) { Tile<8, B>(s, packed, colsum, i0, j0); i0 += 8; }
   }
+  if (end - i0 >= 4) { Tile<4, B>(s, packed, colsum, i0, j0); i0 += 4; }
+  if (end - i0 >= 2) { Tile<2, B>(s, packed, colsum, i0, j0); i0 += 2; }
+  if (end - i0 >= 1) Tile<1, B>(s, packed, colsum, i0, j0);
 }
 
 // Claims and computes panels until none is left.
@@ -175,13 +209,35 @@ void Work(Shared& s) {
     }
     const int64_t j0 = (p / s.row_chunks) * kPanel;
     PackPanel(s.b, s.k, s.n, j0, packed, colsum);
-    int64_t i0 = (p % s.row_chunks) * s.chunk_rows;
+    const int64_t i0 = (p % s.row_chunks) * s.chunk_rows;
     const int64_t end = std::min(s.m, i0 + s.chunk_rows);
-    for (; i0 + kRows <= end; i0 += kRows) Tile<kRows>(s, packed, colsum, i0, j0);
-    if (i0 < end) TailTile(s, packed, colsum, i0, j0, end - i0);
+    const int64_t width = std::min<int64_t>(kPanel, s.n - j0);
+    if (width <= 16) {
+      Rows<1>(s, packed, colsum, i0, end, j0);
+    } else if (width <= 32) {
+      Rows<2>(s, packed, colsum, i0, end, j0);
+    } else {
+      Rows<kBlocks>(s, packed, colsum, i0, end, j0);
+    }
     s.Finished();
   }
   std::free(packed);
+}
+
+// Splits the product into work items and runs them; s->a, b, c, rows are set.
+ffi::Error Run(ffi::ThreadPool& pool, std::shared_ptr<Shared> s, int64_t m, int64_t k,
+               int64_t n) {
+  s->SetShape(m, k, n, kPanel);
+  const int64_t col_panels = s->panels;
+  if (s->m == 0) return ffi::Error::Success();
+  s->row_chunks = std::max<int64_t>(1, std::min<int64_t>((kTargetItems + col_panels - 1) / col_panels,
+                                                         s->m / kMinChunk));
+  s->chunk_rows = (s->m + s->row_chunks - 1) / s->row_chunks;
+  s->chunk_rows = (s->chunk_rows + kRows - 1) / kRows * kRows;
+  s->row_chunks = (s->m + s->chunk_rows - 1) / s->chunk_rows;  // none left empty
+  s->panels = col_panels * s->row_chunks;
+  const bool small = s->m * s->k * s->n < kSerialMacs;
+  return RunPanels(pool, s, Work, small ? 0 : INT64_MAX);
 }
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::S8> b,
@@ -195,17 +251,27 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
   s->a = a.typed_data();
   s->b = b.typed_data();
   s->c = c->typed_data();
-  s->SetShape(ad[0], ad[1], bd[1], kPanel);
-  const int64_t col_panels = s->panels;
-  if (s->m == 0) return ffi::Error::Success();
-  s->row_chunks = std::max<int64_t>(1, std::min<int64_t>((kTargetItems + col_panels - 1) / col_panels,
-                                                         s->m / kMinChunk));
-  s->chunk_rows = (s->m + s->row_chunks - 1) / s->row_chunks;
-  s->chunk_rows = (s->chunk_rows + kRows - 1) / kRows * kRows;
-  s->row_chunks = (s->m + s->chunk_rows - 1) / s->chunk_rows;  // none left empty
-  s->panels = col_panels * s->row_chunks;
-  const bool small = s->m * s->k * s->n < kSerialMacs;
-  return RunPanels(pool, s, Work, small ? 0 : INT64_MAX);
+  return Run(pool, s, ad[0], ad[1], bd[1]);
+}
+
+// A 2-D convolution of int8 codes without an im2col copy: x is the padded NHWC input with
+// kw * C a multiple of 4, b the kernel as its (kh * kw * C, N) matrix, c (N * Ho * Wo, N).
+ffi::Error Int8Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> b,
+                    ffi::ResultBuffer<ffi::S32> c, int64_t kh, int64_t kw, int64_t sh,
+                    int64_t sw) {
+  auto s = std::make_shared<Shared>();
+  const auto xd = x.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (!s->rows.SetConv(xd, kh, kw, sh, sw) || (kw * s->rows.c) % 4 != 0 || bd.size() != 2 ||
+      bd[0] != kh * kw * s->rows.c || cd.size() != 2 || cd[1] != bd[1] ||
+      cd[0] != xd[0] * s->rows.ho * s->rows.wo) {
+    return ffi::Error::InvalidArgument(
+        "int8 conv expects a padded NHWC input (kw * C a multiple of 4, at least the window), "
+        "a (kh * kw * C, N) kernel and an (N * Ho * Wo, N) output");
+  }
+  s->a = x.typed_data();
+  s->b = b.typed_data();
+  s->c = c->typed_data();
+  return Run(pool, s, cd[0], bd[0], bd[1]);
 }
 
 }  // namespace
@@ -216,3 +282,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JolInt8Matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JolInt8Conv, Int8Conv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw"));

@@ -37,6 +37,7 @@ from jax import lax
 from jaxopt_lab.quant.affine import affine_params, integer_range
 from jaxopt_lab.quant.native import (
     float_int8_matmul,
+    int8_conv_codes,
     int8_matmul,
     native_int8_available,
     xla_int8_dot_general,
@@ -405,13 +406,14 @@ def _patch_matmul_applies(lhs, lhs_dilation, rhs_dilation, feature_group_count) 
 
 
 def _conv_as_int8_matmul(lhs, rhs, window_strides, padding, dnums) -> jax.Array:
-    """The exact int32 convolution as patches @ kernel through `int8_matmul`.
+    """The exact int32 convolution as patches @ kernel on the VNNI kernel.
 
     XLA's CPU backend runs int8 convolutions far slower than float32 ones (a ResNet-18-like
     net under W8A8 was 1.6-1.8x slower than fp32); the patch matrix (one row per output
     pixel, the kh * kw * C inputs of its window) times the kernel as a (kh * kw * C, O)
-    matrix is the same sum of products, on the VNNI kernel. Off CPU, `int8_matmul` is XLA's
-    int32 dot: still exact.
+    matrix is the same sum of products. On CPU the native kernel reads each pixel's window
+    straight from the padded input (`int8_conv_codes`: no im2col copy); elsewhere the
+    patches are built and multiplied by `int8_matmul` (XLA's int32 dot): still exact.
     """
     lhs_spec, rhs_spec, out_spec = dnums
     x = jnp.transpose(lhs, (lhs_spec[0], lhs_spec[2], lhs_spec[3], lhs_spec[1]))  # NHWC
@@ -427,16 +429,26 @@ def _conv_as_int8_matmul(lhs, rhs, window_strides, padding, dnums) -> jax.Array:
     if ho <= 0 or wo <= 0:
         acc = jnp.zeros((n, max(ho, 0), max(wo, 0), o), jnp.int32)
     else:
-        cols = [lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                          (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
-        # Zeros up to a multiple of 4 in K: whole VNNI quads, and one exact XLA dot off CPU.
-        k = kh * kw * c
-        extra = (-k) % 4
-        if extra:
-            cols.append(jnp.zeros((n, ho, wo, extra), jnp.int8))
-        patches = jnp.concatenate(cols, axis=-1).reshape(n * ho * wo, k + extra)
-        kernel = jnp.pad(w.reshape(k, o), ((0, extra), (0, 0)))
-        acc = int8_matmul(patches, kernel).reshape(n, ho, wo, o)
+        # Zero channels up to kw * C % 4 == 0: each window row is then whole VNNI quads
+        # (zero inputs meet zero weights, so the sums are unchanged).
+        extra_c = 0
+        while (kw * (c + extra_c)) % 4:
+            extra_c += 1
+        if extra_c:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra_c)))
+            w = jnp.pad(w, ((0, 0), (0, 0), (0, extra_c), (0, 0)))
+        cp = c + extra_c
+        kernel = w.reshape(kh * kw * cp, o)
+
+        def patches_matmul(x, kernel):  # im2col, then the int8 matmul (XLA's off CPU)
+            cols = [lax.slice(x, (0, i, j, 0),
+                              (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cp),
+                              (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+            return int8_matmul(jnp.concatenate(cols, axis=-1).reshape(n * ho * wo, -1),
+                               kernel)
+
+        acc = int8_conv_codes(x, kernel, window=(kh, kw), strides=(sh, sw),
+                              fallback=patches_matmul).reshape(n, ho, wo, o)
     perm = [0] * 4
     for j, axis in enumerate((out_spec[0], out_spec[2], out_spec[3], out_spec[1])):
         perm[axis] = j

@@ -11,9 +11,10 @@ Dense kernel. Boxed (partitioned) parameters are unboxed by Flax during the trac
 * ``mode="weight_only"``: float compute on the codes: a kernel whose contraction is its
   leading axes (Dense, DenseGeneral, attention, Einsum kernels) contracts through
   `weight_only_matmul` as the ``(K, N)`` matrix it is -- int8 or packed int4, per tensor,
-  per channel or per group (on CPU a native kernel reads the codes directly); other int8
-  kernels go through `weight_only_dot_general`; every other `QTensor` is dequantized
-  where an op needs it. The result equals
+  per channel or per group (on CPU a native kernel reads the codes directly); a plain 2-D
+  convolution on an HWIO kernel runs as patches @ kernel through the same kernel
+  (`weight_only_conv`); other int8 kernels go through `weight_only_dot_general`; every
+  other `QTensor` is dequantized where an op needs it. The result equals
   ``apply(dequantize(qvariables), ...)`` up to summation order.
 * ``mode="w8a8"``: each such op whose kernel is a symmetric integer `QTensor` with one
   scale per tensor or per output element quantizes its input to int8 -- static calibrated
@@ -56,7 +57,7 @@ from jaxopt_lab.quant.int8_ops import (
     weight_only_dot_general,
 )
 from jaxopt_lab.quant.qtensor import QTensor, is_qtensor, packed_length
-from jaxopt_lab.quant.weight_only import weight_only_matmul
+from jaxopt_lab.quant.weight_only import weight_only_conv, weight_only_matmul
 
 Variables = Any
 ActScales = Mapping[str, tuple[jax.Array, jax.Array | None]]
@@ -197,11 +198,11 @@ class _Quantized:
         return jnp.transpose(y, order) if order != sorted(order) else y
 
     def conv(self, eqn, perm, key, qt, x, out_dtype):
-        if self.mode == "weight_only":
-            return None  # float convolution on the dequantized kernel
         p = eqn.params
         dn = p["dimension_numbers"]
         rhs_spec = tuple(perm[d] for d in dn.rhs_spec)
+        if self.mode == "weight_only":
+            return _weight_only_conv(p, dn, rhs_spec, qt, x, out_dtype)
         if qt.granularity == "channel" and qt.axis != (rhs_spec[0],):
             return None
         if p["batch_group_count"] != 1:
@@ -214,6 +215,25 @@ class _Quantized:
             rhs_scale=kernel_scale(qt), lhs_zero_point=zero, out_dtype=out_dtype,
             lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
             dimension_numbers=dn, feature_group_count=p["feature_group_count"])
+
+
+def _weight_only_conv(p, dn, rhs_spec, qt, x, out_dtype):
+    """A 2-D convolution on an HWIO kernel as patches @ codes (`weight_only_conv`); None
+    (a float convolution on the dequantized kernel) for any other convolution."""
+    plain = (x.ndim == 4 and rhs_spec == (3, 2, 0, 1) and x.dtype == out_dtype
+             and p["feature_group_count"] == 1 and p["batch_group_count"] == 1
+             and all(d == 1 for d in (p["lhs_dilation"] or ()))
+             and all(d == 1 for d in (p["rhs_dilation"] or ())))
+    if not plain:
+        return None
+    lhs, out = dn.lhs_spec, dn.out_spec
+    x = jnp.transpose(x, (lhs[0], lhs[2], lhs[3], lhs[1]))  # NHWC
+    y = weight_only_conv(x, qt, p["window_strides"], p["padding"],
+                         precision=p.get("precision"))
+    perm = [0] * 4
+    for j, axis in enumerate((out[0], out[2], out[3], out[1])):
+        perm[axis] = j
+    return jnp.transpose(y, perm)
 
 
 def _float_leaf(x: Any) -> Any:

@@ -59,6 +59,8 @@ _HEADERS = ("native_panels.h",)
 PREBUILT = "_jol_native"
 _TARGET = "jaxopt_lab_int8_matmul"
 _WEIGHT_ONLY_TARGET = "jaxopt_lab_weight_only_matmul"
+_INT8_CONV_TARGET = "jaxopt_lab_int8_conv"
+_WEIGHT_ONLY_CONV_TARGET = "jaxopt_lab_weight_only_conv"
 _INT8_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _WEIGHT_ONLY_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw",
@@ -132,9 +134,10 @@ def _library() -> str:
             lib = ctypes.CDLL(str(get()))
             jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JolInt8Matmul),
                                         platform="cpu")
-            jax.ffi.register_ffi_target(_WEIGHT_ONLY_TARGET,
-                                        jax.ffi.pycapsule(lib.JolWeightOnlyMatmul),
-                                        platform="cpu")
+            for target, symbol in ((_WEIGHT_ONLY_TARGET, lib.JolWeightOnlyMatmul),
+                                   (_INT8_CONV_TARGET, lib.JolInt8Conv),
+                                   (_WEIGHT_ONLY_CONV_TARGET, lib.JolWeightOnlyConv)):
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
             return "ok"
         except Exception as e:  # noqa: BLE001 - e.g. a jaxlib rejecting the library's FFI version
             why.append(f"{name}: {(getattr(e, 'stderr', '') or str(e)).strip()[:400]}")
@@ -295,5 +298,56 @@ def weight_only_matmul_codes(a: jax.Array, codes: jax.Array, scale: jax.Array,
         out = jax.ShapeDtypeStruct((m, n), jnp.float32)
         return jax.ffi.ffi_call(_WEIGHT_ONLY_TARGET, out, vmap_method="sequential")(
             a, codes, scale, zp, bits=np.int32(bits))
+
+    return lax.platform_dependent(*args, cpu=native, default=fallback)
+
+
+def _conv_out(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> tuple:
+    """``(N * Ho * Wo, Ho, Wo)`` of a VALID convolution of the NHWC ``x``."""
+    (kh, kw), (sh, sw) = window, strides
+    ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    return x.shape[0] * ho * wo, ho, wo
+
+
+def int8_conv_codes(x: jax.Array, kernel: jax.Array, *, window: tuple[int, int],
+                    strides: tuple[int, int], fallback: Callable[..., jax.Array]) -> jax.Array:
+    """The exact int32 ``(N * Ho * Wo, O)`` VALID convolution of int8 NHWC ``x`` (already
+    padded, ``kw * C`` a multiple of 4, at least the window) with an int8 kernel given as
+    its ``(kh * kw * C, O)`` matrix (HWI row order): the VNNI kernel reads each pixel's
+    window in place, without an im2col copy. Elsewhere ``fallback(x, kernel)``."""
+    m = _conv_out(x, window, strides)[0]
+    if not native_int8_available() or x.size == 0 or kernel.size == 0 or m == 0:
+        return fallback(x, kernel)
+    (kh, kw), (sh, sw) = window, strides
+
+    def native(x, kernel):
+        out = jax.ShapeDtypeStruct((m, kernel.shape[1]), jnp.int32)
+        return jax.ffi.ffi_call(_INT8_CONV_TARGET, out, vmap_method="sequential")(
+            x, kernel, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw))
+
+    return lax.platform_dependent(x, kernel, cpu=native, default=fallback)
+
+
+def weight_only_conv_codes(x: jax.Array, codes: jax.Array, scale: jax.Array,
+                           zero_point: jax.Array | None, *, bits: int,
+                           window: tuple[int, int], strides: tuple[int, int],
+                           fallback: Callable[..., jax.Array]) -> jax.Array:
+    """`weight_only_matmul_codes` for a VALID convolution of the float32 NHWC ``x``
+    (already padded, at least the window): the kernel's ``(kh * kw * C, N)`` codes times
+    each output pixel's window, read in place (no im2col copy). Returns
+    ``(N * Ho * Wo, N)``; elsewhere ``fallback(x, codes, scale[, zero_point])``."""
+    args = (x, codes, scale) if zero_point is None else (x, codes, scale, zero_point)
+    m = _conv_out(x, window, strides)[0]
+    n = scale.shape[1]
+    if not native_weight_only_available() or x.size == 0 or codes.size == 0 or m == 0:
+        return fallback(*args)
+    (kh, kw), (sh, sw) = window, strides
+
+    def native(x, codes, scale, zero_point=None):
+        zp = jnp.zeros((0,), jnp.int8) if zero_point is None else zero_point
+        out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+        return jax.ffi.ffi_call(_WEIGHT_ONLY_CONV_TARGET, out, vmap_method="sequential")(
+            x, codes, scale, zp, bits=np.int32(bits), kh=np.int64(kh), kw=np.int64(kw),
+            sh=np.int64(sh), sw=np.int64(sw))
 
     return lax.platform_dependent(*args, cpu=native, default=fallback)

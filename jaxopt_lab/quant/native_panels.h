@@ -44,6 +44,40 @@ struct Panels {
   }
 };
 
+// Where row r of the left operand A starts, and how it is laid out. A plain matrix: row r
+// at a + r * K, one contiguous segment of K values. A convolution's patches, read straight
+// from the (already padded) NHWC input instead of an im2col copy: row r is output pixel
+// (n, oh, ow), and its K = kh * kw * C inputs (HWI order, the kernel matrix's rows) are kh
+// segments of kw * C contiguous values, one input row apart.
+struct Rows {
+  bool conv = false;
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1;  // window and strides
+  int64_t hp = 0, wp = 0, c = 0;           // padded input height, width, channels
+  int64_t ho = 0, wo = 0;                  // output height and width
+
+  int64_t Segments() const { return conv ? kh : 1; }
+  int64_t SegmentLength(int64_t k) const { return conv ? kw * c : k; }
+  int64_t SegmentStride() const { return conv ? wp * c : 0; }
+  // Offset of row r's first value from the start of A.
+  int64_t Start(int64_t r, int64_t k) const {
+    if (!conv) return r * k;
+    const int64_t ow = r % wo, t = r / wo, oh = t % ho, n = t / ho;
+    return ((n * hp + oh * sh) * wp + ow * sw) * c;
+  }
+  // Sets the convolution geometry from the input's dimensions; false if they do not fit.
+  template <typename Dims>
+  bool SetConv(const Dims& x, int64_t kh_, int64_t kw_, int64_t sh_, int64_t sw_) {
+    if (x.size() != 4 || kh_ < 1 || kw_ < 1 || sh_ < 1 || sw_ < 1) return false;
+    conv = true;
+    kh = kh_, kw = kw_, sh = sh_, sw = sw_;
+    hp = x[1], wp = x[2], c = x[3];
+    if (hp < kh || wp < kw) return false;
+    ho = (hp - kh) / sh + 1;
+    wo = (wp - kw) / sw + 1;
+    return true;
+  }
+};
+
 // Runs work(*s) on the caller and on up to min(pool.num_threads(), max_helpers) pool tasks;
 // returns when every panel is done. An empty output is left as it is; K == 0 writes zeros
 // to s->c. A small problem passes max_helpers = 0: handing panels to the pool costs more

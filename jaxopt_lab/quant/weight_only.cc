@@ -18,7 +18,8 @@
 //   could (|s| > FLT_MAX / 512, Inf or NaN) runs a scalar loop on the clamped weights
 //   instead, exactly like dequantize.
 // * M > 1: one panel of 64 columns is dequantized into a [K][64] buffer (L2-resident) and a
-//   6 x 64 register tile of float32 FMAs runs over it, in order of k.
+//   6 x 64 register tile of float32 FMAs runs over it, in order of k (12 x 16 or 8 x 32 for
+//   a narrower last panel); a tall product with few panels is split along M too.
 //
 // Threads: see native_panels.h; problems smaller than kSerialWork run on the caller only.
 // Built with -mavx512f -mavx512bw -mavx512vl; used only when /proc/cpuinfo lists them.
@@ -47,6 +48,8 @@ constexpr int kBlocks = 4;       // 16-column blocks per GEMM tile
 constexpr int kPanel = 16 * kBlocks;
 constexpr float kSafeScale = FLT_MAX / 512;  // |q - z| <= 255: no product can overflow
 constexpr int64_t kSerialWork = int64_t{1} << 18;
+constexpr int64_t kMinChunk = 8 * kRows;  // rows of a GEMM work item, at least
+constexpr int64_t kTargetItems = 8;       // GEMM work items to aim for (2 threads here)
 
 struct Shared : Panels {
   const float* a;         // (M, K)
@@ -57,6 +60,8 @@ struct Shared : Panels {
   int64_t group_size;
   int bits;               // 4 or 8
   float* c;               // (M, N)
+  int64_t row_chunks = 1, chunk_rows = 0;  // GEMM work items: see GemmWork
+  jaxopt_lab::Rows rows;                   // A: a matrix, or a convolution's input
 };
 
 inline int Code(const Shared& s, int64_t k, int64_t j) {
@@ -274,50 +279,72 @@ void DequantizePanel(const Shared& s, int64_t j0, float* out) {
   }
 }
 
-template <int R>
+// R rows x B 16-column blocks of C from a dequantized panel (compile-time sizes, so the
+// accumulators stay in registers). A panel narrower than 64 columns (a convolution with 16
+// or 32 output channels) runs only its B = ceil(width / 16) blocks, with more rows a tile.
+template <int R, int B>
 void FloatTile(const Shared& s, const float* packed, int64_t i0, int64_t j0) {
-  const float* a = s.a + i0 * s.k;
-  __m512 acc[R][kBlocks];
-#pragma GCC unroll 8
+  const float* a[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) a[r] = s.a + s.rows.Start(i0 + r, s.k);
+  __m512 acc[R][B];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < kBlocks; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < s.k; ++kk) {
-    const float* bk = packed + kk * kPanel;
-    const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16);
-    const __m512 b2 = _mm512_load_ps(bk + 32), b3 = _mm512_load_ps(bk + 48);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * s.k + kk]);
-      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+    for (int c = 0; c < B; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int64_t segments = s.rows.Segments(), length = s.rows.SegmentLength(s.k);
+  const int64_t stride = s.rows.SegmentStride();
+  for (int64_t seg = 0; seg < segments; ++seg) {
+    const float* bseg = packed + seg * length * kPanel;
+    const int64_t at = seg * stride;
+    for (int64_t t = 0; t < length; ++t) {
+      const float* bk = bseg + t * kPanel;
+      __m512 b[B];
+#pragma GCC unroll 4
+      for (int c = 0; c < B; ++c) b[c] = _mm512_load_ps(bk + 16 * c);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r][at + t]);
+#pragma GCC unroll 4
+        for (int c = 0; c < B; ++c) acc[r][c] = _mm512_fmadd_ps(av, b[c], acc[r][c]);
+      }
     }
   }
   const int64_t width = std::min<int64_t>(kPanel, s.n - j0);
-  __mmask16 mask[kBlocks];
+  __mmask16 mask[B];
 #pragma GCC unroll 4
-  for (int c = 0; c < kBlocks; ++c) mask[c] = Mask(width - 16 * c);
-#pragma GCC unroll 8
+  for (int c = 0; c < B; ++c) mask[c] = Mask(width - 16 * c);
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     float* row = s.c + (i0 + r) * s.n + j0;
 #pragma GCC unroll 4
-    for (int c = 0; c < kBlocks; ++c) _mm512_mask_storeu_ps(row + 16 * c, mask[c], acc[r][c]);
+    for (int c = 0; c < B; ++c) _mm512_mask_storeu_ps(row + 16 * c, mask[c], acc[r][c]);
   }
 }
 
-void FloatTailTile(const Shared& s, const float* packed, int64_t i0, int64_t j0,
-                   int64_t rows) {
-  switch (rows) {
-    case 1: return FloatTile<1>(s, packed, i0, j0);
-    case 2: return FloatTile<2>(s, packed, i0, j0);
-    case 3: return FloatTile<3>(s, packed, i0, j0);
-    case 4: return FloatTile<4>(s, packed, i0, j0);
-    default: return FloatTile<5>(s, packed, i0, j0);
-  }
+// Rows per tile for B blocks: R * B accumulators + B panel registers within 32 registers.
+template <int B>
+constexpr int RowsFor() {
+  return B == 1 ? 12 : B == 2 ? 8 : kRows;
 }
 
+// Rows [i0, end) against the panel at j0: full tiles, then the tail in tiles of 8/4/2/1.
+template <int B>
+void FloatRows(const Shared& s, const float* packed, int64_t i0, int64_t end, int64_t j0) {
+  constexpr int R = RowsFor<B>();
+  for (; i0 + R <= end; i0 += R) FloatTile<R, B>(s, packed, i0, j0);
+  if constexpr (R > 8) {
+    if (end - i0 >= 8) { FloatTile<8, B>(s, packed, i0, j0); i0 += 8; }
+  }
+  if (end - i0 >= 4) { FloatTile<4, B>(s, packed, i0, j0); i0 += 4; }
+  if (end - i0 >= 2) { FloatTile<2, B>(s, packed, i0, j0); i0 += 2; }
+  if (end - i0 >= 1) FloatTile<1, B>(s, packed, i0, j0);
+}
+
+// Work item p: the panel p / row_chunks, rows [chunk_rows * (p % row_chunks), ...). A tall
+// product with few columns (a convolution's patches times its kernel) is split along M too,
+// so both threads get work; each item dequantizes its panel again (K * 64 weights, against
+// at least kMinChunk * K * 64 multiply-adds).
 template <int kBits>
 void GemmWork(Shared& s) {
   float* packed = nullptr;
@@ -326,34 +353,46 @@ void GemmWork(Shared& s) {
       packed = static_cast<float*>(
           std::aligned_alloc(64, static_cast<size_t>(s.k) * kPanel * sizeof(float)));
     }
-    const int64_t j0 = p * kPanel;
+    const int64_t j0 = (p / s.row_chunks) * kPanel;
     DequantizePanel<kBits>(s, j0, packed);
-    int64_t i0 = 0;
-    for (; i0 + kRows <= s.m; i0 += kRows) FloatTile<kRows>(s, packed, i0, j0);
-    if (i0 < s.m) FloatTailTile(s, packed, i0, j0, s.m - i0);
+    const int64_t i0 = (p % s.row_chunks) * s.chunk_rows;
+    const int64_t end = std::min(s.m, i0 + s.chunk_rows);
+    const int64_t width = std::min<int64_t>(kPanel, s.n - j0);
+    if (width <= 16) {
+      FloatRows<1>(s, packed, i0, end, j0);
+    } else if (width <= 32) {
+      FloatRows<2>(s, packed, i0, end, j0);
+    } else {
+      FloatRows<kBlocks>(s, packed, i0, end, j0);
+    }
     s.Finished();
   }
   std::free(packed);
 }
 
-ffi::Error WeightOnlyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer codes,
-                            ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer zp,
-                            ffi::ResultBuffer<ffi::F32> c, int32_t bits) {
+// Checks the operands and runs the product; a.dims() is (M, K), or the padded NHWC input
+// of a convolution when rows.conv (then M = N * Ho * Wo and K = kh * kw * C).
+ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& a, ffi::AnyBuffer& codes,
+               ffi::Buffer<ffi::F32>& scale, ffi::AnyBuffer& zp, ffi::ResultBuffer<ffi::F32>& c,
+               int32_t bits, const jaxopt_lab::Rows& rows) {
   const auto ad = a.dimensions(), cd = codes.dimensions(), sd = scale.dimensions();
   const auto od = c->dimensions();
   const bool asym = zp.element_count() > 0;
-  if (ad.size() != 2 || cd.size() != 2 || sd.size() != 2 || od.size() != 2 || (bits != 4 && bits != 8)) {
+  if (cd.size() != 2 || sd.size() != 2 || od.size() != 2 || (bits != 4 && bits != 8) ||
+      (!rows.conv && ad.size() != 2)) {
     return ffi::Error::InvalidArgument("weight-only matmul expects 2-D operands, 4 or 8 bits");
   }
-  const int64_t m = ad[0], k = ad[1], n = od[1], g = sd[0];
+  const int64_t m = od[0], n = od[1], g = sd[0];
+  const int64_t k = rows.conv ? rows.kh * rows.kw * rows.c : ad[1];
+  const bool bad_a = rows.conv ? m != ad[0] * rows.ho * rows.wo : ad[0] != m;
   const bool bad_codes = cd[0] != k || cd[1] != (bits == 4 ? (n + 1) / 2 : n) ||
                          codes.element_type() != (bits == 4 ? ffi::U8 : ffi::S8);
   const bool bad_scale = sd[1] != n || (k > 0 && (g < 1 || k % g != 0));
   const bool bad_zp = asym && (zp.element_type() != ffi::S8 || zp.element_count() != g * n);
-  if (od[0] != m || bad_codes || bad_scale || bad_zp) {
+  if (bad_a || bad_codes || bad_scale || bad_zp) {
     return ffi::Error::InvalidArgument(
-        "weight-only matmul expects a (M, K), codes (K, N or ceil(N / 2)), scale (G, N) with "
-        "G dividing K, int8 zero point (G, N) or empty");
+        "weight-only matmul expects a (M, K) (or an NHWC input giving M pixels), codes (K, N "
+        "or ceil(N / 2)), scale (G, N) with G dividing K, int8 zero point (G, N) or empty");
   }
   auto s = std::make_shared<Shared>();
   s->a = a.typed_data();
@@ -364,12 +403,44 @@ ffi::Error WeightOnlyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::
   s->group_size = g > 0 ? k / g : 1;
   s->bits = bits;
   s->c = c->typed_data();
-  s->SetShape(m, k, n, m == 1 ? kGemvCols : kPanel);
+  s->rows = rows;
+  // A convolution always takes the GEMM path: its rows are not one contiguous vector.
+  const bool gemv = m == 1 && !rows.conv;
+  s->SetShape(m, k, n, gemv ? kGemvCols : kPanel);
+  if (!gemv && m > 0) {
+    const int64_t col_panels = s->panels;
+    s->row_chunks = std::max<int64_t>(
+        1, std::min<int64_t>((kTargetItems + col_panels - 1) / col_panels, m / kMinChunk));
+    s->chunk_rows = (m + s->row_chunks - 1) / s->row_chunks;
+    s->chunk_rows = (s->chunk_rows + kRows - 1) / kRows * kRows;
+    s->row_chunks = (m + s->chunk_rows - 1) / s->chunk_rows;  // none left empty
+    s->panels = col_panels * s->row_chunks;
+  }
   // Bytes of codes read plus FMAs / 16: below kSerialWork the pool handoff is not worth it.
   const int64_t work = k * n * bits / 8 + m * k * n / 16;
   const int64_t helpers = work < kSerialWork ? 0 : INT64_MAX;
-  if (m == 1) return RunPanels(pool, s, bits == 4 ? GemvWork<4> : GemvWork<8>, helpers);
+  if (gemv) return RunPanels(pool, s, bits == 4 ? GemvWork<4> : GemvWork<8>, helpers);
   return RunPanels(pool, s, bits == 4 ? GemmWork<4> : GemmWork<8>, helpers);
+}
+
+ffi::Error WeightOnlyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer codes,
+                            ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer zp,
+                            ffi::ResultBuffer<ffi::F32> c, int32_t bits) {
+  return Run(pool, a, codes, scale, zp, c, bits, jaxopt_lab::Rows{});
+}
+
+// A 2-D convolution (NHWC input, already padded; kernel as its (kh * kw * C, N) matrix of
+// codes) without an im2col copy: the GEMM reads each output pixel's window in place.
+ffi::Error WeightOnlyConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
+                          ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer zp,
+                          ffi::ResultBuffer<ffi::F32> c, int32_t bits, int64_t kh, int64_t kw,
+                          int64_t sh, int64_t sw) {
+  jaxopt_lab::Rows rows;
+  if (!rows.SetConv(x.dimensions(), kh, kw, sh, sw)) {
+    return ffi::Error::InvalidArgument("weight-only conv expects an NHWC input at least as "
+                                       "large as the window, positive window and strides");
+  }
+  return Run(pool, x, codes, scale, zp, c, bits, rows);
 }
 
 }  // namespace
@@ -383,3 +454,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JolWeightOnlyMatmul, WeightOnlyMatmul,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JolWeightOnlyConv, WeightOnlyConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw"));

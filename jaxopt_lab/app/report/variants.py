@@ -66,8 +66,11 @@ def float_infer(model: nn.Module) -> Callable:
 
 @functools.cache
 def dequant_infer(model: nn.Module) -> Callable:
-    """Weight-only quantization: integer weights in memory, expanded inside the program."""
-    return lambda stored, x: model.apply(jol.dequantize(stored), x, train=False)
+    """Weight-only quantization: integer weights in memory, computed on by
+    `quantized_apply(mode="weight_only")` (on CPU the native kernels read the codes of every
+    Dense and plain Conv kernel; other leaves are dequantized inside the program)."""
+    return lambda stored, x: jol.quantized_apply(model, stored, x, mode="weight_only",
+                                                 train=False)
 
 
 def _with_params(variables: Variables, params: Tree) -> Variables:
