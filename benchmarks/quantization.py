@@ -723,7 +723,7 @@ def latency(smoke: bool, rounds: int = 15) -> dict:
                                                     (1, 8, 16, 64, 1024), rounds, bw),
                  "resnet18_like": lambda: convnet_section(ResNetLike(base=16), (1, 8, 64), 32,
                                                           3, rounds, bw),
-                 "teacher_cnn": lambda: convnet_section(jol.train.TeacherCNN(), (1, 8, 64), 8,
+                 "teacher_cnn": lambda: convnet_section(jol.app.TeacherCNN(), (1, 8, 64), 8,
                                                         1, rounds, bw, train=False),
                  "resnet18_like_layers": lambda: conv_layer_section(16, 32, max(3, rounds // 2)),
                  "layer_batch_1": lambda: layer_section(4096, rounds)}
