@@ -9,7 +9,6 @@ never modified: a folded copy is returned.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ from jaxopt_lab.core.mapping import path_names
 from jaxopt_lab.fold import arith
 from jaxopt_lab.fold.plan import (
     BNCall,
+    Graph,
     LayerCall,
     PairPlan,
     Path,
@@ -44,34 +44,7 @@ def _variable_shape(v) -> tuple[int, ...] | None:
     return None if v is None else tuple(np.shape(v[...]))
 
 
-_VIEW_OPS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "transpose", "rev",
-                       "squeeze", "expand_dims", "copy", "copy_p"})
-
-
-class _Graph:
-    """The traced call as a flat graph: which values are views of which leaf, who reads
-    each value, and the avals."""
-
-    def __init__(self, program):
-        self.eqns, outputs = flax_hooks.flat_eqns(program)
-        self.outputs = {v for v in outputs if isinstance(v, int)}
-        self.view_of = {i: i for i in range(program.n_vars)}
-        self.readers: dict[int, list] = defaultdict(list)
-        self.aval: dict[int, Any] = {i: v.aval for i, v in
-                                     enumerate(program.closed.jaxpr.invars)}
-        for fe in self.eqns:
-            self.aval.update(zip(fe.outs, (v.aval for v in fe.eqn.outvars)))
-            for pos, v in enumerate(fe.ins):
-                if isinstance(v, int):
-                    self.readers[v].append((fe, pos))
-            if fe.name in _VIEW_OPS and isinstance(fe.ins[0], int) and fe.ins[0] in self.view_of:
-                self.view_of[fe.outs[0]] = self.view_of[fe.ins[0]]
-
-    def leaf(self, v) -> int | None:
-        return self.view_of.get(v) if isinstance(v, int) else None
-
-
-def _layer_calls(graph: _Graph, leaf_at, names, modules):
+def _layer_calls(graph: Graph, leaf_at, names, modules):
     """One `LayerCall` per Conv/Linear contraction, keyed by its output value (after
     the layer's own bias add)."""
     out = {}
@@ -127,7 +100,7 @@ def _plan(module: nnx.Module, args, kwargs):
     copy = nnx.clone(module)
     copy.eval()
     program = flax_hooks.trace(copy, None, *args, **kwargs)
-    graph = _Graph(program)
+    graph = Graph(program)
     names = [path_names(p) for p in program.paths]
     leaf_at = {(n[:-1], n[-1]): i for i, n in enumerate(names)}
     modules = _modules(copy)
