@@ -49,6 +49,10 @@ from jaxopt_lab.quant.model_calibration import (
 # --- pruning ---
 from jaxopt_lab import pruning
 from jaxopt_lab.pruning import (
+    CompactedLayer,
+    CompactReport,
+    SkippedLayer,
+    compact_report,
     PruneState,
     SparseTensor,
     Sparsity,
@@ -121,6 +125,10 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 
 __all__ = (
+    "CompactReport",
+    "CompactedLayer",
+    "SkippedLayer",
+    "compact_report",
     "CalibrationState",
     "FoldReport",
     "FoldedPair",

@@ -85,3 +85,61 @@ def test_nnx_folded_value_beyond_the_dtype_raises_naming_the_pair():
     model.layers[1].scale.set_value(jnp.full((3,), 1000, jnp.float16))
     with pytest.raises(ValueError, match="layers/1 into layers/0: folded kernel overflows float16"):
         jol.bn_fold_nnx(model, jnp.zeros((1, 4)))
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_nnx_conv_transpose_folds_with_either_kernel_layout(transpose_kernel):
+    model = random_nnx(lambda: nnx.Sequential(
+        nnx.ConvTranspose(3, 4, (3, 3), transpose_kernel=transpose_kernel, rngs=nnx.Rngs(0)),
+        nnx.BatchNorm(4, rngs=nnx.Rngs(1))))
+    model.eval()
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, 5, 3)), jnp.float32)
+    folded, report = jol.bn_fold_nnx(model, x, return_report=True)
+    assert [(p.layer, p.batch_norm) for p in report.folded] == [("layers/0", "layers/1")]
+    assert rel_err(nnx_call(folded, x), nnx_call(model, x)) < 1e-5
+
+
+def test_nnx_pairs_are_read_from_the_jaxpr_of_stock_models():
+    import _flax_models as F
+
+    class Residual(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.LinearGeneral(4, (2, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(3, rngs=rngs)
+            self.lin = nnx.Linear(4, 4, rngs=rngs)
+            self.bn2 = nnx.BatchNorm(4, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.lin(x)
+            return self.bn(self.up(x)).sum(-2) + (self.bn2(h) + h).sum(-1, keepdims=True)
+
+    module = random_nnx(lambda: Residual(nnx.Rngs(0)))
+    x = jnp.ones((2, 4))
+    folded, report = jol.bn_fold_nnx(module, x, return_report=True)
+    assert [(p.layer, p.batch_norm) for p in report.folded] == [("up", "bn")]
+    assert [(s.batch_norm, s.layer) for s in report.skipped] == [("bn2", "lin")]
+    assert "used elsewhere" in report.skipped[0].reason
+    module.eval()
+    assert rel_err(nnx_call(folded, x), nnx_call(module, x)) < 1e-5
+
+    conv, images = F.nnx_convnet(3)
+    conv = random_nnx(lambda: F.NnxConvNet(3, nnx.Rngs(0)))
+    folded, report = jol.bn_fold_nnx(conv, images, return_report=True)
+    assert [p.shift_in for p in report.folded] == ["bn_bias", "bn_bias"]
+    assert rel_err(nnx_call(folded, images), nnx_call(conv, images)) < 1e-5
+
+
+def test_nnx_batchnorm_called_in_training_mode_is_reported():
+    class Train(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 4, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.lin(x), use_running_average=False)
+
+    model = random_nnx(lambda: Train(nnx.Rngs(2)))
+    with pytest.warns(UserWarning, match="training mode"):
+        folded, report = jol.bn_fold_nnx(model, jnp.ones((2, 3)), return_report=True)
+    assert not report.folded and [s.batch_norm for s in report.skipped] == ["bn"]
+    assert leaves_equal(_state(folded), _state(model))

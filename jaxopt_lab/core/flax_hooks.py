@@ -278,7 +278,9 @@ def classify(eqn, views: list[View | None], ndims: Sequence[int]) -> list[Use]:
     return out
 
 
-def _sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]] | None:
+def sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]] | None:
+    """``(jaxpr, consts)`` of a call whose body runs once per call (nested ``jit``,
+    ``custom_jvp``...), which walkers of the trace step into; None for any other op."""
     if eqn.primitive.name not in _INLINE:
         return None
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
@@ -294,6 +296,9 @@ def _sub_jaxpr(eqn) -> tuple[Any, Sequence[Any]] | None:
         if len(jaxpr.invars) == len(eqn.invars):
             return jaxpr, consts
     return None
+
+
+_sub_jaxpr = sub_jaxpr
 
 
 def _bind(eqn, invals: list[Any]) -> list[Any]:
@@ -395,3 +400,50 @@ def operand_permutation(view: View) -> tuple[int, ...] | None:
 
 def size_of(shape: Sequence[int], axes: Sequence[int]) -> int:
     return math.prod(shape[a] for a in axes)
+
+
+# --- the trace as one flat list of ops ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FlatEqn:
+    """One op of a `Program` with nested calls inlined: ``ins``/``outs`` are value ids
+    (ints; the program's inputs are ``0 .. n-1``) or ``jax`` literals."""
+
+    eqn: Any
+    ins: tuple
+    outs: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.eqn.primitive.name
+
+
+def flat_eqns(program: Program) -> tuple[list[FlatEqn], list]:
+    """The program's ops in order with nested ``jit``/``custom_jvp`` bodies inlined, and
+    the ids of its outputs: a graph whose value ids are global, for pattern matching."""
+    jaxpr = program.closed.jaxpr
+    counter = iter(range(len(jaxpr.invars), 1 << 62))
+    out: list[FlatEqn] = []
+
+    def walk(jaxpr, env) -> None:
+        def get(v):
+            return v if isinstance(v, jcore.Literal) else env[v]
+
+        for v in jaxpr.constvars:
+            env.setdefault(v, next(counter))
+        for eqn in jaxpr.eqns:
+            ins = tuple(get(v) for v in eqn.invars)
+            sub = sub_jaxpr(eqn)
+            if sub is not None:
+                inner = dict(zip(sub[0].invars, ins))
+                walk(sub[0], inner)
+                for v, w in zip(eqn.outvars, sub[0].outvars):
+                    env[v] = w if isinstance(w, jcore.Literal) else inner[w]
+                continue
+            outs = tuple(next(counter) for _ in eqn.outvars)
+            env.update(zip(eqn.outvars, outs))
+            out.append(FlatEqn(eqn, ins, outs))
+
+    env = {v: i for i, v in enumerate(jaxpr.invars)}
+    walk(jaxpr, env)
+    return out, [v if isinstance(v, jcore.Literal) else env[v] for v in jaxpr.outvars]

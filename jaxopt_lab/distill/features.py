@@ -1,7 +1,8 @@
 """Intermediate features of an unchanged Flax linen model, and FitNets projections.
 
-:func:`capture_features` runs ``model.apply`` with Flax's ``capture_intermediates``
-(built on ``flax.linen.intercept_methods``), keeping only the outputs of the requested
+:func:`capture_features` runs ``model.apply`` with Flax's own ``capture_intermediates``
+(a module *output* is what is wanted here, not an op, so Flax's mechanism is the right one
+and jaxopt_lab's hook layer is not involved), keeping only the outputs of the requested
 submodules plus anything the model ``sow``-s into ``"intermediates"``. Layers are
 named by their module path joined with ``/`` (``"BatchNorm_1"``,
 ``"block_0/Conv_0"``); a sown value is named by its module path and sow name.

@@ -1,113 +1,92 @@
 """``bn_fold_nnx``: batch-norm folding for Flax NNX modules.
 
-NNX has no method interceptors, so the trace temporarily wraps ``__call__`` of the NNX
-layer classes (under a lock, restored afterwards) on a copy of the module, records outputs
-and inputs by tensor identity exactly as the linen path does, and reuses its planning and
-arithmetic. The input module is never modified: a folded copy is returned.
+The pairs are read from the jaxpr of one call of an eval-mode copy, traced by the hook
+layer (`jaxopt_lab.core.flax_hooks`): which Conv/Linear kernel produced a value, and which
+BatchNorm subtracts its running mean from it, are ops in that jaxpr, so no layer class is
+wrapped or patched. Planning and arithmetic are the linen path's. The input module is
+never modified: a folded copy is returned.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
+from jaxopt_lab.core import flax_hooks
+from jaxopt_lab.core.mapping import path_names
 from jaxopt_lab.fold import arith
 from jaxopt_lab.fold.plan import (
     BNCall,
+    Graph,
     LayerCall,
     PairPlan,
     Path,
-    consumers,
     new_tag,
     path_name,
     plan_calls,
 )
-from jaxopt_lab.fold.report import FoldedPair, FoldReport, warn_if_training
+from jaxopt_lab.fold.report import (
+    TRAINING_MODE,
+    FoldedPair,
+    FoldReport,
+    SkippedBatchNorm,
+    warn_if_training,
+)
 
 LAYER_TYPES = (nnx.Conv, nnx.ConvTranspose, nnx.Linear, nnx.LinearGeneral)
-_PATCH_LOCK = threading.Lock()
 
 
 def _variable_shape(v) -> tuple[int, ...] | None:
     return None if v is None else tuple(np.shape(v[...]))
 
 
-def _record_layer(module, y, paths, layers: list):
-    if not isinstance(y, jax.Array) or y.ndim == 0 or id(module) not in paths:
-        return y
-    tag = new_tag()
-    y = checkpoint_name(y, tag)
-    k = len(module.out_features) if isinstance(module, nnx.LinearGeneral) else 1
-    layers.append(LayerCall(
-        path=paths[id(module)], out=y, tag=tag, feature_axes=tuple(range(y.ndim - k, y.ndim)),
-        kernel_shape=_variable_shape(module.kernel), bias_shape=_variable_shape(module.bias),
-        kernel_features_last=not (isinstance(module, nnx.ConvTranspose)
-                                  and module.transpose_kernel),
-    ))
-    return y
+def _layer_calls(graph: Graph, leaf_at, names, modules):
+    """One `LayerCall` per Conv/Linear contraction, keyed by its output value (after
+    the layer's own bias add)."""
+    out = {}
+    for fe in graph.eqns:
+        if fe.name not in ("dot_general", "conv_general_dilated"):
+            continue
+        kernel = next((graph.leaf(v) for v in fe.ins if graph.leaf(v) is not None), None)
+        if kernel is None or names[kernel][-1] != "kernel":
+            continue
+        path = names[kernel][:-1]
+        module = modules.get(path)
+        if not isinstance(module, LAYER_TYPES):
+            continue
+        y = fe.outs[0]
+        bias = leaf_at.get((path, "bias"))
+        readers = graph.readers[y]
+        if bias is not None and len(readers) == 1 and readers[0][0].name == "add" and any(
+                graph.leaf(v) == bias for v in readers[0][0].ins):
+            y = readers[0][0].outs[0]
+        rank = len(graph.aval[y].shape)
+        k = len(module.out_features) if isinstance(module, nnx.LinearGeneral) else 1
+        out[y] = LayerCall(
+            path=path, out=None, tag=new_tag(), feature_axes=tuple(range(rank - k, rank)),
+            kernel_shape=_variable_shape(module.kernel), bias_shape=_variable_shape(module.bias),
+            kernel_features_last=not (isinstance(module, nnx.ConvTranspose)
+                                      and module.transpose_kernel))
+    return out
 
 
-def _record_bn(module, args, kwargs, paths, layers: list, bns: list):
-    args = list(args)
-    x = args[0] if args else kwargs["x"]
-    flag = args[1] if len(args) > 1 else kwargs.get("use_running_average")
-    eval_mode = bool(module.use_running_average if flag is None else flag)
-    layer = next((c for c in reversed(layers) if c.out is x), None)
-    tag = None
-    if layer is not None:
-        tag = new_tag()
-        x = checkpoint_name(x, tag)
-        if args:
-            args[0] = x
-        else:
-            kwargs = {**kwargs, "x": x}
+def _bn_call(module, path, x_aval, layer) -> BNCall:
     # NNX promotes x and every statistic to one dtype before computing var + eps.
-    present = [v[...] for v in (module.mean, module.var, module.scale, module.bias)
+    present = [v[...].dtype for v in (module.mean, module.var, module.scale, module.bias)
                if v is not None]
-    stat_dtype = np.dtype(module.dtype or jnp.result_type(x, *present))
-    axes = tuple(sorted(a % x.ndim for a in (module.axis if isinstance(module.axis, tuple)
-                                             else (module.axis,))))
-    bns.append(BNCall(
-        path=paths[id(module)], layer=layer, tag=tag, eval_mode=eval_mode, axes=axes,
-        in_shape=tuple(x.shape), epsilon=float(module.epsilon), stat_dtype=stat_dtype,
-        stat_shape=tuple(x.shape[a] for a in axes),
-        use_scale=module.scale is not None, use_bias=module.bias is not None,
-    ))
-    return args, kwargs
-
-
-@contextlib.contextmanager
-def _recording(paths: dict, layers: list, bns: list):
-    """Wraps the NNX layer classes' ``__call__`` for the duration of one trace."""
-    originals = {cls: cls.__call__ for cls in (*LAYER_TYPES, nnx.BatchNorm)}
-
-    def layer_call(orig):
-        def call(self, *args, **kwargs):
-            return _record_layer(self, orig(self, *args, **kwargs), paths, layers)
-        return call
-
-    def bn_call(self, *args, **kwargs):
-        if id(self) not in paths:
-            return originals[nnx.BatchNorm](self, *args, **kwargs)
-        args, kwargs = _record_bn(self, args, kwargs, paths, layers, bns)
-        return originals[nnx.BatchNorm](self, *args, **kwargs)
-
-    with _PATCH_LOCK:
-        try:
-            for cls in LAYER_TYPES:
-                cls.__call__ = layer_call(originals[cls])
-            nnx.BatchNorm.__call__ = bn_call
-            yield
-        finally:
-            for cls, orig in originals.items():
-                cls.__call__ = orig
+    stat_dtype = np.dtype(module.dtype or jnp.result_type(x_aval.dtype, *present))
+    ndim = len(x_aval.shape)
+    axes = tuple(sorted(a % ndim for a in (module.axis if isinstance(module.axis, tuple)
+                                           else (module.axis,))))
+    return BNCall(
+        path=path, layer=layer, tag=new_tag() if layer is not None else None, eval_mode=True,
+        axes=axes, in_shape=tuple(x_aval.shape), epsilon=float(module.epsilon),
+        stat_dtype=stat_dtype, stat_shape=tuple(x_aval.shape[a] for a in axes),
+        use_scale=module.scale is not None, use_bias=module.bias is not None)
 
 
 def _modules(module: nnx.Module) -> dict[Path, nnx.Module]:
@@ -115,25 +94,45 @@ def _modules(module: nnx.Module) -> dict[Path, nnx.Module]:
 
 
 def _plan(module: nnx.Module, args, kwargs):
-    graphdef, state = nnx.split(module)
-    layers: list[LayerCall] = []
-    bns: list[BNCall] = []
+    """Finds the pairs in the jaxpr of one call of an eval-mode copy (the hook layer's
+    trace): a BatchNorm folds into a Conv/Linear when it subtracts its running mean from
+    exactly that layer's output (bias included) and nothing else reads that output."""
+    copy = nnx.clone(module)
+    copy.eval()
+    program = flax_hooks.trace(copy, None, *args, **kwargs)
+    graph = Graph(program)
+    names = [path_names(p) for p in program.paths]
+    leaf_at = {(n[:-1], n[-1]): i for i, n in enumerate(names)}
+    modules = _modules(copy)
+    layers = _layer_calls(graph, leaf_at, names, modules)
+    means = {leaf_at[(p, "mean")]: p for p, m in modules.items()
+             if isinstance(m, nnx.BatchNorm) and (p, "mean") in leaf_at}
+    bns, bn_of_read, seen = [], {}, set()
+    for fe in graph.eqns:
+        mean = graph.leaf(fe.ins[1]) if fe.name == "sub" else None
+        if mean not in means or graph.leaf(fe.ins[0]) is not None:
+            continue
+        path = means[mean]
+        seen.add(path)
+        call = _bn_call(modules[path], path, graph.aval[fe.ins[0]], layers.get(fe.ins[0]))
+        bns.append(call)
+        bn_of_read[(id(fe), 0)] = call.tag
+    uses = {}
+    for y, layer in layers.items():
+        readers = [bn_of_read.get((id(fe), pos), "?") for fe, pos in graph.readers[y]]
+        uses[layer.tag] = (None, readers + (["<output>"] if y in graph.outputs else []))
+    training = [SkippedBatchNorm(path_name(p), None, f"{TRAINING_MODE} (batch statistics) in "
+                                 "this trace; pass the eval arguments")
+                for leaf, p in means.items() if p not in seen and graph.readers[leaf]]
 
-    def run(state):
-        copy = nnx.merge(graphdef, state)
-        copy.eval()
-        paths = {id(m): p for p, m in _modules(copy).items()}
-        with _recording(paths, layers, bns):
-            return copy(*args, **kwargs)
-
-    uses = consumers(jax.make_jaxpr(run)(state))
-    modules = _modules(module)
+    original = _modules(module)
 
     def stored_shape(collection: str, path: Path, name: str):
         del collection
-        return _variable_shape(getattr(modules.get(path), name, None))
+        return _variable_shape(getattr(original.get(path), name, None))
 
-    return plan_calls(layers, bns, uses, stored_shape)
+    pairs, skipped = plan_calls(list(layers.values()), bns, uses, stored_shape)
+    return pairs, skipped + training
 
 
 def _fold_pair(modules: dict, plan: PairPlan) -> str:

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import jax.extend.core as jex
 import numpy as np
 
+from jaxopt_lab.core import flax_hooks
+
 from jaxopt_lab.fold.report import TRAINING_MODE, SkippedBatchNorm
 
 Path = tuple[str, ...]
@@ -63,6 +65,42 @@ class BNCall(NamedTuple):
     stat_shape: tuple[int, ...]
     use_scale: bool
     use_bias: bool
+
+
+_VIEW_OPS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "transpose", "rev",
+                       "squeeze", "expand_dims", "copy", "copy_p"})
+
+
+class Graph:
+    """The traced call as a flat graph: which values are views of which leaf, who reads
+    each value, and the avals."""
+
+    def __init__(self, program):
+        self.eqns, outputs = flax_hooks.flat_eqns(program)
+        # operand axis -> leaf axis, for views that only permute or flip the leaf
+        self.axes_of: dict[int, tuple[int, ...]] = {
+            i: tuple(range(len(v.aval.shape)))
+            for i, v in enumerate(program.closed.jaxpr.invars[:program.n_vars])}
+        self.outputs = {v for v in outputs if isinstance(v, int)}
+        self.view_of = {i: i for i in range(program.n_vars)}
+        self.readers: dict[int, list] = defaultdict(list)
+        self.aval: dict[int, Any] = {i: v.aval for i, v in
+                                     enumerate(program.closed.jaxpr.invars)}
+        for fe in self.eqns:
+            self.aval.update(zip(fe.outs, (v.aval for v in fe.eqn.outvars)))
+            for pos, v in enumerate(fe.ins):
+                if isinstance(v, int):
+                    self.readers[v].append((fe, pos))
+            if fe.name in _VIEW_OPS and isinstance(fe.ins[0], int) and fe.ins[0] in self.view_of:
+                self.view_of[fe.outs[0]] = self.view_of[fe.ins[0]]
+                axes = self.axes_of.get(fe.ins[0])
+                if axes is not None and fe.name == "transpose":
+                    self.axes_of[fe.outs[0]] = tuple(axes[d] for d in fe.eqn.params["permutation"])
+                elif axes is not None and fe.name in ("rev", "convert_element_type", "copy"):
+                    self.axes_of[fe.outs[0]] = axes
+
+    def leaf(self, v) -> int | None:
+        return self.view_of.get(v) if isinstance(v, int) else None
 
 
 def new_tag() -> str:

@@ -1,7 +1,14 @@
 """Pruning: exact mask functions, sparsity schedules, the ``prune`` optax transformation,
 channel compaction and sparse storage."""
 
-from jaxopt_lab.pruning.compaction import compact, expand_channel_mask
+from jaxopt_lab.pruning.compaction import (
+    CompactedLayer,
+    CompactReport,
+    SkippedLayer,
+    compact,
+    compact_report,
+    expand_channel_mask,
+)
 from jaxopt_lab.pruning.masks import magnitude_mask, random_mask, saliency_mask
 from jaxopt_lab.pruning.schedules import (
     constant_schedule,
@@ -16,6 +23,10 @@ from jaxopt_lab.pruning.structured import channel_mask, nm_mask
 from jaxopt_lab.pruning.transform import PruneState, Sparsity, apply_mask, prune, sparsity
 
 __all__ = (
+    "CompactReport",
+    "CompactedLayer",
+    "SkippedLayer",
+    "compact_report",
     "PruneState",
     "SparseTensor",
     "Sparsity",
