@@ -1,7 +1,12 @@
 """One-shot compression of trained models from calibration data: GPTQ, AWQ, SmoothQuant,
 Hadamard rotation, SparseGPT, Wanda, and the block-by-block calibration driver."""
 
-from jaxopt_lab.oneshot.awq import AWQResult, awq_matrix
+from jaxopt_lab.oneshot.awq import (
+    AWQResult,
+    awq_matrix,
+    fold_scale_into_dense,
+    fold_scale_into_norm,
+)
 from jaxopt_lab.oneshot.calibration import calibration_stats
 from jaxopt_lab.oneshot.gptq import gptq, gptq_matrix
 from jaxopt_lab.oneshot.rotation import (
@@ -23,6 +28,8 @@ __all__ = (
     "block_stats",
     "calibration_stats",
     "fold_norm_scale",
+    "fold_scale_into_dense",
+    "fold_scale_into_norm",
     "gptq",
     "gptq_matrix",
     "hessian_accumulate",
