@@ -1,5 +1,6 @@
 """One-shot compression of trained models from calibration data: GPTQ, AWQ, SmoothQuant,
-Hadamard rotation, SparseGPT, Wanda, and the block-by-block calibration driver."""
+Hadamard rotation, SparseGPT, Wanda, the block-by-block calibration driver, and the
+per-layer sensitivity sweep with its mixed assignment under a budget."""
 
 from jaxopt_lab.oneshot.awq import (
     AWQResult,
@@ -15,6 +16,7 @@ from jaxopt_lab.oneshot.rotation import (
     rotate_readers,
     rotate_writers,
 )
+from jaxopt_lab.oneshot.sensitivity import Sensitivity, as_where, propose, sensitivity
 from jaxopt_lab.oneshot.sequential import block_stats, sequential
 from jaxopt_lab.oneshot.smoothquant import smooth_layernorm, smooth_scales
 from jaxopt_lab.oneshot.sparsegpt import sparsegpt, sparsegpt_matrix
@@ -24,6 +26,8 @@ from jaxopt_lab.oneshot.wanda import wanda, wanda_matrix
 __all__ = (
     "AWQResult",
     "LayerStats",
+    "Sensitivity",
+    "as_where",
     "awq_matrix",
     "block_stats",
     "calibration_stats",
@@ -34,9 +38,11 @@ __all__ = (
     "gptq_matrix",
     "hessian_accumulate",
     "hessian_init",
+    "propose",
     "random_hadamard",
     "rotate_readers",
     "rotate_writers",
+    "sensitivity",
     "sequential",
     "smooth_layernorm",
     "smooth_scales",
