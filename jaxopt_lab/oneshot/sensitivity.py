@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab.oneshot.stats import LayerStats, check_stats
+from jaxopt_lab.quant.affine import divide, round_half_away
 
 
 class Sensitivity(NamedTuple):
@@ -42,7 +43,8 @@ def _rtn(w, qmax, g):
     wg = w.reshape(k // g, g, n)
     s = jnp.max(jnp.abs(wg), axis=1, keepdims=True) / qmax
     s = jnp.where(s > 0, s, 1.0)
-    return (jnp.clip(jnp.round(wg / s), -qmax, qmax) * s).reshape(k, n)
+    # The rounding and the exact division of `jaxopt_lab.quantize`, so ties agree with it.
+    return (jnp.clip(round_half_away(divide(wg, s)), -qmax, qmax) * s).reshape(k, n)
 
 
 def _magnitude(w, prune):
