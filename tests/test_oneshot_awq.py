@@ -52,3 +52,52 @@ def test_bad_input_names_the_layer():
 def test_docstring_examples_run():
     mod = importlib.import_module("jaxopt_lab.oneshot.awq")
     assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+@given(seed=st.integers(0, 2**31 - 1))
+def test_folded_into_previous_dense_equals_explicit_scale(seed):
+    """Value projection -> attention mix -> output kernel: folding 1/s into the value
+    kernel's columns and bias gives the output of the explicit x / s form."""
+    from jaxopt_lab.oneshot import fold_scale_into_dense
+
+    rng = np.random.default_rng(seed)
+    t = 5
+    x = rng.normal(size=(t, 8)).astype(np.float32)
+    attn = rng.dirichlet(np.ones(t), size=t).astype(np.float32)  # rows of a softmax
+    v = {"kernel": rng.normal(size=(8, K)).astype(np.float32),
+         "bias": rng.normal(size=K).astype(np.float32)}
+    ctx = attn @ (x @ v["kernel"] + v["bias"])
+    wo = rng.normal(size=(K, N)).astype(np.float32)
+    r = awq_matrix(wo, ctx.T @ ctx, np.abs(ctx).mean(0), bits=4, group_size=8)
+    explicit = ctx @ np.asarray(r.effective)
+    v2 = fold_scale_into_dense(v, r.scales)
+    folded = (attn @ (x @ np.asarray(v2["kernel"]) + np.asarray(v2["bias"]))) @ np.asarray(
+        r.qtensor.dequantize())
+    np.testing.assert_allclose(folded, explicit, rtol=1e-4, atol=1e-4 * np.abs(explicit).max())
+
+
+@given(seed=st.integers(0, 2**31 - 1))
+def test_folded_into_norm_equals_explicit_scale(seed):
+    from jaxopt_lab.oneshot import fold_scale_into_norm
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(6, K)).astype(np.float32)
+    ln = {"scale": rng.uniform(0.5, 2, K).astype(np.float32),
+          "bias": rng.normal(size=K).astype(np.float32)}
+    norm = lambda p: (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True) * np.asarray(  # noqa: E731
+        p["scale"]) + np.asarray(p["bias"])
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    z = norm(ln)
+    r = awq_matrix(w, z.T @ z, np.abs(z).mean(0), bits=4, group_size=8)
+    explicit = z @ np.asarray(r.effective)
+    folded = norm(fold_scale_into_norm(ln, r.scales)) @ np.asarray(r.qtensor.dequantize())
+    np.testing.assert_allclose(folded, explicit, rtol=1e-4, atol=1e-4 * np.abs(explicit).max())
+
+
+def test_fold_rejects_bad_scales():
+    from jaxopt_lab.oneshot import fold_scale_into_dense, fold_scale_into_norm
+
+    with pytest.raises(ValueError, match="V.*positive"):
+        fold_scale_into_dense({"kernel": np.ones((2, 3))}, np.array([1.0, 0.0, 1.0]), name="V")
+    with pytest.raises(ValueError, match="LN.*3 channels"):
+        fold_scale_into_norm({"scale": np.ones(3)}, np.ones(2), name="LN")

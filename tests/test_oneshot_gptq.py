@@ -22,7 +22,9 @@ CONFIGS = [(2, 4, True, False), (3, None, False, True), (4, 8, True, True),
 # 16/30 cases at 2 bits and 2/30 at 8 bits; static 2-bit symmetric (ternary) codes were
 # once 0.8% worse; static 8-bit asymmetric 4-row groups once 5% worse (the compensated
 # rows leave the tight fixed range and clip). The property is asserted where it held:
-# static scales at 3 and 4 bits.
+# static scales at 3 and 4 bits -- within 5%: 4-bit per-channel symmetric with seed 3041138
+# is 4.4% worse than RTN (16.20 vs 15.52, the same before and after the block loop was
+# rewritten), so "never worse" is not a theorem for the greedy sweep on 48 x 16 inputs.
 
 
 def _data(seed, rows=48, spread=3.0):
@@ -64,7 +66,7 @@ def test_never_worse_than_rtn_on_the_calibration_inputs(bits, g, sym, act, seed)
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     err = lambda v: np.linalg.norm(x64 @ (w64 - np.asarray(v, np.float64)))  # noqa: E731
     rtn = err(_rtn(w, bits, g, sym).dequantize())
-    assert err(qt.dequantize()) <= rtn * (1 + 1e-3) + 1e-5
+    assert err(qt.dequantize()) <= rtn * 1.05 + 1e-5
 
 
 @given(seed=st.integers(0, 2**31 - 1))
@@ -75,6 +77,41 @@ def test_lazy_blocks_do_not_change_the_result(seed):
     # Float reassociation may move a near-tie by one level (and scales by ulps).
     assert np.mean(np.asarray(a.values()) == np.asarray(b.values())) > 0.95
     np.testing.assert_allclose(a.scale, b.scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("g,block,act", [(None, 6, False), (None, 5, True), (4, 12, False)])
+@given(seed=st.integers(0, 2**31 - 1))
+def test_blocks_with_a_shorter_tail_do_not_change_the_result(g, block, act, seed):
+    """K = 16 in blocks of 6 (two looped blocks and a tail of 4), 5 or 12."""
+    x, w = _data(seed)
+    kw = dict(bits=4, group_size=g, act_order=act)
+    a = gptq_matrix(w, x.T @ x, block_size=block, **kw)
+    b = gptq_matrix(w, x.T @ x, block_size=K, **kw)
+    assert np.mean(np.asarray(a.values()) == np.asarray(b.values())) > 0.95
+
+
+@pytest.mark.parametrize("bits,g,sym", [(3, 8, False), (3, None, True), (2, 4, False)])
+@given(seed=st.integers(0, 2**31 - 1))
+def test_clip_search_never_rounds_worse_than_min_max(bits, g, sym, seed):
+    """With no error propagation (damp = inf) each group's range is the candidate with
+    the least sum |w_hat - w|^2.4 per column, and the full range is a candidate."""
+    x, w = _data(seed)
+    qt = gptq_matrix(w, x.T @ x, bits=bits, group_size=g, symmetric=sym, clip_search=True,
+                     damp=float("inf"))
+    rtn = _rtn(w, bits, g, sym).dequantize()
+    gs = g or K
+
+    def col_err(v):
+        d = np.abs(np.asarray(v, np.float64) - w) ** 2.4
+        return d.reshape(K // gs, gs, N).sum(1)
+
+    assert (col_err(qt.dequantize()) <= col_err(rtn) * (1 + 1e-5) + 1e-9).all()
+    lo = w.reshape(K // gs, gs, N).min(1) - 1e-6
+    hi = w.reshape(K // gs, gs, N).max(1) + 1e-6
+    deq = np.asarray(qt.dequantize()).reshape(K // gs, gs, N)
+    step = np.asarray(qt.scale).reshape(K // gs, 1, N)
+    # Values stay within the min-max range (up to half a step of rounding).
+    assert (deq >= lo[:, None] - step).all() and (deq <= hi[:, None] + step).all()
 
 
 def test_tree_level_keeps_kernel_shapes_and_selection():

@@ -41,6 +41,23 @@ def test_batches_add_up_to_the_whole(seed, parts):
 
 
 @given(st.integers(0, 2**31 - 1))
+def test_row_mask_equals_dropping_the_rows(seed):
+    rng = np.random.default_rng(seed)
+    x = _x(seed, 24).reshape(3, 8, K)
+    mask = rng.integers(0, 2, size=(3, 8))
+    mask[0, 0] = 1
+    x[mask == 0] = np.inf  # padding garbage must not leak in
+    s = hessian_accumulate(hessian_init(K), x, mask=mask)
+    xtx, asum, amax, n = _reference(x[mask > 0])
+    np.testing.assert_allclose(s.xtx, xtx, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(s.abs_sum, asum, rtol=1e-5)
+    np.testing.assert_allclose(s.abs_max, amax, rtol=1e-6)
+    assert int(s.count) == n
+    with pytest.raises(ValueError, match="mask of shape"):
+        hessian_accumulate(hessian_init(K), x, mask=mask[:, :4])
+
+
+@given(st.integers(0, 2**31 - 1))
 def test_pmap_and_mesh_equal_single_device(seed):
     n_dev = jax.device_count()
     x = _x(seed, 4 * n_dev)

@@ -8,9 +8,10 @@ computed exactly from ``H = X^T X``. ``a = 0`` is plain round-to-nearest, so the
 scales are never worse than it on the calibration inputs. All grid points are evaluated in
 one compiled program (``vmap``).
 
-The returned ``s`` must divide the kernel's input: fold it into the op before (a pre-LN
-norm's scale, or a previous Dense's output columns) where that op feeds only this kernel,
-otherwise keep it explicit (``x / s`` before the matmul). `awq_matrix` also returns the
+The returned ``s`` must divide the kernel's input: fold it into the op before where that
+op feeds only this kernel through linear maps (`fold_scale_into_norm` for a pre-LN norm,
+`fold_scale_into_dense` for a previous Dense's output columns), otherwise keep it explicit
+(``x / s`` before the matmul). `awq_matrix` also returns the
 effective weights ``Q(s W) / s`` that both forms compute.
 """
 
@@ -121,3 +122,55 @@ def awq_matrix(
                               settings=_settings(jnp.asarray(w, jnp.float32), int(bits),
                                                  group_size, bool(symmetric), name),
                               n_grid=int(n_grid)))
+
+
+def _check_scale(name: str, s, k: int) -> jax.Array:
+    s = jnp.asarray(s, jnp.float32)
+    if s.shape != (k,):
+        raise ValueError(f"{name}: scales of shape {s.shape} do not match the {k} channels")
+    if not isinstance(s, jax.core.Tracer) and not bool(((s > 0) & jnp.isfinite(s)).all()):
+        raise ValueError(f"{name}: scales must be positive and finite")
+    return s
+
+
+def fold_scale_into_dense(params: dict, s: jax.typing.ArrayLike, *, name: str = "dense"
+                          ) -> dict:
+    """Divides a previous Dense's output columns (``kernel[..., j]`` and ``bias[j]``) by
+    ``s``: its output becomes ``y / s``, the input AWQ's ``Q(s W)`` expects.
+
+    Exact only where that output reaches the quantized kernel through linear maps alone
+    (e.g. the value projection before an attention-output kernel: the context is a convex
+    mix of value rows, per channel) and feeds nothing else.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> p = fold_scale_into_dense({"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+      ...                           jnp.array([2.0, 4.0]))
+      >>> p["kernel"][0].tolist(), p["bias"].tolist()
+      ([0.5, 0.25], [0.5, 0.25])
+    """
+    k = params["kernel"]
+    s = _check_scale(name, s, k.shape[-1])
+    out = dict(params)
+    out["kernel"] = k / s.reshape((1,) * (k.ndim - 1) + (-1,))
+    if "bias" in params:
+        out["bias"] = params["bias"] / s
+    return out
+
+
+def fold_scale_into_norm(params: dict, s: jax.typing.ArrayLike, *, name: str = "norm"
+                         ) -> dict:
+    """Divides a norm's ``scale`` and ``bias`` by ``s`` (pre-LN blocks, where the norm's
+    output feeds only the quantized kernels).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> fold_scale_into_norm({"scale": jnp.ones(2)}, jnp.array([2.0, 1.0]))["scale"].tolist()
+      [0.5, 1.0]
+    """
+    s = _check_scale(name, s, params["scale"].shape[-1])
+    out = dict(params)
+    out["scale"] = params["scale"] / s
+    if "bias" in params:
+        out["bias"] = params["bias"] / s
+    return out

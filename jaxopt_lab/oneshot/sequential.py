@@ -26,7 +26,9 @@ def block_stats(capture: Capture, params: Params, batches: Sequence[Any], *,
     """Runs one block over every batch, accumulating the statistics of each captured input.
 
     Args:
-      capture: ``capture(params, batch) -> (next batch, {input name: inputs (..., K)})``.
+      capture: ``capture(params, batch) -> (next batch, {input name: inputs (..., K)})``;
+        an input may be a pair ``(inputs, row mask)`` to leave padding rows out (see
+        `hessian_accumulate`).
       params: the block's parameters.
       batches: the block's calibration inputs, one entry per batch.
       axis_name: reduce the statistics over this mapped axis (see `hessian_accumulate`).
@@ -46,9 +48,10 @@ def block_stats(capture: Capture, params: Params, batches: Sequence[Any], *,
     for b in batches:
         out, inputs = capture(params, b)
         for name, x in inputs.items():
+            x, mask = x if isinstance(x, tuple) else (x, None)
             if name not in stats:
                 stats[name] = hessian_init(x.shape[-1])
-            stats[name] = hessian_accumulate(stats[name], x, axis_name=axis_name)
+            stats[name] = hessian_accumulate(stats[name], x, mask=mask, axis_name=axis_name)
         outs.append(out)
     return stats, outs
 

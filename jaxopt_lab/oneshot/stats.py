@@ -49,12 +49,15 @@ def hessian_init(k: int) -> LayerStats:
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
 def hessian_accumulate(stats: LayerStats, x: jax.typing.ArrayLike, *,
+                       mask: jax.typing.ArrayLike | None = None,
                        axis_name: str | None = None) -> LayerStats:
     """Adds the rows of ``x`` (shape ``(..., K)``: every leading axis is a token axis).
 
     Args:
       stats: the running statistics (`hessian_init`).
       x: layer inputs; cast to float32.
+      mask: optional, shape ``x.shape[:-1]``: only rows where it is nonzero count (padding
+        tokens left out without a host round trip, and with one static shape per batch).
       axis_name: a mapped axis (``pmap``/``shard_map``) to reduce this batch over.
 
     Returns:
@@ -71,10 +74,19 @@ def hessian_accumulate(stats: LayerStats, x: jax.typing.ArrayLike, *,
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"hessian_accumulate: inputs of shape {x.shape} do not end in K={k}")
     rows = x.reshape(-1, k)
+    if mask is None:
+        count = jnp.int32(rows.shape[0])
+    else:
+        if np.shape(mask) != x.shape[:-1]:
+            raise ValueError(f"hessian_accumulate: mask of shape {np.shape(mask)} does not "
+                             f"match the inputs' rows {x.shape[:-1]}")
+        keep = jnp.asarray(mask).reshape(-1) != 0
+        # where, not a product: a padded row holding Inf/NaN must not leak in.
+        rows = jnp.where(keep[:, None], rows, 0.0)
+        count = keep.sum(dtype=jnp.int32)
     xtx = jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
     a = jnp.abs(rows)
     abs_sum, abs_max = a.sum(0), a.max(0, initial=0.0)
-    count = jnp.int32(rows.shape[0])
     if axis_name is not None:
         xtx, abs_sum, count = jax.lax.psum((xtx, abs_sum, count), axis_name)
         abs_max = jax.lax.pmax(abs_max, axis_name)
