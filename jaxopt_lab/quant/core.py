@@ -221,13 +221,23 @@ def _round_scale_up(scale: jax.Array, dtype: Any) -> jax.Array:
 
 def compute_codes(view: jax.Array, red: tuple[int, ...], s: Mapping[str, Any]):
     """Codes of the grouped ``view`` with keepdims scale and zero point (``None``)."""
-    if s["dtype"] is not None:
-        fmax = float(jnp.finfo(s["dtype"]).max)
-        amax = jnp.max(jnp.abs(view), axis=red, keepdims=True)
-        scale = _round_scale_up(_safe_scale(_exact_div(amax, fmax), amax), s["scale_dtype"])
-        return jnp.clip(divide(view, scale), -fmax, fmax).astype(s["dtype"]), scale, None
     lo = jnp.min(view, axis=red, keepdims=True)
     hi = jnp.max(view, axis=red, keepdims=True)
+    return codes_from_range(view, lo, hi, s)
+
+
+def codes_from_range(view: jax.Array, lo: jax.Array, hi: jax.Array, s: Mapping[str, Any]):
+    """`compute_codes` given each slice's ``lo``/``hi`` (broadcast against ``view``).
+
+    Elementwise in ``view``, ``lo`` and ``hi``: `jaxopt_lab.quant.eager` runs it on
+    flattened leaves with ``lo``/``hi`` repeated per element, one program for any shapes.
+    """
+    if s["dtype"] is not None:
+        fmax = float(jnp.finfo(s["dtype"]).max)
+        # max|x| over a slice is max(|min|, |max|) exactly (NaN and inf included).
+        amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        scale = _round_scale_up(_safe_scale(_exact_div(amax, fmax), amax), s["scale_dtype"])
+        return jnp.clip(divide(view, scale), -fmax, fmax).astype(s["dtype"]), scale, None
     bits, sym = s["bits"], s["symmetric"]
     scale, zero = affine_params(lo, hi, bits=bits, symmetric=sym)
     exact_scale = jnp.dtype(s["scale_dtype"]) == jnp.float32
@@ -351,14 +361,26 @@ def quantize(
         where = True
     fallbacks: list[str] | None = None if bare else []  # one array: the caller's layout
 
+    from jaxopt_lab.quant import eager  # imports this module
+
+    # Concrete small leaves wait for one batched program (compiled once for any shapes,
+    # quant/eager.py); traced, sharded or large ones compile their own program per shape.
+    pending: list[tuple[Any, dict[str, Any]]] = []
+
     def one(path, leaf, choice):
         if is_qtensor(leaf):
             return leaf
         name = _select.path_str(path)
         info = None if model_map is None else model_map.lookup(path)
-        return quantize_array(leaf, **leaf_settings(name, leaf, base, choice, info, fallbacks))
+        s = leaf_settings(name, leaf, base, choice, info, fallbacks)
+        if eager.batchable(leaf):
+            pending.append((leaf, s))
+            return eager.Slot(len(pending) - 1)
+        return quantize_array(leaf, **s)
 
     out = _select.map_selected(one, tree, where, is_leaf=is_qtensor, model_map=model_map)
+    if pending:
+        out = eager.fill(out, eager.quantize_leaves(pending), is_qtensor)
     report_fallbacks(fallbacks or [], "quantize")
     return out
 
