@@ -135,6 +135,11 @@ def test_leaf_devices_are_kept():
         assert a.devices() == {devices[-1]}
 
 
+def test_uncommitted_leaf_gives_uncommitted_arrays():
+    q = jol.quantize(jnp.arange(24.0).reshape(4, 6), bits=4, symmetric=False)
+    assert not any(a.committed for a in (q.qvalue, q.scale, q.zero_point))
+
+
 def test_sharded_leaf_keeps_its_sharding():
     if len(jax.devices()) < 2:
         pytest.skip("needs several devices (tests/conftest.py sets 8)")

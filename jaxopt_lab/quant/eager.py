@@ -164,7 +164,11 @@ def _qtensor(item: _Leaf, codes: np.ndarray, scale: np.ndarray, zero: Any) -> QT
     s, leaf = item.settings, item.leaf
     shape = tuple(np.shape(leaf))
     n = int(np.prod(item.view_shape))
-    device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else None
+    # Committed like the per-leaf program's outputs: to the leaf's device only when the leaf
+    # is committed (an uncommitted result may move, e.g. into a pmap over other devices).
+    device = None
+    if isinstance(leaf, jax.Array) and getattr(leaf, "committed", True):
+        device = next(iter(leaf.devices()))
 
     def put(a: np.ndarray) -> jax.Array:
         return jax.device_put(np.array(a, copy=True), device)  # not a view of XLA memory
