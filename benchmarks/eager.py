@@ -1,31 +1,33 @@
-"""Eager and first-call speed: what a notebook user waits for outside ``jit``.
+"""Eager and first-call speed: what a notebook or command-line user waits for outside ``jit``.
 
-Run: ``python benchmarks/eager.py [--label NAME] [--repeats N]``.
+Run: ``python benchmarks/eager.py [--repeats N] [--before-tree PATH] [--smoke]`` (about
+3-6 minutes on a loaded 2-core machine at the default 5 repeats; ``--smoke``: one of each).
 
-* ``prune_update``: an eager ``tx.update`` (no ``jit`` around it) of
-  ``optax.chain(optax.adam(1e-3), jol.prune(jol.magnitude_mask, schedule))`` on a
-  56,700-parameter MLP (64-256-150-10 Dense kernels and biases): the first call, then the
-  median of later calls (the schedule changes every step, so every call recomputes the
-  masks: the worst case), next to plain ``optax.adam`` timed alternately in the same process.
+* ``cli_help``: wall time of ``python -m jaxopt_lab --help`` (a fresh interpreter each
+  time), and whether ``import jaxopt_lab`` imports JAX, for this checkout and for the
+  ``--before-tree`` checkout, interleaved.
 * ``quantize_first_call``: in a fresh Python process per repeat, after ``import jaxopt_lab``
-  and one trivial JAX op (so backend start-up is not counted), the wall time of the first
-  ``jol.quantize(params, bits=8)`` of the same MLP's params, then of a second call; and the
-  same for ``whole_tree_jit``, the proposed change (finiteness checked on the host, every
-  leaf quantized in one compiled program).
+  and one trivial JAX op (backend start-up is not counted), the first, second and
+  steady-state (median of 5) ``jol.quantize(params, bits=8)`` of a 64-256-150-10 MLP's
+  params; for this checkout, for this checkout with every leaf on the per-leaf program
+  (the previous code path, kept reachable), and for ``--before-tree``, interleaved.
+* ``prune_update``: an eager ``tx.update`` (no ``jit`` around it) of
+  ``optax.chain(optax.adam(1e-3), jol.prune(jol.magnitude_mask, schedule))`` on the same
+  56,700-parameter MLP: the first call, then the median of later calls (the schedule
+  changes every step, so every call recomputes the masks: the worst case), next to plain
+  ``optax.adam`` timed alternately in the same process.
 
-Results go under ``runs[label]`` of ``benchmarks/results/eager.json``, keeping other labels,
-so figures before and after a change sit side by side (measured one after the other, not
-interleaved: the changes measured here are far larger than the machine's noise).
+The JSON (benchmarks/_util.emit) records the commit of each checkout measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -33,9 +35,11 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import RESULTS, block, emit  # noqa: E402
+from _util import add_common_args, block, emit, output_dir  # noqa: E402
 
 import jaxopt_lab as jol  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZES = (64, 256, 150, 10)
 
@@ -83,66 +87,119 @@ def prune_update(repeats: int) -> dict:
 
 
 _CHILD = """
-import functools, time, sys
-sys.path.insert(0, {bench!r})
-import jax, jax.numpy as jnp, numpy as np
+import time, sys
+t_import = time.perf_counter()
+import jax, jax.numpy as jnp
 import jaxopt_lab as jol
-from eager import mlp_params
-params = jax.block_until_ready(mlp_params())
+if {per_leaf!r}:  # today's code with every leaf on the per-leaf program (the old path)
+    from jaxopt_lab.quant import eager
+    eager.MAX_LEAF_ELEMENTS = 0
+sizes = {sizes!r}
+keys = jax.random.split(jax.random.PRNGKey(0), len(sizes) - 1)
+params = {{f"Dense_{{i}}": {{"kernel": jax.random.normal(k, (a, b)) * 0.05, "bias": jnp.zeros(b)}}
+          for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}}
+jax.block_until_ready(params)
 jax.block_until_ready(jnp.ones(3) + 1)  # backend start-up is not quantize's cost
-if {whole_tree!r}:
-    # The proposal for quant/core.py: the finiteness check on the host and every leaf in
-    # one program compiled once (today: one program per leaf shape plus two per check).
-    jitted = jax.jit(functools.partial(jol.quantize, bits=8))
-    def quantize(tree):
-        for x in jax.tree.leaves(tree):
-            assert np.isfinite(np.asarray(x)).all()
-        return jitted(tree)
-else:
-    quantize = functools.partial(jol.quantize, bits=8)
-t0 = time.perf_counter(); jax.block_until_ready(quantize(params))
-t1 = time.perf_counter(); jax.block_until_ready(quantize(params))
+t0 = time.perf_counter(); jax.block_until_ready(jol.quantize(params, bits=8))
+t1 = time.perf_counter(); jax.block_until_ready(jol.quantize(params, bits=8))
 t2 = time.perf_counter()
-print(t1 - t0, t2 - t1)
+later = []
+for _ in range(5):
+    t = time.perf_counter(); jax.block_until_ready(jol.quantize(params, bits=8))
+    later.append(time.perf_counter() - t)
+later.sort()
+print(t1 - t0, t2 - t1, later[2])
 """
 
 
-def quantize_first_call(repeats: int) -> dict:
-    bench = os.path.dirname(os.path.abspath(__file__))
+def _trees(before_tree: str | None) -> dict[str, str]:
+    """Checkouts to measure: this one, and ``--before-tree`` when given."""
+    trees = {"after": ROOT}
+    if before_tree:
+        trees["before"] = os.path.abspath(before_tree)
+    return trees
+
+
+def _child_env(tree: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": tree}
+    env.pop("XLA_FLAGS", None)  # the tests' 8 host devices are not what users run with
+    return env
+
+
+def quantize_first_call(processes: int, before_tree: str | None) -> dict:
+    """First, second and steady-state `quantize` of the MLP's params, each repeat in fresh
+    processes, the variants interleaved: ``after`` (this checkout), ``after_per_leaf``
+    (this checkout with every leaf on the per-leaf program, i.e. the previous code path)
+    and ``before`` (``--before-tree``)."""
+    variants = {"after": (ROOT, False), "after_per_leaf": (ROOT, True)}
+    if before_tree:
+        variants["before"] = (os.path.abspath(before_tree), False)
+    runs = {name: {"first": [], "second": [], "steady": []} for name in variants}
+    for _ in range(processes):
+        for name, (tree, per_leaf) in variants.items():
+            child = _CHILD.format(per_leaf=per_leaf, sizes=SIZES)
+            done = subprocess.run([sys.executable, "-c", child], check=True, cwd=tempfile.gettempdir(),
+                                  capture_output=True, text=True, env=_child_env(tree))
+            first, second, steady = map(float, done.stdout.split()[-3:])
+            runs[name]["first"].append(first)
+            runs[name]["second"].append(second)
+            runs[name]["steady"].append(steady)
+    return {name: {"first_call_s_median": statistics.median(r["first"]),
+                   "first_call_s": r["first"],
+                   "second_call_ms_median": 1e3 * statistics.median(r["second"]),
+                   "steady_call_ms_median": 1e3 * statistics.median(r["steady"]),
+                   "processes": processes}
+            for name, r in runs.items()}
+
+
+def cli_help(repeats: int, before_tree: str | None) -> dict:
+    """Wall time of ``python -m jaxopt_lab --help`` (interpreter start included), and
+    whether ``import jaxopt_lab`` imports JAX, per checkout, interleaved."""
+    trees = _trees(before_tree)
+    times = {name: [] for name in trees}
+    for _ in range(repeats):
+        for name, tree in trees.items():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "jaxopt_lab", "--help"], check=True,
+                           cwd=tempfile.gettempdir(), capture_output=True, env=_child_env(tree))
+            times[name].append(time.perf_counter() - t0)
     out = {}
-    for name, whole_tree in (("jol.quantize", False), ("whole_tree_jit", True)):
-        firsts, seconds = [], []
-        for _ in range(repeats):
-            child = _CHILD.format(bench=bench, whole_tree=whole_tree)
-            done = subprocess.run([sys.executable, "-c", child], check=True,
-                                  capture_output=True, text=True, env=os.environ)
-            first, second = map(float, done.stdout.split()[-2:])
-            firsts.append(first)
-            seconds.append(second)
-        out[name] = {"first_call_s_median": statistics.median(firsts), "first_call_s": firsts,
-                     "second_call_ms_median": 1e3 * statistics.median(seconds),
-                     "processes": repeats}
+    for name, tree in trees.items():
+        probe = subprocess.run(
+            [sys.executable, "-c", "import sys, jaxopt_lab; print('jax' in sys.modules)"],
+            check=True, cwd=tempfile.gettempdir(), capture_output=True, text=True,
+            env=_child_env(tree))
+        out[name] = {"help_wall_s_median": statistics.median(times[name]),
+                     "help_wall_s": times[name],
+                     "import_loads_jax": probe.stdout.strip() == "True"}
     return out
+
+
+def _commit_of(tree: str) -> str | None:
+    done = subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    return done.stdout.strip() or None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--label", default="current", help="key of this run in the JSON")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--before-tree", metavar="PATH",
+                        help="a checkout of the previous code (git worktree add PATH COMMIT): "
+                             "--help and quantize are measured there too, interleaved")
+    add_common_args(parser)
     args = parser.parse_args()
-    run = {"prune_update": prune_update(args.repeats),
-           "quantize_first_call": quantize_first_call(max(3, args.repeats // 2))}
-    path = os.path.join(RESULTS, "eager.json")
-    runs = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            runs = json.load(f).get("runs", {})
-    runs[args.label] = run
-    emit("eager", {
-        "note": "shared 2-core CPU (6 agents at once): noisy; before/after measured one "
-                "after the other, plain adam interleaved with prune in each run",
-        "runs": runs,
-    })
+    repeats = 1 if args.smoke else args.repeats
+    result = {
+        "note": "shared 2-core CPU (several agents at once): noisy; every before/after pair "
+                "interleaved in one run, medians",
+        "commits": {name: _commit_of(tree) for name, tree in _trees(args.before_tree).items()},
+        "cli_help": cli_help(2 if args.smoke else 3 * repeats, args.before_tree),
+        "quantize_first_call": quantize_first_call(1 if args.smoke else max(3, repeats),
+                                                   args.before_tree),
+        "prune_update": prune_update(repeats),
+    }
+    emit("eager", result, out_dir=output_dir(args), smoke=args.smoke)
 
 
 if __name__ == "__main__":

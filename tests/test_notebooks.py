@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import sys
+import tomllib
 
 import nbformat
 import pytest
@@ -19,6 +20,9 @@ import pytest
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300  # a hang fails the test instead of stalling the suite
+# The repository's address, declared once in pyproject.toml ([project.urls] Repository).
+REPOSITORY = tomllib.loads((NOTEBOOK_DIR.parent / "pyproject.toml").read_text())[
+    "project"]["urls"]["Repository"]
 
 
 def _refresh():
@@ -63,7 +67,9 @@ def test_notebook_is_committed_executed_with_its_outputs(path):
 def test_colab_badge_parameters_cell_and_no_test_switch_in_prose(path):
     nb = nbformat.read(path, as_version=4)
     assert "colab-badge.svg" in nb.cells[0].source
-    assert f"notebooks/{path.name}" in nb.cells[0].source
+    org_repo = REPOSITORY.removeprefix("https://github.com/").rstrip("/")
+    assert (f"(https://colab.research.google.com/github/{org_repo}/blob/main/notebooks/"
+            f"{path.name})") in nb.cells[0].source, "badge does not match pyproject's URL"
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and tagged[0].cell_type == "code"
     assert "QUICK = False" in tagged[0].source
@@ -80,8 +86,7 @@ def test_install_cell_works_unedited_from_a_checkout(path, monkeypatch):
                   if c.cell_type == "code").source
     assert [line for line in source.splitlines()
             if line.startswith("JAXOPT_LAB_SOURCE =")] == [
-        'JAXOPT_LAB_SOURCE = ".."  # Colab: "git+https://github.com/jaxopt-lab/jaxopt_lab" '
-        "(the only line to change)"]
+        f'JAXOPT_LAB_SOURCE = ".."  # Colab: "git+{REPOSITORY}" (the only line to change)']
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda args, **kw: calls.append(args))
     exec(source, {})  # installed already: nothing happens

@@ -212,7 +212,7 @@ def test_bfloat16_scales_round_up_and_keep_the_bounds(sym):
 def test_bfloat16_scale_rounding_is_the_next_bfloat16_up(scale):
     # By bits: a rounded copy compared with the scale rounds to nearest on GPU (excess
     # precision), where the bounds need rounding up.
-    from jaxopt_lab.quant.core import _round_scale_up
+    from jaxopt_lab.quant.codes import _round_scale_up
 
     up = jax.jit(_round_scale_up, static_argnums=1)(jnp.float32(scale), "bfloat16")
     as_bf16 = up.astype(jnp.bfloat16)

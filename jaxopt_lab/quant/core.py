@@ -34,19 +34,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxopt_lab import _select
 from jaxopt_lab._select import LayoutFallbackWarning, report_fallbacks  # noqa: F401
-from jaxopt_lab.quant.affine import (
-    _exact_div,
-    _safe_scale,
-    affine_codes,
-    affine_params,
-    divide,
-    integer_range,
-    round_half_away,
-)
+from jaxopt_lab.quant.codes import compute_codes, grouped
 from jaxopt_lab.quant.qtensor import FP8_DTYPES, GRANULARITIES, INT_BITS, QTensor, is_qtensor, pack
 
 Params = Any
@@ -176,18 +167,6 @@ def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any,
     return s
 
 
-def grouped(x: jax.Array, s: Mapping[str, Any]) -> tuple[jax.Array, tuple[int, ...]]:
-    """View of ``x`` in which one scale covers the ``reduce`` axes (kept as size-1 dims)."""
-    if s["granularity"] == "tensor":
-        return x, tuple(range(x.ndim))
-    if s["granularity"] == "channel":
-        return x, tuple(i for i in range(x.ndim) if i not in s["axis"])
-    g0, g1, g = s["group_axis"][0], s["group_axis"][-1] + 1, s["group_size"]
-    n = int(np.prod(x.shape[g0:g1]))
-    view = x.reshape(x.shape[:g0] + (n // g, g) + x.shape[g1:])
-    return view, (g0 + 1,)
-
-
 def _stored(param: jax.Array, shape: tuple[int, ...], s: Mapping[str, Any]) -> jax.Array:
     """Scale/zero point from the keepdims grouped form to the QTensor layout."""
     if s["granularity"] == "tensor":
@@ -195,57 +174,6 @@ def _stored(param: jax.Array, shape: tuple[int, ...], s: Mapping[str, Any]) -> j
     if s["granularity"] == "channel":
         return param.reshape(tuple(shape[a] for a in s["axis"]))
     return jnp.squeeze(param, s["group_axis"][0] + 1)
-
-
-def _round_scale_up(scale: jax.Array, dtype: Any) -> jax.Array:
-    """The smallest bfloat16 >= the positive float32 ``scale`` (as float32), so nothing new
-    clips.
-
-    By bits (bfloat16 is float32 without its low 16 bits), not by comparing a rounded copy
-    with ``scale``: XLA may keep excess precision in the copy (it does on GPU), which made
-    that comparison always false and the scale round to nearest.
-    """
-    if jnp.dtype(dtype) == jnp.float32:
-        return scale
-    assert jnp.dtype(dtype) == jnp.bfloat16, dtype  # SCALE_DTYPES
-    bits = lax.bitcast_convert_type(scale.astype(jnp.float32), jnp.uint32)
-    up = lax.bitcast_convert_type((bits + np.uint32(0xFFFF)) & np.uint32(0xFFFF0000), jnp.float32)
-    return jnp.minimum(up, float(jnp.finfo(jnp.bfloat16).max))
-
-
-def compute_codes(view: jax.Array, red: tuple[int, ...], s: Mapping[str, Any]):
-    """Codes of the grouped ``view`` with keepdims scale and zero point (``None``)."""
-    if s["dtype"] is not None:
-        fmax = float(jnp.finfo(s["dtype"]).max)
-        amax = jnp.max(jnp.abs(view), axis=red, keepdims=True)
-        scale = _round_scale_up(_safe_scale(_exact_div(amax, fmax), amax), s["scale_dtype"])
-        return jnp.clip(divide(view, scale), -fmax, fmax).astype(s["dtype"]), scale, None
-    lo = jnp.min(view, axis=red, keepdims=True)
-    hi = jnp.max(view, axis=red, keepdims=True)
-    bits, sym = s["bits"], s["symmetric"]
-    scale, zero = affine_params(lo, hi, bits=bits, symmetric=sym)
-    exact_scale = jnp.dtype(s["scale_dtype"]) == jnp.float32
-    if not exact_scale:
-        scale = _round_scale_up(scale, s["scale_dtype"])
-        if not sym:
-            qmin, qmax = integer_range(bits, False)
-            zero = jnp.clip(round_half_away(qmin - divide(jnp.minimum(lo, 0.0), scale)),
-                            qmin, qmax)
-            zero = zero.astype(jnp.int8)
-    codes = affine_codes(view, scale, zero, bits=bits, symmetric=sym)
-    if not sym and exact_scale:
-        # Float noise in near-ties can leave a range end one code short of qmin/qmax; pin it
-        # (error still <= s/2 + rounding), so dequantized values reproduce the same (s, z).
-        qmin, qmax = integer_range(bits, False)
-        # Only a near-tie is pinned (the end's level within float noise of half a code from
-        # qmin/qmax): a scale clamped up from an underflow (ranges near 1e-38) leaves the
-        # range ends well inside [qmin, qmax], and there they stay.
-        level = divide(view, scale) + zero.astype(jnp.float32)
-        codes = jnp.where((view == hi) & (hi > 0) & (level >= qmax - 0.5 - 1e-3),
-                          jnp.int8(qmax), codes)
-        codes = jnp.where((view == lo) & (lo < 0) & (level <= qmin + 0.5 + 1e-3),
-                          jnp.int8(qmin), codes)
-    return codes, scale, zero
 
 
 @functools.partial(jax.jit, static_argnames=SETTING_KEYS + ("group_axis",))
@@ -345,14 +273,26 @@ def quantize(
         where = True
     fallbacks: list[str] | None = None if bare else []  # one array: the caller's layout
 
+    from jaxopt_lab.quant import eager  # imports this module
+
+    # Concrete small leaves wait for one batched program (compiled once for any shapes,
+    # quant/eager.py); traced, sharded or large ones compile their own program per shape.
+    pending: list[tuple[Any, dict[str, Any]]] = []
+
     def one(path, leaf, choice):
         if is_qtensor(leaf):
             return leaf
         name = _select.path_str(path)
         info = None if model_map is None else model_map.lookup(path)
-        return quantize_array(leaf, **leaf_settings(name, leaf, base, choice, info, fallbacks))
+        s = leaf_settings(name, leaf, base, choice, info, fallbacks)
+        if eager.batchable(leaf):
+            pending.append((leaf, s))
+            return eager.Slot(len(pending) - 1)
+        return quantize_array(leaf, **s)
 
     out = _select.map_selected(one, tree, where, is_leaf=is_qtensor, model_map=model_map)
+    if pending:
+        out = eager.fill(out, eager.quantize_leaves(pending), is_qtensor)
     report_fallbacks(fallbacks or [], "quantize")
     return out
 
