@@ -29,11 +29,10 @@ import jax.numpy as jnp
 
 from jaxopt_lab import _select
 from jaxopt_lab.quant.affine import clamp_cast, divide, integer_range, round_half_away
+from jaxopt_lab.quant.codes import compute_codes, grouped
 from jaxopt_lab.quant.core import (
     SETTING_KEYS,
     check_settings,
-    compute_codes,
-    grouped,
     is_bare_array,
     leaf_settings,
     report_fallbacks,
