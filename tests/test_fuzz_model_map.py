@@ -5,6 +5,7 @@ multiply out (X @ W(K, N) equals the layer's pre-bias output); invalid ones (not
 module, wrong variables) must raise ValueError/TypeError, never return a wrong map.
 """
 
+import _fuzz as fz
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,7 @@ def test_model_map_of_random_linen_layers(case, seed):
     for names, mat in xs.items():
         info = mm[names]
         assert mat.shape[1] == int(np.prod([info.shape[a] for a in info.contracting]))
+    fz.checked()  # (counted for benchmarks/fuzz_reach.py)
 
 
 @settings(deadline=None)  # the ci profile: 30; HYPOTHESIS_PROFILE=fuzz for 200
@@ -72,6 +74,7 @@ def test_model_map_of_random_linen_layers(case, seed):
 def test_model_map_rejects_what_is_not_a_flax_module(bad):
     with pytest.raises((ValueError, TypeError)):
         jol.model_map(bad, {}, jnp.ones((1, 2)))
+    fz.error_checked()
 
 
 @settings(deadline=None)  # the ci profile: 30; HYPOTHESIS_PROFILE=fuzz for 200
@@ -90,6 +93,7 @@ def test_model_map_rejects_variables_that_do_not_fit(d_in, d_out, how):
         jol.model_map(layer, bad, x)
     assert isinstance(err.value, (ValueError, TypeError, KeyError)) or "flax" in type(
         err.value).__module__
+    fz.error_checked()
 
 
 def test_model_map_nnx_random_linear_general():
