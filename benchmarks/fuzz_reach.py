@@ -15,9 +15,11 @@ is the event's count over the examples the test body ran (draws hypothesis rejec
 the body, its "invalid test cases", excluded). A test with no ``properties checked`` event has
 ``reach: null`` (no hook at that commit), not 0.
 
-Usage, from the repository root: ``python benchmarks/fuzz_reach.py`` (both commits, all fuzz
-files: about 15 minutes on a quiet 2-core CPU), ``--smoke`` (one cheap test, no
-``--before``; JSON to a temporary folder). Shares do not depend on the machine's load.
+Usage, from the repository root: ``python benchmarks/fuzz_reach.py`` (both commits side by
+side, all fuzz files: about 15 minutes on a quiet 2-core CPU), ``--files
+test_fuzz_public_api_prune.py,...`` (a subset: ``results/fuzz_reach_<names>.json``),
+``--smoke`` (one cheap test, no ``--before``; JSON to a temporary folder). Shares do not
+depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -81,20 +83,28 @@ def parse_statistics(text: str) -> dict:
     return tests
 
 
-def run_fuzz(root: str, targets: list[str]) -> tuple[dict, int, str]:
-    """Runs the fuzz tests under ``root`` (its own package first on the path)."""
+def start_fuzz(root: str, targets: list[str], log: str) -> subprocess.Popen:
+    """Starts the fuzz tests under ``root`` (its own package first on the path), output to
+    ``log``."""
     env = dict(os.environ, HYPOTHESIS_PROFILE="fuzz", PYTHONPATH=root)
     cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:xdist", "-p",
            "no:cacheprovider", "--hypothesis-show-statistics", "--hypothesis-seed=0"]
-    print(f"+ (cd {root} && {' '.join(cmd)})", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    tail = "\n".join(proc.stdout.splitlines()[-5:])
+    print(f"+ (cd {root} && {' '.join(cmd)} > {log})", file=sys.stderr, flush=True)
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish_fuzz(proc: subprocess.Popen, log: str) -> tuple[dict, int, str]:
+    code = proc.wait()
+    text = open(log).read()
+    tail = "\n".join(text.splitlines()[-5:])
     print(tail, file=sys.stderr, flush=True)
-    return parse_statistics(proc.stdout), proc.returncode, tail
+    return parse_statistics(text), code, tail
 
 
 def at_revision(rev: str, dest: str) -> str:
     """The tree at ``rev`` (package and tests) extracted into ``dest``."""
+    os.makedirs(dest, exist_ok=True)
     archive = subprocess.run(["git", "-C", _util.REPO, "archive", rev], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
@@ -121,15 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = _util.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--before", default="ef40789",
                         help="commit to compare with ('' for none; --smoke skips it)")
+    parser.add_argument("--files", default=None,
+                        help="comma-separated subset of the fuzz files (default: all); the "
+                             "JSON is then fuzz_reach_<first file's stem>...")
     args = parser.parse_args(argv)
-    targets = [SMOKE_TEST] if args.smoke else list(FUZZ_FILES)
-    after, code, tail = run_fuzz(_util.REPO, targets)
+    targets = ([SMOKE_TEST] if args.smoke else list(FUZZ_FILES) if args.files is None
+               else [f if f.startswith("tests/") else f"tests/{f}"
+                     for f in args.files.split(",")])
+    name = "fuzz_reach" if args.files is None or args.smoke else "fuzz_reach_" + "_".join(
+        os.path.basename(t)[len("test_fuzz_"):-3] for t in targets)
     before = before_code = before_tail = None
-    if args.before and not args.smoke:
-        with tempfile.TemporaryDirectory(prefix="fuzz_reach_") as tmp:
-            root = at_revision(args.before, tmp)
+    # The two commits run side by side (two processes): half the wall time on 2+ cores.
+    with tempfile.TemporaryDirectory(prefix="fuzz_reach_") as tmp:
+        running = start_fuzz(_util.REPO, targets, os.path.join(tmp, "after.log"))
+        if args.before and not args.smoke:
+            root = at_revision(args.before, os.path.join(tmp, "tree"))
             present = [t for t in targets if os.path.exists(os.path.join(root, t))]
-            before, before_code, before_tail = run_fuzz(root, present)
+            before_run = start_fuzz(root, present, os.path.join(tmp, "before.log"))
+            before, before_code, before_tail = finish_fuzz(before_run,
+                                                           os.path.join(tmp, "before.log"))
+        after, code, tail = finish_fuzz(running, os.path.join(tmp, "after.log"))
     if not after:
         print("fuzz_reach: no hypothesis statistics in pytest's output", file=sys.stderr)
         return 1
@@ -145,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "after": after,
         "before": before,
     }
-    _util.emit("fuzz_reach", result, out_dir=_util.output_dir(args), smoke=args.smoke)
+    _util.emit(name, result, out_dir=_util.output_dir(args), smoke=args.smoke)
     if code:
         print(f"fuzz_reach: the fuzz tests failed (pytest exit {code})", file=sys.stderr)
     return 1 if code else 0

@@ -260,6 +260,7 @@ def test_schedules(data, s_i, s_f, t0, span, frequency, power, as_numpy, broken)
         bad = broken in uses[kind] or (kind == "polynomial" and span <= 0)
         assert (err is not None) == bad, (kind, broken, err)
         if err is not None:
+            fz.error_checked()
             continue
         values = np.asarray([sched(int(t)) for t in ts])
         assert values.dtype == np.float32 and np.isfinite(values).all()
