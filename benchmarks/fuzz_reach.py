@@ -83,12 +83,35 @@ def parse_statistics(text: str) -> dict:
     return tests
 
 
-def start_fuzz(root: str, targets: list[str], log: str) -> subprocess.Popen:
+# A pytest plugin that sets tests/_fuzz.py's EXAMPLES (the fuzz tests' max_examples, 200)
+# before the test modules read it: the same code at both commits, fewer examples per test.
+_PLUGIN = """
+import os
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    import _fuzz  # (tests/ is on sys.path once its conftest is loaded)
+
+    _fuzz.EXAMPLES = int(os.environ["FUZZ_REACH_EXAMPLES"])
+"""
+
+
+def start_fuzz(root: str, targets: list[str], log: str, examples: int | None = None
+               ) -> subprocess.Popen:
     """Starts the fuzz tests under ``root`` (its own package first on the path), output to
-    ``log``."""
+    ``log``; ``examples`` replaces their 200 examples a test."""
     env = dict(os.environ, HYPOTHESIS_PROFILE="fuzz", PYTHONPATH=root)
+    plugin = []
+    if examples is not None:
+        folder = os.path.join(os.path.dirname(log), "plugin")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "fuzz_reach_examples.py"), "w") as f:
+            f.write(_PLUGIN)
+        env.update(FUZZ_REACH_EXAMPLES=str(examples),
+                   PYTHONPATH=os.pathsep.join([root, folder]))
+        plugin = ["-p", "fuzz_reach_examples"]
     cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:xdist", "-p",
-           "no:cacheprovider", "--hypothesis-show-statistics", "--hypothesis-seed=0"]
+           "no:cacheprovider", *plugin, "--hypothesis-show-statistics", "--hypothesis-seed=0"]
     print(f"+ (cd {root} && {' '.join(cmd)} > {log})", file=sys.stderr, flush=True)
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, text=True)
@@ -134,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", default=None,
                         help="comma-separated subset of the fuzz files (default: all); the "
                              "JSON is then fuzz_reach_<first file's stem>...")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="examples per fuzz test instead of its 200 (a faster estimate)")
     args = parser.parse_args(argv)
     targets = ([SMOKE_TEST] if args.smoke else list(FUZZ_FILES) if args.files is None
                else [f if f.startswith("tests/") else f"tests/{f}"
@@ -143,11 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     before = before_code = before_tail = None
     # The two commits run side by side (two processes): half the wall time on 2+ cores.
     with tempfile.TemporaryDirectory(prefix="fuzz_reach_") as tmp:
-        running = start_fuzz(_util.REPO, targets, os.path.join(tmp, "after.log"))
+        running = start_fuzz(_util.REPO, targets, os.path.join(tmp, "after.log"),
+                             args.examples)
         if args.before and not args.smoke:
             root = at_revision(args.before, os.path.join(tmp, "tree"))
             present = [t for t in targets if os.path.exists(os.path.join(root, t))]
-            before_run = start_fuzz(root, present, os.path.join(tmp, "before.log"))
+            before_run = start_fuzz(root, present, os.path.join(tmp, "before.log"),
+                                    args.examples)
             before, before_code, before_tail = finish_fuzz(before_run,
                                                            os.path.join(tmp, "before.log"))
         after, code, tail = finish_fuzz(running, os.path.join(tmp, "after.log"))
@@ -158,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         "statistic": ("share of generate-phase examples (rejected draws excluded) whose result "
                       "went through every property check (event 'properties checked'); "
                       "error_checked: share that were invalid by construction and raised"),
-        "settings": {"profile": "fuzz", "hypothesis_seed": 0, "targets": targets},
+        "settings": {"profile": "fuzz", "hypothesis_seed": 0, "targets": targets,
+                     "examples_per_test": args.examples or "the tests' own (200)"},
         "before_commit": args.before or None,
         "pytest_exit": {"after": code, "before": before_code},
         "pytest_summary": {"after": tail, "before": before_tail},
