@@ -382,7 +382,7 @@ def _mask_for(draw, tree, kind):
 
 @fuzz
 @given(data=st.data(), tree=fz.trees(), where=st.sampled_from((None, fz.where_all)),
-       kind=st.sampled_from(_MASK_KINDS))
+       kind=fz.pick(_MASK_KINDS))
 def test_apply_mask_sparsity_and_sparse_storage(data, tree, where, kind):
     """apply_mask (a valid mask: properties; an invalid one: must raise), then sparsity,
     to_sparse and to_dense (any tree is valid) on every example."""
