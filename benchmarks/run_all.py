@@ -37,7 +37,14 @@ JOBS = {
     "scale_0.5gb": ("scale", ("--gb", "0.5"), "scale_0.5gb.json"),
     "one_shot": ("one_shot", (), "one_shot.json"),
     "one_shot_timing": ("one_shot", ("--timing",), "one_shot_timing.json"),
-    "fuzz_reach": ("fuzz_reach", (), "fuzz_reach.json"),
+    # (the fuzz shares at fewer examples than the tests' 200, as measured on a busy machine;
+    # `python benchmarks/fuzz_reach.py` alone gives every file at 200: fuzz_reach.json)
+    "fuzz_reach_prune_models": (
+        "fuzz_reach", ("--files", "test_fuzz_public_api_prune.py,test_fuzz_public_api_models.py",
+                       "--examples", "60"),
+        "fuzz_reach_public_api_prune_public_api_models.json"),
+    "fuzz_reach_quant": ("fuzz_reach", ("--files", "test_fuzz_public_api.py", "--examples", "20"),
+                         "fuzz_reach_public_api.json"),
 }
 SCRIPTS = tuple(dict.fromkeys(script for script, _, _ in JOBS.values()))
 
