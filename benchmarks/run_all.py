@@ -2,7 +2,8 @@
 
 Run from the repository root: ``python benchmarks/run_all.py`` (all of them, full sizes:
 tens of minutes on a 2-core CPU), ``python benchmarks/run_all.py --smoke`` (every script's
-tiny-size smoke run, JSONs to a temporary folder) or ``--only pruning,sweep``. Each script
+tiny-size smoke run, JSONs to a temporary folder) or ``--only pruning,sweep`` (job names:
+``JOBS`` below, one per results file). It prints how long each job took. Each script
 runs in its own process with this interpreter, so one benchmark's memory and compile caches
 do not colour the next one's figures; a script that fails makes the whole command fail (the
 others still run), never a silent gap. Each JSON records its commit, date, machine and the
@@ -18,41 +19,78 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The CPU benchmarks, cheapest first. gpu_check.sh covers accelerators.
-SCRIPTS = ("bn_fold", "train_throughput", "sweep", "prune_step_variants", "pruning",
-           "distillation", "quantization", "model_map", "eager", "scale", "one_shot")
+# Every CPU results file, cheapest first: job name -> (script, its arguments, the JSON it
+# writes into results/). gpu_check.sh covers accelerators; ci_legs.json and
+# measure_issue14.json are notes written by hand, not benchmark output.
+JOBS = {
+    "bn_fold": ("bn_fold", (), "bn_fold.json"),
+    "train_throughput": ("train_throughput", (), "train_throughput.json"),
+    "sweep": ("sweep", (), "sweep.json"),
+    "prune_step_variants": ("prune_step_variants", (), "prune_step_variants.json"),
+    "pruning": ("pruning", (), "pruning.json"),
+    "distillation": ("distillation", (), "distillation.json"),
+    "quantization": ("quantization", (), "quantization.json"),
+    "quantization_latency": ("quantization", ("--latency-only",), "quantization_latency.json"),
+    "model_map": ("model_map", (), "model_map.json"),
+    "eager": ("eager", (), "eager.json"),
+    "scale": ("scale", (), "scale.json"),
+    "scale_0.5gb": ("scale", ("--gb", "0.5"), "scale_0.5gb.json"),
+    "one_shot": ("one_shot", (), "one_shot.json"),
+    "one_shot_timing": ("one_shot", ("--timing",), "one_shot_timing.json"),
+    # (the fuzz shares at fewer examples than the tests' 200, as measured on a busy machine;
+    # `python benchmarks/fuzz_reach.py` alone gives every file at 200: fuzz_reach.json)
+    "fuzz_reach_prune_models": (
+        "fuzz_reach", ("--files", "test_fuzz_public_api_prune.py,test_fuzz_public_api_models.py",
+                       "--examples", "60"),
+        "fuzz_reach_public_api_prune_public_api_models.json"),
+    "fuzz_reach_quant": ("fuzz_reach", ("--files", "test_fuzz_public_api.py", "--examples", "20"),
+                         "fuzz_reach_public_api.json"),
+}
+SCRIPTS = tuple(dict.fromkeys(script for script, _, _ in JOBS.values()))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
-                        help="each script's --smoke run (tiny sizes, JSON to a temporary folder)")
+                        help="each script's --smoke run once (tiny sizes, JSON to a temporary "
+                             "folder)")
     parser.add_argument("--only", default=None,
-                        help=f"comma-separated subset of {', '.join(SCRIPTS)}")
+                        help=f"comma-separated subset of {', '.join(JOBS)}")
     args = parser.parse_args(argv)
-    names = SCRIPTS if args.only is None else tuple(args.only.split(","))
-    unknown = sorted(set(names) - set(SCRIPTS))
+    names = tuple(JOBS) if args.only is None else tuple(args.only.split(","))
+    unknown = sorted(set(names) - set(JOBS))
     if unknown:
-        parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(SCRIPTS)}")
+        parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(JOBS)}")
     env = dict(os.environ)
     # The scripts import this checkout's jaxopt_lab, whatever is installed.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE),
                                                       env.get("PYTHONPATH")]))
-    failed = []
+    failed, took, smoked = [], [], set()
     for name in names:
-        path = os.path.join(HERE, f"{name}.py")
-        if args.smoke and "--smoke" not in open(path).read():
-            print(f"  {name}: SKIPPED, the script has no --smoke flag yet", file=sys.stderr)
-            continue
-        cmd = [sys.executable, os.path.join(HERE, f"{name}.py")] + (["--smoke"] if args.smoke
-                                                                      else [])
-        print(f"+ {' '.join(cmd)}", file=sys.stderr, flush=True)
+        script, extra, results = JOBS[name]
+        path = os.path.join(HERE, f"{script}.py")
+        if args.smoke:
+            if script in smoked:  # one smoke run per script: its variants share the code
+                continue
+            smoked.add(script)
+            if "--smoke" not in open(path).read():
+                print(f"  {name}: SKIPPED, {script}.py has no --smoke flag", file=sys.stderr)
+                took.append((name, "skipped", None))
+                continue
+        cmd = [sys.executable, path, *(["--smoke"] if args.smoke else extra)]
+        print(f"+ {' '.join(cmd)}" + ("" if args.smoke else f"  (-> results/{results})"),
+              file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         code = subprocess.call(cmd, env=env)
-        print(f"  {name}: exit {code} after {time.perf_counter() - t0:.0f} s", file=sys.stderr,
-              flush=True)
+        seconds = time.perf_counter() - t0
+        print(f"  {name}: exit {code} after {seconds:.0f} s", file=sys.stderr, flush=True)
+        took.append((name, f"exit {code}", seconds))
         if code:
             failed.append(name)
+    print("run_all: seconds per job", file=sys.stderr)
+    for name, status, seconds in took:
+        print(f"  {name:22s} {status:8s} {'' if seconds is None else f'{seconds:8.0f} s'}",
+              file=sys.stderr)
     if failed:
         print(f"run_all: failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -42,6 +42,50 @@ def test_every_script_is_run_by_run_all():
         assert f'"{name}"' in run_all, f"benchmarks/run_all.py does not run {name}.py"
 
 
+def test_run_all_reruns_every_results_file():
+    spec = importlib.util.spec_from_file_location("_run_all", BENCH / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    written = {results for _, _, results in run_all.JOBS.values()}
+    notes = {"ci_legs.json", "measure_issue14.json"}  # written by hand, not benchmark output
+    on_disk = {p.name for p in RESULTS.glob("*.json")}
+    assert on_disk - notes <= written, sorted(on_disk - notes - written)
+    for script, _, _ in run_all.JOBS.values():
+        assert (BENCH / f"{script}.py").is_file(), script
+
+
+def test_fuzz_reach_reads_hypothesis_statistics():
+    spec = importlib.util.spec_from_file_location("_fuzz_reach", BENCH / "fuzz_reach.py")
+    fuzz_reach = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(fuzz_reach)
+    finally:
+        sys.path.remove(str(BENCH))
+    text = """
+tests/test_fuzz_x.py::test_f[valid]:
+
+  - during reuse phase (0.01 seconds):
+    - 2 passing, 0 failing, and 0 invalid test cases
+    - Events:
+      * 100.00%, properties checked
+
+  - during generate phase (6.53 seconds):
+    - Typical runtimes: ~ 3-49 ms, of which ~ 0-4 ms in data generation
+    - 180 passing, 0 failing, and 20 invalid test cases
+    - Events:
+      * 81.00%, properties checked
+      * 9.00%, invalid input: error checked
+      * 90.00%, f: returned
+      * 9.00%, f: ValueError
+"""
+    got = fuzz_reach.parse_statistics(text)["tests/test_fuzz_x.py::test_f[valid]"]
+    # 81% of 200 test cases = 162 of the 180 examples run (rejected draws excluded)
+    assert got["run"] == 180 and got["invalid"] == 20
+    assert got["reach"] == 0.9 and got["error_checked"] == 0.1
+    assert got["functions"] == ["f"]
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_smoke_run_writes_json_with_provenance_and_leaves_results_alone(name, tmp_path):
     source = (BENCH / f"{name}.py").read_text()

@@ -283,6 +283,7 @@ def test_save_load_round_trip(tree, meta, junk, bad_leaf):
             for fn in (jol.load, jol.load_metadata):
                 _, err = attempt(fn, bad_path)
                 assert isinstance(err, ValueError) and bad_path in str(err), err
+    fz.checked()  # (every example: the round trip and the bad paths above)
 
 
 # --- activation calibration ---------------------------------------------------------------

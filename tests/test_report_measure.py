@@ -63,18 +63,71 @@ def _variant(model_scale=1.0):
     return Variant("toy", "a toy", None, stored, lambda v: v, infer)
 
 
-def test_latency_figures_and_ratios():
-    variant = _variant()
+class _FakeClock:
+    """perf_counter stand-in: each call of a fake inference advances it by a known amount,
+    so latency figures are exact and the test does not depend on timing."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.log = []
+
+    def __call__(self):
+        return self.now
+
+    def call(self, name, seconds):
+        def run():
+            self.log.append(name)
+            self.now += seconds
+            return jnp.ones(2)
+        return run
+
+
+def test_latency_times_variant_against_baseline_with_exact_ratios(monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(measure.time, "perf_counter", clock)
+    batches = measure.LATENCY_BATCHES
+    # 3 ms and 1 ms per call at batch 1, 30 and 10 at batch 256: a 3x slower variant
+    variant = {b: clock.call(f"v{b}", 3e-3 * (1 if b == 1 else 10)) for b in batches}
+    base_calls = {b: clock.call(f"b{b}", 1e-3 * (1 if b == 1 else 10)) for b in batches}
+    base = {"name": "baseline", **measure.latency(base_calls, repeats=2)}
+    clock.log.clear()
+    other = {"name": "toy", **measure.latency(variant, repeats=4, baseline=base_calls)}
+    # per batch: one warm-up call each, then alternating order (ABBA...), one call at a time
+    b = batches[0]
+    assert clock.log[:10] == [f"v{b}", f"b{b}", f"v{b}", f"b{b}", f"b{b}", f"v{b}",
+                              f"v{b}", f"b{b}", f"b{b}", f"v{b}"]
+    for b in batches:
+        scale = 1 if b == 1 else 10
+        assert other[f"latency_b{b}_ms"] == pytest.approx(3 * scale)
+        assert other[f"latency_b{b}_paired_ratio"] == pytest.approx(3.0)
+        assert other[f"latency_b{b}_baseline_samples_ms"] == pytest.approx([scale] * 4)
+    measure.add_latency_ratios([base, other], base)
+    for b in batches:
+        scale = 1 if b == 1 else 10
+        assert base[f"latency_b{b}_ms"] == pytest.approx(scale)  # pooled: 2 own + 4 paired
+        assert base[f"latency_b{b}_ratio"] == 1.0
+        assert f"latency_b{b}_baseline_samples_ms" not in other  # pooled into the baseline
+        # the ratio is the quotient of the two printed figures
+        assert other[f"latency_b{b}_ratio"] == pytest.approx(3.0)
+        assert math.isclose(other[f"latency_b{b}_ratio"],
+                            other[f"latency_b{b}_ms"] / base[f"latency_b{b}_ms"])
+
+
+def test_latency_calls_run_the_variant_at_every_batch_size():
     inputs = measure.latency_inputs(np.ones((5, 2, 2), np.float32))
     assert {b: x.shape for b, x in inputs.items()} == {1: (1, 2, 2), 256: (256, 2, 2)}
+    variant, doubled = _variant(), _variant(model_scale=2.0)
     calls = measure.latency_calls(variant, variant.stored, inputs)
+    other_calls = measure.latency_calls(doubled, doubled.stored, inputs)
+    for b, x in inputs.items():
+        want = x.reshape(b, -1) @ variant.stored["params"]["w"]
+        np.testing.assert_allclose(np.asarray(calls[b]()), want)
+        np.testing.assert_allclose(np.asarray(other_calls[b]()), 2 * want)
     base = {"name": "baseline", **measure.latency(calls, repeats=2)}
-    other = {"name": "toy", **measure.latency(calls, repeats=3, baseline=calls)}
+    other = {"name": "toy", **measure.latency(other_calls, repeats=3, baseline=calls)}
     measure.add_latency_ratios([base, other], base)
     for b in measure.LATENCY_BATCHES:
-        assert other[f"latency_b{b}_ms"] > 0 and base[f"latency_b{b}_ratio"] == 1.0
-        assert len(base[f"latency_b{b}_samples_ms"]) == 2  # the baseline's own samples
-        assert f"latency_b{b}_baseline_samples_ms" not in other  # pooled into the baseline
+        assert other[f"latency_b{b}_ms"] > 0 and base[f"latency_b{b}_ms"] > 0
         assert math.isclose(other[f"latency_b{b}_ratio"],
                             other[f"latency_b{b}_ms"] / base[f"latency_b{b}_ms"])
 
