@@ -64,9 +64,13 @@ def from_json(x: Any) -> Any:
 # --- tree <-> record -------------------------------------------------------------------
 
 
-def encode_tree(tree: Any, tensors: list, by_type: Mapping[type, Any], node_parts: Callable
-                ) -> dict[str, Any]:
-    """JSON record of ``tree``; appends ``(name, numpy array)`` for each array to ``tensors``."""
+def encode_tree(tree: Any, tensors: list, by_type: Mapping[type, Any], node_parts: Callable,
+                *, on_array: Callable | None = None) -> dict[str, Any]:
+    """JSON record of ``tree``; appends ``(name, numpy array)`` for each array to ``tensors``.
+
+    ``on_array(x, kind, name) -> record``, when given, stores each array leaf instead
+    (sharded saving: only this process's shards, never the whole array).
+    """
     used: set[str] = set()
 
     def name_for(prefix: str) -> str:
@@ -80,6 +84,8 @@ def encode_tree(tree: Any, tensors: list, by_type: Mapping[type, Any], node_part
         if isinstance(x, jax.core.Tracer):
             raise TypeError(f"{prefix or '<root>'}: cannot save a traced value; call save "
                             "outside jit/vmap")
+        if on_array is not None:
+            return on_array(x, kind, name_for(prefix))
         try:
             arr = np.asarray(x)
         except Exception as e:  # noqa: BLE001 - e.g. typed PRNG keys
@@ -127,28 +133,33 @@ def encode_tree(tree: Any, tensors: list, by_type: Mapping[type, Any], node_part
 
 
 def decode_tree(rec: dict[str, Any], table: Mapping[str, tuple],
-                by_name: Mapping[str, Any], node_build: Callable) -> Any:
-    """Inverse of `encode_tree` over ``table``: ``name -> (dtype code, shape, bytes)``."""
+                by_name: Mapping[str, Any], node_build: Callable,
+                *, on_array: Callable | None = None) -> Any:
+    """Inverse of `encode_tree` over ``table``: ``name -> (dtype code, shape, bytes)``.
+
+    ``on_array(record) -> array``, when given, builds each array leaf instead.
+    """
+    kw = {"on_array": on_array}
     t = rec["t"]
     if t == "none":
         return None
     if t == "py":
         return float(rec["float"]) if "float" in rec else rec["v"]
     if t == "array":
-        return _array(rec, table)
+        return _array(rec, table) if on_array is None else on_array(rec)
     if t == "dict":
-        kids = [decode_tree(c, table, by_name, node_build) for c in rec["children"]]
+        kids = [decode_tree(c, table, by_name, node_build, **kw) for c in rec["children"]]
         if len(kids) != len(rec["keys"]):
             raise ValueError("dict record with mismatched keys and children")
         return dict(zip(rec["keys"], kids))
     if t in ("list", "tuple"):
-        kids = [decode_tree(c, table, by_name, node_build) for c in rec["children"]]
+        kids = [decode_tree(c, table, by_name, node_build, **kw) for c in rec["children"]]
         return kids if t == "list" else tuple(kids)
     if t == "node":
         if rec["name"] not in by_name:
             raise ValueError(f"unknown node type {rec['name']!r}; register it with "
                              "jaxopt_lab.io.register_node before loading")
-        kids = [decode_tree(c, table, by_name, node_build) for c in rec["children"]]
+        kids = [decode_tree(c, table, by_name, node_build, **kw) for c in rec["children"]]
         return node_build(rec["name"], from_json(rec["aux"]), list(rec["names"]), kids)
     raise ValueError(f"unknown record type {t!r}")
 

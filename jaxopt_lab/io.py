@@ -250,6 +250,17 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
         raw = safetensors.numpy.save(arrays, metadata=header_meta)
     except (safetensors.SafetensorError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: cannot save, safetensors refused the tensors: {e}") from None
+    write_atomic(path, raw)
+
+
+def write_atomic(path: str, raw: bytes) -> None:
+    """Writes ``raw`` to a temporary file next to ``path``, fsyncs it, renames it into place.
+
+    Raises:
+      OSError: the write failed: the OS's errno and cause, naming ``path``; the temporary
+        file is removed and a previous file at ``path`` is unchanged.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _create_temp(directory, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
@@ -422,3 +433,7 @@ def load(path: str | os.PathLike, *, with_metadata: bool = False) -> Params | tu
     if with_metadata:
         return tree, metadata
     return tree
+
+
+# Sharded artifacts (one file per process plus an index) build on this module's registry.
+from jaxopt_lab._shards import load_sharded, save_sharded  # noqa: E402,F401
