@@ -15,8 +15,14 @@ a timed run) and reports:
 * ``all_gathers`` in the compiled HLO, the largest gathered shape, and whether every output
   leaf has its input's sharding.
 
+``--processes 2`` runs the same on 2 processes x 4 host devices joined by
+``jax.distributed`` on localhost (gloo collectives over loopback): one global mesh of 8
+devices, each process holding and measuring its own half (figures per process; the bound
+is then half the result + 2 x largest leaf). ``--smoke`` runs a tiny tree (leaves 1/16 of
+the size per axis) on both layouts and writes only to ``--out-dir``.
+
 Prints JSON and writes ``benchmarks/results/scale.json`` (``scale_<gb>gb.json`` for
-another ``--gb``).
+another ``--gb``, ``scale_2proc*.json`` for two processes).
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ LARGEST = (4096, 4096)  # 64 MB of float32
 # A transformer-like block: attention/MLP kernels, embeddings-sized and small leaves.
 BLOCK = [(4096, 4096), (4096, 1024), (1024, 4096), (1024, 1024), (1024, 1024), (4096,),
          (1024,), (1024,)]
+SMOKE_DIV = 16  # --smoke: every axis 16x smaller
+SMOKE_GB = 0.001
 
 
-def leaf_shapes(total_bytes: int) -> list[tuple[int, ...]]:
+def leaf_shapes(total_bytes: int, div: int = 1) -> list[tuple[int, ...]]:
     shapes, used = [], 0
     while used < total_bytes:
         for s in BLOCK:
+            s = tuple(d // div for d in s)
             shapes.append(s)
             used += 4 * math.prod(s)
     return shapes
@@ -54,9 +63,16 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def child(op: str, gb: float) -> dict:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
+def child(op: str, gb: float, *, div: int = 1, processes: int = 1, rank: int = 0,
+          port: int = 0) -> dict:
+    local = DEVICES // processes
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if processes > 1:
+        from jaxopt_lab.train import distributed as dist
+
+        dist.initialize(f"127.0.0.1:{port}", processes, rank, local_device_count=local,
+                        heartbeat_timeout=60)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -65,8 +81,8 @@ def child(op: str, gb: float) -> dict:
 
     import jaxopt_lab as jol
 
-    mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("x",))
-    shapes = leaf_shapes(int(gb * 2**30))
+    mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("x",))  # global: every process's devices
+    shapes = leaf_shapes(int(gb * 2**30), div)
 
     def spec(i, shape):  # alternate the sharded axis so both layouts are exercised
         if len(shape) == 1:
@@ -113,10 +129,11 @@ def child(op: str, gb: float) -> dict:
     mismatched = [k for k, v in out.items()
                   if storage(v).sharding.spec != storage(source[k]).sharding.spec]
     sharded_like_input = not mismatched
-    largest = 4 * math.prod(LARGEST)
-    bound = result_bytes + 2 * largest
+    largest = 4 * math.prod(d // div for d in LARGEST)
+    bound = result_bytes // processes + 2 * largest  # this process's share of the result
     return {
-        "op": op, "leaves": len(shapes), "input_bytes": input_bytes,
+        "op": op, "process": rank, "processes": processes, "leaves": len(shapes),
+        "input_bytes": input_bytes,
         "result_bytes": result_bytes, "largest_leaf_bytes": largest,
         "peak_over_input_bytes": peak, "bound_bytes": bound, "within_bound": peak <= bound,
         "seconds": seconds,
@@ -132,31 +149,76 @@ def child(op: str, gb: float) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gb", type=float, default=2.0)
-    parser.add_argument("--ops", default="q8,q4,deq,mask")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    a = parser.parse_args()
-    if a.child:
-        print("RESULT " + json.dumps(child(a.child, a.gb)))
-        return
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _util import emit
+def _free_port() -> int:
+    import socket
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_op(op: str, gb: float, div: int, processes: int) -> list[dict]:
+    """One child per process for ``op``; a row per process (or one error row)."""
+    port = _free_port()
+    cmd = [sys.executable, __file__, "--child", op, "--gb", str(gb), "--div", str(div),
+           "--processes", str(processes), "--port", str(port)]
+    procs = [subprocess.Popen(cmd + ["--rank", str(r)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(processes)]
     rows = []
-    for op in a.ops.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--child", op, "--gb", str(a.gb)],
-                              capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    for r, proc in enumerate(procs):
+        try:
+            out, err = proc.communicate(timeout=3600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
-            rows.append({"op": op, "error": (proc.stderr or proc.stdout)[-2000:]})
+            rows.append({"op": op, "process": r, "error": (err or out)[-2000:]})
         else:
             rows.append(json.loads(line[0][7:]))
-        print(json.dumps(rows[-1]), file=sys.stderr)
-    emit("scale" if a.gb == 2.0 else f"scale_{a.gb:g}gb", {"tree_gb": a.gb, "devices": DEVICES, "processes": 1, "results": rows,
-                   "note": "one timed run per op on 2 shared CPU cores; peak RSS from VmHWM "
-                           "reset after the input is built"})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=None, help="tree size (default 2.0)")
+    parser.add_argument("--ops", default="q8,q4,deq,mask")
+    parser.add_argument("--processes", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--smoke", action="store_true", help="a tiny tree; --out-dir only")
+    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--div", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    gb = a.gb if a.gb is not None else (SMOKE_GB if a.smoke else 2.0)
+    if a.child:
+        print("RESULT " + json.dumps(child(a.child, gb, div=a.div, processes=a.processes,
+                                           rank=a.rank, port=a.port)))
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _util import RESULTS, emit
+
+    div = SMOKE_DIV if a.smoke else 1
+    rows = []
+    for op in a.ops.split(","):
+        for row in _run_op(op, gb, div, a.processes):
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    name = "scale" if a.processes == 1 else "scale_2proc"
+    if a.smoke:
+        name = "scale"  # a smoke run writes its own folder only (emit refuses results/)
+    elif gb != 2.0:
+        name += f"_{gb:g}gb"
+    errors = [r for r in rows if "error" in r]
+    emit(name, {"tree_gb": gb, "devices": DEVICES, "processes": a.processes,
+                "results": rows, "errors": len(errors),
+                "note": "one timed run per op on 2 shared CPU cores; peak RSS from VmHWM "
+                        "reset after the input is built; with 2 processes every figure is "
+                        "one process's (its half of the devices)"},
+         out_dir=a.out_dir or RESULTS, smoke=a.smoke)
+    if errors:
+        sys.exit(f"{len(errors)} benchmark child(ren) failed")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Helpers of `jaxopt_lab.io`: tree <-> JSON record, JSON values, safetensors tensor table."""
+"""Helpers of `jaxopt_lab.io`: tree <-> JSON record, JSON values, the arrays and tensor table
+handed to the ``safetensors`` package."""
 
 from __future__ import annotations
 
 import math
 import sys
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,9 +64,13 @@ def from_json(x: Any) -> Any:
 # --- tree <-> record -------------------------------------------------------------------
 
 
-def encode_tree(tree: Any, tensors: list, by_type: Mapping[type, Any], node_parts: Callable
-                ) -> dict[str, Any]:
-    """JSON record of ``tree``; appends ``(name, numpy array)`` for each array to ``tensors``."""
+def encode_tree(tree: Any, tensors: list, by_type: Mapping[type, Any], node_parts: Callable,
+                *, on_array: Callable | None = None) -> dict[str, Any]:
+    """JSON record of ``tree``; appends ``(name, numpy array)`` for each array to ``tensors``.
+
+    ``on_array(x, kind, name) -> record``, when given, stores each array leaf instead
+    (sharded saving: only this process's shards, never the whole array).
+    """
     used: set[str] = set()
 
     def name_for(prefix: str) -> str:
@@ -78,6 +84,8 @@ def encode_tree(tree: Any, tensors: list, by_type: Mapping[type, Any], node_part
         if isinstance(x, jax.core.Tracer):
             raise TypeError(f"{prefix or '<root>'}: cannot save a traced value; call save "
                             "outside jit/vmap")
+        if on_array is not None:
+            return on_array(x, kind, name_for(prefix))
         try:
             arr = np.asarray(x)
         except Exception as e:  # noqa: BLE001 - e.g. typed PRNG keys
@@ -124,43 +132,53 @@ def encode_tree(tree: Any, tensors: list, by_type: Mapping[type, Any], node_part
     return enc(tree, "")
 
 
-def decode_tree(rec: dict[str, Any], table: Mapping[str, tuple], data: bytearray,
-                by_name: Mapping[str, Any], node_build: Callable) -> Any:
-    """Inverse of `encode_tree` over the validated tensor ``table`` and the data bytes."""
+def decode_tree(rec: dict[str, Any], table: Mapping[str, tuple],
+                by_name: Mapping[str, Any], node_build: Callable,
+                *, on_array: Callable | None = None) -> Any:
+    """Inverse of `encode_tree` over ``table``: ``name -> (dtype code, shape, bytes)``.
+
+    ``on_array(record) -> array``, when given, builds each array leaf instead.
+    """
+    kw = {"on_array": on_array}
     t = rec["t"]
     if t == "none":
         return None
     if t == "py":
         return float(rec["float"]) if "float" in rec else rec["v"]
     if t == "array":
-        return _array(rec, table, data)
+        return _array(rec, table) if on_array is None else on_array(rec)
     if t == "dict":
-        kids = [decode_tree(c, table, data, by_name, node_build) for c in rec["children"]]
+        kids = [decode_tree(c, table, by_name, node_build, **kw) for c in rec["children"]]
         if len(kids) != len(rec["keys"]):
             raise ValueError("dict record with mismatched keys and children")
         return dict(zip(rec["keys"], kids))
     if t in ("list", "tuple"):
-        kids = [decode_tree(c, table, data, by_name, node_build) for c in rec["children"]]
+        kids = [decode_tree(c, table, by_name, node_build, **kw) for c in rec["children"]]
         return kids if t == "list" else tuple(kids)
     if t == "node":
         if rec["name"] not in by_name:
             raise ValueError(f"unknown node type {rec['name']!r}; register it with "
                              "jaxopt_lab.io.register_node before loading")
-        kids = [decode_tree(c, table, data, by_name, node_build) for c in rec["children"]]
+        kids = [decode_tree(c, table, by_name, node_build, **kw) for c in rec["children"]]
         return node_build(rec["name"], from_json(rec["aux"]), list(rec["names"]), kids)
     raise ValueError(f"unknown record type {t!r}")
 
 
-def _array(rec: dict[str, Any], table: Mapping[str, tuple], data: bytearray) -> Any:
-    code, shape, begin, end = table[rec["name"]]
+def _array(rec: dict[str, Any], table: Mapping[str, tuple]) -> Any:
+    if rec["name"] not in table:
+        raise ValueError(f"tensor {rec['name']!r} is missing from the file")
+    code, shape, buf = table[rec["name"]]
     dtype, want_shape = jnp.dtype(rec["dtype"]), tuple(rec["shape"])
-    arr = np.frombuffer(data, np.dtype(jnp.dtype(ST_DTYPES[code])), math.prod(shape), begin)
+    stored = np.dtype(jnp.dtype(ST_DTYPES[code]))
+    if len(buf) != math.prod(shape) * stored.itemsize:
+        raise ValueError(f"tensor {rec['name']!r}: {len(buf)} bytes do not fit shape {shape}")
+    arr = np.frombuffer(buf, stored, math.prod(shape))
     if _CODES.get(dtype.name) == code:
         if shape != want_shape:
             raise ValueError(f"tensor {rec['name']!r} has shape {shape}, record says "
                              f"{want_shape}")
         arr = arr.reshape(shape)
-    elif code == "U8" and math.prod(want_shape) * dtype.itemsize == end - begin:
+    elif code == "U8" and math.prod(want_shape) * dtype.itemsize == len(buf):
         arr = arr.view(dtype).reshape(want_shape)  # raw bytes of a dtype safetensors lacks
     else:
         raise ValueError(f"tensor {rec['name']!r} is {code} {shape}, record says "
@@ -172,49 +190,31 @@ def _array(rec: dict[str, Any], table: Mapping[str, tuple], data: bytearray) -> 
     return arr[()] if rec["kind"] == "npscalar" else arr
 
 
-# --- safetensors tensor table ----------------------------------------------------------
+# --- what the safetensors package writes ---------------------------------------------
 
 
-def safetensors_header(tensors: list[tuple[str, np.ndarray]]
-                       ) -> tuple[dict[str, Any], list[memoryview]]:
-    """Tensor table and the little-endian byte blobs, in file order."""
-    header: dict[str, Any] = {}
-    blobs, offset = [], 0
+def storage_arrays(tensors: list[tuple[str, np.ndarray]]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """What the ``safetensors`` package writes for each array, and the tensor table.
+
+    Arrays become C-contiguous little-endian; a dtype without a safetensors code (``int4``,
+    complex...) becomes its raw bytes as a 1-D ``uint8`` array. The table is
+    ``name -> {"dtype": code, "shape": shape}``: the layout (order and offsets) is the
+    package's choice, so nothing here depends on it.
+    """
+    arrays, table = {}, {}
     for name, arr in tensors:
         arr = np.require(arr, requirements="C")  # ascontiguousarray would make 0-d 1-d
         if arr.dtype.byteorder == ">":  # pragma: no cover - big-endian input
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         code = _CODES.get(arr.dtype.name)
-        blob = arr.reshape(-1).view(np.uint8)
-        shape = list(arr.shape) if code else [blob.size]
-        header[name] = {"dtype": code or "U8", "shape": shape,
-                        "data_offsets": [offset, offset + blob.size]}
-        blobs.append(memoryview(blob))
-        offset += blob.size
-    return header, blobs
+        if code is None:
+            arr = arr.reshape(-1).view(np.uint8)
+        arrays[name] = arr
+        table[name] = {"dtype": code or "U8", "shape": list(arr.shape)}
+    return arrays, table
 
 
-def check_table(header: Mapping[str, Any], data_len: int) -> dict[str, tuple]:
-    """Validates the tensor table against ``data_len``: ``name -> (code, shape, begin, end)``."""
-    table, spans = {}, []
-    for name, e in header.items():
-        try:
-            code, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"bad entry for tensor {name!r}: {e!r}") from None
-        if code not in ST_DTYPES:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {code!r}")
-        ok_ints = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
-        itemsize = np.dtype(jnp.dtype(ST_DTYPES[code])).itemsize
-        if not ok_ints or end - begin != math.prod(shape) * itemsize:
-            raise ValueError(f"tensor {name!r}: offsets {[begin, end]} do not fit shape {shape}")
-        table[name] = (code, shape, begin, end)
-        spans.append((begin, end))
-    pos = 0
-    for begin, end in sorted(spans):
-        if begin != pos:
-            raise ValueError(f"tensor data not contiguous at byte {pos}")
-        pos = end
-    if pos != data_len:
-        raise ValueError(f"tensor data ends at byte {pos} but the file holds {data_len} bytes")
-    return table
+def crc32(arr: np.ndarray) -> int:
+    """CRC32 of an array's bytes (C order)."""
+    return zlib.crc32(np.require(arr, requirements="C").reshape(-1).view(np.uint8))

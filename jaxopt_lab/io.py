@@ -1,11 +1,18 @@
 """Save and load pytrees of arrays and `QTensor` s as safetensors files; `tree_nbytes`.
 
-File format: a standard safetensors file (8-byte little-endian header length, JSON header,
-raw little-endian tensor bytes), readable by ``safetensors.safe_open``. Every array leaf
-(and every array child of a `QTensor` or registered node) is one tensor named by its tree
-path (``Dense_0.kernel.qvalue``). The header's ``__metadata__["jaxopt_lab"]`` holds JSON with
-the tree structure, node metadata, user metadata and a CRC32 of the tensor bytes. Dtypes
-safetensors has no code for (e.g. ``int4``, complex) are stored as raw ``U8`` bytes.
+File format: a standard safetensors file, written and parsed by the ``safetensors``
+package (``safetensors.numpy.save``, ``safetensors.deserialize``) and readable by
+``safetensors.safe_open``. Every array leaf (and every array child of a `QTensor` or
+registered node) is one tensor named by its tree path (``Dense_0.kernel.qvalue``). The
+header's ``__metadata__["jaxopt_lab"]`` holds JSON (safetensors metadata values are
+strings) with the tree structure, node metadata, user metadata, a CRC32 per tensor and a
+CRC32 of the header itself. Dtypes safetensors has no code for (e.g. ``int4``, complex)
+are stored as raw ``U8`` bytes.
+
+Format version 2 (this one) checksums each tensor by name and the tensor table without
+byte offsets, because the package chooses the order and offsets of the data (it sorts
+tensors by alignment, then name). Version 1 files, written by jaxopt_lab's own writer
+(one CRC32 over the data in file order, offsets in the header checksum), still load.
 Files are written to a temporary name in the same directory, fsynced and ``os.replace``d,
 so a crash never leaves a half-written file under the final name. The file gets the
 permissions a plain ``open(path, "wb")`` of a new file would (``0o666`` less the umask).
@@ -46,12 +53,16 @@ from typing import Any
 import jax
 import numpy as np
 
+import safetensors
+import safetensors.numpy
+
 from jaxopt_lab import _serial
 from jaxopt_lab.quant.qtensor import FP8_DTYPES, GRANULARITIES, INT_BITS, QTensor
 
 Params = Any
 FORMAT = "jaxopt_lab"
-VERSION = 1
+VERSION = 2
+_READS = (1, 2)  # format versions load() understands
 _SUB_BYTE_BITS = {"int2": 2, "uint2": 2, "int4": 4, "uint4": 4, "float4_e2m1fn": 4}
 
 
@@ -228,22 +239,32 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
     tensors: list[tuple[str, np.ndarray]] = []
     spec = _serial.encode_tree(tree, tensors, _BY_TYPE, _node_parts)
     user = _serial.to_json(metadata or {}, "metadata")
-    header, blobs = _serial.safetensors_header(tensors)
-    crc = 0
-    for b in blobs:
-        crc = zlib.crc32(b, crc)
-    info = {"format": FORMAT, "version": VERSION, "tree": spec, "metadata": user, "crc32": crc}
-    info["header_crc32"] = _header_crc(header, FORMAT, info)
-    header["__metadata__"] = {"format": FORMAT, FORMAT: json.dumps(info, separators=(",", ":"))}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # 8-byte aligned tensor data, as safetensors writes it
+    arrays, table = _serial.storage_arrays(tensors)
+    crcs = {name: _serial.crc32(arr) for name, arr in arrays.items()}
+    info = {"format": FORMAT, "version": VERSION, "tree": spec, "metadata": user, "crc32": crcs}
+    info["header_crc32"] = _header_crc(table, FORMAT, info)
+    header_meta = {"format": FORMAT, FORMAT: json.dumps(info, separators=(",", ":"))}
+    try:
+        # Serialised in memory, then written by the atomic, fsynced, error-naming path below
+        # (``serialize_file`` would write the final name directly).
+        raw = safetensors.numpy.save(arrays, metadata=header_meta)
+    except (safetensors.SafetensorError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot save, safetensors refused the tensors: {e}") from None
+    write_atomic(path, raw)
+
+
+def write_atomic(path: str, raw: bytes) -> None:
+    """Writes ``raw`` to a temporary file next to ``path``, fsyncs it, renames it into place.
+
+    Raises:
+      OSError: the write failed: the OS's errno and cause, naming ``path``; the temporary
+        file is removed and a previous file at ``path`` is unchanged.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _create_temp(directory, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
-            for b in blobs:
-                f.write(b)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -281,7 +302,12 @@ def _header_crc(table: Mapping[str, Any], fmt: Any, info: Mapping[str, Any]) -> 
     """CRC32 of the canonical JSON of everything in the header but this checksum.
 
     A flipped byte can leave the JSON valid (a renamed key, a changed digit); this catches it.
+    From format version 2 on, the table's byte offsets are left out: the safetensors
+    package chooses them (and checks them when it parses the file).
     """
+    if info.get("version", 0) >= 2:
+        table = {name: {k: v for k, v in e.items() if k != "data_offsets"}
+                 if isinstance(e, dict) else e for name, e in table.items()}
     rest = {k: v for k, v in info.items() if k != "header_crc32"}
     canon = json.dumps({"tensors": table, "format": fmt, "info": rest}, sort_keys=True,
                        separators=(",", ":"))
@@ -317,6 +343,13 @@ def _read_header(f, path: str, size: int) -> tuple[dict[str, Any], dict[str, Any
     except RecursionError:
         raise ValueError(f"{path}: corrupted jaxopt_lab metadata (JSON nested too "
                          "deeply)") from None
+    # Before the header checksum: another version may define that checksum differently.
+    version = info.get("version")
+    if isinstance(version, int) and version > VERSION:
+        raise ValueError(f"{path}: written by a newer jaxopt_lab (format version "
+                         f"{info['version']} > {VERSION})")
+    if info.get("version") not in _READS:
+        raise ValueError(f"{path}: unknown jaxopt_lab format version {info.get('version')!r}")
     try:
         crc = _header_crc(header, meta.get("format"), info)
     except RecursionError:  # nesting that json.loads took but json.dumps can't
@@ -324,9 +357,6 @@ def _read_header(f, path: str, size: int) -> tuple[dict[str, Any], dict[str, Any
                          "deeply)") from None
     if info.get("header_crc32") != crc:
         raise ValueError(f"{path}: corrupted safetensors header (checksum mismatch)")
-    if info.get("version", 0) > VERSION:
-        raise ValueError(f"{path}: written by a newer jaxopt_lab (format version "
-                         f"{info['version']} > {VERSION})")
     return header, info, 8 + n
 
 
@@ -369,15 +399,31 @@ def load(path: str | os.PathLike, *, with_metadata: bool = False) -> Params | tu
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         header, info, start = _read_header(f, path, size)
-        try:
-            table = _serial.check_table(header, size - start)
-        except ValueError as e:
-            raise ValueError(f"{path}: corrupted or truncated safetensors file: {e}") from None
-        data = bytearray(f.read())
-    if zlib.crc32(data) != info.get("crc32"):
-        raise ValueError(f"{path}: tensor data corrupted (CRC32 mismatch)")
+        f.seek(0)
+        raw = f.read()
     try:
-        tree = _serial.decode_tree(info["tree"], table, data, _BY_NAME, _node_build)
+        entries = safetensors.deserialize(raw)
+    except (safetensors.SafetensorError, ValueError, TypeError, OverflowError) as e:
+        raise ValueError(f"{path}: corrupted or truncated safetensors file: {e}") from None
+    table = {}
+    for name, e in entries:
+        if e["dtype"] not in _serial.ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']!r}")
+        table[name] = (e["dtype"], tuple(e["shape"]), e["data"])
+    if info["version"] == 1:  # one CRC32 over the data, in file order
+        ok = zlib.crc32(memoryview(raw)[start:]) == info.get("crc32")
+        if not ok:
+            raise ValueError(f"{path}: tensor data corrupted (CRC32 mismatch)")
+    else:
+        crcs = info.get("crc32")
+        if not isinstance(crcs, dict) or set(crcs) != set(table):
+            raise ValueError(f"{path}: corrupted jaxopt_lab metadata (the checksums do not "
+                             "name the file's tensors)")
+        for name, (_, _, buf) in table.items():
+            if zlib.crc32(buf) != crcs[name]:
+                raise ValueError(f"{path}: tensor {name!r} data corrupted (CRC32 mismatch)")
+    try:
+        tree = _serial.decode_tree(info["tree"], table, _BY_NAME, _node_build)
         metadata = _serial.from_json(info.get("metadata", {})) if with_metadata else None
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ValueError(f"{path}: corrupted jaxopt_lab tree record: {e}") from None
@@ -387,3 +433,7 @@ def load(path: str | os.PathLike, *, with_metadata: bool = False) -> Params | tu
     if with_metadata:
         return tree, metadata
     return tree
+
+
+# Sharded artifacts (one file per process plus an index) build on this module's registry.
+from jaxopt_lab._shards import load_sharded, save_sharded  # noqa: E402,F401

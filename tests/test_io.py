@@ -1,8 +1,11 @@
 """save / load: exact round trips, safetensors compatibility, atomic writes, bad files."""
 
 import dataclasses
+import json
 import os
+import pathlib
 
+import _io_v1_tree
 import chex
 import flax
 import jax
@@ -255,3 +258,51 @@ def test_saved_file_mode_honours_umask(tmp_path, umask):
     assert (os.stat(tmp_path / "m.safetensors").st_mode & 0o777) == 0o666 & ~umask
     assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary file left behind
     np.testing.assert_array_equal(jol.load(tmp_path / "m.safetensors")["a"], np.zeros(2))
+
+
+# --- format versions -----------------------------------------------------------------------
+
+
+def test_files_of_format_version_1_still_load():
+    """tests/data/io_v1.safetensors was written by the hand-made writer (format version 1)."""
+    path = pathlib.Path(__file__).parent / "data" / "io_v1.safetensors"
+    back, meta = jol.load(path, with_metadata=True)
+    assert meta == _io_v1_tree.METADATA and jol.load_metadata(path) == meta
+    _assert_same(back, _io_v1_tree.tree())
+    with safe_open(str(path), framework="numpy") as f:
+        assert json.loads(f.metadata()["jaxopt_lab"])["version"] == 1
+
+
+def test_new_files_are_format_version_2_with_a_checksum_per_tensor(tmp_path):
+    path = tmp_path / "v2.safetensors"
+    jol.save(path, _io_v1_tree.tree(), metadata=_io_v1_tree.METADATA)
+    with safe_open(str(path), framework="numpy") as f:
+        info = json.loads(f.metadata()["jaxopt_lab"])
+        assert info["version"] == 2 and set(info["crc32"]) == set(f.keys())
+    _assert_same(jol.load(path), _io_v1_tree.tree())
+
+
+def test_corrupted_tensor_is_named(tmp_path):
+    path = tmp_path / "m.safetensors"
+    jol.save(path, {"a": jnp.zeros(4), "b": jnp.ones(4)})
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # the last tensor in the package's layout: "b" (names sort a < b)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"m.safetensors: tensor 'b' data corrupted"):
+        jol.load(path)
+
+
+def test_unknown_format_version_is_a_value_error(tmp_path):
+    path = tmp_path / "m.safetensors"
+    jol.save(path, {"a": jnp.zeros(2)})
+    with safe_open(str(path), framework="numpy") as f:
+        info = json.loads(f.metadata()["jaxopt_lab"])
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    for version in (0, 3):
+        info["version"] = version
+        info["header_crc32"] = io._header_crc(
+            {"a": {"dtype": "F32", "shape": [2]}}, "jaxopt_lab", info)
+        save_file(arrays, str(path), metadata={"format": "jaxopt_lab",
+                                               "jaxopt_lab": json.dumps(info)})
+        with pytest.raises(ValueError, match="m.safetensors.*version"):
+            jol.load(path)

@@ -1,6 +1,7 @@
 """Tree transforms on trees sharded with NamedSharding over the 8 host devices: results
 sharded like the inputs, no whole-leaf gather, global thresholds exact across shards."""
 
+import functools
 import re
 
 import jax
@@ -69,12 +70,75 @@ def test_global_magnitude_mask_of_a_sharded_tree_is_exact(seed, sparsity):
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
 
 
-@pytest.mark.xfail(strict=True, reason="prune/select.keep_lowest flattens and concatenates "
-                   "the score arrays (reshape, dynamic_slice, cumsum over the flat index), "
-                   "which gathers whole leaves and returns replicated masks for 1-D leaves")
-def test_global_magnitude_mask_stays_sharded_without_gathers():
-    tree = _tree(rows=512, cols=256)  # 131072 scores in total: the sampled select path
+def _whole_leaf_gathers(fn, tree):
+    """All-gathers whose result holds as many entries as the smallest sharded leaf."""
+    smallest = min(x.size for x in jax.tree.leaves(tree))
+    sizes = [int(np.prod([int(d) for d in re.findall(r"\d+", shape.split("{")[0])] or [1]))
+             for shape in _gathers(fn, tree)]
+    return [n for n in sizes if n >= smallest]
+
+
+@pytest.mark.parametrize("rows,cols", [(512, 256), (64, 32), (8, 16)])
+def test_global_magnitude_mask_stays_sharded_without_gathers(rows, cols):
+    # 262144 scores: the sampled path unsharded; 6144: radix; 288: the sort path.
+    tree = _tree(rows=rows, cols=cols)
     fn = lambda t: jol.magnitude_mask(t, 0.5, scope="global")  # noqa: E731
     masks = jax.jit(fn)(tree)
     assert all(masks[k].sharding.spec == tree[k].sharding.spec for k in tree)
-    assert _gathers(fn, tree) == []
+    assert _whole_leaf_gathers(fn, tree) == []
+    eager = fn(tree)  # eager calls on sharded arrays take the same path
+    want = fn(jax.tree.map(np.asarray, tree))
+    for k in tree:
+        assert eager[k].sharding.spec == tree[k].sharding.spec, k
+        np.testing.assert_array_equal(np.asarray(masks[k]), np.asarray(want[k]), err_msg=k)
+        np.testing.assert_array_equal(np.asarray(eager[k]), np.asarray(want[k]), err_msg=k)
+
+
+@settings(max_examples=10)
+@given(
+    seed=st.integers(0, 2**16),
+    sparsity=st.floats(0.0, 1.0, width=32),
+    levels=st.sampled_from([2, 5, 1000]),
+    with_previous=st.booleans(),
+    scope=st.sampled_from(["global", "layer"]),
+    big=st.booleans(),
+)
+def test_sharded_masks_equal_unsharded_bit_for_bit(
+    seed, sparsity, levels, with_previous, scope, big
+):
+    # Few distinct values force heavy ties: the tie cut (flat-index radix select) decides.
+    tree = _tree(seed, rows=256 if big else 64, cols=64 if big else 32)
+    tree = jax.tree.map(lambda x: jnp.round(x * levels) / levels, tree)
+    previous = None
+    if with_previous:
+        previous = jax.tree.map(lambda x: jnp.abs(x) > 0.3, tree)
+    where = lambda path, x: True  # noqa: E731  (1-D leaves too)
+    fn = lambda t, p: jol.magnitude_mask(  # noqa: E731
+        t, sparsity, scope=scope, where=where, previous=p)
+    got = jax.jit(fn)(tree, previous)
+    want = fn(jax.tree.map(np.asarray, tree),
+              None if previous is None else jax.tree.map(np.asarray, previous))
+    for k in tree:
+        assert got[k].sharding.spec == tree[k].sharding.spec, k
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+def test_prune_of_a_sharded_tree_stays_sharded_and_exact():
+    import optax
+
+    tree = _tree(rows=128, cols=64)
+    mask_fn = functools.partial(jol.magnitude_mask, scope="global")
+    tx = optax.chain(optax.sgd(0.1), jol.prune(mask_fn, 0.5))
+    grads = jax.tree.map(jnp.ones_like, tree)
+
+    def step(params):
+        state = tx.init(params)
+        updates, _ = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates)
+
+    out = jax.jit(step)(tree)
+    assert _whole_leaf_gathers(step, tree) == []
+    want = jax.jit(step)(jax.tree.map(np.asarray, tree))
+    for k in tree:
+        assert out[k].sharding.spec == tree[k].sharding.spec, k
+        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(want[k]), err_msg=k)

@@ -54,6 +54,19 @@ def previous_leaves(tree: Params, previous: Params | None) -> list[Any]:
     return [jnp.asarray(m, bool) for m in leaves]
 
 
+def _all_true_like(leaf: Any) -> jax.Array:
+    """An all-True mask of ``leaf``'s shape, sharded like ``leaf`` when it is on a mesh.
+
+    A constant is replicated on every device, even under ``jax.jit`` with sharded inputs;
+    computed from a float leaf by an elementwise op XLA cannot fold, it takes the leaf's
+    sharding (one cheap pass over a leaf nothing else reads).
+    """
+    if select.on_mesh([leaf]) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        nan = jnp.isnan(leaf)
+        return nan | ~nan
+    return jnp.ones(np.shape(leaf), bool)
+
+
 def ranked_mask(
     tree: Params,
     sparsity: Any,
@@ -79,7 +92,7 @@ def ranked_mask(
     choices = _select.leaf_choices(tree, where, model_map=model_map)
     for i, (path, leaf, choice) in enumerate(choices):
         if choice is False:
-            out.append(jnp.ones(np.shape(leaf), bool))
+            out.append(_all_true_like(leaf))
             continue
         settings = _select.leaf_overrides(path, choice, ("sparsity",))
         operands = operands_fn(path, leaf, prev[i])

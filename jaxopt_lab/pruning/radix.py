@@ -49,13 +49,15 @@ def histogram(digits: Sequence[jax.Array], length: int) -> jax.Array:
 
     A raw ``lax.scatter_add`` promising in-bounds indices: ``.at[].add`` would first copy
     the indices to wrap negative ones, an extra pass over the data.
+    Digits keep their shape (each entry is its own index vector): flattening an array
+    sharded along a minor axis would gather it, while a scatter-add of sharded digits
+    into a replicated histogram partitions into per-shard histograms and one all-reduce.
     """
     hist = jnp.zeros((length,), jnp.int32)
     for d in digits:
-        flat = d.reshape(-1, 1)
-        ones = jnp.ones((flat.shape[0],), jnp.int32)
+        ones = jnp.ones(d.shape, jnp.int32)
         hist = lax.scatter_add(
-            hist, flat, ones, _SCATTER_DIMS, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS
+            hist, d[..., None], ones, _SCATTER_DIMS, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS
         )
     return hist
 
@@ -109,15 +111,44 @@ def _nth_true_end(flag: jax.Array, n: jax.Array) -> jax.Array:
     return r * row + jnp.sum(within < n) + 1
 
 
-def _tie_cuts(ties: Sequence[jax.Array], need: jax.Array) -> list[jax.Array]:
+def flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """Each entry's row-major flat index, built from per-axis iotas.
+
+    ``iota(size).reshape(shape)`` is the same numbers, but reshaping a flat iota into an
+    array sharded along a minor axis is a data movement; a sum of broadcast iotas is
+    elementwise, so every shard builds its own indices.
+    """
+    idx = jnp.zeros(shape, jnp.int32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        idx = idx + lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+        stride *= shape[axis]
+    return idx
+
+
+_NO_INDEX = (1 << 31) - 1
+
+
+def _nth_true_index_end(flag: jax.Array, n: jax.Array) -> jax.Array:
+    """``_nth_true_end`` by a radix select of the flagged entries' flat indices: two
+    histogram passes, no flattening, so it runs shard-local on a sharded ``flag``."""
+    index = jnp.where(flag, flat_index(flag.shape), _NO_INDEX)
+    nth, _, _ = radix_threshold([index], n)
+    return nth + 1
+
+
+def _tie_cuts(
+    ties: Sequence[jax.Array], need: jax.Array, *, shard_local: bool = False
+) -> list[jax.Array]:
     """Per array, the flat index below which ties are pruned so ``need`` are pruned in total."""
     counts = [jnp.sum(t, dtype=jnp.int32) for t in ties]
+    nth_end = _nth_true_index_end if shard_local else _nth_true_end
     cuts, before = [], jnp.int32(0)
     for t, c in zip(ties, counts):
         mine = jnp.clip(need - before, 0, c)
         cut = lax.cond(
             (mine > 0) & (mine < c),
-            lambda t=t, mine=mine: _nth_true_end(t, mine),
+            lambda t=t, mine=mine: nth_end(t, mine),
             lambda t=t, mine=mine: jnp.where(mine > 0, t.size, 0).astype(jnp.int32),
         )
         cuts.append(cut)
@@ -125,19 +156,27 @@ def _tie_cuts(ties: Sequence[jax.Array], need: jax.Array) -> list[jax.Array]:
     return cuts
 
 
-def radix_keep(make_scores: MakeScores, k: jax.Array) -> list[jax.Array]:
-    """Exact two-pass radix select (any ``k`` in ``[0, total]``)."""
+def radix_keep(
+    make_scores: MakeScores, k: jax.Array, *, shard_local: bool = False
+) -> list[jax.Array]:
+    """Exact two-pass radix select (any ``k`` in ``[0, total]``).
+
+    Every step is elementwise, a reduction or a scatter-add into a small replicated
+    histogram, so on arrays sharded over a mesh each device works on its own shard and
+    only histograms and counts cross devices. ``shard_local=True`` also finds the tie cut
+    by a radix select of flat indices instead of a prefix sum over the flattened ties.
+    """
     scores = make_scores()
     t, below, equal = radix_threshold(scores, jnp.maximum(k, 1))
     need = k - below  # how many scores equal to t are pruned, in position order
     cuts = lax.cond(
         need >= equal,
         lambda: [jnp.int32(s.size) for s in scores],
-        lambda: _tie_cuts([s == t for s in scores], need),
+        lambda: _tie_cuts([s == t for s in scores], need, shard_local=shard_local),
     )
     keep = []
     for s, cut in zip(scores, cuts):
-        idx = lax.broadcasted_iota(jnp.int32, (s.size,), 0).reshape(s.shape)
+        idx = flat_index(s.shape)
         pruned = (s < t) | ((s == t) & (idx < cut))
         keep.append(~pruned)
     return keep

@@ -11,6 +11,13 @@ count is exact and the result deterministic. Three exact methods, by input size:
 * large (>= ``SAMPLED_FROM``): :mod:`jaxopt_lab.pruning.sampled`, usually one histogram
   pass, falling back to the radix select when its sample-based guess does not settle it.
 
+Arrays on a multi-device mesh (``NamedSharding``, eager or under ``jax.jit``) always take
+the radix select: its passes are elementwise maps, reductions and scatter-adds into a
+replicated histogram, which XLA partitions into per-shard work plus an all-reduce of the
+histograms and counts, so no leaf is gathered. The sort and the sample flatten the
+arrays (a gather when a leaf is sharded along a minor axis). All methods are exact with
+the same tie-break, so the masks are equal bit for bit.
+
 Each pass is one scatter-add over the data, so a recompute costs a few elementwise passes
 where a full sort costs ~50 (``benchmarks/pruning.py`` measures it). Scores are built
 inside the passes that read them (``score_views``), never stored as an extra array.
@@ -129,6 +136,28 @@ def score_views(kind: str, operands: Sequence[tuple], make_scores: MakeScores) -
     return view
 
 
+def on_mesh(arrays: Sequence) -> bool:
+    """Whether any array lives on a mesh of more than one device (concrete or traced).
+
+    Under ``jax.jit`` a traced value's abstract sharding still names the mesh its inputs
+    were sharded over (the partition spec itself is only known to XLA's propagation).
+    """
+    for a in arrays:
+        if a is None or isinstance(a, (np.ndarray, np.generic, int, float, bool)):
+            continue
+        try:
+            mesh = jax.typeof(a).sharding.mesh
+        except (AttributeError, TypeError):
+            mesh = None
+        if mesh is not None and not mesh.empty and mesh.size > 1:
+            return True
+        sharding = getattr(a, "sharding", None)  # a concrete array without a mesh aval
+        if sharding is not None and not isinstance(a, jax.core.Tracer):
+            if len(sharding.device_set) > 1:
+                return True
+    return False
+
+
 @functools.partial(jax.jit, static_argnames="kind")  # eager calls compile once per shape
 def keep_lowest(kind: str, operands: Sequence[tuple], k) -> list[jax.Array]:
     """Bool masks (True = keep) pruning exactly the ``k`` lowest scores of all arrays.
@@ -155,7 +184,9 @@ def keep_lowest(kind: str, operands: Sequence[tuple], k) -> list[jax.Array]:
     if total == 0:
         return out
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
-    if total < SORT_BELOW:
+    if on_mesh([o for ops in operands for o in ops]):
+        keep = radix_keep(make_scores, k, shard_local=True)
+    elif total < SORT_BELOW:
         keep = sort_keep(make_scores(), k)
     elif total < SAMPLED_FROM:
         keep = radix_keep(make_scores, k)
