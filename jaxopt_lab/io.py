@@ -104,8 +104,8 @@ def tree_nbytes(tree: Params) -> int:
 
 _Flatten = Callable[[Any], tuple[Mapping[str, Any], Any]]
 _Unflatten = Callable[[Any, dict[str, Any]], Any]
-_BY_TYPE: dict[type, tuple[str, _Flatten | None, _Unflatten | None]] = {}
-_BY_NAME: dict[str, tuple[type, _Flatten | None, _Unflatten | None]] = {}
+BY_TYPE: dict[type, tuple[str, _Flatten | None, _Unflatten | None]] = {}
+BY_NAME: dict[str, tuple[type, _Flatten | None, _Unflatten | None]] = {}
 
 
 def register_node(
@@ -126,10 +126,10 @@ def register_node(
     """
     if (flatten is None) != (unflatten is None):
         raise ValueError(f"register_node({name!r}): give both flatten and unflatten, or neither")
-    if name in _BY_NAME and _BY_NAME[name][0] is not cls:
-        raise ValueError(f"register_node: name {name!r} already used by {_BY_NAME[name][0]}")
-    _BY_TYPE[cls] = (name, flatten, unflatten)
-    _BY_NAME[name] = (cls, flatten, unflatten)
+    if name in BY_NAME and BY_NAME[name][0] is not cls:
+        raise ValueError(f"register_node: name {name!r} already used by {BY_NAME[name][0]}")
+    BY_TYPE[cls] = (name, flatten, unflatten)
+    BY_NAME[name] = (cls, flatten, unflatten)
 
 
 def _qtensor_flatten(t: QTensor) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -180,7 +180,7 @@ except ImportError:  # pragma: no cover - flax is a dependency, but keep io usab
     pass
 
 
-def _node_parts(obj: Any, entry) -> tuple[list[str], list[Any], Any]:
+def node_parts(obj: Any, entry) -> tuple[list[str], list[Any], Any]:
     """(child names, children, aux) of a registered node."""
     _, flatten, _ = entry
     if flatten is not None:
@@ -191,8 +191,8 @@ def _node_parts(obj: Any, entry) -> tuple[list[str], list[Any], Any]:
     return names, [c for _, c in keyed], aux
 
 
-def _node_build(name: str, aux: Any, names: list[str], children: list[Any]) -> Any:
-    cls, _, unflatten = _BY_NAME[name]
+def node_build(name: str, aux: Any, names: list[str], children: list[Any]) -> Any:
+    cls, _, unflatten = BY_NAME[name]
     if unflatten is not None:
         return unflatten(aux, dict(zip(names, children)))
     leaf = jax.tree.structure(0)
@@ -237,7 +237,7 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
     if os.path.isdir(path):
         raise ValueError(f"{path}: cannot save, it is a directory")
     tensors: list[tuple[str, np.ndarray]] = []
-    spec = _serial.encode_tree(tree, tensors, _BY_TYPE, _node_parts)
+    spec = _serial.encode_tree(tree, tensors, BY_TYPE, node_parts)
     user = _serial.to_json(metadata or {}, "metadata")
     arrays, table = _serial.storage_arrays(tensors)
     crcs = {name: _serial.crc32(arr) for name, arr in arrays.items()}
@@ -423,7 +423,7 @@ def load(path: str | os.PathLike, *, with_metadata: bool = False) -> Params | tu
             if zlib.crc32(buf) != crcs[name]:
                 raise ValueError(f"{path}: tensor {name!r} data corrupted (CRC32 mismatch)")
     try:
-        tree = _serial.decode_tree(info["tree"], table, _BY_NAME, _node_build)
+        tree = _serial.decode_tree(info["tree"], table, BY_NAME, node_build)
         metadata = _serial.from_json(info.get("metadata", {})) if with_metadata else None
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ValueError(f"{path}: corrupted jaxopt_lab tree record: {e}") from None
@@ -433,7 +433,3 @@ def load(path: str | os.PathLike, *, with_metadata: bool = False) -> Params | tu
     if with_metadata:
         return tree, metadata
     return tree
-
-
-# Sharded artifacts (one file per process plus an index) build on this module's registry.
-from jaxopt_lab._shards import load_sharded, save_sharded  # noqa: E402,F401

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import jaxopt_lab as jol
 from jaxopt_lab import oneshot
-from jaxopt_lab.prune import select
+from jaxopt_lab.pruning import select
 
 NAME = "blocks_3.mlp"  # the layer name passed as ``name=``: errors must repeat it
 KS, NS = (4, 8), (1, 3, 4)  # small fixed palettes: one compile per shape

@@ -206,7 +206,7 @@ def test_unregistered_nodes_are_rejected(tmp_path):
         jol.save(tmp_path / "u.safetensors", {"layer": Unknown(jnp.ones(2))})
     io.register_node(Unknown, "tests.Unknown")
     jol.save(tmp_path / "u.safetensors", {"layer": Unknown(jnp.ones(2))})
-    del io._BY_NAME["tests.Unknown"], io._BY_TYPE[Unknown]
+    del io.BY_NAME["tests.Unknown"], io.BY_TYPE[Unknown]
     with pytest.raises(ValueError, match="u.safetensors.*unknown node type 'tests.Unknown'"):
         jol.load(tmp_path / "u.safetensors")
 

@@ -1,4 +1,4 @@
-"""io.save_sharded / io.load_sharded (jaxopt_lab/_shards.py) on 8 host devices: exact round
+"""io_sharded.save_sharded / io_sharded.load_sharded (jaxopt_lab/io_sharded.py) on 8 host devices: exact round
 trips, shardings as saved or as requested (another mesh too), one copy of each shard, and a
 ValueError naming the file for a missing, truncated or corrupted file."""
 
@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
 import jaxopt_lab as jol
-from jaxopt_lab import io
+from jaxopt_lab import io_sharded
 
 SHARD = "shard-00000-of-00001.safetensors"
 
@@ -68,13 +68,13 @@ def _specs(tree):
 @pytest.fixture
 def saved(tmp_path):
     tree = _tree()
-    io.save_sharded(tmp_path / "art", tree, metadata={"step": 4})
+    io_sharded.save_sharded(tmp_path / "art", tree, metadata={"step": 4})
     return tmp_path / "art", tree
 
 
 def test_round_trip_is_exact_and_keeps_the_saved_shardings(saved):
     path, tree = saved
-    back, meta = io.load_sharded(path, with_metadata=True)
+    back, meta = io_sharded.load_sharded(path, with_metadata=True)
     assert meta == {"step": 4}
     _equal(back, tree)
     assert _specs(back) == _specs(tree)
@@ -103,14 +103,14 @@ def test_loads_onto_another_mesh_and_as_requested(saved):
         del name, dtype
         return NamedSharding(grid, P("a", "b")) if len(shape) == 2 else None
 
-    back = io.load_sharded(path, shardings=onto_grid)
+    back = io_sharded.load_sharded(path, shardings=onto_grid)
     _equal(back, tree)
     assert back["w"].sharding.spec == P("a", "b") and back["q8"].qvalue.sharding.mesh == grid
     one = jax.sharding.SingleDeviceSharding(jax.devices()[3])
-    back = io.load_sharded(path, shardings=one)
+    back = io_sharded.load_sharded(path, shardings=one)
     _equal(back, tree)
     assert back["w"].sharding == one
-    back = io.load_sharded(path, shardings={"w": NamedSharding(_mesh((4,)), P(None, "x"))})
+    back = io_sharded.load_sharded(path, shardings={"w": NamedSharding(_mesh((4,)), P(None, "x"))})
     assert back["w"].sharding.spec == P(None, "x") and back["v"].sharding.spec == P(None, "x")
     _equal(back, tree)
 
@@ -126,9 +126,9 @@ def test_any_saved_layout_loads_onto_any_target(tmp_path_factory, rows, cols, sa
     x = np.arange(rows * cols).reshape(rows, cols) % 7
     x = jnp.asarray(x).astype(jnp.dtype(dtype))
     src = jax.device_put(x, NamedSharding(_mesh((4, 2), ("x", "y")), save_spec))
-    io.save_sharded(path, {"x": src})
+    io_sharded.save_sharded(path, {"x": src})
     target = NamedSharding(_mesh((2, 4), ("x", "y")), load_spec)
-    back = io.load_sharded(path, shardings=target)["x"]
+    back = io_sharded.load_sharded(path, shardings=target)["x"]
     assert back.sharding == target
     assert np.asarray(back).tobytes() == np.asarray(x).tobytes()
 
@@ -138,32 +138,32 @@ def test_missing_truncated_or_corrupted_files_are_value_errors_naming_them(saved
     good = (path / SHARD).read_bytes()
     (path / SHARD).unlink()
     with pytest.raises(ValueError, match=f"{SHARD}: shard file missing"):
-        io.load_sharded(path)
+        io_sharded.load_sharded(path)
     (path / SHARD).write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match=f"{SHARD}: corrupted"):
-        io.load_sharded(path)
+        io_sharded.load_sharded(path)
     raw = bytearray(good)
     raw[-3] ^= 0x40
     (path / SHARD).write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=f"{SHARD}: chunk .* corrupted"):
-        io.load_sharded(path)
+        io_sharded.load_sharded(path)
     (path / SHARD).write_bytes(good)
     index = (path / "index.json").read_bytes()
     (path / "index.json").write_bytes(index.replace(b'"step": 4', b'"step": 5'))
     with pytest.raises(ValueError, match="index.json: corrupted index"):
-        io.load_sharded(path)
+        io_sharded.load_sharded(path)
     (path / "index.json").unlink()
     with pytest.raises(ValueError, match="index.json: missing"):
-        io.load_sharded(path)
+        io_sharded.load_sharded(path)
     with pytest.raises(ValueError, match="no such sharded artifact"):
-        io.load_sharded(path / "nowhere")
+        io_sharded.load_sharded(path / "nowhere")
 
 
 @settings(max_examples=30)
 @given(st.data())
 def test_any_flipped_byte_or_cut_is_a_value_error(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("art")
-    io.save_sharded(path, {"w": _tree()["w"], "q": _tree()["q4"]})
+    io_sharded.save_sharded(path, {"w": _tree()["w"], "q": _tree()["q4"]})
     name = data.draw(st.sampled_from([SHARD, "index.json"]))
     raw = (path / name).read_bytes()  # its length varies with the random save id
     i = min(int(data.draw(st.floats(0, 1)) * len(raw)), len(raw) - 1)
@@ -173,7 +173,7 @@ def test_any_flipped_byte_or_cut_is_a_value_error(tmp_path_factory, data):
         raw = raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1:]
     (path / name).write_bytes(raw)
     try:
-        back = io.load_sharded(path)
+        back = io_sharded.load_sharded(path)
     except ValueError as e:
         assert name in str(e) or "index.json" in str(e)
         return
@@ -183,16 +183,16 @@ def test_any_flipped_byte_or_cut_is_a_value_error(tmp_path_factory, data):
 
 def test_files_of_another_save_are_rejected(tmp_path):
     path = tmp_path / "art"
-    io.save_sharded(path, {"w": jnp.ones(8)})
+    io_sharded.save_sharded(path, {"w": jnp.ones(8)})
     shutil.copy(path / SHARD, tmp_path / "old")
-    io.save_sharded(path, {"w": jnp.zeros(8)})
+    io_sharded.save_sharded(path, {"w": jnp.zeros(8)})
     shutil.copy(tmp_path / "old", path / SHARD)
     with pytest.raises(ValueError, match=f"{SHARD}: .*another save"):
-        io.load_sharded(path)
+        io_sharded.load_sharded(path)
 
 
 def test_unsavable_leaves_are_type_errors_naming_them(tmp_path):
     with pytest.raises(TypeError, match="bad"):
-        io.save_sharded(tmp_path / "art", {"bad": object()})
+        io_sharded.save_sharded(tmp_path / "art", {"bad": object()})
     with pytest.raises(TypeError, match="bad"):
-        io.save_sharded(tmp_path / "art", {"bad": np.array([object()])})
+        io_sharded.save_sharded(tmp_path / "art", {"bad": np.array([object()])})

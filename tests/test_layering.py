@@ -24,7 +24,7 @@ PKG = Path(__file__).resolve().parent.parent / "jaxopt_lab"
 # The layer of each module, by the longest matching prefix.
 LAYERS = {
     "jaxopt_lab.core": 0, "jaxopt_lab._select": 0, "jaxopt_lab._serial": 0,
-    "jaxopt_lab._pow2": 0, "jaxopt_lab.io": 0, "jaxopt_lab.metrics": 0,
+    "jaxopt_lab._pow2": 0, "jaxopt_lab.io": 0, "jaxopt_lab.io_sharded": 0, "jaxopt_lab.metrics": 0,
     "jaxopt_lab.quant.qtensor": 0, "jaxopt_lab.quant.affine": 0,
     "jaxopt_lab.quant": 1, "jaxopt_lab.pruning": 1, "jaxopt_lab.distill": 1,
     "jaxopt_lab.fold": 1, "jaxopt_lab.oneshot": 1, "jaxopt_lab._conv_matmul": 1,

@@ -113,8 +113,8 @@ def save_sharded(directory: str | os.PathLike, tree: Params, *,
     Examples:
       >>> import tempfile, jax.numpy as jnp, jaxopt_lab as jol
       >>> d = tempfile.mkdtemp()
-      >>> jol.io.save_sharded(d, {"w": jnp.arange(4.0)})
-      >>> jol.io.load_sharded(d)["w"].tolist()
+      >>> jol.save_sharded(d, {"w": jnp.arange(4.0)})
+      >>> jol.load_sharded(d)["w"].tolist()
       [0.0, 1.0, 2.0, 3.0]
     """
     directory = os.fspath(directory)
@@ -151,7 +151,7 @@ def save_sharded(directory: str | os.PathLike, tree: Params, *,
         rec.update(dtype=dtype.name, shape=list(shape))
         return rec
 
-    spec = _serial.encode_tree(tree, [], _io._BY_TYPE, _io._node_parts, on_array=on_array)
+    spec = _serial.encode_tree(tree, [], _io.BY_TYPE, _io.node_parts, on_array=on_array)
     user = _serial.to_json(metadata or {}, "metadata")
     info = {"version": VERSION, "save_id": save_id, "process": process, "chunks": chunks}
     name = os.path.join(directory, _file_name(process, count))
@@ -339,7 +339,7 @@ def load_sharded(directory: str | os.PathLike, *, shardings: ShardingsArg = None
                 lambda idx: _assemble(directory, rec["name"], _box(idx, shape), dtype, entries, cache))
 
         try:
-            tree = _serial.decode_tree(index["tree"], {}, _io._BY_NAME, _io._node_build,
+            tree = _serial.decode_tree(index["tree"], {}, _io.BY_NAME, _io.node_build,
                                        on_array=on_array)
             metadata = _serial.from_json(index.get("metadata", {}))
         except (KeyError, TypeError, IndexError) as e:
