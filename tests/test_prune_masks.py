@@ -44,7 +44,7 @@ def test_layer_scope_exact_per_leaf(tree, s):
     mask = _layer(tree, s)
     for name in ("a", "b"):
         kernel = tree[name]["kernel"]
-        assert zeros(mask[name]["kernel"]) == math.floor(np.float32(s) * kernel.size * (1 + 2**-22))
+        assert zeros(mask[name]["kernel"]) == _count(s, kernel.size)
     assert bool(mask["a"]["bias"].all()) and bool(mask["step"])
 
 
