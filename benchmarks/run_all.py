@@ -35,6 +35,8 @@ JOBS = {
     "eager": ("eager", (), "eager.json"),
     "scale": ("scale", (), "scale.json"),
     "scale_0.5gb": ("scale", ("--gb", "0.5"), "scale_0.5gb.json"),
+    "scale_2proc_0.1gb": ("scale", ("--gb", "0.1", "--processes", "2"),
+                          "scale_2proc_0.1gb.json"),
     "one_shot": ("one_shot", (), "one_shot.json"),
     "one_shot_timing": ("one_shot", ("--timing",), "one_shot_timing.json"),
     # (the fuzz shares at fewer examples than the tests' 200, as measured on a busy machine;
