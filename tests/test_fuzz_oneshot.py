@@ -123,9 +123,10 @@ def _rtn(w, bits, g, sym):
                         symmetric=sym)
 
 
-def _case_of(w, seed=0):
-    """A `_matrix_case` for a given ``w``: 16 normal input rows."""
-    x = np.random.default_rng(seed).normal(size=(16, w.shape[0])).astype(np.float32)
+def _case_of(w, seed=0, x=None):
+    """A `_matrix_case` for a given ``w``: inputs ``x``, by default 16 normal rows."""
+    if x is None:
+        x = np.random.default_rng(seed).normal(size=(16, w.shape[0])).astype(np.float32)
     return w, x, (x.astype(np.float64).T @ x).astype(np.float32)
 
 
@@ -318,6 +319,8 @@ def test_wanda_matrix_rejects_a_negative_norm(case):
 
 @given(case=_matrix_case(), bits=st.sampled_from([3, 4, 8]), g=st.sampled_from([None, 2, 4]),
        sym=st.booleans(), n_grid=st.sampled_from([1, 2, 5]))
+@example(case=_case_of(_values((4, 3), "huge", 1), x=_values((16, 4), "normal", 1)), bits=8,
+         g=None, sym=True, n_grid=2)  # the fuzz profile's all-NaN QTensor (overflowed s W)
 def test_awq_matrix_valid(case, bits, g, sym, n_grid):
     w, x, h = case
     act_mean = np.abs(x).mean(0).astype(np.float32)
