@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxopt_lab.quant.affine import affine_codes, affine_params, integer_range
+from jaxopt_lab.quant.affine import affine_codes, affine_params
+from jaxopt_lab.quant.codes import pin_range_ends
 
 INT_BITS = (2, 3, 4, 8)
 
@@ -68,10 +69,9 @@ def _quantize_row(w, scale, zero, lo, hi, bits, symmetric):
     """Codes and values of one row with given parameters (as `jaxopt_lab.quantize`)."""
     codes = affine_codes(w, scale, zero, bits=bits, symmetric=symmetric)
     if not symmetric:
-        # quantize_array pins the range ends to qmin/qmax; so must we, to equal it.
-        qmin, qmax = integer_range(bits, False)
-        codes = jnp.where((w == hi) & (hi > 0), jnp.int8(qmax), codes)
-        codes = jnp.where((w == lo) & (lo < 0), jnp.int8(qmin), codes)
+        # quantize_array pins the range ends to qmin/qmax; so must we, to equal it: the same
+        # function, which leaves ends alone where an underflowing scale was clamped up.
+        codes = pin_range_ends(w, codes, scale, zero, lo, hi, bits=bits)
         vals = (codes.astype(jnp.float32) - zero.astype(jnp.float32)) * scale
     else:
         vals = codes.astype(jnp.float32) * scale

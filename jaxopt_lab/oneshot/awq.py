@@ -62,7 +62,12 @@ def _search(w, h, act_mean, *, settings, n_grid):
         d = w - eff
         return jnp.sum(d * jnp.matmul(h, d, precision=jax.lax.Precision.HIGHEST))
 
+    # A non-finite loss counts as the worst: argmin would pick a NaN (or an overflowed
+    # -inf), and those come from weights near float32's max whose scaled copy overflowed
+    # (an all-NaN QTensor). With every loss non-finite, argmin's first index is a = 0,
+    # plain round-to-nearest. Finite losses (every normal-range input) are untouched.
     losses = jax.vmap(loss)(alphas)
+    losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
     best = alphas[jnp.argmin(losses)]
     s = jnp.where(best == 0, 1.0, scales(best))  # a = 0 is exactly round-to-nearest
     qt = quantize_array(w * s[:, None], **s_set)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+from flax.errors import FlaxError
 
 from jaxopt_lab.core.capture import layer_inputs
 from jaxopt_lab.core.mapping import Names
@@ -43,7 +44,8 @@ def calibration_stats(
       to `gptq`, `sparsegpt`, `wanda` with the same tree or any subtree of it.
 
     Raises:
-      ValueError: when ``batches`` is empty.
+      ValueError: when ``batches`` is empty, or naming the batch's index and shapes (and
+        the layer, when the model's error names it) for a batch the model cannot take.
     """
     @jax.jit
     def step(stats, args):
@@ -53,12 +55,19 @@ def calibration_stats(
         return {k: hessian_accumulate(stats[k], xs[k], axis_name=axis_name) for k in xs}
 
     stats = None
-    for batch in batches:
+    for i, batch in enumerate(batches):
         args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        if stats is None:
-            stats = jax.eval_shape(lambda a: step(None, a), args)
-            stats = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), stats)
-        stats = step(stats, args)
+        try:
+            if stats is None:
+                stats = jax.eval_shape(lambda a: step(None, a), args)
+                stats = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), stats)
+            stats = step(stats, args)
+        except (FlaxError, TypeError, ValueError) as err:
+            # Flax's ScopeParamShapeError (or a matmul's TypeError) names a parameter but
+            # not the batch; the original message, kept here, names the layer when known.
+            shapes = [getattr(a, "shape", type(a).__name__) for a in args]
+            raise ValueError(f"calibration_stats: the model cannot take batch {i} (input "
+                             f"shapes {shapes}): {err}") from err
     if stats is None:
         raise ValueError("calibration_stats needs at least one batch")
     return stats

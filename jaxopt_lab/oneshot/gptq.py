@@ -90,8 +90,8 @@ def gptq_matrix(
       A `QTensor` of shape ``(K, N)``: ``int8`` codes for 8 bits, else packed along ``N``.
 
     Raises:
-      ValueError: naming ``name``, for bad shapes, bits, a group size that does not divide
-        ``K``, a negative ``damp``, or (for concrete input) a Hessian with NaN/Inf or one
+      ValueError: naming ``name``, for non-float weights, bad shapes, bits, a group size
+        that does not divide ``K``, a negative ``damp``, or (for concrete input) a Hessian with NaN/Inf or one
         that is not positive definite after dampening.
 
     Examples:
@@ -112,6 +112,9 @@ def gptq_matrix(
     _obs.check_damp(name, damp)
     _obs.check_finite(name, h)
     dtype = jnp.asarray(w).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        # quantize rejects non-float leaves too; a QTensor of logical dtype int32 is nonsense.
+        raise ValueError(f"{name}: weights must be floating point, got dtype {dtype}")
     res = _obs.sweep(w, h, damp=float(damp), block_size=int(block_size), bits=int(bits),
                      symmetric=bool(symmetric), group_size=group_size, act_order=bool(act_order),
                      sparsity=None, n=None, m=None, static_groups=bool(static_groups),

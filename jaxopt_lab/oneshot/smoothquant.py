@@ -72,6 +72,14 @@ def smooth_layernorm(ln_params: dict, kernels: list[jax.Array], s: jax.Array
       >>> ln2["scale"].tolist(), w2[:, 0].tolist()
       ([0.5, 1.0], [2.0, 1.0])
     """
+    k = np.shape(ln_params["scale"])
+    if np.shape(s) != k or len(k) != 1:
+        raise ValueError(f"smooth_layernorm: s of shape {np.shape(s)} does not match the "
+                         f"norm's scale {k}")
+    for i, w in enumerate(kernels):
+        if np.ndim(w) != 2 or np.shape(w)[0] != k[0]:
+            raise ValueError(f"smooth_layernorm: kernels[{i}] of shape {np.shape(w)} must be "
+                             f"2-D with {k[0]} rows (the norm's K)")
     out = dict(ln_params)
     out["scale"] = ln_params["scale"] / s
     if "bias" in ln_params:

@@ -32,6 +32,15 @@ class LayerStats(NamedTuple):
     count: jax.Array
 
 
+def check_size(fn: str, arg: str, k) -> int:
+    """``k`` as an int if it is a positive integer (Python or NumPy, not bool), else a
+    ``ValueError`` naming ``fn`` and the value: ``int(k)`` would turn 2.5 into 2 and "4"
+    into 4 without a word."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"{fn}: {arg} must be a positive int, got {k!r}")
+    return int(k)
+
+
 def hessian_init(k: int) -> LayerStats:
     """Empty statistics for an input of ``k`` channels.
 
@@ -40,9 +49,7 @@ def hessian_init(k: int) -> LayerStats:
       >>> s.xtx.shape, int(s.count)
       ((3, 3), 0)
     """
-    if int(k) < 1:
-        raise ValueError(f"hessian_init: k must be >= 1, got {k}")
-    k = int(k)
+    k = check_size("hessian_init", "k", k)
     return LayerStats(jnp.zeros((k, k), jnp.float32), jnp.zeros((k,), jnp.float32),
                       jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.int32))
 

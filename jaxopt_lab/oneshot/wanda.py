@@ -67,7 +67,7 @@ def wanda_matrix(
 
     Raises:
       ValueError: naming ``name``, for bad shapes, sparsity outside ``[0, 1]``, invalid
-        ``n:m``, an unknown scope, or non-finite norms.
+        ``n:m``, an unknown scope, or non-finite or negative norms.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -86,8 +86,13 @@ def wanda_matrix(
         raise ValueError(f"{name}: scope must be one of {SCOPES}, got {scope!r}")
     check_pruning(name, k, sparsity, n, m)
     norm = jnp.asarray(input_norm, jnp.float32)
-    if not isinstance(norm, jax.core.Tracer) and not bool(jnp.isfinite(norm).all()):
-        raise ValueError(f"{name}: input norms hold NaN or Inf")
+    if not isinstance(norm, jax.core.Tracer):
+        if not bool(jnp.isfinite(norm).all()):
+            raise ValueError(f"{name}: input norms hold NaN or Inf")
+        if bool((norm < 0).any()):
+            # A norm is >= 0; a negative one would rank that input's weights upside down.
+            raise ValueError(f"{name}: input norms must be >= 0, got minimum "
+                             f"{float(norm.min())}")
     return _wanda(jnp.asarray(w), norm, sparsity=None if sparsity is None else float(sparsity),
                   n=n, m=m, scope=scope)
 

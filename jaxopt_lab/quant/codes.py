@@ -85,15 +85,25 @@ def codes_from_range(view: jax.Array, lo: jax.Array, hi: jax.Array, s: Mapping[s
             zero = zero.astype(jnp.int8)
     codes = affine_codes(view, scale, zero, bits=bits, symmetric=sym)
     if not sym and exact_scale:
-        # Float noise in near-ties can leave a range end one code short of qmin/qmax; pin it
-        # (error still <= s/2 + rounding), so dequantized values reproduce the same (s, z).
-        qmin, qmax = integer_range(bits, False)
-        # Only a near-tie is pinned (the end's level within float noise of half a code from
-        # qmin/qmax): a scale clamped up from an underflow (ranges near 1e-38) leaves the
-        # range ends well inside [qmin, qmax], and there they stay.
-        level = divide(view, scale) + zero.astype(jnp.float32)
-        codes = jnp.where((view == hi) & (hi > 0) & (level >= qmax - 0.5 - 1e-3),
-                          jnp.int8(qmax), codes)
-        codes = jnp.where((view == lo) & (lo < 0) & (level <= qmin + 0.5 + 1e-3),
-                          jnp.int8(qmin), codes)
+        codes = pin_range_ends(view, codes, scale, zero, lo, hi, bits=bits)
     return codes, scale, zero
+
+
+def pin_range_ends(view: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array,
+                   lo: jax.Array, hi: jax.Array, *, bits: int) -> jax.Array:
+    """Asymmetric ``codes`` with the range ends ``lo``/``hi`` pinned to qmin/qmax.
+
+    Float noise in near-ties can leave a range end one code short of qmin/qmax; pinning it
+    (error still <= s/2 + rounding) makes dequantized values reproduce the same (s, z).
+    Shared with the GPTQ sweep (`jaxopt_lab.oneshot`), whose round-to-nearest must equal
+    `jaxopt_lab.quantize` code for code.
+    """
+    qmin, qmax = integer_range(bits, False)
+    # Only a near-tie is pinned (the end's level within float noise of half a code from
+    # qmin/qmax): a scale clamped up from an underflow (ranges near 1e-38) leaves the
+    # range ends well inside [qmin, qmax], and there they stay.
+    level = divide(view, scale) + zero.astype(jnp.float32)
+    codes = jnp.where((view == hi) & (hi > 0) & (level >= qmax - 0.5 - 1e-3),
+                      jnp.int8(qmax), codes)
+    return jnp.where((view == lo) & (lo < 0) & (level <= qmin + 0.5 + 1e-3),
+                     jnp.int8(qmin), codes)
