@@ -24,5 +24,8 @@ def test_smoke_run_writes_every_latency_row(tmp_path):
     for name in ("int8_weight_only", "int4_g128_weight_only", "w8a8_static", "w8a8_dynamic",
                  "qwix_int8_weight_only", "qwix_int4_group128"):
         assert name in row["speedup_vs_fp32"]
-    assert set(row["memory_bound"]) == {"fp32", "int8_weight_only", "int4_g128_weight_only"}
+    # Bytes moved per call for every weight layout measured (W8A8 included since the
+    # roofline covers it too).
+    assert {"fp32", "int8_weight_only", "int4_g128_weight_only", "w8a8_static"} <= set(
+        row["memory_bound"])
     assert result["latency"]["resnet18_like"]["rows"]["batch_1"]["median_ms"]["w8a8_static"] > 0
