@@ -250,7 +250,22 @@ def save(path: str | os.PathLike, tree: Params, *, metadata: Mapping[str, Any] |
         raw = safetensors.numpy.save(arrays, metadata=header_meta)
     except (safetensors.SafetensorError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: cannot save, safetensors refused the tensors: {e}") from None
-    write_atomic(path, raw)
+    write_atomic(path, _sorted_header(raw))
+
+
+def _sorted_header(raw: bytes) -> bytes:
+    """``raw`` with its JSON header's keys sorted, padded to the same length.
+
+    safetensors writes the metadata map in hash order, which changes from process to
+    process; sorted, equal trees give byte-identical files in any process. Offsets are
+    explicit in the header, so the key order carries no meaning.
+    """
+    n = int.from_bytes(raw[:8], "little")
+    text = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    if len(text) > n:  # never: the same keys and values in another order
+        return raw
+    return raw[:8] + text.ljust(n, b" ") + raw[8 + n:]
 
 
 def write_atomic(path: str, raw: bytes) -> None:

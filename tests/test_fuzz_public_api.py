@@ -786,6 +786,8 @@ FUZZED = {
     "model_map",  # tests/test_fuzz_model_map.py
     "weight_only_matmul",  # tests/test_quant_weight_only.py (200 examples per kernel)
     "constant_sparsity", "one_shot_sparsity", "polynomial_sparsity",  # = the old schedules
+    "save_sharded", "load_sharded",  # tests/test_io_sharded.py (random trees and layouts)
+    "compact_report",  # tests/test_prune_compaction_models.py (random widths and masks)
 }
 
 

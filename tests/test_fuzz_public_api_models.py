@@ -29,6 +29,14 @@ fuzz = settings(max_examples=fz.EXAMPLES)
 VALIDITY = pytest.mark.parametrize("valid", [True, False], ids=["valid", "invalid"])
 
 
+def validity_with_open_finding(reason: str):
+    """VALIDITY, with the valid inputs marked as an open finding (non-strict xfail: the
+    hypothesis draw does not always reach it); the invalid inputs are checked as usual."""
+    return pytest.mark.parametrize(
+        "valid", [pytest.param(True, marks=pytest.mark.xfail(strict=False, reason=reason)),
+                  False], ids=["valid", "invalid"])
+
+
 def _broken(data, valid, bad):
     """None on the valid run, else the one argument (drawn from ``bad``) this example breaks."""
     return None if valid else data.draw(st.sampled_from(list(bad)), label="broken")
@@ -537,7 +545,9 @@ def test_roc_auc(data, n, multiclass, average, kind, valid):
     fz.checked()
 
 
-@VALIDITY
+@validity_with_open_finding(
+    "open finding: regression metrics of bfloat16 inputs lose a small error next to a huge one "
+    "(1.1e-3 beside 1.6e25 reads 0.0): the sums run in the input dtype")
 @fuzz
 @given(data=st.data(), n=st.sampled_from((2, 4, 7)), width=st.sampled_from([None, 2]),
        dtype=st.sampled_from(fz.FLOAT_DTYPES), kind_true=st.sampled_from(fz.FINITE_KINDS),
@@ -710,7 +720,9 @@ _GOOD_STRENGTHS = (1e-3, 0.5, 0.0, 2, np.float64(0.1))
 _BAD_STRENGTHS = (-1.0, float("nan"), float("inf"), "0.1", None)
 
 
-@VALIDITY
+@validity_with_open_finding(
+    "open finding: add_l2 of float16 weights near float16's max overflows to inf (2 * w in "
+    "the weight's dtype)")
 @fuzz
 @given(data=st.data(), tree=fz.trees(leaves=fz.arrays(dtypes=fz.FLOAT_DTYPES[:3], as_jax=True),
                                      allow_scalars=False),

@@ -5,11 +5,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jaxopt_lab.app import datasets
 from jaxopt_lab.train import data as D
 
 
 def test_digits_split_is_deterministic_stratified_and_disjoint():
-    a, b = D.load_digits(seed=3), D.load_digits(seed=3)
+    a, b = datasets.load_digits(seed=3), datasets.load_digits(seed=3)
     for s1, s2 in zip(a[:3], b[:3]):
         np.testing.assert_array_equal(s1.x, s2.x)
         np.testing.assert_array_equal(s1.y, s2.y)
@@ -21,7 +22,7 @@ def test_digits_split_is_deterministic_stratified_and_disjoint():
     for split, frac in ((a.train, 0.7), (a.test, 0.2)):
         assert abs(len(split.y) / n - frac) < 0.01
         np.testing.assert_allclose(np.bincount(split.y, minlength=10) / len(split.y), full, atol=0.01)
-    assert not np.array_equal(D.load_digits(seed=4).train.y, a.train.y)
+    assert not np.array_equal(datasets.load_digits(seed=4).train.y, a.train.y)
     # Normalised with train statistics.
     assert abs(float(a.train.x.mean())) < 1e-5 and abs(float(a.train.x.std()) - 1) < 1e-4
 
@@ -85,17 +86,17 @@ def test_npz_round_trip_and_errors(tmp_path):
     x, y = rng.normal(size=(60, 4)).astype(np.float32), rng.integers(0, 3, 60)
     path = tmp_path / "mine.npz"
     np.savez(path, x=x, y=y)
-    ds = D.load_npz(path, seed=1)
+    ds = datasets.load_npz(path, seed=1)
     assert ds.num_classes == 3 and ds.train.x.shape[1] == 4
     assert len(ds.train.y) + len(ds.val.y) + len(ds.test.y) == 60
     with pytest.raises(ValueError, match="does not exist"):
-        D.load_npz(tmp_path / "missing.npz")
+        datasets.load_npz(tmp_path / "missing.npz")
     np.savez(tmp_path / "wrong.npz", a=x)
     with pytest.raises(ValueError, match="'x' and 'y'"):
-        D.load_npz(tmp_path / "wrong.npz")
+        datasets.load_npz(tmp_path / "wrong.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
     with pytest.raises(ValueError, match="not a readable"):
-        D.load_npz(tmp_path / "junk.npz")
+        datasets.load_npz(tmp_path / "junk.npz")
 
 
 @given(scale=st.sampled_from([3e38, 1e38, 1e30, 1e-38, 1e-45]), shift=st.sampled_from([0.0, 1.0]),

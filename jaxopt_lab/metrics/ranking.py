@@ -33,7 +33,8 @@ def _binary_auc(positive: jax.Array, score: jax.Array, weight: jax.Array) -> jax
 
     below = negatives_before_positives(1 - is_positive)  # tied positives sort first
     at_or_below = negatives_before_positives(is_positive)  # tied negatives sort first
-    auc = 0.5 * (below + at_or_below) / (jnp.sum(w_pos) * jnp.sum(w_neg))
+    # Clipped: float rounding of the weighted sums can land a hair outside [0, 1].
+    auc = jnp.clip(0.5 * (below + at_or_below) / (jnp.sum(w_pos) * jnp.sum(w_neg)), 0, 1)
     return jnp.where(jnp.isnan(score).any(), jnp.nan, auc)
 
 
@@ -64,7 +65,8 @@ def _roc_auc(y_true, y_score, classes, weight, average):
     # "weighted": by class support; sklearn zeroes the (NaN) scores of absent classes.
     per_class = jnp.where(support == 0, 0, per_class)
     total = jnp.sum(support)
-    return jnp.where(total > 0, jnp.sum(per_class * support) / jnp.where(total > 0, total, 1), 0)
+    mean = jnp.sum(per_class * support) / jnp.where(total > 0, total, 1)
+    return jnp.where(total > 0, jnp.minimum(mean, 1), 0)  # rounding: never above 1
 
 
 def _multiclass_classes(y_true, y_score, labels, num_classes) -> np.ndarray:
