@@ -45,8 +45,11 @@ def kernel_env(root: pathlib.Path) -> dict[str, str]:
     ipython.mkdir(parents=True, exist_ok=True)
     (ipython / "ipython_kernel_config.py").write_text('c.InteractiveShell.colors = "nocolor"\n')
     (root / "runtime").mkdir(exist_ok=True)
+    # JAXOPT_LAB_CHECKOUT: where a notebook finds the checkout's benchmarks/ (one_shot reads
+    # the real model through benchmarks/_minilm.py), since it runs in a temporary folder
+    # and the package may be installed outside the checkout.
     return {"JUPYTER_PATH": str(root / "jupyter"), "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
-            "IPYTHONDIR": str(root / "ipython")}
+            "IPYTHONDIR": str(root / "ipython"), "JAXOPT_LAB_CHECKOUT": str(NOTEBOOK_DIR.parent)}
 
 
 def set_parameters(nb: nbformat.NotebookNode, source: str) -> None:
