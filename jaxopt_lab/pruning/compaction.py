@@ -169,7 +169,7 @@ def expand_channel_mask(model: Any, variables: Any, mask: Params, *example_args,
         ``None`` (the module's state) or the state the mask covers.
       mask: a mask tree over ``variables["params"]`` (linen) or over
         ``nnx.state(module, nnx.Param)`` (NNX), e.g. from `channel_mask`.
-      *example_args, **example_kwargs: an example call, e.g. ``x[:1], train=False``.
+      example_args, example_kwargs: (``*example_args, **example_kwargs``) an example call, e.g. ``x[:1], train=False``.
 
     Returns:
       The mask with, for every output channel whose kernel slice is all False and that
@@ -290,7 +290,7 @@ def compact(
       mask: a mask tree over ``variables["params"]`` (linen) or
         ``nnx.state(module, nnx.Param)`` (NNX); a channel goes when its whole kernel slice
         is False. Channels that reach the model's output are never removed.
-      *example_args, **example_kwargs: an example call, e.g. ``x[:1]`` (shapes only).
+      example_args, example_kwargs: (``*example_args, **example_kwargs``) an example call, e.g. ``x[:1]`` (shapes only).
       resize: linen only: ``(model, widths) -> model`` where ``widths`` lists the kept
         output channels of every kernel in call order, except those whose output is the
         model's (an int, or a tuple for a kernel with several output axes). Default:
