@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxopt_lab.core.flax_hooks import intercept_linen
+
 
 def _is_simple(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
                feature_group_count, batch_group_count) -> bool:
@@ -57,15 +59,14 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
                       precision=precision, preferred_element_type=preferred_element_type)
 
 
-def _interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (type(module) is not nn.Conv or context.method_name != "__call__"
+def _conv_handler(module, method_name, call, args, kwargs):
+    if (type(module) is not nn.Conv or method_name != "__call__"
             or module.conv_general_dilated is not None
             or module.conv_general_dilated_cls is not None):
-        return next_fun(*args, **kwargs)
+        return call(*args, **kwargs)
     object.__setattr__(module, "conv_general_dilated", conv_as_matmul)
     try:
-        return next_fun(*args, **kwargs)
+        return call(*args, **kwargs)
     finally:
         object.__setattr__(module, "conv_general_dilated", None)
 
@@ -73,5 +74,5 @@ def _interceptor(next_fun, args, kwargs, context):
 @contextlib.contextmanager
 def convs_as_matmuls() -> Iterator[None]:
     """Within this context, linen ``nn.Conv`` layers compute with :func:`conv_as_matmul`."""
-    with nn.intercept_methods(_interceptor):
+    with intercept_linen(_conv_handler):
         yield

@@ -81,3 +81,19 @@ def test_training_mode_runs_the_real_batchnorm(folded_three):
     want, want_state = model.apply(folded, X, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got_state, want_state)
+
+
+def test_nnx_module_is_pointed_to_bn_fold_nnx():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(3, 4, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.linear(x))
+
+    block = Block(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="bn_fold_nnx"):
+        jol.folded_apply(block, nnx.state(block), jnp.ones((2, 3)))

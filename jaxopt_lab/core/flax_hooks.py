@@ -13,13 +13,19 @@ Why a jaxpr interpreter and not method interception: it sees the op, not the lay
 mechanism serves ``nn.Dense``, ``DenseGeneral``, ``Einsum``, attention, ``Embed.attend``,
 hand-written ``jnp.einsum`` and NNX modules, with boxed (partitioned) parameters unboxed
 by Flax itself during the trace.
+
+Two rewrites act on a whole layer rather than on the ops that consume a weight: skipping a
+folded BatchNorm (its identity is a chain of ops over four variables) and computing a
+layer's convolution another way inside the sweep's ``vmap``/``grad``. Both go through
+`intercept_linen`, the one place jaxopt_lab uses linen's method interception.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -190,6 +196,28 @@ def trace(model: Any, variables: Any, *args: Any, **kwargs: Any) -> Program:
     api = "nnx" if is_nnx(model) else "linen"
     return Program(closed, paths, var_treedef, arg_treedef, out_box[-1], len(paths), api,
                    tuple(x for _, x in flat))
+
+
+# A layer handler: (module, method_name, call, args, kwargs) -> output; ``call(*args,
+# **kwargs)`` runs the layer's own method.
+LayerHandler = Callable[..., Any]
+
+
+@contextlib.contextmanager
+def intercept_linen(handler: LayerHandler) -> Iterator[None]:
+    """Within this context every linen method call goes through ``handler``.
+
+    ``handler(module, method_name, call, args, kwargs)`` returns the call's output; it
+    calls ``call(*args, **kwargs)`` to run the layer as written. Linen only: an NNX module
+    is plain Python, rewritten by replacing its submodules (see ``bn_fold_nnx``).
+    """
+    import flax.linen as nn
+
+    def interceptor(next_fun, args, kwargs, context):
+        return handler(context.module, context.method_name, next_fun, args, kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 # --- the interpreter ------------------------------------------------------------------

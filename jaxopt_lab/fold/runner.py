@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_lab.core.flax_hooks import intercept_linen, is_nnx
 from jaxopt_lab.fold import arith
 from jaxopt_lab.fold.linen import bn_fold_report
 from jaxopt_lab.fold.plan import path_name
@@ -63,8 +64,8 @@ def folded_apply(model: nn.Module, variables: Mapping, *args, report: FoldReport
                  **kwargs) -> Any:
     """``model.apply(variables, *args, **kwargs)`` with folded BatchNorms not computed at all.
 
-    Each BatchNorm listed in ``report.folded`` is replaced (through
-    ``flax.linen.intercept_methods``; the model code is unchanged) by what it computes once
+    Each BatchNorm listed in ``report.folded`` is replaced (through the hook layer's
+    ``intercept_linen``; the model code is unchanged) by what it computes once
     folded: nothing (``x``), ``x + bias`` or ``x - mean`` depending on ``shift_in``.
     BatchNorms running in training mode are left alone.
 
@@ -84,7 +85,9 @@ def folded_apply(model: nn.Module, variables: Mapping, *args, report: FoldReport
       What ``model.apply`` returns.
 
     Raises:
-      ValueError: if a BatchNorm to skip is not an identity in (concrete) ``variables``.
+      ValueError: if a BatchNorm to skip is not an identity in (concrete) ``variables``, or
+        for an NNX module (``bn_fold_nnx(..., remove_batchnorms=True)`` already removes the
+        folded BatchNorms from the module itself).
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxopt_lab as jol
@@ -96,6 +99,10 @@ def folded_apply(model: nn.Module, variables: Mapping, *args, report: FoldReport
       >>> bool(jnp.allclose(fast(folded, x), model.apply(folded, x), atol=1e-6))
       True
     """
+    if is_nnx(model):
+        raise ValueError("folded_apply runs linen modules; for an NNX module call "
+                         "jol.bn_fold_nnx(module, x, remove_batchnorms=True) and then the "
+                         "module itself")
     if report is None:
         if not _concrete(*jax.tree.leaves(variables)):
             raise ValueError("folded_apply under jit needs report= (from bn_fold(..., "
@@ -103,16 +110,15 @@ def folded_apply(model: nn.Module, variables: Mapping, *args, report: FoldReport
         report = bn_fold_report(model, variables, *args, **kwargs)
     skip = {p.batch_norm: p.shift_in for p in report.folded}
 
-    def interceptor(next_fun, call_args, call_kwargs, context):
-        module = context.module
-        if (context.method_name != "__call__" or not isinstance(module, nn.BatchNorm)
+    def handler(module, method_name, call, call_args, call_kwargs):
+        if (method_name != "__call__" or not isinstance(module, nn.BatchNorm)
                 or path_name(module.scope.path) not in skip):
-            return next_fun(*call_args, **call_kwargs)
+            return call(*call_args, **call_kwargs)
         flag = call_args[1] if len(call_args) > 1 else call_kwargs.get("use_running_average")
         if not (module.use_running_average if flag is None else flag):
-            return next_fun(*call_args, **call_kwargs)
+            return call(*call_args, **call_kwargs)
         x = call_args[0] if call_args else call_kwargs["x"]
         return _bypass(module, x, skip[path_name(module.scope.path)])
 
-    with nn.intercept_methods(interceptor):
+    with intercept_linen(handler):
         return model.apply(variables, *args, **kwargs)

@@ -1,0 +1,165 @@
+"""Quantized inference before and after the model-aware refactor, side by side.
+
+Issue 13 moved quantized execution from per-layer method interception to one jaxpr hook
+layer (``jaxopt_lab.core.flax_hooks``). This script checks that it cost no speed: it
+extracts the package as it was at ``--before`` (default ``cfc1d55``, the last commit
+before the refactor) into a temporary folder and runs the same measurement against it
+and against this checkout, in alternating child processes (before, after, after,
+before, ...), so a slow phase of the machine hits both alike.
+
+Each child builds the same stock-Flax models (an MLP and a 3-channel conv net; nothing
+from the package's own model zoo, whose location moved), quantizes them with the public
+API both versions share (``jol.quantize``, ``jol.quantized_apply``) and times the
+jitted calls, interleaved, taking medians. The parent pairs each round's before/after
+medians and reports ``after / before`` as the median of per-round ratios
+(:func:`_util.paired_ratio`): below 1 is faster after the refactor.
+
+Run: ``python benchmarks/refactor_ab.py`` (about 5 minutes on 2 cores); ``--smoke``
+for a quick check that writes to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def _child(root: str, repeats: int, smoke: bool) -> dict:
+    """Times every case with the package found under ``root``; returns medians (s)."""
+    sys.path.insert(0, root)
+    sys.path.insert(1, HERE)
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import _util
+    import jaxopt_lab as jol
+
+    found = os.path.realpath(os.path.dirname(jol.__file__))
+    if not found.startswith(os.path.realpath(root)):
+        raise SystemExit(f"imported jaxopt_lab from {found}, not from {root}")
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(1024)(x))
+            x = nn.relu(nn.Dense(1024)(x))
+            return nn.Dense(10)(x)
+
+    class ConvNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(32, (3, 3))(x))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = nn.relu(nn.Conv(64, (3, 3))(x))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    rng = np.random.default_rng(0)
+    cases = {}
+    models = {"mlp": (MLP(), (784,)), "conv": (ConvNet(), (32, 32, 3))}
+    for name, (model, shape) in models.items():
+        if smoke and name != "mlp":
+            continue
+        variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)))
+        q8 = jol.quantize(variables, bits=8)
+        for batch in (1,) if smoke else (1, 16):
+            x = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
+            fp32 = jax.jit(model.apply)
+            wo = jax.jit(lambda q, x, m=model: jol.quantized_apply(m, q, x))
+            w8a8 = jax.jit(lambda q, x, m=model: jol.quantized_apply(m, q, x, mode="w8a8"))
+            cases[f"{name}_b{batch}"] = {
+                "fp32": lambda f=fp32, v=variables, x=x: f(v, x),
+                "int8_weight_only": lambda f=wo, q=q8, x=x: f(q, x),
+                "w8a8_dynamic": lambda f=w8a8, q=q8, x=x: f(q, x),
+            }
+    out = {}
+    for case, fns in cases.items():
+        times = _util.interleaved_seconds(fns, repeats=repeats, warmup=3)
+        out.update({f"{case}/{k}": statistics.median(v) for k, v in times.items()})
+    params = models["mlp"][0].init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))
+    # Eager: what a notebook calls once per model. Jitted: what a loop over many
+    # quantizations should call (one compiled program, no host round trip).
+    eager = (lambda: jol.quantize(params, bits=8))  # noqa: E731
+    jitted = jax.jit(lambda p: jol.quantize(p, bits=8))
+    out["mlp/quantize_int8_eager"] = _util.median_seconds(eager, repeats=repeats, warmup=2)
+    out["mlp/quantize_int8_jit"] = _util.median_seconds(lambda: jitted(params),
+                                                        repeats=repeats, warmup=2)
+    return out
+
+
+def _extract(rev: str, dest: str) -> str:
+    """The package as it was at ``rev``, under ``dest`` (``git archive``; no checkout)."""
+    archive = subprocess.run(["git", "-C", REPO, "archive", rev, "jaxopt_lab"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return dest
+
+
+def main(argv=None) -> None:
+    sys.path.insert(0, HERE)
+    import _util
+
+    parser = _util.add_common_args(argparse.ArgumentParser(description=__doc__))
+    parser.add_argument("--before", default="cfc1d55", help="the commit before the refactor")
+    parser.add_argument("--rounds", type=int, default=4, help="child processes per version")
+    parser.add_argument("--repeats", type=int, default=40, help="timed calls per case")
+    parser.add_argument("--child", metavar="ROOT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args.child, args.repeats, args.smoke)))
+        return
+    rounds, repeats = (1, 3) if args.smoke else (args.rounds, args.repeats)
+    found = subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", "--quiet",
+                            f"{args.before}^{{commit}}"], capture_output=True, text=True)
+    before_sha = found.stdout.strip() or None
+    if before_sha is None and not args.smoke:
+        raise SystemExit(f"commit {args.before!r} is not in this clone (a shallow clone?)")
+    results: dict[str, list[dict]] = {"before": [], "after": []}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="jol_ab_") as tmp:
+        # "after" is the package this interpreter imports (an installed copy carries the
+        # native kernels its build compiled; the checkout's sources may not).
+        installed = importlib.util.find_spec("jaxopt_lab").submodule_search_locations[0]
+        after = os.path.dirname(installed)
+        # A smoke run in a shallow clone checks the script against the package itself.
+        roots = {"before": _extract(before_sha, tmp) if before_sha else after, "after": after}
+        env = {**os.environ, "PYTHONPATH": ""}  # the child's path names one package only
+        for r in range(rounds):
+            order = ("before", "after") if r % 2 == 0 else ("after", "before")
+            for version in order:
+                cmd = [sys.executable, os.path.abspath(__file__), "--child", roots[version],
+                       "--repeats", str(repeats)] + (["--smoke"] if args.smoke else [])
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                results[version].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"round {r} {version} done ({time.time() - t0:.0f} s)", file=sys.stderr)
+    ratios = {case: _util.paired_ratio([a[case] for a in results["after"]],
+                                       [b[case] for b in results["before"]])
+              for case in results["after"][0]}
+    _util.emit("refactor_ab", {
+        "what": "jitted quantized_apply latency (and quantize time) after / before the "
+                "model-aware refactor; per-round medians of interleaved calls, paired across "
+                "alternating child processes; below 1 = faster after",
+        "before": before_sha or "not in this clone: the package compared with itself",
+        "rounds": rounds,
+        "repeats_per_round": repeats,
+        "median_seconds": {v: {c: statistics.median(r[c] for r in rs) for c in rs[0]}
+                           for v, rs in results.items()},
+        "after_over_before": {c: round(r["value"], 3) for c, r in ratios.items()},
+        "after_over_before_detail": ratios,
+    }, out_dir=_util.output_dir(args), smoke=args.smoke)
+
+
+if __name__ == "__main__":
+    main()
