@@ -424,6 +424,25 @@ def read_bandwidth(mib: int = 64, repeats: int = 9) -> dict:
     return out
 
 
+def fp32_peak(n: int = 1024, repeats: int = 9) -> dict:
+    """XLA's float32 matmul rate (GFLOP/s) on a compute-bound ``n x n @ n x 4n`` product:
+    the compute floor of every float-accumulating path. A weight-only kernel must give
+    ``apply(dequantize(q))`` within summation error, so it does the same float32 FMAs
+    as fp32; once fp32 is compute-bound (large batches), reading fewer weight bytes
+    cannot make it much faster."""
+    a = jnp.ones((n, n), jnp.float32)
+    b = jnp.ones((n, 4 * n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return {"shape": [n, n, 4 * n], "loadavg": os.getloadavg(),
+            "gflop_per_s": round(2 * n * n * 4 * n / float(np.median(times)) / 1e9, 1)}
+
+
 def _dense_layers(rng, dims) -> list[tuple[jax.Array, jax.Array]]:
     return [(jnp.asarray(rng.standard_normal((i, o)) / np.sqrt(i), jnp.float32),
              jnp.asarray(rng.standard_normal(o) * 0.1, jnp.float32))
@@ -502,7 +521,8 @@ def _bytes_per_call(variant: str, layers, qts) -> int:
     return biases + sum(int(qt.nbytes) for qt in qts[key])
 
 
-def mlp_latency_section(dims, batches, rounds: int, bandwidth: dict) -> dict:
+def mlp_latency_section(dims, batches, rounds: int, bandwidth: dict,
+                        peak_gflops: float | None = None) -> dict:
     """The MLP at each batch size: every variant timed in interleaved rounds, one process."""
     rng = np.random.default_rng(0)
     layers = _dense_layers(rng, dims)
@@ -541,6 +561,15 @@ def mlp_latency_section(dims, batches, rounds: int, bandwidth: dict) -> dict:
                         "fraction_of_limit": {b: round(f / t[k], 3)
                                               for b, f in floor.items()}}
         row["memory_bound"] = limit
+        if peak_gflops:
+            flops = 2 * batch * sum(i * o for i, o in zip(dims[:-1], dims[1:]))
+            compute = flops / (peak_gflops * 1e9)
+            mem = limit["int8_weight_only"]["floor_ms"]["one_thread"] / 1e3
+            row["compute_bound"] = {
+                "flops": flops, "fp32_floor_ms": round(compute * 1e3, 4),
+                # fp32's time over the larger of the two floors of a float-accumulating
+                # int8 weight-only path: the most it can gain over fp32 here.
+                "int8_weight_only_speedup_limit": round(t["fp32"] / max(compute, mem), 3)}
         res["rows"][f"batch_{batch}"] = row
     return res
 
@@ -713,21 +742,24 @@ def latency(smoke: bool, rounds: int = 15) -> dict:
     bandwidth = read_bandwidth(8 if smoke else 64)
     bw = {"one_thread": bandwidth["one_thread_gb_per_s"],
           "two_threads": bandwidth["two_threads_gb_per_s"], "copy": bandwidth["copy_gb_per_s"]}
+    peak = fp32_peak(256 if smoke else 1024)
     if smoke:
-        parts = {"mlp": lambda: mlp_latency_section((128, 256, 128), (1,), 2, bw),
+        parts = {"mlp": lambda: mlp_latency_section((128, 256, 128), (1,), 2, bw,
+                                                    peak["gflop_per_s"]),
                  "resnet18_like": lambda: convnet_section(ResNetLike(base=4), (1,), 8, 3, 2, bw),
                  "resnet18_like_layers": lambda: conv_layer_section(4, 8, 2, limit=2),
                  "layer_batch_1": lambda: layer_section(256, 2)}
     else:
         parts = {"mlp": lambda: mlp_latency_section((1024, 4096, 1024),
-                                                    (1, 8, 16, 64, 1024), rounds, bw),
+                                                    (1, 8, 16, 64, 1024), rounds, bw,
+                                                    peak["gflop_per_s"]),
                  "resnet18_like": lambda: convnet_section(ResNetLike(base=16), (1, 8, 64), 32,
                                                           3, rounds, bw),
                  "teacher_cnn": lambda: convnet_section(jol.app.TeacherCNN(), (1, 8, 64), 8,
                                                         1, rounds, bw, train=False),
                  "resnet18_like_layers": lambda: conv_layer_section(16, 32, max(3, rounds // 2)),
                  "layer_batch_1": lambda: layer_section(4096, rounds)}
-    out = {"read_bandwidth": bandwidth, "native": {
+    out = {"read_bandwidth": bandwidth, "fp32_peak": peak, "native": {
         "weight_only": native.native_weight_only_status(), "int8": native.native_int8_status()}}
     for name, part in parts.items():  # one failing part keeps the others' figures
         try:
