@@ -17,7 +17,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _legacy_loops import legacy_train_resumable
 from jaxopt_lab import app as A
 
 from jaxopt_lab import train as T
@@ -223,6 +222,8 @@ def test_resumable_is_bit_identical_to_the_loop_it_replaced(tmp_root, tmp_path, 
     # train_resumable now runs on jol.train.train_loop; a run that the old loop started and
     # the new one finishes (or the other way round) equals the old loop's uninterrupted run,
     # checkpoints and all.
+    from _legacy_loops import legacy_train_resumable  # here: a subprocess loads this file
+
     model, tx, data, variables = setup()
     kwargs = dict(steps=STEPS, save_every=SAVE_EVERY, batch_size=BATCH, variables=variables,
                   param_transform=_param_transform)
