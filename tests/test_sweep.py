@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import jaxopt_lab as jol
+from _legacy_loops import legacy_sweep_run
 from jaxopt_lab.app.cli import main
 from jaxopt_lab.app.sweeps import (
     epoch_batches,
@@ -123,3 +124,23 @@ def test_bad_types_raise_type_error_naming_the_argument(arg, bad):
         jol.app.sweep(kw.pop("model"), kw.pop("data"), kw.pop("make_optimizer"), [0.1], **kw)
     with pytest.raises(ValueError, match="batch_size"):
         jol.app.sweep(MLP, DATA, lambda lr: optax.sgd(lr), [0.1], batch_size=0)
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_sweep_run_is_bit_identical_to_the_scan_it_replaced(which):
+    # The sweep's run now goes through jol.train.train_loop(scan=True).
+    if which == "mlp":
+        model, data, make = MLP, DATA, lambda lr: optax.adam(lr)
+        values = jnp.asarray([1e-3, 3e-3], jnp.float32)
+    else:  # convolutions, run as matmuls inside the sweep; a pruning optimizer
+        model = jol.app.StudentCNN(num_classes=10)
+        data = DATA._replace(train=DATA.train._replace(x=DATA.train.x[:192],
+                                                       y=DATA.train.y[:192]),
+                             val=DATA.val._replace(x=DATA.val.x[:64], y=DATA.val.y[:64]),
+                             test=DATA.test._replace(x=DATA.test.x[:64], y=DATA.test.y[:64]))
+        make = sparsity_optimizer(learning_rate=2e-3, end_step=2)
+        values = jnp.asarray([0.0, 0.5], jnp.float32)
+    kwargs = dict(epochs=2, batch_size=64, seed=1)
+    got = jax.jit(jax.vmap(training_run(model, data, make, **kwargs)))(values)
+    want = jax.jit(jax.vmap(legacy_sweep_run(model, data, make, **kwargs)))(values)
+    chex.assert_trees_all_equal(got, want)

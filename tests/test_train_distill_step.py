@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxopt_lab as jol
+from _legacy_loops import legacy_hinted_distill_step
 from jaxopt_lab.train import (
     FeatureHint,
     HintedParams,
@@ -227,3 +228,27 @@ def test_prune_and_fake_quant_in_the_same_step(parallel):
         assert np.all(kernel[~mask] == 0), jax.tree_util.keystr(path)
         # ... and the fake-quantized forward pass keeps them at zero.
         assert np.all(np.asarray(quant(kernel))[~mask] == 0), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_hinted_step_is_bit_identical_to_the_step_it_replaced(parallel):
+    # With hints, make_distill_step now plugs its objective into make_train_step instead
+    # of building its own step: same bits as the old step, on one device and under pmap.
+    axis = "batch" if parallel == "pmap" else None
+    hints = (HINT, FeatureHint("Dense_0", "Dense_0", kind="cosine"))
+    new = _mlp_step(hints, axis_name=axis)
+    old = legacy_hinted_distill_step(MLP_STUDENT, MLP_TEACHER, MLP_T_VARS, TX, temperature=T,
+                                     alpha=ALPHA, hints=hints, axis_name=axis)
+    state = _mlp_state(hints)
+    batch = (X, Y)
+    if parallel == "pmap":
+        new, old = (jax.pmap(f, axis_name=axis) for f in (new, old))
+        state = jol.train.replicate(state)
+        batch = tuple(jol.train.shard_batch_for_pmap(a, N_DEV) for a in batch)
+    else:
+        new, old = jax.jit(new), jax.jit(old)
+    got = want = state
+    for _ in range(2):
+        got, m_got = new(got, *batch)
+        want, m_want = old(want, *batch)
+        chex.assert_trees_all_equal((got, m_got), (want, m_want))

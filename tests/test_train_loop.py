@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxopt_lab as jol
+from _legacy_loops import legacy_fit
 from jaxopt_lab import app as A
 from jaxopt_lab import train as T
 
@@ -143,3 +144,98 @@ def test_fit_reuses_the_compiled_step_of_an_earlier_run():
     before = step._cache_size()
     T.fit(model, data, tx, epochs=1, batch_size=256, seed=1)
     assert step._cache_size() == before
+
+
+# --- train_loop: the one loop behind fit, train_resumable and the sweep ---------------------
+
+
+def _counting_step(state, b):
+    return state + b, {"b": b}
+
+
+@given(sizes=st.lists(st.integers(0, 5), max_size=5),
+       max_steps=st.none() | st.integers(0, 20),
+       stop_step=st.none() | st.integers(1, 20),
+       stop_epoch=st.none() | st.integers(0, 5))
+def test_train_loop_runs_each_batch_once_calls_hooks_and_draws_nothing_extra(
+        sizes, max_steps, stop_step, stop_epoch):
+    drawn, epoch_calls, step_calls = [], [], []
+
+    def epoch_batches(e, n):
+        for i in range(n):
+            drawn.append((e, i))
+            yield (10 * e + i,)
+
+    def after_step(state, m, batch, done):
+        step_calls.append((done, batch[0], m["b"]))
+        return done == stop_step
+
+    def after_epoch(epoch, state, metrics):
+        epoch_calls.append((epoch, [m["b"] for m in metrics]))
+        return epoch == stop_epoch
+
+    epochs = (epoch_batches(e, n) for e, n in enumerate(sizes))
+    state, last = T.train_loop(_counting_step, 0, epochs, max_steps=max_steps,
+                               after_step=after_step, after_epoch=after_epoch)
+    # The reference: the same loop written out with every stopping rule.
+    want_steps, want_epochs, ran = [], [], 0
+    for e, n in enumerate(sizes):
+        if max_steps is not None and ran >= max_steps:
+            break
+        batch_values, cut = [], False
+        for i in range(n):
+            ran += 1
+            batch_values.append(10 * e + i)
+            want_steps.append((ran, 10 * e + i, 10 * e + i))
+            if ran == stop_step or (max_steps is not None and ran >= max_steps):
+                cut = True
+                break
+        if cut:
+            break
+        want_epochs.append((e, batch_values))
+        if e == stop_epoch:
+            break
+    assert step_calls == want_steps
+    assert epoch_calls == want_epochs
+    assert len(drawn) == len(want_steps)  # no batch drawn beyond a stop
+    assert state == sum(v for _, v, _ in want_steps)
+    assert last == ({"b": want_steps[-1][1]} if want_steps else None)
+
+
+def test_train_loop_scan_mode_matches_the_python_loop():
+    d, model, tx = _digits(), A.MLP(hidden=(8,)), optax.adam(1e-2)
+    state = T.create_train_state(model, tx, d.train.x)
+    step = T.make_train_step(model, tx)
+    xs = np.stack([x for x, _ in T.batches(d.train, 128, epoch=0)])[:3]
+    ys = np.stack([y for _, y in T.batches(d.train, 128, epoch=0)])[:3]
+    scanned, metrics = jax.jit(lambda s: T.train_loop(step, s, (xs, ys), scan=True))(state)
+    looped, last = T.train_loop(jax.jit(step), state, [zip(xs, ys)])
+    assert metrics["loss"].shape == (3,) and int(scanned.step) == 3
+    chex.assert_trees_all_close(scanned, looped, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jax.tree.map(lambda m: m[-1], metrics), last, rtol=1e-5)
+
+
+def test_train_loop_bad_arguments():
+    with pytest.raises(ValueError, match="max_steps"):
+        T.train_loop(_counting_step, 0, [[(1,)]], max_steps=-1)
+    for bad in ({"max_steps": 1}, {"after_step": print}, {"after_epoch": print},
+                {"step_args": tuple}):
+        with pytest.raises(ValueError, match="scan=True"):
+            T.train_loop(_counting_step, 0, (np.ones(3),), scan=True, **bad)
+
+
+@pytest.mark.parametrize("settings", [
+    {"epochs": 3, "batch_size": 128, "seed": 1, "patience": 0},
+    {"epochs": 2, "batch_size": 64, "seed": 2, "keep": "last",
+     "param_transform": functools.partial(jol.fake_quant, bits=4)},
+    {"epochs": 2, "batch_size": 128, "mesh": 2},
+], ids=["early_stop", "qat_keep_last", "mesh"])
+def test_fit_is_bit_identical_to_the_loop_it_replaced(settings):
+    if "mesh" in settings:
+        settings = {**settings, "mesh": T.data_mesh(settings["mesh"])}
+    d, model = _digits(), A.MLP(hidden=(16,))
+    got, hist_got = T.fit(model, d, optax.adam(3e-3), **settings)
+    want, hist_want = legacy_fit(model, d, optax.adam(3e-3), **settings)
+    chex.assert_trees_all_equal(got, want)
+    chex.assert_trees_all_equal(hist_got.pop("final_state"), hist_want.pop("final_state"))
+    assert hist_got == hist_want

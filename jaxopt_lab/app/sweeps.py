@@ -3,8 +3,8 @@
 A configuration is one value of a scalar hyperparameter (a learning rate, a final
 sparsity...), and ``make_optimizer(value)`` builds its optax transformation from the
 traced value. :func:`sweep` stacks the values, ``jax.vmap`` s a whole training run from
-shared initial variables -- every step of every epoch under ``lax.scan``, then the
-evaluation -- over them, and compiles it once. Configurations are compared on the
+shared initial variables -- every step of every epoch under ``lax.scan`` (the scan mode
+of ``jol.train.train_loop``), then the evaluation -- over them, and compiles it once. Configurations are compared on the
 validation split; the test split is reported only for the one selected (best validation
 accuracy), so the reported test figure is not itself chosen by looking at the test set. Convolutions run as patch matrix products
 inside the sweep (see ``jaxopt_lab._conv_matmul``): vmapped convolutions become grouped
@@ -90,12 +90,9 @@ def training_run(model: nn.Module, data: train.Dataset, make_optimizer: MakeOpti
         tx = make_optimizer(value)
         state = train.create_train_state(model, tx, xs[0], seed=seed, variables=variables)
         step = train.make_train_step(model, tx)
-
-        def body(state, batch):
-            state, metrics = step(state, *batch)
-            return state, metrics["loss"]
-
-        state, losses = jax.lax.scan(body, state, (jnp.asarray(xs), jnp.asarray(ys)))
+        state, metrics = train.train_loop(step, state, (jnp.asarray(xs), jnp.asarray(ys)),
+                                          scan=True)
+        losses = metrics["loss"]
         trained = {"params": state.params, **state.model_state}
 
         def accuracy(x, y):

@@ -27,6 +27,7 @@ from jaxopt_lab.train.loop import (
     evaluate,
     fit,
     predict,
+    train_loop,
 )
 from jaxopt_lab.train.regularize import add_l1, add_l2
 from jaxopt_lab.train.resumable import batches_from, train_resumable
@@ -38,6 +39,7 @@ from jaxopt_lab.train.step import (
     jit_train_step,
     make_train_step,
     mesh_train_step,
+    model_objective,
     pmap_train_step,
     replicate,
     shard_batch_for_pmap,
@@ -77,11 +79,13 @@ __all__ = (
     "make_dataset",
     "make_train_step",
     "mesh_train_step",
+    "model_objective",
     "pmap_train_step",
     "predict",
     "process_rows",
     "replicate",
     "shard_batch_for_pmap",
+    "train_loop",
     "train_resumable",
     "unreplicate",
 )

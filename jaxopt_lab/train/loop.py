@@ -1,10 +1,17 @@
-"""Evaluation, early stopping and a small ``fit`` loop on top of the train step."""
+"""The one training loop, and evaluation, early stopping and ``fit`` on top of it.
+
+:func:`train_loop` runs a train step over a stream of batches and calls hooks after each
+step and each epoch. Every training run of the package goes through it: :func:`fit`
+(validation, early stopping and the kept variables are its epoch hook),
+:func:`~jaxopt_lab.train.train_resumable` (checkpointing is its step hook), the main
+job's training (``fit``) and the vmapped hyperparameter sweep (its ``scan`` mode).
+"""
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -20,8 +27,98 @@ from jaxopt_lab.train.step import (
     LossFn,
     ParamTransform,
     create_train_state,
+    TrainState,
     placed_train_step,
 )
+
+Step = Callable[..., tuple[Any, dict]]
+StepHook = Callable[[Any, dict, Any, int], bool | None]
+EpochHook = Callable[[int, Any, list[dict]], bool | None]
+
+
+def train_loop(
+    step: Step,
+    state: Any,
+    epochs: Iterable[Iterable[Any]] | tuple[jax.Array, ...],
+    *,
+    max_steps: int | None = None,
+    step_args: Callable[[Any], tuple] | None = None,
+    after_step: StepHook | None = None,
+    after_epoch: EpochHook | None = None,
+    scan: bool = False,
+) -> tuple[Any, Any]:
+    """Runs ``state, metrics = step(state, *batch)`` over every batch of every epoch.
+
+    Args:
+      step: a train step ``(state, *args) -> (state, metrics)``, e.g. from
+        :func:`make_train_step` (jitted) or :func:`placed_train_step`.
+      state: the initial state (a :class:`TrainState` or any pytree the step takes).
+      epochs: an iterable of epochs, each an iterable of batches (a resumable run passes
+        one endless epoch); with ``scan``, a tuple of arrays stacked along a leading step
+        axis.
+      max_steps: stop after this many steps in total (``None``: when the batches end).
+        No batch is drawn beyond it, and the epoch hook is not called for the epoch it
+        cuts (even at that epoch's last batch: the loop does not draw ahead to know).
+      step_args: maps a batch to the step's arguments after the state (e.g. placing it
+        on a device mesh, or dropping a data position); default ``tuple(batch)``.
+      after_step: ``after_step(state, metrics, batch, steps_done)``, called after every
+        step (checkpointing, logging); returning True stops the loop.
+      after_epoch: ``after_epoch(epoch, state, metrics)``, with ``metrics`` the list of
+        this epoch's step metrics (possibly empty), called after every epoch
+        (validation, early stopping); returning True stops the loop.
+      scan: run the steps under ``jax.lax.scan`` instead of a Python loop: traceable,
+        so that a whole run can be jitted and vmapped. No hooks in this mode.
+
+    Returns:
+      ``(state, metrics)``: the final state and, in ``scan`` mode, every step's metrics
+      stacked along a leading axis; otherwise the last step's metrics (``None`` if no
+      step ran).
+
+    Raises:
+      ValueError: ``max_steps < 0``, or hooks, ``step_args`` or ``max_steps`` with
+        ``scan``.
+
+    Examples:
+      >>> import optax, jaxopt_lab as jol
+      >>> data = jol.app.load_digits()
+      >>> model, tx = jol.app.MLP(hidden=(8,)), optax.adam(1e-2)
+      >>> state = jol.train.create_train_state(model, tx, data.train.x)
+      >>> step = jax.jit(jol.train.make_train_step(model, tx))
+      >>> epochs = (jol.train.batches(data.train, 256, epoch=e) for e in range(2))
+      >>> state, metrics = jol.train.train_loop(step, state, epochs, max_steps=6)
+      >>> int(state.step), sorted(metrics)  # 4 batches in epoch 0, then 2 of epoch 1
+      (6, ['accuracy', 'loss'])
+    """
+    if scan:
+        if any(v is not None for v in (max_steps, step_args, after_step, after_epoch)):
+            raise ValueError("train_loop(scan=True) takes no hooks, step_args or max_steps")
+
+        def body(state, batch):
+            return step(state, *batch)
+
+        return jax.lax.scan(body, state, tuple(epochs))
+    if max_steps is not None and max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    step_args = tuple if step_args is None else step_args
+    done, last = 0, None
+    for epoch, batches_of_epoch in enumerate(epochs):
+        # The budget is checked before a batch is drawn, so that a stream resumed later
+        # (a resumable run) has given out exactly the batches trained on.
+        if max_steps is not None and done >= max_steps:
+            break
+        # Kept only for the epoch hook: an endless epoch would otherwise hold every step's.
+        epoch_metrics = []
+        for batch in batches_of_epoch:
+            state, last = step(state, *step_args(batch))
+            done += 1
+            if after_epoch is not None:
+                epoch_metrics.append(last)
+            stop = after_step is not None and after_step(state, last, batch, done)
+            if stop or (max_steps is not None and done >= max_steps):
+                return state, last
+        if after_epoch is not None and after_epoch(epoch, state, epoch_metrics):
+            break
+    return state, last
 
 
 class EarlyStoppingState(NamedTuple):
@@ -147,12 +244,13 @@ def fit(
     if step is not None and mesh is not None:
         raise ValueError("fit: pass either step= or mesh=, not both")
     state = create_train_state(model, tx, data.train.x, seed=seed, variables=variables)
+    place = None  # one device: the host batch goes to the jitted step as it is
     if step is None:
         step, put_state, put_batch = placed_train_step(
             model, tx, mesh=mesh, loss=loss, param_transform=param_transform)
         state = put_state(state)
         if mesh is not None:
-            step = functools.partial(_sharded_step, step, put_batch)
+            place = _splat(put_batch)
     # Validation sees what the forward pass sees; jitted, since an eager param_transform
     # (fake_quant) would compile each of its ops separately every epoch.
     current_variables = jax.jit(lambda params, model_state: {
@@ -160,38 +258,44 @@ def fit(
         **model_state})
 
     history: dict[str, Any] = {"train_loss": [], "val_accuracy": []}
-    stopper = early_stopping_init("max")
-    best = state
+    track = _Tracked(state, early_stopping_init("max"))
     epoch_iter = range(epochs)
     if progress:
         from tqdm.auto import tqdm
 
         epoch_iter = tqdm(epoch_iter, desc=f"train {type(model).__name__}", leave=False)
-    for epoch in epoch_iter:
-        losses = []
-        for x, y in batches(data.train, batch_size, seed=seed, epoch=epoch):
-            state, m = step(state, x, y)
-            losses.append(m["loss"])
-        if not losses:
+
+    def after_epoch(epoch: int, state: TrainState, metrics: list[dict]) -> bool:
+        if not metrics:
             raise ValueError(
                 f"batch_size {batch_size} exceeds the {len(data.train.y)} training examples"
             )
-        history["train_loss"].append(float(jnp.mean(jnp.stack(losses))))
+        history["train_loss"].append(float(jnp.mean(jnp.stack([m["loss"] for m in metrics]))))
         seen = current_variables(state.params, state.model_state)
         val = evaluate(model, seen, data.val, num_classes=data.num_classes)["accuracy"]
         history["val_accuracy"].append(val)
-        stopper, improved, stop = early_stopping_update(
-            stopper, val, epoch, patience=patience if patience is not None else epochs
+        track.stopper, improved, stop = early_stopping_update(
+            track.stopper, val, epoch, patience=patience if patience is not None else epochs
         )
         if improved:
-            best = state
-        if patience is not None and stop:
-            break
-    history["best_epoch"] = stopper.best_epoch
+            track.best = state
+        return patience is not None and stop
+
+    state, _ = train_loop(
+        step, state, (batches(data.train, batch_size, seed=seed, epoch=e) for e in epoch_iter),
+        step_args=place, after_epoch=after_epoch)
+    history["best_epoch"] = track.stopper.best_epoch
     history["final_state"] = state
-    kept = state if keep == "last" else best
+    kept = state if keep == "last" else track.best
     return {"params": kept.params, **kept.model_state}, history
 
 
-def _sharded_step(step, put_batch, state, x, y):
-    return step(state, *put_batch(x, y))
+class _Tracked:
+    """What ``fit``'s epoch hook updates: the best state so far and the stopper."""
+
+    def __init__(self, best: TrainState, stopper: EarlyStoppingState):
+        self.best, self.stopper = best, stopper
+
+
+def _splat(put_batch):
+    return lambda batch: put_batch(*batch)

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from jaxopt_lab.train.checkpoint import Checkpointer, DataPosition
 from jaxopt_lab.train.data import Dataset, Split, batches
+from jaxopt_lab.train.loop import train_loop
 from jaxopt_lab.train.step import (
     LossFn,
     ParamTransform,
@@ -138,10 +139,17 @@ def train_resumable(
             raise ValueError(f"{ckpt.directory} holds step {done}, beyond steps={steps}")
         stream = batches_from(data.train, batch_size, position, seed=seed)
         budget = steps - done if stop_after is None else min(stop_after, steps - done)
-        for _ in range(budget):
-            position, x, y = next(stream)
-            state, _ = step_fn(state, *put_batch(x, y))
-            done += 1
-            if done % save_every == 0 or done == steps:
-                ckpt.save(done, state, position)
+        start = done
+
+        def save(state: TrainState, metrics: dict, batch, ran: int) -> None:
+            del metrics
+            position, total = batch[0], start + ran
+            if total % save_every == 0 or total == steps:
+                ckpt.save(total, state, position)
+
+        # One endless epoch; the budget stops it before a batch is drawn beyond it, so
+        # the saved position is exactly where the next call resumes.
+        state, _ = train_loop(step_fn, state, [stream], max_steps=budget,
+                              step_args=lambda batch: put_batch(batch[1], batch[2]),
+                              after_step=save)
     return state

@@ -32,6 +32,8 @@ from jax.sharding import PartitionSpec as P
 Params = Any
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 ParamTransform = Callable[[Params], Params]
+# objective(params, model_state, x, y, rng) -> (loss, (logits, new_model_state, extra_metrics))
+Objective = Callable[..., tuple[jax.Array, tuple[jax.Array, dict, dict]]]
 
 
 class TrainState(NamedTuple):
@@ -86,8 +88,14 @@ def make_train_step(
     loss: LossFn | None = None,
     param_transform: ParamTransform | None = None,
     axis_name: str | None = None,
+    objective: Objective | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
     """Builds a pure train step ``step(state, x, y) -> (state, metrics)``.
+
+    Every train step of the package comes from here: :func:`jit_train_step`,
+    :func:`pmap_train_step`, :func:`mesh_train_step`, the distributed step and the
+    distillation step (which plugs in a distillation loss or, with feature hints, an
+    ``objective``).
 
     Args:
       model: a linen module called as ``model.apply(variables, x, train=True)``.
@@ -98,30 +106,32 @@ def make_train_step(
       axis_name: the ``pmap`` axis; when set, gradients, metrics and the new
         collections are averaged over it (give the model's BatchNorm the same
         ``axis_name`` so the forward pass uses global batch statistics).
+      objective: replaces the forward pass and loss built from ``model``, ``loss`` and
+        ``param_transform`` (pass neither with it): ``objective(params, model_state, x,
+        y, rng) -> (loss, (logits, new_model_state, extra_metrics))``, differentiated
+        with respect to ``params``; ``extra_metrics`` (a dict) joins ``loss`` and
+        ``accuracy`` in the step's metrics. See :func:`model_objective`.
 
     Returns:
       The step function; wrap it in ``jax.jit``, ``jax.pmap`` or use
       :func:`pmap_train_step` / :func:`mesh_train_step`.
-    """
-    loss = cross_entropy if loss is None else loss
 
-    def loss_fn(params, model_state, x, y, rng):
-        p = params if param_transform is None else param_transform(params)
-        mutable = list(model_state) or False
-        out = model.apply(
-            {"params": p, **model_state}, x, train=True, mutable=mutable, rngs={"dropout": rng}
-        )
-        logits, new_model_state = out if mutable else (out, {})
-        return loss(logits, y, x), (logits, dict(new_model_state))
+    Raises:
+      ValueError: ``objective`` together with ``loss`` or ``param_transform``.
+    """
+    if objective is None:
+        objective = model_objective(model, loss=loss, param_transform=param_transform)
+    elif loss is not None or param_transform is not None:
+        raise ValueError("make_train_step: pass objective= or loss=/param_transform=, not both")
 
     def step(state: TrainState, x, y):
         rng, step_rng = jax.random.split(state.rng)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (value, (logits, model_state)), grads = grad_fn(
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        (value, (logits, model_state, extra)), grads = grad_fn(
             state.params, state.model_state, x, y, step_rng
         )
         accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
-        metrics = {"loss": value, "accuracy": accuracy}
+        metrics = {"loss": value, "accuracy": accuracy, **extra}
         if axis_name is not None:
             grads, metrics, model_state = jax.lax.pmean((grads, metrics, model_state), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -129,6 +139,29 @@ def make_train_step(
         return TrainState(state.step + 1, params, model_state, opt_state, rng), metrics
 
     return step
+
+
+def model_objective(
+    model: nn.Module, *, loss: LossFn | None = None,
+    param_transform: ParamTransform | None = None,
+) -> Objective:
+    """The default objective of :func:`make_train_step`: ``loss`` of ``model``'s logits.
+
+    The forward pass runs in training mode with the non-param collections mutable (their
+    new values are returned) and a fresh ``"dropout"`` key each step.
+    """
+    loss = cross_entropy if loss is None else loss
+
+    def objective(params, model_state, x, y, rng):
+        p = params if param_transform is None else param_transform(params)
+        mutable = list(model_state) or False
+        out = model.apply(
+            {"params": p, **model_state}, x, train=True, mutable=mutable, rngs={"dropout": rng}
+        )
+        logits, new_model_state = out if mutable else (out, {})
+        return loss(logits, y, x), (logits, dict(new_model_state), {})
+
+    return objective
 
 
 def jit_train_step(model, tx, **kwargs):
