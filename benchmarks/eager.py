@@ -1,7 +1,10 @@
 """Eager and first-call speed: what a notebook or command-line user waits for outside ``jit``.
 
-Run: ``python benchmarks/eager.py [--repeats N] [--before-tree PATH] [--smoke]`` (about
-3-6 minutes on a loaded 2-core machine at the default 5 repeats; ``--smoke``: one of each).
+Run: ``python benchmarks/eager.py [--repeats N] [--before-tree PATH] [--smoke] [--out-dir D]``
+(about 3-6 minutes on a loaded 2-core machine at the default 5 repeats). ``--smoke`` runs every
+measurement once on a tiny 8-16-4 MLP (four short-lived child processes: tens of seconds at
+most) and writes its JSON to ``--out-dir`` or a temporary folder, never to
+``benchmarks/results/``.
 
 * ``cli_help``: wall time of ``python -m jaxopt_lab --help`` (a fresh interpreter each
   time), and whether ``import jaxopt_lab`` imports JAX, for this checkout and for the
@@ -42,13 +45,14 @@ import jaxopt_lab as jol  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZES = (64, 256, 150, 10)
+SMOKE_SIZES = (8, 16, 4)  # --smoke: the same code path on 212 parameters
 
 
-def mlp_params(seed: int = 0) -> dict:
-    """Dense kernels and biases of a 64-256-150-10 MLP: 56,700 parameters."""
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(SIZES) - 1)
+def mlp_params(seed: int = 0, sizes: tuple[int, ...] = SIZES) -> dict:
+    """Dense kernels and biases of an MLP (the default 64-256-150-10: 56,700 parameters)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) - 1)
     return {f"Dense_{i}": {"kernel": jax.random.normal(k, (a, b)) * 0.05, "bias": jnp.zeros(b)}
-            for i, (k, a, b) in enumerate(zip(keys, SIZES[:-1], SIZES[1:]))}
+            for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
 
 
 def _eager_update_seconds(tx, params, grads, calls: int) -> tuple[float, list[float]]:
@@ -62,8 +66,8 @@ def _eager_update_seconds(tx, params, grads, calls: int) -> tuple[float, list[fl
     return times[0], times[1:]
 
 
-def prune_update(repeats: int) -> dict:
-    params = mlp_params()
+def prune_update(repeats: int, sizes: tuple[int, ...] = SIZES) -> dict:
+    params = mlp_params(sizes=sizes)
     grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
     n = sum(p.size for p in jax.tree.leaves(params))
     # A schedule that changes every step: every call recomputes the masks (the slow case).
@@ -126,7 +130,8 @@ def _child_env(tree: str) -> dict[str, str]:
     return env
 
 
-def quantize_first_call(processes: int, before_tree: str | None) -> dict:
+def quantize_first_call(processes: int, before_tree: str | None,
+                        sizes: tuple[int, ...] = SIZES) -> dict:
     """First, second and steady-state `quantize` of the MLP's params, each repeat in fresh
     processes, the variants interleaved: ``after`` (this checkout), ``after_per_leaf``
     (this checkout with every leaf on the per-leaf program, i.e. the previous code path)
@@ -137,7 +142,7 @@ def quantize_first_call(processes: int, before_tree: str | None) -> dict:
     runs = {name: {"first": [], "second": [], "steady": []} for name in variants}
     for _ in range(processes):
         for name, (tree, per_leaf) in variants.items():
-            child = _CHILD.format(per_leaf=per_leaf, sizes=SIZES)
+            child = _CHILD.format(per_leaf=per_leaf, sizes=sizes)
             done = subprocess.run([sys.executable, "-c", child], check=True, cwd=tempfile.gettempdir(),
                                   capture_output=True, text=True, env=_child_env(tree))
             first, second, steady = map(float, done.stdout.split()[-3:])
@@ -190,14 +195,16 @@ def main() -> None:
     add_common_args(parser)
     args = parser.parse_args()
     repeats = 1 if args.smoke else args.repeats
+    sizes = SMOKE_SIZES if args.smoke else SIZES
     result = {
         "note": "shared 2-core CPU (several agents at once): noisy; every before/after pair "
                 "interleaved in one run, medians",
         "commits": {name: _commit_of(tree) for name, tree in _trees(args.before_tree).items()},
-        "cli_help": cli_help(2 if args.smoke else 3 * repeats, args.before_tree),
+        "mlp_sizes": list(sizes),
+        "cli_help": cli_help(1 if args.smoke else 3 * repeats, args.before_tree),
         "quantize_first_call": quantize_first_call(1 if args.smoke else max(3, repeats),
-                                                   args.before_tree),
-        "prune_update": prune_update(repeats),
+                                                   args.before_tree, sizes),
+        "prune_update": prune_update(repeats, sizes),
     }
     emit("eager", result, out_dir=output_dir(args), smoke=args.smoke)
 

@@ -18,8 +18,14 @@ a timed run) and reports:
 ``--processes 2`` runs the same on 2 processes x 4 host devices joined by
 ``jax.distributed`` on localhost (gloo collectives over loopback): one global mesh of 8
 devices, each process holding and measuring its own half (figures per process; the bound
-is then half the result + 2 x largest leaf). ``--smoke`` runs a tiny tree (leaves 1/16 of
-the size per axis) on both layouts and writes only to ``--out-dir``.
+is then half the result + 2 x largest leaf).
+
+``--smoke`` runs the same path on one tiny block of leaves (1/16 of the size per axis,
+~0.4 MB) in the layout ``--processes`` names (one child for all ops with one process), and
+writes its JSON to ``--out-dir`` or a temporary folder, never to ``benchmarks/results/``.
+``tests/test_benchmarks.py`` runs it with one process only: two processes add a
+``jax.distributed`` start-up per op (over 5 minutes on the loaded 2-core CPU, against 20 s
+allowed).
 
 Prints JSON and writes ``benchmarks/results/scale.json`` (``scale_<gb>gb.json`` for
 another ``--gb``, ``scale_2proc*.json`` for two processes).
@@ -42,7 +48,7 @@ LARGEST = (4096, 4096)  # 64 MB of float32
 BLOCK = [(4096, 4096), (4096, 1024), (1024, 4096), (1024, 1024), (1024, 1024), (4096,),
          (1024,), (1024,)]
 SMOKE_DIV = 16  # --smoke: every axis 16x smaller
-SMOKE_GB = 0.001
+SMOKE_GB = 0.0001  # --smoke: one block of BLOCK's leaves (~0.4 MB at SMOKE_DIV)
 
 
 def leaf_shapes(total_bytes: int, div: int = 1) -> list[tuple[int, ...]]:
@@ -90,9 +96,11 @@ def child(op: str, gb: float, *, div: int = 1, processes: int = 1, rank: int = 0
         return P("x", None) if i % 2 == 0 else P(None, "x")
 
     shardings = [NamedSharding(mesh, spec(i, s)) for i, s in enumerate(shapes)]
-    tree = {}
+    tree, makers = {}, {}
     for i, (s, sh) in enumerate(zip(shapes, shardings)):
-        make = jax.jit(lambda k, s=s: jax.random.normal(k, s, jnp.float32), out_shardings=sh)
+        # one compiled maker per (shape, layout), not per leaf: leaves repeat BLOCK's shapes
+        make = makers.setdefault((s, sh.spec), jax.jit(
+            lambda k, s=s: jax.random.normal(k, s, jnp.float32), out_shardings=sh))
         tree[f"leaf_{i:03d}"] = make(jax.random.key(i))
     jax.block_until_ready(tree)
     fns = {
@@ -158,7 +166,8 @@ def _free_port() -> int:
 
 
 def _run_op(op: str, gb: float, div: int, processes: int) -> list[dict]:
-    """One child per process for ``op``; a row per process (or one error row)."""
+    """One child per process for ``op`` (or for several comma-separated ops, run one after
+    another in the same child); a row per op and process (or one error row per process)."""
     port = _free_port()
     cmd = [sys.executable, __file__, "--child", op, "--gb", str(gb), "--div", str(div),
            "--processes", str(processes), "--port", str(port)]
@@ -171,11 +180,11 @@ def _run_op(op: str, gb: float, div: int, processes: int) -> list[dict]:
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or len(lines) != len(op.split(",")):
             rows.append({"op": op, "process": r, "error": (err or out)[-2000:]})
         else:
-            rows.append(json.loads(line[0][7:]))
+            rows.extend(json.loads(ln[7:]) for ln in lines)
     return rows
 
 
@@ -184,8 +193,12 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=None, help="tree size (default 2.0)")
     parser.add_argument("--ops", default="q8,q4,deq,mask")
     parser.add_argument("--processes", type=int, choices=(1, 2), default=1)
-    parser.add_argument("--smoke", action="store_true", help="a tiny tree; --out-dir only")
-    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny block of leaves; JSON to --out-dir or a temporary "
+                             "folder, never to benchmarks/results/")
+    parser.add_argument("--out-dir", default=None,
+                        help="folder for the JSON (default: benchmarks/results/, or a new "
+                             "temporary folder with --smoke)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--div", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -193,16 +206,20 @@ def main() -> None:
     a = parser.parse_args()
     gb = a.gb if a.gb is not None else (SMOKE_GB if a.smoke else 2.0)
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, gb, div=a.div, processes=a.processes,
-                                           rank=a.rank, port=a.port)))
+        for op in a.child.split(","):
+            print("RESULT " + json.dumps(child(op, gb, div=a.div, processes=a.processes,
+                                               rank=a.rank, port=a.port)), flush=True)
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _util import RESULTS, emit
+    from _util import emit, output_dir
 
     div = SMOKE_DIV if a.smoke else 1
     rows = []
-    for op in a.ops.split(","):
-        for row in _run_op(op, gb, div, a.processes):
+    # --smoke on one process: every op in a single child (one JAX start-up instead of four;
+    # its memory figures mean nothing at this size anyway). Otherwise a fresh child per op.
+    groups = [a.ops] if a.smoke and a.processes == 1 else a.ops.split(",")
+    for group in groups:
+        for row in _run_op(group, gb, div, a.processes):
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     name = "scale" if a.processes == 1 else "scale_2proc"
@@ -216,7 +233,7 @@ def main() -> None:
                 "note": "one timed run per op on 2 shared CPU cores; peak RSS from VmHWM "
                         "reset after the input is built; with 2 processes every figure is "
                         "one process's (its half of the devices)"},
-         out_dir=a.out_dir or RESULTS, smoke=a.smoke)
+         out_dir=output_dir(a), smoke=a.smoke)
     if errors:
         sys.exit(f"{len(errors)} benchmark child(ren) failed")
 
