@@ -20,6 +20,7 @@ import optax
 from jax import lax
 
 from jaxopt_lab import _select
+from jaxopt_lab.pruning.masks import _all_true_like
 from jaxopt_lab.pruning.schedules import constant_sparsity
 
 Params = Any
@@ -146,7 +147,8 @@ def prune(
         return new
 
     def init_fn(params):
-        masks = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+        # Sharded like each parameter: a constant would put every whole mask on one device.
+        masks = jax.tree.map(_all_true_like, params)
         return PruneState(jnp.zeros((), jnp.int32), jnp.full((), jnp.nan, jnp.float32), masks)
 
     def update_fn(updates, state, params=None, **extra_args):
