@@ -188,11 +188,49 @@ def channel_norms(x: jax.Array, axis: int, norm: str) -> jax.Array:
 
 
 def _channel_norm(x: Any, rest: tuple[int, ...], norm: str) -> jax.Array:
-    """L1 or L2 norm over the ``rest`` axes, in float32 (shape: the channel axes, ascending)."""
+    """L1 or L2 norm over the ``rest`` axes, in float32 (shape: the channel axes, ascending).
+
+    Summed with `_reproducible_sum`, so a leaf sharded along ``rest`` (partial sums per
+    shard, then an all-reduce) gets the same norms, bit for bit, as the same leaf on one
+    device: a float sum's rounding depends on its order, and the ranking of near-equal
+    channels on the last bit.
+    """
     x = jnp.asarray(x, jnp.float32)
     if norm == "l1":
-        return jnp.abs(x).sum(axis=rest)
-    return jnp.sqrt(jnp.square(x).sum(axis=rest))
+        return _reproducible_sum(jnp.abs(x), rest)
+    return jnp.sqrt(_reproducible_sum(jnp.square(x), rest))
+
+
+def _reproducible_sum(v: jax.Array, rest: tuple[int, ...]) -> jax.Array:
+    """The sum of the non-negative float32 ``v`` over ``rest``, independent of the order.
+
+    Each entry is aligned to the largest exponent of its sum as a 32-bit integer (bits
+    more than 32 below the largest entry's leading bit are dropped, the same for every
+    order), cut into limbs narrow enough that ``n`` of them add in uint32 without
+    overflow; integer sums are exact in any order, so only the final, fixed combination
+    of the few limb sums rounds. NaN and infinity propagate as in a float sum.
+    """
+    n = math.prod(v.shape[a] for a in rest)
+    bits = lax.bitcast_convert_type(v, jnp.uint32)
+    biased = bits >> 23
+    finite = biased < 255
+    mantissa = jnp.where(finite & (biased > 0), (bits & 0x7FFFFF) | (1 << 23), bits & 0x7FFFFF)
+    mantissa = jnp.where(finite, mantissa, jnp.uint32(0))
+    exponent = jnp.where(finite, jnp.maximum(biased, 1), jnp.uint32(1))  # subnormals: 1
+    top = jnp.max(exponent, axis=rest, keepdims=True, initial=jnp.uint32(1))
+    shift = top - exponent
+    aligned = jnp.where(shift < 32, (mantissa << 8) >> jnp.minimum(shift, 31), jnp.uint32(0))
+    width = 32 - max(1, math.ceil(math.log2(n + 1)))  # n * (2**width - 1) < 2**32
+    total = jnp.zeros(jnp.shape(top), jnp.float32)
+    for k in reversed(range(math.ceil(32 / width))):
+        limb = (aligned >> (k * width)) & ((1 << width) - 1)
+        part = jnp.sum(limb, axis=rest, keepdims=True, dtype=jnp.uint32)
+        total = total + part.astype(jnp.float32) * np.float32(2.0 ** (k * width))
+    # ``aligned`` counts units of 2**(top - 150 - 8): 150 = bias + mantissa bits, 8 the shift.
+    total = jnp.ldexp(total, top.astype(jnp.int32) - 158)
+    total = jnp.where(jnp.any(jnp.isinf(v), axis=rest, keepdims=True), jnp.inf, total)
+    total = jnp.where(jnp.any(jnp.isnan(v), axis=rest, keepdims=True), jnp.nan, total)
+    return jnp.squeeze(total, axis=rest)
 
 
 def _channels_last(per_channel: jax.Array, axes: tuple[int, ...], channels: int) -> jax.Array:
