@@ -125,7 +125,10 @@ def save_sharded(directory: str | os.PathLike, tree: Params, *,
     """Writes ``tree`` as a sharded artifact: one file per process plus ``index.json``.
 
     Call it on every process (it synchronises them). Each process copies only the
-    shards its devices hold, so no host materialises the whole tree.
+    shards its devices hold, so no host materialises the whole tree. Saving over an
+    existing artifact switches to the new one when the index is replaced, last: a save
+    that dies before that leaves the previous artifact loadable, and the next complete
+    save removes the dead one's files.
 
     Args:
       directory: the artifact directory (created if missing).

@@ -212,19 +212,23 @@ def test_structured_masks_of_a_sharded_tree_equal_unsharded_bit_for_bit(
     _assert_sharded_like_and_equal(got, want, tree)
 
 
-@pytest.mark.parametrize("mask_fn, schedule", [
-    (functools.partial(jol.nm_mask, n=2, m=4), None),
-    (functools.partial(jol.nm_mask, n=2, m=4), 0.3),
-    (jol.channel_mask, 0.5),
-    (functools.partial(jol.channel_mask, norm="l1"), 0.25),
-], ids=["nm", "nm_ramp", "channel_l2", "channel_l1"])
+def _convs(path, x):
+    return x.ndim == 4
+
+
+@pytest.mark.parametrize("mask_fn, schedule, where", [
+    (functools.partial(jol.nm_mask, n=2, m=4), None, None),
+    (functools.partial(jol.nm_mask, n=2, m=4), 0.3, _convs),
+    (jol.channel_mask, 0.5, None),
+    (functools.partial(jol.channel_mask, norm="l1"), 0.25, _convs),
+], ids=["nm", "nm_ramp_convs", "channel_l2", "channel_l1_convs"])
 def test_prune_with_structured_masks_of_a_sharded_tree_is_exact_without_gathers(
-    mask_fn, schedule
+    mask_fn, schedule, where
 ):
     import optax
 
     tree = _conv_tree(levels=4)
-    tx = optax.chain(optax.sgd(0.1), jol.prune(mask_fn, schedule))
+    tx = optax.chain(optax.sgd(0.1), jol.prune(mask_fn, schedule, where=where))
     grads = jax.tree.map(jnp.ones_like, tree)
 
     def two_steps(params, state):

@@ -173,18 +173,12 @@ def nm_mask(
             # than quietly falling back to the full N:M pattern.
             if not isinstance(sparsity, (int, float)):
                 prune = jnp.where(jnp.isnan(jnp.asarray(sparsity, jnp.float32)), lm, prune)
-        out.append(_nm_keep(select.magnitude_scores(leaf, prev[i]), axes, lm, lm - prune))
+        keep = _nm_keep(select.magnitude_scores(leaf, prev[i]), axes, lm, lm - prune)
+        # Groups that straddle shards (a shard shorter than m) leave XLA free to replicate
+        # the result; ``& all-True`` keeps the mask sharded like its leaf.
+        out.append(keep & _all_true_like(leaf))
     _select.report_fallbacks(fallbacks, "nm_mask")
     return jax.tree.unflatten(jax.tree.structure(tree), out)
-
-
-def channel_norms(x: jax.Array, axis: int, norm: str) -> jax.Array:
-    """L1 or L2 norm of each index of ``axis`` over all other axes, in float32."""
-    x = jnp.moveaxis(jnp.asarray(x, jnp.float32), axis, -1)
-    x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: zero channels are valid
-    if norm == "l1":
-        return jnp.abs(x).sum(axis=0)
-    return jnp.sqrt(jnp.square(x).sum(axis=0))
 
 
 def _channel_norm(x: Any, rest: tuple[int, ...], norm: str) -> jax.Array:

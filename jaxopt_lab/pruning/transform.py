@@ -143,7 +143,8 @@ def prune(
         new = check_masks(tree, new)
         if where is not None or model_map is not None:  # leaves outside are never masked
             picks = _select.selection(tree, where, model_map=model_map)
-            new = jax.tree.map(lambda m, on: m if on else jnp.ones_like(m), new, picks)
+            new = jax.tree.map(lambda m, on, p: m if on else _all_true_like(p),
+                               new, picks, tree)
         return new
 
     def init_fn(params):
