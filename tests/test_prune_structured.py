@@ -144,7 +144,9 @@ def test_channel_norms_do_not_depend_on_the_order_of_the_sum(seed, rows, spread,
     want = np.abs(x64).sum(0) if norm == "l1" else np.sqrt(np.square(x64).sum(0))
     with np.errstate(over="ignore"):
         in_float32 = np.abs(x).sum(0) if norm == "l1" else np.square(x).sum(0)
-    ok = np.isfinite(in_float32) & (want > 1e-30)  # float32 overflow: inf as before
+    # float32 overflow gives inf, as before; squares below float32's normal range flush to 0
+    # on XLA CPU (as before), so only sums well above that range are compared.
+    ok = np.isfinite(in_float32) & ((want if norm == "l1" else np.square(want)) > 1e-28)
     np.testing.assert_allclose(norms[ok], want[ok], rtol=2e-6)
     assert np.isinf(norms[~np.isfinite(in_float32)]).all()
 
