@@ -189,7 +189,8 @@ def test_structured_masks_of_a_sharded_tree_are_exact_without_gathers(name):
     local = jax.tree.map(np.asarray, tree)
     want = fn(local)
     _assert_sharded_like_and_equal(jax.jit(fn)(tree), want, tree)
-    _assert_sharded_like_and_equal(fn(tree), want, tree)  # eager on sharded arrays too
+    if name.startswith("nm"):  # eager on sharded arrays too (the channel sums' many small
+        _assert_sharded_like_and_equal(fn(tree), want, tree)  # ops take minutes eagerly)
 
 
 @settings(max_examples=5)
