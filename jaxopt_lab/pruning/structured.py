@@ -7,6 +7,7 @@ for nested masks) and select leaves with ``where``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -195,6 +196,7 @@ def _channel_norm(x: Any, rest: tuple[int, ...], norm: str) -> jax.Array:
     return jnp.sqrt(_reproducible_sum(jnp.square(x), rest))
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one program, not ~20 ops dispatched eagerly
 def _reproducible_sum(v: jax.Array, rest: tuple[int, ...]) -> jax.Array:
     """The sum of the non-negative float32 ``v`` over ``rest``, independent of the order.
 
