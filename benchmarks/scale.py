@@ -69,8 +69,13 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def child(op: str, gb: float, *, div: int = 1, processes: int = 1, rank: int = 0,
-          port: int = 0) -> dict:
+def init_process(processes: int, rank: int, port: int) -> None:
+    """Makes this process one of ``processes`` sharing the ``DEVICES`` host devices.
+
+    Call it before JAX is imported: it sets this process's device count (``DEVICES //
+    processes``) and, for more than one process, joins the JAX job whose coordinator
+    (rank 0) listens on ``127.0.0.1:port``, with gloo collectives.
+    """
     local = DEVICES // processes
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -79,6 +84,11 @@ def child(op: str, gb: float, *, div: int = 1, processes: int = 1, rank: int = 0
 
         dist.initialize(f"127.0.0.1:{port}", processes, rank, local_device_count=local,
                         heartbeat_timeout=60)
+
+
+def child(op: str, gb: float, *, div: int = 1, processes: int = 1, rank: int = 0,
+          port: int = 0) -> dict:
+    init_process(processes, rank, port)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -165,27 +175,57 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch(argv: list[str], processes: int, *, timeout: float = 3600.0,
+           env: dict[str, str] | None = None) -> list[dict]:
+    """Runs ``python *argv --processes N --rank R --port P`` once per rank, as one job.
+
+    The script calls `init_process` with those three and prints one ``RESULT <json>``
+    line. Once a process fails (or ``timeout`` seconds pass) the others are killed:
+    they would wait in a collective for the dead one until the heartbeat timeout.
+
+    Returns:
+      One row per rank: its RESULT object, or ``{"process": rank, "returncode": code,
+      "error": the output's tail, "result": the RESULT object printed before, or None}``.
+    """
+    import tempfile
+
+    cmd = [sys.executable, *argv, "--processes", str(processes), "--port", str(_free_port())]
+    logs = [tempfile.TemporaryFile() for _ in range(processes)]
+    procs = [subprocess.Popen(cmd + ["--rank", str(r)], stdout=log, stderr=subprocess.STDOUT,
+                              env=env) for r, log in enumerate(logs)]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:  # only this job's own children, by handle
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    rows = []
+    for r, (proc, log) in enumerate(zip(procs, logs)):
+        log.seek(0)
+        out = log.read().decode(errors="replace")
+        log.close()
+        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            rows.append({"process": r, "returncode": proc.returncode, "error": out[-2000:],
+                         "result": json.loads(line[0][7:]) if line else None})
+        else:
+            rows.append(json.loads(line[0][7:]))
+    return rows
+
+
 def _run_op(op: str, gb: float, div: int, processes: int) -> list[dict]:
     """One child per process for ``op`` (or for several comma-separated ops, run one after
     another in the same child); a row per op and process (or one error row per process)."""
-    port = _free_port()
-    cmd = [sys.executable, __file__, "--child", op, "--gb", str(gb), "--div", str(div),
-           "--processes", str(processes), "--port", str(port)]
-    procs = [subprocess.Popen(cmd + ["--rank", str(r)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(processes)]
-    rows = []
-    for r, proc in enumerate(procs):
-        try:
-            out, err = proc.communicate(timeout=3600)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or len(lines) != len(op.split(",")):
-            rows.append({"op": op, "process": r, "error": (err or out)[-2000:]})
-        else:
-            rows.extend(json.loads(ln[7:]) for ln in lines)
-    return rows
+    out = []
+    for row in launch([__file__, "--child", op, "--gb", str(gb), "--div", str(div)],
+                      processes):
+        out.extend(row if isinstance(row, list) else [{"op": op, **row}])
+    return out
 
 
 def main() -> None:
@@ -205,10 +245,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = parser.parse_args()
     gb = a.gb if a.gb is not None else (SMOKE_GB if a.smoke else 2.0)
-    if a.child:
-        for op in a.child.split(","):
-            print("RESULT " + json.dumps(child(op, gb, div=a.div, processes=a.processes,
-                                               rank=a.rank, port=a.port)), flush=True)
+    if a.child:  # one RESULT line: the rows of every op, in order
+        print("RESULT " + json.dumps([child(op, gb, div=a.div, processes=a.processes,
+                                            rank=a.rank, port=a.port)
+                                      for op in a.child.split(",")]), flush=True)
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _util import emit, output_dir

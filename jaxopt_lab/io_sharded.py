@@ -2,9 +2,16 @@
 
 Layout of the artifact directory::
 
-    index.json                          tree record, user metadata, file list (process 0)
-    shard-00000-of-00002.safetensors    the chunks process 0's devices hold
-    shard-00001-of-00002.safetensors    ...
+    index.json                                   tree record, user metadata, file list
+    shard-1a2b3c4d-00000-of-00002.safetensors    the chunks process 0's devices hold
+    shard-1a2b3c4d-00001-of-00002.safetensors    ...
+
+The shard files are named by their save's id (``1a2b3c4d``), so a save into an existing
+artifact never replaces the files its index lists: the index, written last and renamed
+into place atomically, switches from the old files to the new ones, and only then are
+the old ones removed. A save that dies before its index is written (a killed process, a
+full disk) leaves the previous artifact loadable as it was, or, in a new directory, no
+index, which `load_sharded` refuses by name.
 
 Each process writes only the shards its own devices hold, one copy of each (replica 0),
 copied from the device buffers, so no host ever holds the whole tree. A chunk is one
@@ -27,6 +34,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import zlib
 from collections.abc import Callable, Mapping
@@ -52,8 +60,27 @@ ShardingsArg = (jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding]
                 | Callable[[str, tuple, np.dtype], Any] | None)
 
 
-def _file_name(process: int, count: int) -> str:
-    return f"shard-{process:05d}-of-{count:05d}.safetensors"
+def _file_name(save_id: int, process: int, count: int) -> str:
+    return f"shard-{save_id:08x}-{process:05d}-of-{count:05d}.safetensors"
+
+
+# Shard files of any save (this version's and the first one's names) and the hidden
+# temporaries `jaxopt_lab.io.write_atomic` leaves when its process is killed mid-write.
+_OURS = re.compile(r"(shard-([0-9a-f]{8}-)?\d{5}-of-\d{5}\.safetensors)"
+                   r"|(\.(shard-[-0-9a-f]+-of-\d{5}\.safetensors|index\.json)\.[0-9a-f]{8}\.tmp)")
+
+
+def _remove_stale(directory: str, keep: set[str]) -> None:
+    """Removes shard files no longer listed in the index, and dead saves' temporaries.
+
+    Runs after every process's files and the new index are in place, so what it removes
+    belongs to an earlier save (replaced, or killed before its index was written).
+    Best effort: a file it cannot remove only costs space, never correctness.
+    """
+    for name in os.listdir(directory):
+        if name not in keep and _OURS.fullmatch(name):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 def _box(index: tuple, shape: tuple[int, ...]) -> list[list[int]]:
@@ -98,7 +125,10 @@ def save_sharded(directory: str | os.PathLike, tree: Params, *,
     """Writes ``tree`` as a sharded artifact: one file per process plus ``index.json``.
 
     Call it on every process (it synchronises them). Each process copies only the
-    shards its devices hold, so no host materialises the whole tree.
+    shards its devices hold, so no host materialises the whole tree. Saving over an
+    existing artifact switches to the new one when the index is replaced, last: a save
+    that dies before that leaves the previous artifact loadable, and the next complete
+    save removes the dead one's files.
 
     Args:
       directory: the artifact directory (created if missing).
@@ -154,7 +184,7 @@ def save_sharded(directory: str | os.PathLike, tree: Params, *,
     spec = _serial.encode_tree(tree, [], _io.BY_TYPE, _io.node_parts, on_array=on_array)
     user = _serial.to_json(metadata or {}, "metadata")
     info = {"version": VERSION, "save_id": save_id, "process": process, "chunks": chunks}
-    name = os.path.join(directory, _file_name(process, count))
+    name = os.path.join(directory, _file_name(save_id, process, count))
     try:
         raw = safetensors.numpy.save(arrays, metadata={"format": _SHARD_FORMAT,
                                                        _SHARD_FORMAT: json.dumps(info)})
@@ -163,10 +193,12 @@ def save_sharded(directory: str | os.PathLike, tree: Params, *,
     _io.write_atomic(name, raw)
     _sync("jaxopt_lab.save_sharded.files")  # every file is in place before the index
     if process == 0:
+        files = [_file_name(save_id, p, count) for p in range(count)]
         index = {"format": FORMAT, "version": VERSION, "save_id": save_id, "tree": spec,
-                 "metadata": user, "files": [_file_name(p, count) for p in range(count)]}
+                 "metadata": user, "files": files}
         index["crc32"] = _index_crc(index)
         _io.write_atomic(os.path.join(directory, INDEX), json.dumps(index).encode())
+        _remove_stale(directory, set(files) | {INDEX})
     _sync("jaxopt_lab.save_sharded.index")
 
 

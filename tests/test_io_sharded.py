@@ -3,6 +3,7 @@ trips, shardings as saved or as requested (another mesh too), one copy of each s
 ValueError naming the file for a missing, truncated or corrupted file."""
 
 import json
+import re
 import os
 import shutil
 
@@ -17,9 +18,15 @@ from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
 import jaxopt_lab as jol
+from jaxopt_lab import io as jol_io
 from jaxopt_lab import io_sharded
 
-SHARD = "shard-00000-of-00001.safetensors"
+
+
+def _shard(path) -> str:
+    """The one shard file of a single-process artifact (named by its save's id)."""
+    (name,) = [n for n in os.listdir(path) if n.startswith("shard-")]
+    return name
 
 
 def _mesh(shape=(8,), axes=("x",)):
@@ -85,6 +92,8 @@ def test_round_trip_is_exact_and_keeps_the_saved_shardings(saved):
 
 def test_each_shard_is_stored_once_as_plain_safetensors(saved):
     path, tree = saved
+    SHARD = _shard(path)
+    assert re.fullmatch(r"shard-[0-9a-f]{8}-00000-of-00001\.safetensors", SHARD)
     assert sorted(os.listdir(path)) == ["index.json", SHARD]
     with safe_open(str(path / SHARD), framework="numpy") as f:
         keys = list(f.keys())
@@ -135,6 +144,7 @@ def test_any_saved_layout_loads_onto_any_target(tmp_path_factory, rows, cols, sa
 
 def test_missing_truncated_or_corrupted_files_are_value_errors_naming_them(saved):
     path, _ = saved
+    SHARD = _shard(path)
     good = (path / SHARD).read_bytes()
     (path / SHARD).unlink()
     with pytest.raises(ValueError, match=f"{SHARD}: shard file missing"):
@@ -164,7 +174,7 @@ def test_missing_truncated_or_corrupted_files_are_value_errors_naming_them(saved
 def test_any_flipped_byte_or_cut_is_a_value_error(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("art")
     io_sharded.save_sharded(path, {"w": _tree()["w"], "q": _tree()["q4"]})
-    name = data.draw(st.sampled_from([SHARD, "index.json"]))
+    name = data.draw(st.sampled_from([_shard(path), "index.json"]))
     raw = (path / name).read_bytes()  # its length varies with the random save id
     i = min(int(data.draw(st.floats(0, 1)) * len(raw)), len(raw) - 1)
     if data.draw(st.booleans()):
@@ -184,8 +194,9 @@ def test_any_flipped_byte_or_cut_is_a_value_error(tmp_path_factory, data):
 def test_files_of_another_save_are_rejected(tmp_path):
     path = tmp_path / "art"
     io_sharded.save_sharded(path, {"w": jnp.ones(8)})
-    shutil.copy(path / SHARD, tmp_path / "old")
+    shutil.copy(path / _shard(path), tmp_path / "old")
     io_sharded.save_sharded(path, {"w": jnp.zeros(8)})
+    SHARD = _shard(path)  # the old file is gone: only the new save's is listed
     shutil.copy(tmp_path / "old", path / SHARD)
     with pytest.raises(ValueError, match=f"{SHARD}: .*another save"):
         io_sharded.load_sharded(path)
@@ -196,3 +207,30 @@ def test_unsavable_leaves_are_type_errors_naming_them(tmp_path):
         io_sharded.save_sharded(tmp_path / "art", {"bad": object()})
     with pytest.raises(TypeError, match="bad"):
         io_sharded.save_sharded(tmp_path / "art", {"bad": np.array([object()])})
+
+
+def test_a_save_that_dies_before_its_index_leaves_the_previous_artifact(tmp_path, monkeypatch):
+    path = tmp_path / "art"
+    old = {"w": jnp.arange(8.0), "q": _tree()["q4"]}
+    io_sharded.save_sharded(path, old, metadata={"step": 1})
+    listed = sorted(os.listdir(path))
+    real = jol_io.write_atomic
+
+    def dies_at_the_index(name, raw):
+        if os.path.basename(name) == io_sharded.INDEX:
+            raise KeyboardInterrupt  # stands for the process dying here
+        real(name, raw)
+
+    monkeypatch.setattr(jol_io, "write_atomic", dies_at_the_index)
+    with pytest.raises(KeyboardInterrupt):
+        io_sharded.save_sharded(path, {"w": jnp.zeros(8)}, metadata={"step": 2})
+    monkeypatch.undo()
+    assert len(os.listdir(path)) == len(listed) + 1  # the dead save's unlisted shard file
+    back, meta = io_sharded.load_sharded(path, with_metadata=True)
+    assert meta == {"step": 1}
+    _equal(back, old)
+    (tmp_path / "stale.tmp").touch()
+    (path / ".index.json.0123abcd.tmp").touch()  # a temporary of a killed write
+    io_sharded.save_sharded(path, {"w": jnp.ones(8)}, metadata={"step": 3})
+    assert sorted(os.listdir(path)) == sorted(["index.json", _shard(path)])  # cleaned up
+    assert io_sharded.load_sharded(path, with_metadata=True)[1] == {"step": 3}

@@ -7,16 +7,18 @@ for nested masks) and select leaves with ``where``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxopt_lab import _select
 from jaxopt_lab.pruning import select
-from jaxopt_lab.pruning.masks import check_sparsity, previous_leaves
+from jaxopt_lab.pruning.masks import _all_true_like, check_sparsity, previous_leaves
 
 Params = Any
 
@@ -29,19 +31,22 @@ def _check_nm(name: str, n: Any, m: Any) -> None:
         raise ValueError(f"{name}: need 0 <= n <= m and m >= 1, got n={n}, m={m}")
 
 
-def _group_keep(scores: jax.Array, keep_per_group: jax.Array) -> jax.Array:
-    """Within the last axis (size M), keeps the ``keep_per_group`` highest scores.
+def _group_keep(scores: jax.Array, keep_per_group: jax.Array, axis: int = -1) -> jax.Array:
+    """Within ``axis`` (size M), keeps the ``keep_per_group`` highest scores.
 
     Rank of entry i = number of entries that beat it (higher score, or equal score at
-    a lower index); M is small so the pairwise comparison is cheaper than a sort.
+    a lower index). M is small, so M whole-array comparisons against one slice each are
+    cheaper than a sort; they are elementwise, so a leaf sharded along any other axis (or
+    along the group index next to ``axis``) is ranked where its shards live.
     """
-    m = scores.shape[-1]
-    a = scores[..., :, None]
-    b = scores[..., None, :]
-    lower_index = np.arange(m)[None, :] < np.arange(m)[:, None]  # [i, j]: j < i
-    lower_index = lower_index.reshape((1,) * (scores.ndim - 1) + (m, m))
-    beats = (b > a) | ((b == a) & lower_index)
-    rank = beats.sum(axis=-1)
+    axis %= scores.ndim
+    m = scores.shape[axis]
+    index = lax.broadcasted_iota(jnp.int32, scores.shape, axis)
+    rank = jnp.zeros(scores.shape, jnp.int32)
+    for j in range(m):
+        other = lax.index_in_dim(scores, j, axis, keepdims=True)
+        beats = (other > scores) | ((other == scores) & (j < index))
+        rank = rank + beats.astype(jnp.int32)
     return rank < keep_per_group
 
 
@@ -67,6 +72,25 @@ def _from_last(y: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...]) -> j
     rest = [a for a in range(len(shape)) if a not in axes]
     moved = y.reshape(tuple(shape[a] for a in rest) + tuple(shape[a] for a in axes))
     return jnp.transpose(moved, np.argsort(rest + list(axes)))
+
+
+def _nm_keep(scores: jax.Array, axes: tuple[int, ...], m: int, keep: Any) -> jax.Array:
+    """The N:M keep mask of ``scores`` grouped along the flattened contraction ``axes``.
+
+    Contiguous ascending axes (a Dense input, HWI of a conv) are merged and split into
+    ``(groups, m)`` in place: no transpose, so a leaf sharded along any axis keeps its
+    layout (XLA splits a sharded axis into sharded groups when the shard length is a
+    multiple of ``m``). Other axis orders are moved last first.
+    """
+    shape = scores.shape
+    if list(axes) != list(range(axes[0], axes[0] + len(axes))):
+        moved = _to_last(scores, axes)
+        grouped = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+        return _from_last(_group_keep(grouped, keep).reshape(moved.shape), axes, shape)
+    first, last = axes[0], axes[-1] + 1
+    length = math.prod(shape[first:last])
+    grouped = scores.reshape(shape[:first] + (length // m, m) + shape[last:])
+    return _group_keep(grouped, keep, axis=first + 1).reshape(shape)
 
 
 def nm_mask(
@@ -125,7 +149,7 @@ def nm_mask(
     for i, (path, leaf, choice) in enumerate(choices):
         shape = np.shape(leaf)
         if choice is False:
-            out.append(jnp.ones(shape, bool))
+            out.append(_all_true_like(leaf))
             continue
         name = _select.path_str(path)
         s = _select.leaf_overrides(path, choice, ("n", "m", "axis"))
@@ -141,7 +165,7 @@ def nm_mask(
             if "axis" in s or "m" in s:
                 raise ValueError(f"{name}: {why}")
             fallbacks.append(f"{name}: {why}; left unpruned")
-            out.append(jnp.ones(shape, bool))
+            out.append(_all_true_like(leaf))
             continue
         prune = lm - ln
         if sparsity is not None:
@@ -150,22 +174,77 @@ def nm_mask(
             # than quietly falling back to the full N:M pattern.
             if not isinstance(sparsity, (int, float)):
                 prune = jnp.where(jnp.isnan(jnp.asarray(sparsity, jnp.float32)), lm, prune)
-        scores = _to_last(select.magnitude_scores(leaf, prev[i]), axes)
-        moved = scores.shape
-        grouped = scores.reshape(*moved[:-1], moved[-1] // lm, lm)
-        keep = _group_keep(grouped, lm - prune).reshape(moved)
-        out.append(_from_last(keep, axes, shape))
+        keep = _nm_keep(select.magnitude_scores(leaf, prev[i]), axes, lm, lm - prune)
+        # Groups that straddle shards (a shard shorter than m) leave XLA free to replicate
+        # the result; ``& all-True`` keeps the mask sharded like its leaf.
+        out.append(keep & _all_true_like(leaf))
     _select.report_fallbacks(fallbacks, "nm_mask")
     return jax.tree.unflatten(jax.tree.structure(tree), out)
 
 
-def channel_norms(x: jax.Array, axis: int, norm: str) -> jax.Array:
-    """L1 or L2 norm of each index of ``axis`` over all other axes, in float32."""
-    x = jnp.moveaxis(jnp.asarray(x, jnp.float32), axis, -1)
-    x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: zero channels are valid
+def _channel_norm(x: Any, rest: tuple[int, ...], norm: str) -> jax.Array:
+    """L1 or L2 norm over the ``rest`` axes, in float32 (shape: the channel axes, ascending).
+
+    Summed with `_reproducible_sum`, so a leaf sharded along ``rest`` (partial sums per
+    shard, then an all-reduce) gets the same norms, bit for bit, as the same leaf on one
+    device: a float sum's rounding depends on its order, and the ranking of near-equal
+    channels on the last bit.
+    """
+    x = jnp.asarray(x, jnp.float32)
     if norm == "l1":
-        return jnp.abs(x).sum(axis=0)
-    return jnp.sqrt(jnp.square(x).sum(axis=0))
+        return _reproducible_sum(jnp.abs(x), rest)
+    return jnp.sqrt(_reproducible_sum(jnp.square(x), rest))
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one program, not ~20 ops dispatched eagerly
+def _reproducible_sum(v: jax.Array, rest: tuple[int, ...]) -> jax.Array:
+    """The sum of the non-negative float32 ``v`` over ``rest``, independent of the order.
+
+    Each entry is aligned to the largest exponent of its sum as a 32-bit integer (bits
+    more than 32 below the largest entry's leading bit are dropped, the same for every
+    order), cut into limbs narrow enough that ``n`` of them add in uint32 without
+    overflow; integer sums are exact in any order, so only the final, fixed combination
+    of the few limb sums rounds. NaN and infinity propagate as in a float sum.
+    """
+    n = math.prod(v.shape[a] for a in rest)
+    bits = lax.bitcast_convert_type(v, jnp.uint32)
+    biased = bits >> 23
+    finite = biased < 255
+    mantissa = jnp.where(finite & (biased > 0), (bits & 0x7FFFFF) | (1 << 23), bits & 0x7FFFFF)
+    mantissa = jnp.where(finite, mantissa, jnp.uint32(0))
+    exponent = jnp.where(finite, jnp.maximum(biased, 1), jnp.uint32(1))  # subnormals: 1
+    top = jnp.max(exponent, axis=rest, keepdims=True, initial=jnp.uint32(1))
+    shift = top - exponent
+    aligned = jnp.where(shift < 32, (mantissa << 8) >> jnp.minimum(shift, 31), jnp.uint32(0))
+    width = 32 - max(1, math.ceil(math.log2(n + 1)))  # n * (2**width - 1) < 2**32
+    total = jnp.zeros(jnp.shape(top), jnp.float32)
+    for k in reversed(range(math.ceil(32 / width))):
+        limb = (aligned >> (k * width)) & ((1 << width) - 1)
+        part = jnp.sum(limb, axis=rest, keepdims=True, dtype=jnp.uint32)
+        total = total + part.astype(jnp.float32) * np.float32(2.0 ** (k * width))
+    # ``aligned`` counts units of 2**(top - 150 - 8): 150 = bias + mantissa bits, 8 the shift.
+    total = jnp.ldexp(total, top.astype(jnp.int32) - 158)
+    total = jnp.where(jnp.any(jnp.isinf(v), axis=rest, keepdims=True), jnp.inf, total)
+    total = jnp.where(jnp.any(jnp.isnan(v), axis=rest, keepdims=True), jnp.nan, total)
+    return jnp.squeeze(total, axis=rest)
+
+
+def _channels_last(per_channel: jax.Array, axes: tuple[int, ...], channels: int) -> jax.Array:
+    """A per-channel array over the channel axes in ascending order, flattened in
+    ``axes`` order (how the map lists a kernel's output units)."""
+    order = np.argsort(np.argsort(axes))  # position of each of ``axes`` among the sorted
+    return jnp.transpose(per_channel, order).reshape(channels)
+
+
+def _channels_to_leaf(keep: jax.Array, axes: tuple[int, ...], leaf: Any) -> jax.Array:
+    """The flat per-channel ``keep`` broadcast to ``leaf``'s shape (and sharding)."""
+    shape = np.shape(leaf)
+    keep = keep.reshape(tuple(shape[a] for a in axes))
+    keep = jnp.transpose(keep, np.argsort(axes))  # back to ascending axis order
+    expanded = [shape[a] if a in axes else 1 for a in range(len(shape))]
+    # ``& all-True`` gives the mask the leaf's sharding (a broadcast constant would be
+    # replicated on every device).
+    return jnp.broadcast_to(keep.reshape(expanded), shape) & _all_true_like(leaf)
 
 
 def channel_mask(
@@ -210,7 +289,7 @@ def channel_mask(
             _select.leaf_choices(tree, where, model_map=model_map)):
         shape = np.shape(leaf)
         if choice is False:
-            out.append(jnp.ones(shape, bool))
+            out.append(_all_true_like(leaf))
             continue
         name = _select.path_str(path)
         s = _select.leaf_overrides(path, choice, ("sparsity",)).get("sparsity", sparsity)
@@ -221,17 +300,15 @@ def channel_mask(
         axes = (info.channel_axes if info is not None and info.role == "kernel"
                 and info.channel_axes else (axis % len(shape),))
         channels = math.prod(shape[a] for a in axes)
+        # Reduced over the other axes where the leaf lies (a sharded leaf sums its shards
+        # and all-reduces one value per channel), never transposed into a gathered copy.
+        rest = tuple(a for a in range(len(shape)) if a not in axes)
         alive = None
         if prev[i] is not None:
-            alive = _to_last(jnp.asarray(prev[i]), axes).reshape(-1, channels).all(axis=0) \
-                if prev[i].size else jnp.ones((channels,), bool)
-        scores = _to_last(jnp.asarray(leaf, jnp.float32), axes)
-        norms = channel_norms(scores.reshape(-1, channels) if scores.size else
-                              jnp.zeros((0, channels)), -1, norm)
+            alive = _channels_last(jnp.all(jnp.asarray(prev[i]), axis=rest), axes, channels)
+        norms = _channels_last(_channel_norm(leaf, rest, norm), axes, channels)
         keep = select.keep_lowest(
             "magnitude", [(norms, alive)], select.count_to_prune(s, channels)
         )[0]
-        rest = tuple(shape[a] for a in range(len(shape)) if a not in axes)
-        full = jnp.broadcast_to(keep, rest + (channels,))
-        out.append(_from_last(full, axes, shape))
+        out.append(_channels_to_leaf(keep, axes, leaf))
     return jax.tree.unflatten(jax.tree.structure(tree), out)
