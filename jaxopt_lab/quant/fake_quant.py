@@ -117,9 +117,9 @@ def fake_quant(
       >>> jax.grad(loss)(w).tolist()  # STE: d/dw of sum(w_hat**2) is 2 * w_hat
       [[0.0, -2.0], [0.0, 2.0]]
     """
-    base = dict(bits=bits, granularity=granularity, group_size=group_size,
-                symmetric=symmetric, axis=axis, dtype=dtype, scale_dtype=scale_dtype)
-    check_settings("fake_quant", base)
+    base = check_settings("fake_quant", dict(
+        bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric,
+        axis=axis, dtype=dtype, scale_dtype=scale_dtype))
     bare = is_bare_array(tree_or_array)
     if where is None and bare:
         where = True
