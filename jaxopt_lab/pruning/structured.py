@@ -17,16 +17,9 @@ import numpy as np
 from jaxopt_lab import _select
 from jaxopt_lab.pruning import select
 from jaxopt_lab.pruning.masks import check_sparsity, previous_leaves
+from jaxopt_lab.pruning.settings import NMSettings, SparsitySettings
 
 Params = Any
-
-
-def _check_nm(name: str, n: Any, m: Any) -> None:
-    for label, v in (("n", n), ("m", m)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"{name}: {label} must be an int, got {v!r}")
-    if m < 1 or n < 0 or n > m:
-        raise ValueError(f"{name}: need 0 <= n <= m and m >= 1, got n={n}, m={m}")
 
 
 def _group_keep(scores: jax.Array, keep_per_group: jax.Array) -> jax.Array:
@@ -98,7 +91,10 @@ def nm_mask(
       n: entries kept per group. m: group size.
       axis: the grouped axis without a map (or as a per-leaf override).
       where: leaf selection (default: the map's kernels, else float leaves with
-        ``ndim >= 2``). A callable may return ``{"n": .., "m": .., "axis": ..}``.
+        ``ndim >= 2``). A callable or mask may give a leaf its own
+        `jaxopt_lab.NMSettings` or a mapping of some of its fields
+        (``{"n": .., "m": .., "axis": ..}``); a field it sets (a record's field that
+        differs from the call's) wins over the map and never falls back.
       previous: a mask tree whose False entries are pruned first.
       model_map: a `jaxopt_lab.ModelMap` of the model.
 
@@ -117,7 +113,7 @@ def nm_mask(
       >>> jol.nm_mask({"w": w}, n=2, m=4)["w"][:, 0].tolist()
       [False, True, True, False]
     """
-    _check_nm("nm_mask", n, m)
+    base = _select.settings("nm_mask", NMSettings, n=n, m=m, axis=axis)
     check_sparsity(sparsity)
     prev = previous_leaves(tree, previous)
     out, fallbacks = [], []
@@ -128,17 +124,17 @@ def nm_mask(
             out.append(jnp.ones(shape, bool))
             continue
         name = _select.path_str(path)
-        s = _select.leaf_overrides(path, choice, ("n", "m", "axis"))
-        ln, lm, lax_ = s.get("n", n), s.get("m", m), s.get("axis", axis)
-        _check_nm(name, ln, lm)
+        record = _select.leaf_overrides(path, choice, base)
+        explicit = _select.overridden(choice, base, record)
+        ln, lm, lax_ = record.n, record.m, record.axis
         if not -len(shape) <= lax_ < len(shape):
             raise ValueError(f"{name}: axis {lax_} is out of range for shape {shape}")
         info = None if model_map is None else model_map.lookup(path)
-        axes = _contraction(info, shape, lax_, "axis" in s)
+        axes = _contraction(info, shape, lax_, "axis" in explicit)
         length = math.prod(shape[a] for a in axes)
         if length % lm:
             why = f"contraction axes {axes} have length {length}, not divisible by m={lm}"
-            if "axis" in s or "m" in s:
+            if "axis" in explicit or "m" in explicit:
                 raise ValueError(f"{name}: {why}")
             fallbacks.append(f"{name}: {why}; left unpruned")
             out.append(jnp.ones(shape, bool))
@@ -203,7 +199,7 @@ def channel_mask(
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
     if sparsity is None:
         raise ValueError("sparsity is required (a number in [0, 1] or a schedule value)")
-    check_sparsity(sparsity)
+    base = SparsitySettings(sparsity=sparsity)  # its error names the bad value
     prev = previous_leaves(tree, previous)
     out = []
     for i, (path, leaf, choice) in enumerate(
@@ -213,8 +209,7 @@ def channel_mask(
             out.append(jnp.ones(shape, bool))
             continue
         name = _select.path_str(path)
-        s = _select.leaf_overrides(path, choice, ("sparsity",)).get("sparsity", sparsity)
-        check_sparsity(s, f"{name}: sparsity")
+        s = _select.leaf_overrides(path, choice, base).sparsity
         if not -len(shape) <= axis < len(shape):
             raise ValueError(f"{name}: axis {axis} is out of range for shape {shape}")
         info = None if model_map is None else model_map.lookup(path)
