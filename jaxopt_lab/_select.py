@@ -93,6 +93,11 @@ def _field_names(record: SettingsRecord) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(record))
 
 
+def fields_of(record: SettingsRecord) -> dict[str, Any]:
+    """A record's fields as keyword arguments (a shallow ``dataclasses.asdict``)."""
+    return {name: getattr(record, name) for name in _field_names(record)}
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equality that never raises (a traced value is never "the same")."""
     if a is b:
