@@ -45,7 +45,7 @@ _export("jaxopt_lab.io_sharded", "load_sharded", "save_sharded")
 _export("jaxopt_lab.quant.core", "LayoutFallbackWarning", "dequantize", "quantize")
 _export("jaxopt_lab.quant.fake_quant", "fake_quant", "lsq_fake_quant", "lsq_init")
 _export("jaxopt_lab.quant.qtensor", "QTensor")
-_export("jaxopt_lab.quant.settings", "QuantSettings")
+_export("jaxopt_lab.quant.settings", "LSQSettings", "QuantSettings")
 _export("jaxopt_lab.quant.calibration", "CalibrationState", "calibration_init",
         "calibration_observe", "calibration_range", "calibration_scale")
 _export("jaxopt_lab.quant.int8_ops", "int8_conv_general_dilated", "int8_dot_general",

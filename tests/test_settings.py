@@ -23,13 +23,14 @@ from jaxopt_lab.oneshot import hessian_accumulate, hessian_init
 
 RECORDS = {
     jol.QuantSettings: dict(bits=4, granularity="group", group_size=32, axis=(0, 1)),
+    jol.LSQSettings: dict(bits=4, granularity="channel", axis=0, signed=False),
     jol.SparsitySettings: dict(sparsity=0.5),
     jol.NMSettings: dict(n=1, m=4, axis=0),
     GPTQSettings: dict(bits=3, group_size=16, act_order=True, damp=0.1),
     WandaSettings: dict(n=2, m=4, scope="layer"),
     SparseGPTSettings: dict(sparsity=0.5, bits=4, block_size=64),
 }
-AREAS = {quant: ["QuantSettings"], pruning: ["NMSettings", "SparsitySettings"],
+AREAS = {quant: ["LSQSettings", "QuantSettings"], pruning: ["NMSettings", "SparsitySettings"],
          oneshot: ["GPTQSettings", "SparseGPTSettings", "WandaSettings"]}
 
 
@@ -74,7 +75,7 @@ _bad_bits = st.one_of(st.integers(-100, 100).filter(lambda b: b not in (2, 3, 4,
 
 @given(_bad_bits)
 def test_bad_bits_raise_naming_the_value(bits):
-    for cls in (jol.QuantSettings, GPTQSettings):
+    for cls in (jol.QuantSettings, jol.LSQSettings, GPTQSettings):
         with pytest.raises(ValueError, match=re.escape(repr(bits))):
             cls(bits=bits)
     if bits is not None:
@@ -101,6 +102,8 @@ def test_bad_sparsity_raises_naming_the_value(s):
     (lambda v: jol.QuantSettings(symmetric=v), "yes"),
     (lambda v: jol.QuantSettings(dtype=v), "int4"),
     (lambda v: jol.QuantSettings(scale_dtype=v), "float16"),
+    (lambda v: jol.LSQSettings(granularity=v), "group"),
+    (lambda v: jol.LSQSettings(signed=v), 1),
     (lambda v: jol.NMSettings(n=5, m=v), 4),
     (lambda v: jol.NMSettings(axis=v), 1.5),
     (lambda v: GPTQSettings(damp=v), -0.5),
@@ -235,3 +238,16 @@ def test_one_record_as_the_whole_where_applies_to_every_leaf():
     tree = {"a": jnp.ones((4, 4)), "b": jnp.ones((4, 4))}
     q = jol.quantize(tree, where=jol.QuantSettings(bits=4))
     assert q["a"].bits == q["b"].bits == 4
+
+
+@given(_kernels, st.sampled_from([2, 3, 4, 8]), st.booleans())
+def test_lsq_record_override_equals_mapping_override(w, bits, signed):
+    tree = {"a": jnp.asarray(w), "b": jnp.asarray(w) + 1}
+    fields = dict(bits=bits, signed=signed, granularity="channel")
+    runs = []
+    for where in ({"a": jol.LSQSettings(**fields), "b": True}, {"a": fields, "b": True}):
+        steps = jol.lsq_init(tree, bits=8, where=where)
+        runs.append((steps, jol.lsq_fake_quant(tree, steps, bits=8, where=where)))
+    _trees_equal(runs[0], runs[1])
+    with pytest.raises(ValueError, match=r"\['a'\].*gave a QuantSettings"):
+        jol.lsq_init(tree, where={"a": jol.QuantSettings(), "b": True})

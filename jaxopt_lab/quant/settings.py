@@ -1,4 +1,5 @@
-"""`QuantSettings`: the frozen, checked settings of `jaxopt_lab.quantize` for one leaf.
+"""`QuantSettings` (`jaxopt_lab.quantize`) and `LSQSettings` (`jaxopt_lab.lsq_init`): the
+frozen, checked settings of one leaf.
 
 `jaxopt_lab.quantize` and `jaxopt_lab.fake_quant` build one record from their keyword
 arguments; a ``where`` callable (or mask tree) may give a leaf its own record (or a
@@ -99,3 +100,47 @@ class QuantSettings(SettingsRecord):
             raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, "
                              f"got {self.scale_dtype!r}")
         set_("scale_dtype", dtype_name(self.scale_dtype))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LSQSettings(SettingsRecord):
+    """LSQ of one leaf (the keyword arguments of `jaxopt_lab.lsq_init` and
+    `jaxopt_lab.lsq_fake_quant`; give both the same ``where``).
+
+    Attributes:
+      bits: 2, 3, 4 or 8.
+      granularity: ``"tensor"`` (one step) or ``"channel"`` (one step per index of
+        ``axis``, or per real output element with a model map's layout).
+      axis: the channel axis (an int or a tuple of ints).
+      signed: signed codes ``[-2**(b-1), 2**(b-1) - 1]`` or unsigned ``[0, 2**b - 1]``.
+
+    Raises:
+      ValueError: naming the bad value.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxopt_lab as jol
+      >>> where = {"w": jol.LSQSettings(bits=4, granularity="channel"), "b": False}
+      >>> jol.lsq_init({"w": jnp.ones((4, 3)), "b": jnp.ones(3)}, where=where)["w"].shape
+      (1, 3)
+    """
+
+    bits: int = 8
+    granularity: str = "tensor"
+    axis: int | tuple[int, ...] = -1
+    signed: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, (bool, np.bool_)) or self.bits not in INT_BITS:
+            raise ValueError(f"bits must be one of {INT_BITS}, got {self.bits!r}")
+        if self.granularity not in ("tensor", "channel"):
+            raise ValueError(f"granularity must be 'tensor' or 'channel' (LSQ has no groups), "
+                             f"got {self.granularity!r}")
+        axes = self.axis if isinstance(self.axis, (tuple, list)) else (self.axis,)
+        if not axes or not all(_is_int(a) for a in axes):
+            raise ValueError(f"axis must be an int or a tuple of ints, got {self.axis!r}")
+        if not isinstance(self.signed, (bool, np.bool_)):
+            raise ValueError(f"signed must be a bool, got {self.signed!r}")
+        object.__setattr__(self, "bits", int(self.bits))
+        object.__setattr__(self, "axis", tuple(int(a) for a in axes)
+                           if isinstance(self.axis, (tuple, list)) else int(self.axis))
+        object.__setattr__(self, "signed", bool(self.signed))
