@@ -45,6 +45,7 @@ _export("jaxopt_lab.io_sharded", "load_sharded", "save_sharded")
 _export("jaxopt_lab.quant.core", "LayoutFallbackWarning", "dequantize", "quantize")
 _export("jaxopt_lab.quant.fake_quant", "fake_quant", "lsq_fake_quant", "lsq_init")
 _export("jaxopt_lab.quant.qtensor", "QTensor")
+_export("jaxopt_lab.quant.settings", "LSQSettings", "QuantSettings")
 _export("jaxopt_lab.quant.calibration", "CalibrationState", "calibration_init",
         "calibration_observe", "calibration_range", "calibration_scale")
 _export("jaxopt_lab.quant.int8_ops", "int8_conv_general_dilated", "int8_dot_general",
@@ -58,16 +59,17 @@ _export("jaxopt_lab.quant.model_calibration", "activation_scales", "activation_s
 
 # --- pruning ---
 _module("pruning", "jaxopt_lab.pruning")
-_export("jaxopt_lab.pruning", "CompactedLayer", "CompactReport", "PruneState", "SkippedLayer",
-        "SparseTensor", "Sparsity", "apply_mask", "channel_mask", "compact", "compact_report",
-        "constant_schedule", "constant_sparsity", "expand_channel_mask", "magnitude_mask",
-        "nm_mask", "one_shot_schedule", "one_shot_sparsity", "polynomial_schedule",
-        "polynomial_sparsity", "prune", "random_mask", "saliency_mask", "sparsity", "to_dense",
+_export("jaxopt_lab.pruning", "CompactedLayer", "CompactReport", "NMSettings", "PruneState",
+        "SkippedLayer", "SparseTensor", "Sparsity", "SparsitySettings", "apply_mask",
+        "channel_mask", "compact", "compact_report", "constant_schedule", "constant_sparsity",
+        "expand_channel_mask", "magnitude_mask", "nm_mask", "one_shot_schedule",
+        "one_shot_sparsity", "polynomial_schedule", "polynomial_sparsity", "prune", "random_mask", "saliency_mask", "sparsity", "to_dense",
         "to_sparse")
 # --- end pruning ---
 
 # --- one-shot compression ---
 _module("oneshot", "jaxopt_lab.oneshot")
+_export("jaxopt_lab.oneshot", "GPTQSettings", "SparseGPTSettings", "WandaSettings")
 # --- end one-shot compression ---
 
 # --- distillation ---

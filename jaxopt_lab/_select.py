@@ -10,17 +10,25 @@ A `where` argument is one of:
   node applies to every leaf below it), as in ``optax.masked``;
 * a callable ``(path, leaf) -> bool`` over ``jax.tree_util`` key paths.
 
-A callable (or a mask tree) may also return a *mapping* instead of ``True``: the leaf
-is selected and the mapping holds per-leaf settings that override the technique's
-keyword arguments (mixed precision, for example ``{"bits": 8}`` for the first layer).
+A callable (or a mask tree) may also return per-leaf settings instead of ``True``: the
+leaf is selected with its own settings (mixed precision, for example 8 bits for the first
+layer). They are either
+
+* a settings record of the technique's own type (preferred; e.g.
+  ``jaxopt_lab.QuantSettings(bits=8)`` for `jaxopt_lab.quantize`): the leaf's complete
+  settings, checked when the record is built; or
+* a mapping of some of the record's fields (``{"bits": 8}``): the call's keyword
+  arguments with those fields replaced.
+
+`leaf_overrides` turns either into the leaf's record, for every technique.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
-
+import dataclasses
 import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +36,91 @@ import numpy as np
 
 Params = Any
 KeyPath = tuple[Any, ...]
-Choice = bool | Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SettingsRecord:
+    """Base of the frozen, keyword-only settings records (one type per technique).
+
+    A subclass checks its fields in ``__post_init__`` and raises a ``ValueError`` naming
+    the bad value; so a record that exists is valid, and ``dataclasses.replace`` (which
+    builds a new record) checks again.
+    """
+
+
+S = TypeVar("S", bound=SettingsRecord)
+Choice = bool | Mapping[str, Any] | SettingsRecord
 Where = None | Params | Callable[[KeyPath, Any], Choice]
+
+
+def is_overrides(choice: Any) -> bool:
+    """True for a per-leaf settings choice: a mapping or a settings record."""
+    return isinstance(choice, (Mapping, SettingsRecord))
+
+
+def settings(where: str, cls: type[S], **kwargs: Any) -> S:
+    """``cls(**kwargs)``, with an error message that starts with ``where``.
+
+    Raises:
+      ValueError: (or ``TypeError``, where a record raises one) ``"{where}: ..."``.
+    """
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{where}: {e}") from None
+
+
+class InvalidSettings:
+    """The error of call settings that failed their check, raised at the first leaf.
+
+    The one-shot methods name the leaf in every error, also for a bad keyword
+    argument; `leaf_overrides` raises this error, prefixed with the leaf's path.
+    """
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def deferred_settings(cls: type[S], **kwargs: Any) -> S | InvalidSettings:
+    """``cls(**kwargs)``, or an `InvalidSettings` that `leaf_overrides` raises per leaf."""
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        return InvalidSettings(e)
+
+
+def _field_names(record: SettingsRecord) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(record))
+
+
+def fields_of(record: SettingsRecord) -> dict[str, Any]:
+    """A record's fields as keyword arguments (a shallow ``dataclasses.asdict``)."""
+    return {name: getattr(record, name) for name in _field_names(record)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that never raises (a traced value is never "the same")."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 -- tracers, arrays: not provably equal
+        return False
+
+
+def overridden(choice: Any, base: SettingsRecord, record: SettingsRecord) -> frozenset[str]:
+    """The fields a leaf's choice sets explicitly.
+
+    A mapping's keys; for a record, the fields whose values differ from the call's
+    settings ``base`` (a record repeating the call's value sets nothing). ``record`` is
+    the leaf's record from `leaf_overrides`.
+    """
+    if isinstance(choice, Mapping):
+        return frozenset(choice)
+    if isinstance(choice, SettingsRecord):
+        return frozenset(f for f in _field_names(record)
+                         if not _same(getattr(record, f), getattr(base, f)))
+    return frozenset()
 
 
 def path_str(path: KeyPath) -> str:
@@ -37,21 +128,45 @@ def path_str(path: KeyPath) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def leaf_overrides(path: KeyPath | str, choice: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """The per-leaf settings a `where` choice carries, checked against ``allowed``.
+def leaf_overrides(path: KeyPath | str, choice: Any, base: S | InvalidSettings) -> S:
+    """The settings record of one selected leaf: the one check of per-leaf overrides.
 
-    The one check of per-leaf overrides for every technique: ``True`` (or any
-    non-mapping choice) carries none; a mapping with a key outside ``allowed`` raises a
-    ``ValueError`` naming the leaf.
+    Args:
+      path: the leaf's key path (or its path string), named in every error.
+      choice: the leaf's `where` choice: ``True`` (the call's settings), a mapping of
+        some fields, or a record of ``base``'s type (the leaf's complete settings).
+      base: the call's settings record (from its keyword arguments), or the
+        `InvalidSettings` they gave.
+
+    Returns:
+      ``base`` for a plain selection, the record itself, or
+      ``dataclasses.replace(base, **mapping)``.
+
+    Raises:
+      ValueError: naming the leaf, for a mapping key that is not a field of ``base``, a
+        record of another technique's type, a value the record rejects, or call
+        settings that were invalid.
     """
+    where = path if isinstance(path, str) else path_str(path)
+    if isinstance(base, InvalidSettings):
+        raise type(base.error)(f"{where}: {base.error}") from None
+    if isinstance(choice, SettingsRecord):
+        if type(choice) is not type(base):
+            raise ValueError(f"{where}: `where` gave a {type(choice).__name__} for a "
+                             f"technique whose per-leaf settings are {type(base).__name__} "
+                             "(or a mapping of its fields)")
+        return choice
     if not isinstance(choice, Mapping):
-        return {}
-    unknown = sorted(set(choice) - set(allowed))
+        return base
+    allowed = _field_names(base)
+    unknown = sorted(set(choice) - set(allowed), key=str)
     if unknown:
-        where = path if isinstance(path, str) else path_str(path)
         raise ValueError(f"{where}: unknown per-leaf setting(s) {unknown} in `where`; "
                          f"allowed: {list(allowed)}")
-    return dict(choice)
+    try:
+        return dataclasses.replace(base, **choice)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 def is_float_array(leaf: Any) -> bool:
@@ -86,7 +201,8 @@ def _wrap_overrides(mask: Any, tree: Any) -> Any:
 
 def _broadcast_mask(tree: Params, mask: Params, is_leaf) -> list[Choice]:
     """Expands a mask tree (or a prefix of the tree's structure) to one choice per leaf."""
-    is_choice = lambda x: isinstance(x, (bool, np.bool_, _Overrides)) or x is None  # noqa: E731
+    is_choice = lambda x: (  # noqa: E731
+        isinstance(x, (bool, np.bool_, _Overrides, SettingsRecord)) or x is None)
     try:
         expanded = jax.tree.map(
             lambda m, sub: jax.tree.map(lambda _: m, sub, is_leaf=is_leaf),
@@ -99,9 +215,9 @@ def _broadcast_mask(tree: Params, mask: Params, is_leaf) -> list[Choice]:
     choices = jax.tree.leaves(expanded, is_leaf=is_choice)
     choices = [c.mapping if isinstance(c, _Overrides) else c for c in choices]
     for c in choices:
-        if not isinstance(c, (bool, np.bool_, Mapping)) and c is not None:
+        if not isinstance(c, (bool, np.bool_)) and not is_overrides(c) and c is not None:
             raise ValueError(f"`where` mask entries must be bools, got {c!r}")
-    return [bool(c) if not isinstance(c, Mapping) else c for c in choices]
+    return [c if is_overrides(c) else bool(c) for c in choices]
 
 
 def map_kernels(model_map: Any) -> Callable[[KeyPath, Any], bool]:
@@ -117,8 +233,8 @@ def leaf_choices(
 ) -> list[tuple[KeyPath, Any, Choice]]:
     """Returns ``(path, leaf, choice)`` for every leaf, in ``jax.tree.leaves`` order.
 
-    ``choice`` is ``False`` (untouched), ``True`` (selected) or a mapping of per-leaf
-    setting overrides (selected). ``model_map`` only changes the default selection.
+    ``choice`` is ``False`` (untouched), ``True`` (selected) or the leaf's own settings
+    (selected): a mapping of overrides or a settings record, for `leaf_overrides`. ``model_map`` only changes the default selection.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     if where is None:
@@ -128,7 +244,7 @@ def leaf_choices(
         out = []
         for p, x in flat:
             c = where(p, x)
-            if not isinstance(c, Mapping):
+            if not is_overrides(c):
                 c = bool(c)
             out.append((p, x, c))
         return out

@@ -17,6 +17,7 @@ from jaxopt_lab.oneshot.rotation import (
     rotate_writers,
 )
 from jaxopt_lab.oneshot.sensitivity import Sensitivity, as_where, propose, sensitivity
+from jaxopt_lab.oneshot.settings import GPTQSettings, SparseGPTSettings, WandaSettings
 from jaxopt_lab.oneshot.sequential import block_stats, sequential
 from jaxopt_lab.oneshot.smoothquant import smooth_layernorm, smooth_scales
 from jaxopt_lab.oneshot.sparsegpt import sparsegpt, sparsegpt_matrix
@@ -25,8 +26,11 @@ from jaxopt_lab.oneshot.wanda import wanda, wanda_matrix
 
 __all__ = (
     "AWQResult",
+    "GPTQSettings",
     "LayerStats",
     "Sensitivity",
+    "SparseGPTSettings",
+    "WandaSettings",
     "as_where",
     "awq_matrix",
     "block_stats",

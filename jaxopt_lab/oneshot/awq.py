@@ -23,8 +23,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _obs
 from jaxopt_lab.quant.core import leaf_settings, quantize_array
+from jaxopt_lab.quant.settings import QuantSettings
 from jaxopt_lab.quant.qtensor import QTensor
 
 
@@ -40,9 +42,9 @@ class AWQResult(NamedTuple):
 
 def _settings(w, bits, group_size, symmetric, name: str) -> tuple:
     """`jaxopt_lab.quantize`'s resolved settings for a ``(K, N)`` kernel, as a static tuple."""
-    base = dict(bits=bits, granularity="channel" if group_size is None else "group",
-                group_size=group_size, symmetric=symmetric, axis=-1, dtype=None,
-                scale_dtype="float32")
+    base = _select.settings(name, QuantSettings, bits=bits, group_size=group_size,
+                            granularity="channel" if group_size is None else "group",
+                            symmetric=symmetric)
     return tuple(sorted(leaf_settings(name, w, base, True).items()))
 
 

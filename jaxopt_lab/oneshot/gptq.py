@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _layers, _obs
+from jaxopt_lab.oneshot.settings import GPTQSettings
 from jaxopt_lab.quant.qtensor import QTensor, pack
 
 Params = Any
@@ -149,7 +150,8 @@ def gptq(
       stats: per-kernel `LayerStats`: a dict ``{leaf path string: LayerStats}`` or a tree
         shaped like ``params`` holding a `LayerStats` at (or above) each selected kernel.
       bits, group_size, symmetric, act_order, static_groups, clip_search, damp, block_size:
-        as in `gptq_matrix`; a ``where`` callable may override them per leaf
+        as in `gptq_matrix`; a ``where`` callable or mask may give a leaf its own
+        `GPTQSettings` (e.g. ``GPTQSettings(bits=8)``) or a mapping of some of its fields
         (``{"bits": 8}``).
       contracting: ``{leaf path string: contracting axes}``; default every axis but the
         last (Flax ``Dense``/``Conv``). The ``QTensor`` keeps the kernel's own shape.
@@ -176,18 +178,20 @@ def gptq(
       >>> type(q["dense"]["kernel"]).__name__, q["dense"]["bias"].shape
       ('QTensor', (4,))
     """
-    base = dict(bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
-                static_groups=static_groups, clip_search=clip_search, damp=damp,
-                block_size=block_size)
+    # Bad keyword arguments raise at the first selected leaf, naming it.
+    base = _select.deferred_settings(
+        GPTQSettings, bits=bits, group_size=group_size, symmetric=symmetric,
+        act_order=act_order, static_groups=static_groups, clip_search=clip_search, damp=damp,
+        block_size=block_size)
 
     def one(name, path, leaf, choice):
-        s = {**base, **_select.leaf_overrides(name, choice, tuple(base))}
+        s = _select.leaf_overrides(name, choice, base)
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
-        _obs.check_quant(name, mat.shape[0], s["bits"], s["group_size"])
-        qt = gptq_matrix(mat, st.xtx, name=name, **s)
+        _obs.check_quant(name, mat.shape[0], s.bits, s.group_size)
+        qt = gptq_matrix(mat, st.xtx, name=name, **_select.fields_of(s))
         if axes == tuple(range(len(axes))):
-            return _qtensor(_as_result(qt), shape, axes, s["bits"], s["group_size"],
+            return _qtensor(_as_result(qt), shape, axes, s.bits, s.group_size,
                             jnp.asarray(leaf).dtype, name)
         raise ValueError(f"{name}: GPTQ to a QTensor needs leading contracting axes, got "
                          f"{axes} for shape {shape}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _layers, _obs
+from jaxopt_lab.oneshot.settings import SparseGPTSettings
 
 Params = Any
 
@@ -127,8 +128,8 @@ def sparsegpt(
       params: a pytree of arrays.
       stats: per-kernel `LayerStats` (as for `gptq`).
       sparsity, n, m, bits, group_size, symmetric, damp, block_size: as in
-        `sparsegpt_matrix` (N:M runs along the contraction); a ``where`` callable may
-        override them per leaf.
+        `sparsegpt_matrix` (N:M runs along the contraction); a ``where`` callable or mask
+        may give a leaf its own `SparseGPTSettings` or a mapping of some of its fields.
       contracting: ``{leaf path string: contracting axes}``; default every axis but the last.
       model_map: a `jaxopt_lab.ModelMap`: each kernel's contracting axes are read from it
         (``contracting`` entries still win).
@@ -153,8 +154,9 @@ def sparsegpt(
       >>> float(jol.sparsity(new).overall), int((~masks["kernel"]).sum())
       (0.5, 16)
     """
-    base = dict(sparsity=sparsity, n=n, m=m, bits=bits, group_size=group_size,
-                symmetric=symmetric, damp=damp, block_size=block_size)
+    base = _select.deferred_settings(  # bad arguments raise at the first leaf, naming it
+        SparseGPTSettings, sparsity=sparsity, n=n, m=m, bits=bits, group_size=group_size,
+        symmetric=symmetric, damp=damp, block_size=block_size)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     choices = _select.leaf_choices(params, where, model_map=model_map)
     new, masks = [], []
@@ -164,7 +166,7 @@ def sparsegpt(
             masks.append(jnp.ones(np.shape(leaf), bool))
             continue
         name = _select.path_str(path)
-        s = {**base, **_select.leaf_overrides(name, choice, tuple(base))}
+        s = _select.fields_of(_select.leaf_overrides(name, choice, base))
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         w2, mask = sparsegpt_matrix(mat, st.xtx, name=name, **s)

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import _select
-from jaxopt_lab.oneshot import _layers
+from jaxopt_lab.oneshot import _layers, settings
+from jaxopt_lab.oneshot.settings import WandaSettings
 from jaxopt_lab.oneshot._obs import _keep_block, _keep_top_per_column
 from jaxopt_lab.oneshot.sparsegpt import check_pruning
 
 Params = Any
-SCOPES = ("output", "layer")
+SCOPES = settings.SCOPES
 
 
 @functools.partial(jax.jit, static_argnames=("sparsity", "n", "m", "scope"))
@@ -114,7 +115,8 @@ def wanda(
     Args:
       params: a pytree of arrays.
       stats: per-kernel `LayerStats` (as for `gptq`); the norms are ``sqrt(diag(xtx))``.
-      sparsity, n, m, scope: as in `wanda_matrix`; a ``where`` callable may override them.
+      sparsity, n, m, scope: as in `wanda_matrix`; a ``where`` callable or mask may give
+        a leaf its own `WandaSettings` or a mapping of some of its fields.
       contracting: ``{leaf path string: contracting axes}``; default every axis but the last.
       model_map: a `jaxopt_lab.ModelMap`: each kernel's contracting axes are read from it
         (``contracting`` entries still win).
@@ -138,14 +140,16 @@ def wanda(
       >>> float(jol.sparsity(jol.apply_mask(params, masks)).overall)
       0.5
     """
-    base = dict(sparsity=sparsity, n=n, m=m, scope=scope)
+    # Bad keyword arguments raise at the first selected leaf, naming it.
+    base = _select.deferred_settings(WandaSettings, sparsity=sparsity, n=n, m=m, scope=scope)
 
     def one(name, path, leaf, choice):
-        s = {**base, **_select.leaf_overrides(name, choice, tuple(base))}
+        s = _select.leaf_overrides(name, choice, base)
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         norm = jnp.sqrt(jnp.maximum(jnp.diag(st.xtx), 0.0))
-        return _layers.from_matrix(wanda_matrix(mat, norm, name=name, **s), shape, axes)
+        masks = wanda_matrix(mat, norm, name=name, **_select.fields_of(s))
+        return _layers.from_matrix(masks, shape, axes)
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     choices = _select.leaf_choices(params, where, model_map=model_map)

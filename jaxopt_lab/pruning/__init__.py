@@ -18,6 +18,7 @@ from jaxopt_lab.pruning.schedules import (
     polynomial_schedule,
     polynomial_sparsity,
 )
+from jaxopt_lab.pruning.settings import NMSettings, SparsitySettings
 from jaxopt_lab.pruning.sparse import SparseTensor, to_dense, to_sparse
 from jaxopt_lab.pruning.structured import channel_mask, nm_mask
 from jaxopt_lab.pruning.transform import PruneState, Sparsity, apply_mask, prune, sparsity
@@ -25,10 +26,12 @@ from jaxopt_lab.pruning.transform import PruneState, Sparsity, apply_mask, prune
 __all__ = (
     "CompactReport",
     "CompactedLayer",
+    "NMSettings",
     "SkippedLayer",
     "compact_report",
     "PruneState",
     "SparseTensor",
+    "SparsitySettings",
     "Sparsity",
     "apply_mask",
     "channel_mask",

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxopt_lab import _select
 from jaxopt_lab.pruning import select
+from jaxopt_lab.pruning.settings import SparsitySettings
 
 Params = Any
 # (path, leaf, previous leaf mask) -> the operands of ``select.SCORE_KINDS[kind]``
@@ -54,7 +55,7 @@ def previous_leaves(tree: Params, previous: Params | None) -> list[Any]:
     return [jnp.asarray(m, bool) for m in leaves]
 
 
-def _all_true_like(leaf: Any) -> jax.Array:
+def all_true_like(leaf: Any) -> jax.Array:
     """An all-True mask of ``leaf``'s shape, sharded like ``leaf`` when it is on a mesh.
 
     A constant is replicated on every device, even under ``jax.jit`` with sharded inputs;
@@ -84,7 +85,7 @@ def ranked_mask(
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     if sparsity is None:
         raise ValueError("sparsity is required (a number in [0, 1] or a schedule value)")
-    check_sparsity(sparsity)
+    base = SparsitySettings(sparsity=sparsity)  # its error names the bad value
     treedef = jax.tree.structure(tree)
     prev = previous_leaves(tree, previous)
     out: list[Any] = []
@@ -92,22 +93,21 @@ def ranked_mask(
     choices = _select.leaf_choices(tree, where, model_map=model_map)
     for i, (path, leaf, choice) in enumerate(choices):
         if choice is False:
-            out.append(_all_true_like(leaf))
+            out.append(all_true_like(leaf))
             continue
-        settings = _select.leaf_overrides(path, choice, ("sparsity",))
+        record = _select.leaf_overrides(path, choice, base)
         operands = operands_fn(path, leaf, prev[i])
         size = int(np.size(leaf))
         out.append(None)
         if scope == "global":
-            if settings:
+            if _select.overridden(choice, base, record):
                 raise ValueError(
                     f"{_select.path_str(path)}: a per-leaf sparsity needs scope='layer'"
                 )
             pooled.append((i, operands, size))
             continue
-        s = settings.get("sparsity", sparsity)
-        check_sparsity(s, f"{_select.path_str(path)}: sparsity")
-        out[i] = select.keep_lowest(kind, [operands], select.count_to_prune(s, size))[0]
+        out[i] = select.keep_lowest(kind, [operands],
+                                    select.count_to_prune(record.sparsity, size))[0]
     if pooled:
         total = sum(n for _, _, n in pooled)
         keep = select.keep_lowest(
@@ -134,7 +134,8 @@ def magnitude_mask(
       sparsity: fraction to prune, in ``[0, 1]`` (may be a traced scalar).
       scope: ``"layer"`` (each selected leaf on its own) or ``"global"`` (one
         ranking across all selected leaves).
-      where: leaf selection (see ``jaxopt_lab._select``).
+      where: leaf selection (see ``jaxopt_lab._select``); a leaf may get its own
+        `jaxopt_lab.SparsitySettings` (or ``{"sparsity": ..}``) with ``scope="layer"``.
       previous: a mask tree whose False entries are pruned first (nested masks).
       model_map: a `jaxopt_lab.ModelMap`: the default selection becomes the model's
         kernels (not embeddings, biases or norms, whatever their shape).

@@ -18,17 +18,10 @@ from jax import lax
 
 from jaxopt_lab import _select
 from jaxopt_lab.pruning import select
-from jaxopt_lab.pruning.masks import _all_true_like, check_sparsity, previous_leaves
+from jaxopt_lab.pruning.masks import all_true_like, check_sparsity, previous_leaves
+from jaxopt_lab.pruning.settings import NMSettings, SparsitySettings
 
 Params = Any
-
-
-def _check_nm(name: str, n: Any, m: Any) -> None:
-    for label, v in (("n", n), ("m", m)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"{name}: {label} must be an int, got {v!r}")
-    if m < 1 or n < 0 or n > m:
-        raise ValueError(f"{name}: need 0 <= n <= m and m >= 1, got n={n}, m={m}")
 
 
 def _group_keep(scores: jax.Array, keep_per_group: jax.Array, axis: int = -1) -> jax.Array:
@@ -122,7 +115,10 @@ def nm_mask(
       n: entries kept per group. m: group size.
       axis: the grouped axis without a map (or as a per-leaf override).
       where: leaf selection (default: the map's kernels, else float leaves with
-        ``ndim >= 2``). A callable may return ``{"n": .., "m": .., "axis": ..}``.
+        ``ndim >= 2``). A callable or mask may give a leaf its own
+        `jaxopt_lab.NMSettings` or a mapping of some of its fields
+        (``{"n": .., "m": .., "axis": ..}``); a field it sets (a record's field that
+        differs from the call's) wins over the map and never falls back.
       previous: a mask tree whose False entries are pruned first.
       model_map: a `jaxopt_lab.ModelMap` of the model.
 
@@ -141,7 +137,7 @@ def nm_mask(
       >>> jol.nm_mask({"w": w}, n=2, m=4)["w"][:, 0].tolist()
       [False, True, True, False]
     """
-    _check_nm("nm_mask", n, m)
+    base = _select.settings("nm_mask", NMSettings, n=n, m=m, axis=axis)
     check_sparsity(sparsity)
     prev = previous_leaves(tree, previous)
     out, fallbacks = [], []
@@ -149,23 +145,23 @@ def nm_mask(
     for i, (path, leaf, choice) in enumerate(choices):
         shape = np.shape(leaf)
         if choice is False:
-            out.append(_all_true_like(leaf))
+            out.append(all_true_like(leaf))
             continue
         name = _select.path_str(path)
-        s = _select.leaf_overrides(path, choice, ("n", "m", "axis"))
-        ln, lm, lax_ = s.get("n", n), s.get("m", m), s.get("axis", axis)
-        _check_nm(name, ln, lm)
+        record = _select.leaf_overrides(path, choice, base)
+        explicit = _select.overridden(choice, base, record)
+        ln, lm, lax_ = record.n, record.m, record.axis
         if not -len(shape) <= lax_ < len(shape):
             raise ValueError(f"{name}: axis {lax_} is out of range for shape {shape}")
         info = None if model_map is None else model_map.lookup(path)
-        axes = _contraction(info, shape, lax_, "axis" in s)
+        axes = _contraction(info, shape, lax_, "axis" in explicit)
         length = math.prod(shape[a] for a in axes)
         if length % lm:
             why = f"contraction axes {axes} have length {length}, not divisible by m={lm}"
-            if "axis" in s or "m" in s:
+            if "axis" in explicit or "m" in explicit:
                 raise ValueError(f"{name}: {why}")
             fallbacks.append(f"{name}: {why}; left unpruned")
-            out.append(_all_true_like(leaf))
+            out.append(all_true_like(leaf))
             continue
         prune = lm - ln
         if sparsity is not None:
@@ -177,7 +173,7 @@ def nm_mask(
         keep = _nm_keep(select.magnitude_scores(leaf, prev[i]), axes, lm, lm - prune)
         # Groups that straddle shards (a shard shorter than m) leave XLA free to replicate
         # the result; ``& all-True`` keeps the mask sharded like its leaf.
-        out.append(keep & _all_true_like(leaf))
+        out.append(keep & all_true_like(leaf))
     _select.report_fallbacks(fallbacks, "nm_mask")
     return jax.tree.unflatten(jax.tree.structure(tree), out)
 
@@ -244,7 +240,7 @@ def _channels_to_leaf(keep: jax.Array, axes: tuple[int, ...], leaf: Any) -> jax.
     expanded = [shape[a] if a in axes else 1 for a in range(len(shape))]
     # ``& all-True`` gives the mask the leaf's sharding (a broadcast constant would be
     # replicated on every device).
-    return jnp.broadcast_to(keep.reshape(expanded), shape) & _all_true_like(leaf)
+    return jnp.broadcast_to(keep.reshape(expanded), shape) & all_true_like(leaf)
 
 
 def channel_mask(
@@ -282,18 +278,17 @@ def channel_mask(
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
     if sparsity is None:
         raise ValueError("sparsity is required (a number in [0, 1] or a schedule value)")
-    check_sparsity(sparsity)
+    base = SparsitySettings(sparsity=sparsity)  # its error names the bad value
     prev = previous_leaves(tree, previous)
     out = []
     for i, (path, leaf, choice) in enumerate(
             _select.leaf_choices(tree, where, model_map=model_map)):
         shape = np.shape(leaf)
         if choice is False:
-            out.append(_all_true_like(leaf))
+            out.append(all_true_like(leaf))
             continue
         name = _select.path_str(path)
-        s = _select.leaf_overrides(path, choice, ("sparsity",)).get("sparsity", sparsity)
-        check_sparsity(s, f"{name}: sparsity")
+        s = _select.leaf_overrides(path, choice, base).sparsity
         if not -len(shape) <= axis < len(shape):
             raise ValueError(f"{name}: axis {axis} is out of range for shape {shape}")
         info = None if model_map is None else model_map.lookup(path)

@@ -20,7 +20,7 @@ import optax
 from jax import lax
 
 from jaxopt_lab import _select
-from jaxopt_lab.pruning.masks import _all_true_like
+from jaxopt_lab.pruning.masks import all_true_like
 from jaxopt_lab.pruning.schedules import constant_sparsity
 
 Params = Any
@@ -143,13 +143,13 @@ def prune(
         new = check_masks(tree, new)
         if where is not None or model_map is not None:  # leaves outside are never masked
             picks = _select.selection(tree, where, model_map=model_map)
-            new = jax.tree.map(lambda m, on, p: m if on else _all_true_like(p),
+            new = jax.tree.map(lambda m, on, p: m if on else all_true_like(p),
                                new, picks, tree)
         return new
 
     def init_fn(params):
         # Sharded like each parameter: a constant would put every whole mask on one device.
-        masks = jax.tree.map(_all_true_like, params)
+        masks = jax.tree.map(all_true_like, params)
         return PruneState(jnp.zeros((), jnp.int32), jnp.full((), jnp.nan, jnp.float32), masks)
 
     def update_fn(updates, state, params=None, **extra_args):

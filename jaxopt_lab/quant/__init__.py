@@ -10,9 +10,12 @@ from jaxopt_lab.quant.fake_quant import (
     lsq_init,
 )
 from jaxopt_lab.quant.qtensor import QTensor, is_qtensor, pack, packed_length, unpack
+from jaxopt_lab.quant.settings import LSQSettings, QuantSettings
 
 __all__ = (
+    "LSQSettings",
     "QTensor",
+    "QuantSettings",
     "affine_codes",
     "affine_params",
     "dequantize",

@@ -27,6 +27,7 @@ features); when ``axis`` resolves to 0 it is axis 1, and for a 1-D array it is a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -38,49 +39,17 @@ import numpy as np
 from jaxopt_lab import _select
 from jaxopt_lab._select import LayoutFallbackWarning, report_fallbacks  # noqa: F401
 from jaxopt_lab.quant.codes import compute_codes, grouped
-from jaxopt_lab.quant.qtensor import FP8_DTYPES, GRANULARITIES, INT_BITS, QTensor, is_qtensor, pack
+from jaxopt_lab.quant.qtensor import QTensor, is_qtensor, pack
+from jaxopt_lab.quant.settings import SCALE_DTYPES, QuantSettings  # noqa: F401
 
 Params = Any
-SETTING_KEYS = (
-    "bits", "granularity", "group_size", "symmetric", "axis", "dtype", "scale_dtype",
-)
-SCALE_DTYPES = ("float32", "bfloat16")
+# The fields of `QuantSettings`: the static arguments of the jitted kernels.
+SETTING_KEYS = tuple(f.name for f in dataclasses.fields(QuantSettings))
 
 
-def check_settings(where: str, s: Mapping[str, Any]) -> None:
-    """Validates leaf-independent settings (``where`` names their origin in messages)."""
-    if s["dtype"] is not None:
-        if _dtype_name(s["dtype"]) not in FP8_DTYPES:
-            raise ValueError(f"{where}: dtype must be one of {FP8_DTYPES}, got {s['dtype']!r}")
-        if s["bits"] != 8 or not s["symmetric"]:
-            raise ValueError(f"{where}: fp8 quantization is symmetric 8-bit, got "
-                             f"bits={s['bits']!r}, symmetric={s['symmetric']!r}")
-    if s["bits"] not in INT_BITS or isinstance(s["bits"], bool):
-        raise ValueError(f"{where}: bits must be one of {INT_BITS}, got {s['bits']!r}")
-    if s["granularity"] not in GRANULARITIES:
-        raise ValueError(f"{where}: granularity must be one of {GRANULARITIES}, "
-                         f"got {s['granularity']!r}")
-    if s["granularity"] == "group":
-        g = s["group_size"]
-        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g <= 0:
-            raise ValueError(f"{where}: granularity='group' needs a positive int group_size, "
-                             f"got {g!r}")
-    axes = s["axis"] if isinstance(s["axis"], (tuple, list)) else (s["axis"],)
-    if not axes or any(isinstance(a, bool) or not isinstance(a, (int, np.integer))
-                       for a in axes):
-        raise ValueError(f"{where}: axis must be an int or a tuple of ints, got {s['axis']!r}")
-    if not isinstance(s["symmetric"], (bool, np.bool_)):
-        raise ValueError(f"{where}: symmetric must be a bool, got {s['symmetric']!r}")
-    if _dtype_name(s["scale_dtype"]) not in SCALE_DTYPES:
-        raise ValueError(f"{where}: scale_dtype must be one of {SCALE_DTYPES}, "
-                         f"got {s['scale_dtype']!r}")
-
-
-def _dtype_name(d: Any) -> str | None:
-    try:
-        return jnp.dtype(d).name
-    except TypeError:
-        return None
+def check_settings(where: str, s: Mapping[str, Any]) -> QuantSettings:
+    """The `QuantSettings` of a mapping; errors start with ``where`` (their origin)."""
+    return _select.settings(where, QuantSettings, **s)
 
 
 def _as_axes(axis: Any) -> tuple[int, ...]:
@@ -104,9 +73,14 @@ def _map_layout(info: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     return tuple(sorted(info.outputs + info.batch)), tuple(info.contracting)
 
 
-def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any,
+def leaf_settings(path: str, leaf: Any, base: QuantSettings | Mapping[str, Any], choice: Any,
                   info: Any = None, fallbacks: list[str] | None = None) -> dict[str, Any]:
-    """Merges per-leaf overrides into ``base`` and resolves the leaf's layout.
+    """The leaf's `QuantSettings` (``base`` or its `where` choice), layout resolved.
+
+    ``base`` is the call's record (a mapping of all its fields is read as one). The
+    leaf's record comes from `jaxopt_lab._select.leaf_overrides`; the fields it sets
+    explicitly (a mapping's keys, or a record's fields that differ from ``base``) win
+    over the model map and never fall back.
 
     The channel axes (``axis``, a tuple) and the group axes (``group_axis``, a tuple of
     contiguous axes) come from ``info`` (the leaf's `jaxopt_lab.LeafInfo` in a model map:
@@ -118,16 +92,18 @@ def leaf_settings(path: str, leaf: Any, base: Mapping[str, Any], choice: Any,
     ``path`` is appended to ``fallbacks``.
 
     Returns:
-      The settings with ``axis`` / ``group_axis`` resolved to tuples of non-negative ints
-      (``None`` where unused).
+      The record's fields as the static keyword arguments of `quantize_array`, with
+      ``axis`` / ``group_axis`` resolved to tuples of non-negative ints (``None`` where
+      unused).
 
     Raises:
       ValueError: naming ``path`` for any bad value.
     """
-    s = dict(base)
-    explicit = _select.leaf_overrides(path, choice, SETTING_KEYS)
-    s.update(explicit)
-    check_settings(path, s)
+    if not isinstance(base, QuantSettings):
+        base = check_settings(path, base)
+    record = _select.leaf_overrides(path, choice, base)
+    explicit = _select.overridden(choice, base, record)
+    s = {k: getattr(record, k) for k in SETTING_KEYS}
     dtype = getattr(leaf, "dtype", None)
     if not _select.is_float_array(leaf):
         raise ValueError(f"{path}: only floating-point arrays can be quantized, got "
@@ -231,8 +207,9 @@ def quantize(
         used without a model map, or as a per-leaf override.
       where: leaf selection (see `jaxopt_lab.select`); default: the kernels of
         ``model_map``, or without a map float leaves with ``ndim >= 2``. A callable/mask
-        may return a mapping of per-leaf overrides of the settings above, e.g.
-        ``{"bits": 8}`` for the first layer (mixed precision).
+        may give a leaf its own `jaxopt_lab.QuantSettings` (e.g.
+        ``QuantSettings(bits=8)`` for the first layer: mixed precision) or a mapping of
+        some of its fields (``{"bits": 8}``) replacing the keyword arguments here.
       dtype: ``"float8_e4m3fn"`` or ``"float8_e5m2"`` for fp8 codes instead of integers.
       scale_dtype: ``"float32"`` (default) or ``"bfloat16"`` storage for the scales; bfloat16
         scales are rounded *up* before the codes are computed (nothing extra clips) and save
@@ -265,9 +242,9 @@ def quantize(
       >>> float(jnp.abs(jol.dequantize(q)["kernel"] - params["kernel"]).max()) < 0.05
       True
     """
-    base = dict(bits=bits, granularity=granularity, group_size=group_size,
-                symmetric=symmetric, axis=axis, dtype=dtype, scale_dtype=scale_dtype)
-    check_settings("quantize", base)
+    base = _select.settings("quantize", QuantSettings, bits=bits, granularity=granularity,
+                            group_size=group_size, symmetric=symmetric, axis=axis, dtype=dtype,
+                            scale_dtype=scale_dtype)
     bare = is_bare_array(tree)
     if where is None and bare:
         where = True

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -37,7 +36,8 @@ from jaxopt_lab.quant.core import (
     leaf_settings,
     report_fallbacks,
 )
-from jaxopt_lab.quant.qtensor import INT_BITS, is_qtensor
+from jaxopt_lab.quant.qtensor import is_qtensor
+from jaxopt_lab.quant.settings import LSQSettings, QuantSettings
 
 Params = Any
 
@@ -117,9 +117,9 @@ def fake_quant(
       >>> jax.grad(loss)(w).tolist()  # STE: d/dw of sum(w_hat**2) is 2 * w_hat
       [[0.0, -2.0], [0.0, 2.0]]
     """
-    base = dict(bits=bits, granularity=granularity, group_size=group_size,
-                symmetric=symmetric, axis=axis, dtype=dtype, scale_dtype=scale_dtype)
-    check_settings("fake_quant", base)
+    base = check_settings("fake_quant", dict(
+        bits=bits, granularity=granularity, group_size=group_size, symmetric=symmetric,
+        axis=axis, dtype=dtype, scale_dtype=scale_dtype))
     bare = is_bare_array(tree_or_array)
     if where is None and bare:
         where = True
@@ -177,18 +177,6 @@ def _lsq_bwd(bounds, grad_scale, res, g):
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
 
 
-def _lsq_leaf_bits(path: str, base: Mapping[str, Any], choice: Any) -> dict[str, Any]:
-    s = dict(base)
-    if isinstance(choice, Mapping):
-        unknown = sorted(set(choice) - {"bits", "signed", "granularity", "axis"})
-        if unknown:
-            raise ValueError(f"{path}: unknown LSQ settings {unknown} in `where`")
-        s.update(choice)
-    if s["bits"] not in INT_BITS or isinstance(s["bits"], bool):
-        raise ValueError(f"{path}: bits must be one of {INT_BITS}, got {s['bits']!r}")
-    return s
-
-
 def lsq_init(
     params: Params,
     *,
@@ -206,8 +194,9 @@ def lsq_init(
       granularity: ``"tensor"`` (one step) or ``"channel"`` (one step per index of ``axis``).
       axis: channel axis for ``granularity="channel"``.
       signed: signed codes (weights) or unsigned (non-negative activations).
-      where: leaf selection; may return overrides of ``bits``/``signed``/``granularity``/
-        ``axis``. Pass the same ``where`` to `lsq_fake_quant`.
+      where: leaf selection; may give a leaf its own `jaxopt_lab.LSQSettings` or a mapping
+        of some of its fields (``bits``/``signed``/``granularity``/``axis``). Pass the
+        same ``where`` to `lsq_fake_quant`.
 
     Returns:
       A tree with the structure of ``params``: float32 steps with the leaf's ``ndim``
@@ -220,18 +209,14 @@ def lsq_init(
       >>> steps["w"].shape, steps["b"], round(float(steps["w"][0, 0]), 4)
       ((1, 1), None, 0.7559)
     """
-    base = dict(bits=bits, granularity=granularity, axis=axis, signed=signed)
-    _lsq_leaf_bits("lsq_init", base, True)  # bad bits raise even when no leaf is selected
-    if granularity not in ("tensor", "channel"):
-        raise ValueError(f"lsq_init: granularity must be 'tensor' or 'channel', got "
-                         f"{granularity!r}")
+    base = _select.settings("lsq_init", LSQSettings, bits=bits, granularity=granularity,
+                            axis=axis, signed=signed)
 
     def one(path, leaf, choice):
         name = _select.path_str(path)
-        s = _lsq_leaf_bits(name, base, choice)
-        qs = leaf_settings(name, leaf, dict(bits=s["bits"], granularity=s["granularity"],
-                                             group_size=None, symmetric=True, axis=s["axis"],
-                                             dtype=None, scale_dtype="float32"), True)
+        s = _select.leaf_overrides(name, choice, base)
+        qs = leaf_settings(name, leaf, QuantSettings(bits=s.bits, granularity=s.granularity,
+                                                     axis=s.axis), True)
         if qs["granularity"] == "group":
             raise ValueError(f"{name}: LSQ steps are per tensor or per channel, not per group")
         x = jnp.abs(jnp.asarray(leaf, jnp.float32))
@@ -240,7 +225,7 @@ def lsq_init(
         # power of two, so exact), then clamp the step itself into the float32 range.
         unit = jnp.where(jnp.max(x, axis=red, keepdims=True) > 2.0**64, 2.0**64, 1.0)
         mean = jnp.mean(x * (1.0 / unit), axis=red, keepdims=True)
-        qp = lsq_bounds(s["bits"], s["signed"])[1]
+        qp = lsq_bounds(s.bits, s.signed)[1]
         step = jnp.minimum(2 * mean / math.sqrt(qp) * unit, jnp.finfo(jnp.float32).max)
         return jnp.where(step == 0, 1.0, step)  # all zeros: 1; traced NaN stays NaN
 
@@ -273,8 +258,7 @@ def lsq_fake_quant(
       >>> jol.lsq_fake_quant(p, s, bits=3)["w"].tolist()
       [[0.0, -0.75], [0.25, 0.75]]
     """
-    base = dict(bits=bits, signed=signed, granularity="tensor", axis=-1)
-    _lsq_leaf_bits("lsq_fake_quant", base, True)  # bad bits raise even with no stepped leaf
+    base = _select.settings("lsq_fake_quant", LSQSettings, bits=bits, signed=signed)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     choices = ([c for _, _, c in _select.leaf_choices(params, where)] if where is not None
                else [True] * len(flat))
@@ -284,12 +268,12 @@ def lsq_fake_quant(
             out.append(leaf)
             continue
         name = _select.path_str(path)
-        s = _lsq_leaf_bits(name, base, choice)
+        s = _select.leaf_overrides(name, choice, base)
         step = jnp.asarray(step)
         if step.ndim != jnp.ndim(leaf):
             raise ValueError(f"{name}: step of shape {step.shape} does not broadcast like a "
                              f"leaf of shape {jnp.shape(leaf)}; make steps with lsq_init")
-        bounds = lsq_bounds(s["bits"], s["signed"])
+        bounds = lsq_bounds(s.bits, s.signed)
         n = max(1, math.prod(jnp.shape(leaf)) // max(1, step.size))
         out.append(_lsq(jnp.asarray(leaf), step, bounds, 1.0 / math.sqrt(n * bounds[1])))
     return jax.tree.unflatten(treedef, out)
