@@ -111,6 +111,7 @@ def gptq_matrix(
     _obs.check_quant(name, k, bits, group_size)
     _obs.check_damp(name, damp)
     _obs.check_finite(name, h)
+    _obs.check_weights_finite(name, w)
     dtype = jnp.asarray(w).dtype
     if not jnp.issubdtype(dtype, jnp.floating):
         # quantize rejects non-float leaves too; a QTensor of logical dtype int32 is nonsense.
@@ -119,10 +120,7 @@ def gptq_matrix(
                      symmetric=bool(symmetric), group_size=group_size, act_order=bool(act_order),
                      sparsity=None, n=None, m=None, static_groups=bool(static_groups),
                      clip_search=bool(clip_search))
-    if not isinstance(res.weights, jax.core.Tracer) and not bool(
-            jnp.isfinite(res.weights).all()):
-        raise ValueError(f"{name}: the damped Hessian is not positive definite; "
-                         f"raise damp (now {damp})")
+    _obs.check_result(name, res, damp)
     return _qtensor(res, tuple(np.shape(w)), (0,), int(bits), group_size, dtype, name)
 
 
