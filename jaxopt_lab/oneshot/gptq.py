@@ -91,8 +91,9 @@ def gptq_matrix(
 
     Raises:
       ValueError: naming ``name``, for non-float weights, bad shapes, bits, a group size
-        that does not divide ``K``, a negative ``damp``, or (for concrete input) a Hessian with NaN/Inf or one
-        that is not positive definite after dampening.
+        that does not divide ``K``, a negative ``damp``, or (for concrete input) weights or
+        a Hessian with NaN/Inf, a Hessian that is not positive definite after dampening,
+        or a result beyond float32's range (weights near its limit).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxopt_lab as jol

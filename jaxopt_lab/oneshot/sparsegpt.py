@@ -76,7 +76,10 @@ def sparsegpt_matrix(
 
     Raises:
       ValueError: naming ``name``, for bad shapes, sparsity outside ``[0, 1]``, an invalid
-        ``n:m``, ``K`` not divisible by ``m`` or ``group_size``, or a non-finite Hessian.
+        ``n:m``, ``K`` not divisible by ``m`` or ``group_size``, a non-finite Hessian or
+        weights, and (for concrete input) a damped Hessian that is not positive definite
+        or a result beyond float32's range (weights near its limit, whose compensation
+        does not fit; weights of any finite size are swept without overflowing).
 
     Examples:
       >>> import jax, jax.numpy as jnp
