@@ -551,6 +551,8 @@ def test_gptq_tree(case, bits, g):
 @given(case=_tree_case(), s=st.floats(0, 1))
 @example(case=_tree_case_of(4, 0, "huge", "missing"), s=0.5)
 @example(case=_tree_case_of(8, 1, "huge", None), s=0.25)
+# The sweep floored float64 ``s * size``: 15 pruned of 16 where count_to_prune says 16.
+@example(case=_tree_case_of(4, 0, "normal", None), s=0.9999999999999999)
 def test_sparsegpt_tree(case, s):
     params, stats, bad = case
     out, err = fz.attempt(oneshot.sparsegpt, params, stats, sparsity=s)

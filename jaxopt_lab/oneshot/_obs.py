@@ -11,6 +11,7 @@ and the rows after the block receive the whole block's errors as one matrix prod
 
 from __future__ import annotations
 
+import fractions
 import functools
 import math
 from typing import NamedTuple
@@ -134,6 +135,16 @@ def _keep_block(score: jax.Array, prune: int) -> jax.Array:
     return (rank >= prune).reshape(score.shape)
 
 
+def prune_count(sparsity: float, size: int) -> int:
+    """``floor(sparsity * size)`` by the library's one definition (`count_to_prune`: the
+    exact floor of float32 ``sparsity`` times ``size``). A float64 floor disagreed with it:
+    ``0.9999999999999999`` of 16 pruned 15 where every mask function prunes 16."""
+    # count_to_prune's host path in plain Python: it returns a jax scalar, which under
+    # the sweep's jit trace would not be a concrete count.
+    s32 = min(max(np.float32(sparsity), np.float32(0)), np.float32(1))
+    return math.floor(fractions.Fraction(float(s32)) * int(size))
+
+
 def block_rows(block_size: int, group_size: int | None, dynamic: bool, m: int | None) -> int:
     """Block length: a multiple of the dynamic group size and of ``m`` (groups never
     straddle blocks, so their scales and N:M choices see up-to-date rows)."""
@@ -181,8 +192,8 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
     # Rows pruned by each block (unstructured SparseGPT): exact integer counts, host-side.
     if sparsity is not None:
         ends = [min(b * big_b, k) for b in range(n_full + 2)]
-        counts = jnp.asarray([math.floor(sparsity * ncol * ends[b + 1])
-                              - math.floor(sparsity * ncol * ends[b])
+        counts = jnp.asarray([prune_count(sparsity, ncol * ends[b + 1])
+                              - prune_count(sparsity, ncol * ends[b])
                               for b in range(n_full + 1)], jnp.int32)
     if not quant:
         scale = zero = lo = hi = jnp.zeros((1, ncol), jnp.float32)

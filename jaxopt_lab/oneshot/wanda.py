@@ -12,7 +12,6 @@ of each output. Ties follow the library's masks: pruned in index order as in
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -21,7 +20,7 @@ import numpy as np
 
 from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _layers
-from jaxopt_lab.oneshot._obs import _keep_block, _keep_top_per_column
+from jaxopt_lab.oneshot._obs import _keep_block, _keep_top_per_column, prune_count
 from jaxopt_lab.oneshot.sparsegpt import check_pruning
 
 Params = Any
@@ -37,8 +36,8 @@ def _wanda(w, norm, *, sparsity, n, m, scope):
         keep = _keep_top_per_column(groups, n, keep_first_ties=True)
         return keep.reshape(m, k // m, ncol).transpose(1, 0, 2).reshape(k, ncol)
     if scope == "layer":
-        return _keep_block(score, math.floor(sparsity * k * ncol))
-    prune = math.floor(sparsity * k)
+        return _keep_block(score, prune_count(sparsity, k * ncol))
+    prune = prune_count(sparsity, k)
     return _keep_top_per_column(score, k - prune)
 
 
