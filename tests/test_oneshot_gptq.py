@@ -157,6 +157,29 @@ def test_bad_input_raises_naming_the_layer():
         gptq({"dense": {"kernel": jnp.full((K, N), jnp.inf)}}, {"dense": ok})
 
 
+# Regression: GPTQ shares SparseGPT's sweep, whose error compensation overflowed float32
+# for weights near its limit (reported as a Hessian that is not positive definite). The
+# quantizer follows the range, so power-of-two scaled weights get the same codes and
+# exactly scaled scales.
+@pytest.mark.parametrize("exp", [40, 100, 125])
+@pytest.mark.parametrize("bits,g,sym,act", [(4, 8, True, False), (3, None, False, True)])
+def test_huge_weights_quantize_like_their_scaled_down_copy(exp, bits, g, sym, act):
+    x, w = _data(2)
+    h = x.T @ x
+    kw = dict(bits=bits, group_size=g, symmetric=sym, act_order=act, block_size=8)
+    ref = gptq_matrix(w, h, **kw)
+    big = gptq_matrix(w * np.float32(2.0**exp), h, **kw)
+    np.testing.assert_array_equal(big.values(), ref.values())
+    np.testing.assert_array_equal(np.asarray(big.scale, np.float64) / 2.0**exp, ref.scale)
+
+
+def test_non_finite_weights_are_named_as_such():
+    x, w = _data(0)
+    w[0, 0] = np.nan
+    with pytest.raises(ValueError, match="L: the weights hold NaN or Inf"):
+        gptq_matrix(w, x.T @ x, bits=4, name="L")
+
+
 def test_docstring_examples_run():
     mod = importlib.import_module("jaxopt_lab.oneshot.gptq")
     assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0

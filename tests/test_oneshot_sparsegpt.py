@@ -120,6 +120,49 @@ def test_bad_input_raises_naming_the_layer():
         sparsegpt_matrix(w, np.full((K, K), np.nan), sparsity=0.5, name="L")
 
 
+# Regression (fuzz finding: test_fuzz_oneshot's sparsegpt tree test, kernel 'a' of "huge"
+# weights): error compensation overflowed float32 for weights near its limit and the NaN
+# was reported as "the damped Hessian is not positive definite", a Hessian fault, for
+# valid 8-row Hessians; and squared scores were Inf for every |w| > 2^64, so the mask
+# ranked those weights by position. The sweep is homogeneous in W: a power-of-two scale
+# must give the same mask and exactly scaled weights.
+@pytest.mark.parametrize("exp", [40, 100, 126])
+@pytest.mark.parametrize("prune", [{"sparsity": 0.5}, {"n": 2, "m": 4}])
+def test_huge_weights_are_pruned_like_their_scaled_down_copy(exp, prune):
+    x, w = _data(1)
+    h = x.T @ x
+    w_ref, m_ref = sparsegpt_matrix(w, h, **prune, block_size=8)
+    w_big, m_big = sparsegpt_matrix(w * np.float32(2.0**exp), h, **prune, block_size=8)
+    np.testing.assert_array_equal(m_big, m_ref)
+    np.testing.assert_allclose(np.asarray(w_big, np.float64) / 2.0**exp, w_ref, rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_an_unrepresentable_result_is_reported_as_overflow_not_as_a_hessian_fault():
+    # The fuzz example itself: kernel 'a' of _tree_case(seed=0, k=4, kind="huge").
+    rng = np.random.default_rng(0)
+    sign = np.where(rng.random((4, 4)) < 0.5, -1.0, 1.0)
+    w = (sign * float(np.finfo(np.float32).max) * rng.uniform(0.25, 1.0, (4, 4)))
+    w = w.astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    h = hessian_accumulate(hessian_init(4), x).xtx
+    # The exact result (the sweep of w / 2^20, scaled back) exceeds float32's range.
+    small, _ = sparsegpt_matrix(w / np.float32(2.0**20), h, sparsity=0.5)
+    assert np.abs(np.asarray(small, np.float64)).max() * 2.0**20 > np.finfo(np.float32).max
+    with pytest.raises(ValueError, match="L: the error-compensated weights overflow") as err:
+        sparsegpt_matrix(w, h, sparsity=0.5, name="L")
+    assert "positive definite" not in str(err.value)
+
+
+def test_non_finite_weights_are_named_as_such():
+    x, w = _data(0)
+    for bad in (np.nan, np.inf):
+        w2 = w.copy()
+        w2[3, 2] = bad
+        with pytest.raises(ValueError, match="L: the weights hold NaN or Inf"):
+            sparsegpt_matrix(w2, x.T @ x, sparsity=0.5, name="L")
+
+
 def test_docstring_examples_run():
     mod = importlib.import_module("jaxopt_lab.oneshot.sparsegpt")
     assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0

@@ -11,6 +11,7 @@ and the rows after the block receive the whole block's errors as one matrix prod
 
 from __future__ import annotations
 
+import fractions
 import functools
 import math
 from typing import NamedTuple
@@ -32,7 +33,8 @@ class SweepResult(NamedTuple):
     ``weights``: the new float32 ``(K, N)`` weights (quantized values and exact zeros);
     ``codes``: ``int8`` codes or ``None``; ``scale``/``zero``: ``(G, N)`` quantizer
     parameters (``G = K // group_size``, or 1 per channel), ``zero`` ``None`` if symmetric;
-    ``mask``: bool ``(K, N)``, True = kept.
+    ``mask``: bool ``(K, N)``, True = kept; ``factor_ok``: whether the Cholesky factor of
+    the damped ``H^-1`` is finite (False: the damped Hessian is not positive definite).
     """
 
     weights: jax.Array
@@ -40,6 +42,7 @@ class SweepResult(NamedTuple):
     scale: jax.Array | None
     zero: jax.Array | None
     mask: jax.Array
+    factor_ok: jax.Array | None = None
 
 
 def damped_hinv_factor(h: jax.Array, damp: float) -> jax.Array:
@@ -113,23 +116,33 @@ def _group_params(rows, bits, symmetric, clip_search=False):
     return (*_params_of(lo, hi, bits, symmetric), lo, hi)
 
 
-def _keep_top_per_column(score: jax.Array, n: int, *, keep_first_ties: bool = False
+def keep_top_per_column(score: jax.Array, n: int, *, keep_first_ties: bool = False
                          ) -> jax.Array:
     """Keeps the ``n`` largest of each column. Ties: the lower row index is pruned, or with
     ``keep_first_ties`` kept (`jaxopt_lab.nm_mask`'s convention)."""
     if keep_first_ties:
-        return _keep_top_per_column(score[::-1], n)[::-1]
+        return keep_top_per_column(score[::-1], n)[::-1]
     order = jnp.argsort(score, axis=0, stable=True)
     rank = jnp.argsort(order, axis=0, stable=True)
     return rank >= score.shape[0] - n
 
 
-def _keep_block(score: jax.Array, prune: int) -> jax.Array:
+def keep_block(score: jax.Array, prune: int) -> jax.Array:
     """Prunes exactly ``prune`` lowest of the whole block (ties by flat index)."""
     flat = score.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(flat.shape[0], dtype=order.dtype))
     return (rank >= prune).reshape(score.shape)
+
+
+def prune_count(sparsity: float, size: int) -> int:
+    """``floor(sparsity * size)`` by the library's one definition (`count_to_prune`: the
+    exact floor of float32 ``sparsity`` times ``size``). A float64 floor disagreed with it:
+    ``0.9999999999999999`` of 16 pruned 15 where every mask function prunes 16."""
+    # count_to_prune's host path in plain Python: it returns a jax scalar, which under
+    # the sweep's jit trace would not be a concrete count.
+    s32 = min(max(np.float32(sparsity), np.float32(0)), np.float32(1))
+    return math.floor(fractions.Fraction(float(s32)) * int(size))
 
 
 def block_rows(block_size: int, group_size: int | None, dynamic: bool, m: int | None) -> int:
@@ -153,6 +166,7 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
     w = jnp.asarray(w, jnp.float32)
     h = jnp.asarray(h, jnp.float32)
     k, ncol = w.shape
+    w, shift = _normalize(w, damp)
     quant = bits is not None
     g = group_size or k
     n_groups = k // g
@@ -178,8 +192,8 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
     # Rows pruned by each block (unstructured SparseGPT): exact integer counts, host-side.
     if sparsity is not None:
         ends = [min(b * big_b, k) for b in range(n_full + 2)]
-        counts = jnp.asarray([math.floor(sparsity * ncol * ends[b + 1])
-                              - math.floor(sparsity * ncol * ends[b])
+        counts = jnp.asarray([prune_count(sparsity, ncol * ends[b + 1])
+                              - prune_count(sparsity, ncol * ends[b])
                               for b in range(n_full + 1)], jnp.int32)
     if not quant:
         scale = zero = lo = hi = jnp.zeros((1, ncol), jnp.float32)
@@ -193,7 +207,7 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
         d1 = lax.dynamic_slice_in_dim(diag_u, i1, nb)
         gidx1 = lax.dynamic_slice_in_dim(gidx, i1, nb)
         if sparsity is not None:
-            mask1 = _keep_block(w1**2 / (d1**2)[:, None], counts[b])
+            mask1 = keep_block(w1**2 / (d1**2)[:, None], counts[b])
         else:
             mask1 = jnp.ones((nb, ncol), bool)
 
@@ -203,7 +217,7 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
                 def nm(mask1):
                     rows = lax.dynamic_slice_in_dim(w1, i, m, 0)
                     dg = lax.dynamic_slice_in_dim(d1, i, m)
-                    keep = _keep_top_per_column(rows**2 / (dg**2)[:, None], n,
+                    keep = keep_top_per_column(rows**2 / (dg**2)[:, None], n,
                                                 keep_first_ties=True)
                     return lax.dynamic_update_slice_in_dim(mask1, keep, i, 0)
                 mask1 = lax.cond(i % m == 0, nm, lambda x: x, mask1)
@@ -259,12 +273,41 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
         state = run_block(n_full, n_full * big_b, tail, state)
     _, q_all, c_all, m_all, scale, zero, lo, hi = state
     inv = jnp.argsort(perm)
-    weights = q_all[inv]
+    weights = jnp.ldexp(q_all[inv], shift)
     mask = m_all[inv]
+    factor_ok = jnp.isfinite(u).all()
     if not quant:
-        return SweepResult(weights, None, None, None, mask)
+        return SweepResult(weights, None, None, None, mask, factor_ok)
     codes = c_all[inv]
-    return SweepResult(weights, codes, scale, None if symmetric else zero, mask)
+    scale = jnp.ldexp(scale, shift)
+    return SweepResult(weights, codes, scale, None if symmetric else zero, mask, factor_ok)
+
+
+# Weights at or above this magnitude are swept divided by a power of two (see `_normalize`).
+# Below it, the squared scores (``w^2 / U_kk^2``) and the compensated rows stay far from
+# float32's limit, and ordinary weights are swept bit for bit as given.
+NORMALIZE_ABOVE = 2.0**32
+
+
+def _normalize(w: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
+    """``(w * 2^-shift, shift)``: weights with ``max |w| >= NORMALIZE_ABOVE`` scaled to
+    ``[0.5, 1)``, else unchanged (``shift = 0``).
+
+    Error compensation adds ``U[i, j] / U[i, i]`` times row ``i``'s error to row ``j``: with
+    weights near float32's limit that overflowed to Inf and then NaN (reported as a Hessian
+    that is not positive definite) even where the result fits, and their scores ``w^2``
+    were Inf already above ``2^64``, so the mask ranked them by position. The sweep is
+    homogeneous in ``W`` (the mask compares ratios; the quantizer's scale follows the range),
+    and a power of two scales exactly, so the result is the same up to values below ``2^-126``
+    of the largest weight, which flush to zero. ``damp = inf`` propagates nothing: no shift,
+    so it stays exactly round-to-nearest / magnitude pruning.
+    """
+    if damp == math.inf:
+        return w, jnp.zeros((), jnp.int32)
+    amax = jnp.max(jnp.abs(w))
+    _, exp = jnp.frexp(amax)
+    shift = jnp.where(jnp.isfinite(amax) & (amax >= NORMALIZE_ABOVE), exp, 0).astype(jnp.int32)
+    return jnp.ldexp(w, -shift), shift
 
 
 def check_matrix(name: str, w, h) -> tuple[int, int]:
@@ -291,6 +334,30 @@ def check_quant(name: str, k: int, bits: int, group_size: int | None) -> None:
 def check_damp(name: str, damp: float) -> None:
     if not (isinstance(damp, (int, float)) and damp >= 0) or math.isnan(damp):
         raise ValueError(f"{name}: damp must be a number >= 0 (inf allowed), got {damp!r}")
+
+
+def check_weights_finite(name: str, w) -> None:
+    """Concrete-only NaN/Inf check of the weights (skipped under tracing)."""
+    if isinstance(w, jax.core.Tracer):
+        return
+    if not bool(np.isfinite(np.asarray(w, np.float64)).all()):
+        raise ValueError(f"{name}: the weights hold NaN or Inf")
+
+
+def check_result(name: str, res: SweepResult, damp: float) -> None:
+    """Concrete-only check of a sweep's weights; names the actual fault.
+
+    Non-finite output of finite input comes from one of two causes, told apart here: the
+    damped Hessian's Cholesky factor failed (not positive definite), or the compensated
+    weights exceed float32's range -- the result itself is not representable.
+    """
+    if isinstance(res.weights, jax.core.Tracer) or bool(jnp.isfinite(res.weights).all()):
+        return
+    if res.factor_ok is not None and not bool(res.factor_ok):
+        raise ValueError(f"{name}: the damped Hessian is not positive definite; "
+                         f"raise damp (now {damp})")
+    raise ValueError(f"{name}: the error-compensated weights overflow float32 (the result is "
+                     "not representable); scale the layer's weights down")
 
 
 def check_finite(name: str, h) -> None:

@@ -92,8 +92,9 @@ def gptq_matrix(
 
     Raises:
       ValueError: naming ``name``, for non-float weights, bad shapes, bits, a group size
-        that does not divide ``K``, a negative ``damp``, or (for concrete input) a Hessian with NaN/Inf or one
-        that is not positive definite after dampening.
+        that does not divide ``K``, a negative ``damp``, or (for concrete input) weights or
+        a Hessian with NaN/Inf, a Hessian that is not positive definite after dampening,
+        or a result beyond float32's range (weights near its limit).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxopt_lab as jol
@@ -112,6 +113,7 @@ def gptq_matrix(
     _obs.check_quant(name, k, bits, group_size)
     _obs.check_damp(name, damp)
     _obs.check_finite(name, h)
+    _obs.check_weights_finite(name, w)
     dtype = jnp.asarray(w).dtype
     if not jnp.issubdtype(dtype, jnp.floating):
         # quantize rejects non-float leaves too; a QTensor of logical dtype int32 is nonsense.
@@ -120,10 +122,7 @@ def gptq_matrix(
                      symmetric=bool(symmetric), group_size=group_size, act_order=bool(act_order),
                      sparsity=None, n=None, m=None, static_groups=bool(static_groups),
                      clip_search=bool(clip_search))
-    if not isinstance(res.weights, jax.core.Tracer) and not bool(
-            jnp.isfinite(res.weights).all()):
-        raise ValueError(f"{name}: the damped Hessian is not positive definite; "
-                         f"raise damp (now {damp})")
+    _obs.check_result(name, res, damp)
     return _qtensor(res, tuple(np.shape(w)), (0,), int(bits), group_size, dtype, name)
 
 

@@ -77,7 +77,10 @@ def sparsegpt_matrix(
 
     Raises:
       ValueError: naming ``name``, for bad shapes, sparsity outside ``[0, 1]``, an invalid
-        ``n:m``, ``K`` not divisible by ``m`` or ``group_size``, or a non-finite Hessian.
+        ``n:m``, ``K`` not divisible by ``m`` or ``group_size``, a non-finite Hessian or
+        weights, and (for concrete input) a damped Hessian that is not positive definite
+        or a result beyond float32's range (weights near its limit, whose compensation
+        does not fit; weights of any finite size are swept without overflowing).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -96,13 +99,11 @@ def sparsegpt_matrix(
         _obs.check_quant(name, k, bits, group_size)
     _obs.check_damp(name, damp)
     _obs.check_finite(name, h)
+    _obs.check_weights_finite(name, w)
     res = _obs.sweep(w, h, damp=float(damp), block_size=int(block_size), bits=bits,
                      symmetric=bool(symmetric), group_size=group_size, act_order=False,
                      sparsity=None if sparsity is None else float(sparsity), n=n, m=m)
-    if not isinstance(res.weights, jax.core.Tracer) and not bool(
-            jnp.isfinite(res.weights).all()):
-        raise ValueError(f"{name}: the damped Hessian is not positive definite; "
-                         f"raise damp (now {damp})")
+    _obs.check_result(name, res, damp)
     return res.weights.astype(jnp.asarray(w).dtype), res.mask
 
 

@@ -12,7 +12,6 @@ of each output. Ties follow the library's masks: pruned in index order as in
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -21,8 +20,8 @@ import numpy as np
 
 from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _layers, settings
+from jaxopt_lab.oneshot._obs import keep_block, keep_top_per_column, prune_count
 from jaxopt_lab.oneshot.settings import WandaSettings
-from jaxopt_lab.oneshot._obs import _keep_block, _keep_top_per_column
 from jaxopt_lab.oneshot.sparsegpt import check_pruning
 
 Params = Any
@@ -35,12 +34,12 @@ def _wanda(w, norm, *, sparsity, n, m, scope):
     k, ncol = w.shape
     if n is not None:
         groups = score.reshape(k // m, m, ncol).transpose(1, 0, 2).reshape(m, -1)
-        keep = _keep_top_per_column(groups, n, keep_first_ties=True)
+        keep = keep_top_per_column(groups, n, keep_first_ties=True)
         return keep.reshape(m, k // m, ncol).transpose(1, 0, 2).reshape(k, ncol)
     if scope == "layer":
-        return _keep_block(score, math.floor(sparsity * k * ncol))
-    prune = math.floor(sparsity * k)
-    return _keep_top_per_column(score, k - prune)
+        return keep_block(score, prune_count(sparsity, k * ncol))
+    prune = prune_count(sparsity, k)
+    return keep_top_per_column(score, k - prune)
 
 
 def wanda_matrix(
