@@ -3,7 +3,9 @@ Hadamard rotation, SparseGPT, Wanda, the block-by-block calibration driver, and 
 per-layer sensitivity sweep with its mixed assignment under a budget."""
 
 from jaxopt_lab.oneshot.awq import (
+    AWQModelResult,
     AWQResult,
+    awq,
     awq_matrix,
     fold_scale_into_dense,
     fold_scale_into_norm,
@@ -24,10 +26,12 @@ from jaxopt_lab.oneshot.stats import LayerStats, hessian_accumulate, hessian_ini
 from jaxopt_lab.oneshot.wanda import wanda, wanda_matrix
 
 __all__ = (
+    "AWQModelResult",
     "AWQResult",
     "LayerStats",
     "Sensitivity",
     "as_where",
+    "awq",
     "awq_matrix",
     "block_stats",
     "calibration_stats",
