@@ -543,8 +543,6 @@ def fold_targets(program: flax_hooks.Program) -> dict[int, FoldTarget | str]:
       >>> [found[i].kind for i in sorted(found)]
       ['norm', 'kernel']
     """
-    from jaxopt_lab.core.mapping import path_names  # the map imports this module
-
     walker = _Walker()
     jaxpr = program.closed.jaxpr
     ins: list[Any] = []
@@ -557,7 +555,7 @@ def fold_targets(program: flax_hooks.Program) -> dict[int, FoldTarget | str]:
     for o in walker.eval(jaxpr, program.closed.consts, ins):
         if isinstance(o, _Act):
             walker.block(o.tags, OUTPUT)
-    names = [path_names(p) for p in program.paths]
+    names = [flax_hooks.path_names(p) for p in program.paths]
 
     def check(sid: int) -> FoldTarget | str:
         if sid in walker.blocked:
@@ -661,8 +659,6 @@ def fold_scale(tree: Any, target: FoldTarget, s: Any, *, kernels: bool = True) -
     import jax
     import jax.numpy as jnp
 
-    from jaxopt_lab.core.mapping import path_names
-
     s = jnp.asarray(s, jnp.float32)
     where = "/".join(target.divide[0].path)
     if s.shape != (target.size,):
@@ -676,7 +672,7 @@ def fold_scale(tree: Any, target: FoldTarget, s: Any, *, kernels: bool = True) -
     seen = set()
 
     def one(path, leaf):
-        names = path_names(path)
+        names = flax_hooks.path_names(path)
         hits = [k for k in todo if names and k[len(k) - len(names):] == names]
         if len(hits) != 1:
             return leaf

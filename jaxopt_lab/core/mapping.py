@@ -33,22 +33,7 @@ ROLES = ("kernel", "embedding", "bias", "norm", "other", "unused")
 Names = tuple[str, ...]
 
 
-def path_names(path: Any) -> Names:
-    """A key path as plain names, without the ``.value`` of Flax boxes and NNX variables."""
-    names = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            names.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            names.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            if k.name != "value":
-                names.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            names.append(str(k.key))
-        else:
-            names.append(str(k))
-    return tuple(names)
+path_names = flax_hooks.path_names
 
 
 def layer_of(names: Names, api: str) -> str:

@@ -20,7 +20,7 @@ from jaxopt_lab.oneshot.rotation import (
 )
 from jaxopt_lab.oneshot.sensitivity import Sensitivity, as_where, propose, sensitivity
 from jaxopt_lab.oneshot.sequential import block_stats, sequential
-from jaxopt_lab.oneshot.smoothquant import smooth_layernorm, smooth_scales
+from jaxopt_lab.oneshot.smoothquant import smooth, smooth_layernorm, smooth_scales
 from jaxopt_lab.oneshot.sparsegpt import sparsegpt, sparsegpt_matrix
 from jaxopt_lab.oneshot.stats import LayerStats, hessian_accumulate, hessian_init
 from jaxopt_lab.oneshot.wanda import wanda, wanda_matrix
@@ -48,6 +48,7 @@ __all__ = (
     "rotate_writers",
     "sensitivity",
     "sequential",
+    "smooth",
     "smooth_layernorm",
     "smooth_scales",
     "sparsegpt",
