@@ -161,3 +161,18 @@ def test_rows_to_channels_roundtrip():
     # a kernel (3, 4, 5) contracting (0, 1) in row order, channels ordered (1, 0)
     ch = np.asarray(foldflow.rows_to_channels(s, (3, 4, 5), (0, 1), (1, 0)))
     np.testing.assert_array_equal(ch, s.reshape(3, 4).T.reshape(-1))
+
+
+def test_two_readers_with_different_needs_have_no_target():
+    """A norm output read by a Dense and, through GELU, by another: no exact fold."""
+
+    class TwoReaders(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.LayerNorm(name="ln")(x)
+            return nn.Dense(D, name="a")(h) + nn.Dense(D, name="b")(nn.gelu(h))
+
+    _, _, _, mm = _linen(TwoReaders())
+    for k in ("a", "b"):
+        assert mm.fold_target(("params", k, "kernel")) is None
+    assert "not positively homogeneous" in mm.fold_reason(("params", "a", "kernel"))
