@@ -55,3 +55,22 @@ def test_zero_channels_and_bad_input():
 def test_docstring_examples_run():
     mod = importlib.import_module("jaxopt_lab.oneshot.smoothquant")
     assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_smooth_with_model_map_keeps_float_model():
+    """Model-level SmoothQuant folds into the map's targets only: the float output is
+    unchanged, the shared q/k/v norm fold is applied, GELU-fed kernels are reported."""
+    import _fold_models as fm
+    import jaxopt_lab as jol
+    from jaxopt_lab.oneshot import calibration_stats, smooth
+    model = fm.PreLN()
+    x = jax.random.normal(jax.random.key(3), (4, 8, fm.D))
+    v = model.init(jax.random.key(1), x)
+    mm = jol.model_map(model, v, x)
+    new, how = smooth(v, calibration_stats(model, v, [x]), model_map=mm, alpha=0.5)
+    assert how["['params']['attn']['query']['kernel']"].startswith("smoothed into norm")
+    assert how["['params']['gelu_out']['kernel']"].startswith("not smoothed: ")
+    assert not np.allclose(np.asarray(new["params"]["ln0"]["scale"]),
+                           np.asarray(v["params"]["ln0"]["scale"]))
+    np.testing.assert_allclose(np.asarray(model.apply(new, x)), np.asarray(model.apply(v, x)),
+                               rtol=2e-4, atol=2e-4)

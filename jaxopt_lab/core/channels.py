@@ -211,6 +211,9 @@ def _reshape_groups(old: Sequence[int], new: Sequence[int]):
     return groups if i == len(o) and j == len(n) else None
 
 
+reshape_groups = _reshape_groups  # shared with `jaxopt_lab.core.foldflow`
+
+
 class _Walker:
     def __init__(self, zeroable: set[int], flow: ChannelFlow):
         self.zeroable, self.flow = zeroable, flow

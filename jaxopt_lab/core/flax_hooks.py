@@ -100,6 +100,24 @@ class Program:
     leaves: tuple  # the traced variables' leaves (QTensors whole; NNX: over the module's state)
 
 
+def path_names(path: Any) -> tuple[str, ...]:
+    """A key path as plain names, without the ``.value`` of Flax boxes and NNX variables."""
+    names = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            names.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            names.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name != "value":
+                names.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            names.append(str(k.key))
+        else:
+            names.append(str(k))
+    return tuple(names)
+
+
 def _is_leaf(x: Any) -> bool:
     return is_qtensor(x)
 

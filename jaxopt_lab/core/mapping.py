@@ -27,28 +27,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxopt_lab.core import flax_hooks
+from jaxopt_lab.core import flax_hooks, foldflow
 
 ROLES = ("kernel", "embedding", "bias", "norm", "other", "unused")
 Names = tuple[str, ...]
 
 
-def path_names(path: Any) -> Names:
-    """A key path as plain names, without the ``.value`` of Flax boxes and NNX variables."""
-    names = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            names.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            names.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            if k.name != "value":
-                names.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            names.append(str(k.key))
-        else:
-            names.append(str(k))
-    return tuple(names)
+path_names = flax_hooks.path_names
 
 
 def layer_of(names: Names, api: str) -> str:
@@ -118,6 +103,8 @@ class ModelMap(Mapping):
 
     infos: Mapping[Names, LeafInfo]
     api: str = "linen"
+    folds: Mapping[Names, foldflow.FoldTarget | str] = dataclasses.field(
+        default_factory=dict)
 
     def __getitem__(self, key: Names) -> LeafInfo:
         return self.infos[key]
@@ -154,6 +141,30 @@ class ModelMap(Mapping):
             return self.infos[names]
         found = self._suffixes.get(names, [])
         return self.infos[found[0]] if len(found) == 1 else None
+
+    def fold_target(self, path: Any) -> foldflow.FoldTarget | None:
+        """Where a per-input-channel scale of the kernel at ``path`` folds exactly.
+
+        The input ``x`` of the kernel's contraction is divided by ``s`` (its rows multiplied
+        by ``s``) with no extra op when ``x``'s producer absorbs ``1 / s``: a norm's scale and
+        bias, or a previous kernel's output columns and bias. Returns None where nothing
+        does (`fold_reason` says why); a target shared by several kernels (q, k, v after one
+        norm) lists them all in ``kernels``: they must take the same ``s``. Apply it with
+        `jaxopt_lab.core.foldflow.fold_scale`.
+        """
+        found = self._fold(path)
+        return found if isinstance(found, foldflow.FoldTarget) else None
+
+    def fold_reason(self, path: Any) -> str | None:
+        """Why the kernel at ``path`` has no `fold_target` (None when it has one)."""
+        found = self._fold(path)
+        return None if isinstance(found, foldflow.FoldTarget) else found
+
+    def _fold(self, path: Any) -> foldflow.FoldTarget | str:
+        info = self.lookup(path)
+        if info is None:
+            return "the leaf is not in the model map"
+        return self.folds.get(info.path, "no contraction reads it as a kernel")
 
     def kernels(self) -> dict[Names, LeafInfo]:
         """The leaves whose role is ``"kernel"``."""
@@ -231,4 +242,6 @@ def model_map(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> M
         role, con, out, bat = _role(uses[i])
         infos[names] = LeafInfo(names, tuple(aval.shape), np.dtype(aval.dtype).name, role,
                                 con, out, bat, layer_of(names, api), tuple(uses[i]))
-    return ModelMap(infos, api)
+    folds = {path_names(program.paths[i]): t
+             for i, t in foldflow.fold_targets(program).items()}
+    return ModelMap(infos, api, folds)

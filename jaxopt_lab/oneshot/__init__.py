@@ -3,7 +3,9 @@ Hadamard rotation, SparseGPT, Wanda, the block-by-block calibration driver, and 
 per-layer sensitivity sweep with its mixed assignment under a budget."""
 
 from jaxopt_lab.oneshot.awq import (
+    AWQModelResult,
     AWQResult,
+    awq,
     awq_matrix,
     fold_scale_into_dense,
     fold_scale_into_norm,
@@ -19,12 +21,13 @@ from jaxopt_lab.oneshot.rotation import (
 from jaxopt_lab.oneshot.sensitivity import Sensitivity, as_where, propose, sensitivity
 from jaxopt_lab.oneshot.settings import GPTQSettings, SparseGPTSettings, WandaSettings
 from jaxopt_lab.oneshot.sequential import block_stats, sequential
-from jaxopt_lab.oneshot.smoothquant import smooth_layernorm, smooth_scales
+from jaxopt_lab.oneshot.smoothquant import smooth, smooth_layernorm, smooth_scales
 from jaxopt_lab.oneshot.sparsegpt import sparsegpt, sparsegpt_matrix
 from jaxopt_lab.oneshot.stats import LayerStats, hessian_accumulate, hessian_init
 from jaxopt_lab.oneshot.wanda import wanda, wanda_matrix
 
 __all__ = (
+    "AWQModelResult",
     "AWQResult",
     "GPTQSettings",
     "LayerStats",
@@ -32,6 +35,7 @@ __all__ = (
     "SparseGPTSettings",
     "WandaSettings",
     "as_where",
+    "awq",
     "awq_matrix",
     "block_stats",
     "calibration_stats",
@@ -48,6 +52,7 @@ __all__ = (
     "rotate_writers",
     "sensitivity",
     "sequential",
+    "smooth",
     "smooth_layernorm",
     "smooth_scales",
     "sparsegpt",

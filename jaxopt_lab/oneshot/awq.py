@@ -18,7 +18,7 @@ effective weights ``Q(s W) / s`` that both forms compute.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -181,3 +181,186 @@ def fold_scale_into_norm(params: dict, s: jax.typing.ArrayLike, *, name: str = "
     if "bias" in params:
         out["bias"] = params["bias"] / s
     return out
+
+
+class AWQModelResult(NamedTuple):
+    """What `awq` did.
+
+    Attributes:
+      params: the tree with every selected kernel quantized. A kernel whose scale was
+        folded holds ``Q(diag(s) W)`` (a `QTensor` for a ``(K, N)`` kernel, the same values
+        as float in the kernel's own layout otherwise) and its fold target holds ``1 / s``;
+        a kernel with no exact fold holds the explicit-scale effective weights
+        ``Q(diag(s) W) / s`` as float (the output ``(x / s) @ Q(s W)`` computes).
+      scales: ``{leaf path string: s}`` per kernel row (its contracting axes flattened).
+      how: ``{leaf path string: one line}``: ``"folded into ..."`` or ``"explicit: why"``.
+    """
+
+    params: Any
+    scales: dict[str, jax.Array]
+    how: dict[str, str]
+
+
+def awq(
+    params: Any,
+    stats: Any,
+    *,
+    model_map: Any = None,
+    bits: int = 4,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    n_grid: int = 20,
+    fold: bool = True,
+    contracting: Any = None,
+    where: Any = None,
+) -> AWQModelResult:
+    """AWQ of every selected kernel, each scale folded where the model map says it is exact.
+
+    For each kernel the map's `ModelMap.fold_target` names the op that can absorb
+    ``x / s``: a norm's scale and bias, or the previous kernel's output columns and bias
+    (e.g. the value projection before an attention output). Kernels sharing one target
+    (q, k, v after one norm) get one joint scale search (their outputs' errors summed) and
+    the same ``s``; a target kernel is quantized after the ``1 / s`` folded into it. Where
+    no target exists (GELU or a residual add between, the model input...), the scale stays
+    explicit, as `awq_matrix` computes it.
+
+    Args:
+      params: the variables the map was traced with, or a subtree (``variables["params"]``).
+      stats: per-kernel `LayerStats` as for `jaxopt_lab.oneshot.gptq` (e.g. from
+        `calibration_stats`).
+      model_map: a `jaxopt_lab.ModelMap` of the model (without one, every scale is explicit).
+      bits, group_size, symmetric, n_grid: as in `awq_matrix`; a ``where`` callable may
+        override ``bits``, ``group_size`` and ``symmetric`` per leaf (members of a shared
+        fold take the first member's).
+      fold: False keeps every scale explicit.
+      contracting: ``{leaf path string: contracting axes}`` (default: the map's).
+      where: kernel selection (default: the map's kernels, else float leaves with
+        ``ndim >= 2``).
+
+    Returns:
+      An `AWQModelResult`.
+
+    Raises:
+      ValueError: naming the leaf, for missing statistics and the errors of `awq_matrix`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxopt_lab as jol
+      >>> from jaxopt_lab.oneshot import awq, calibration_stats
+      >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
+      >>> x = jax.random.normal(jax.random.key(0), (32, 8))
+      >>> v = model.init(jax.random.key(1), x)
+      >>> mm = jol.model_map(model, v, x)
+      >>> res = awq(v["params"], calibration_stats(model, v, [x]), model_map=mm, bits=4)
+      >>> res.how["['layers_2']['kernel']"]
+      'folded into kernel params/layers_0/kernel, params/layers_0/bias'
+    """
+    import numpy as np
+
+    from jaxopt_lab import _select
+    from jaxopt_lab.core import foldflow
+    from jaxopt_lab.core.mapping import path_names
+    from jaxopt_lab.oneshot import _layers
+    from jaxopt_lab.quant.core import quantize_array
+
+    base = dict(bits=bits, group_size=group_size, symmetric=symmetric)
+    chosen = {}
+    for path, _, choice in _select.leaf_choices(params, where, model_map=model_map):
+        if choice is False:
+            continue
+        name = _select.path_str(path)
+        chosen[path_names(path)] = (name, path, {**base, **_select.leaf_overrides(
+            name, choice, tuple(base))})
+
+    def target_of(names):
+        if model_map is None or not fold:
+            return None
+        return model_map.fold_target(names)
+
+    def find(names_full):
+        """The selected kernel whose (subtree) names end ``names_full``."""
+        hits = [k for k in chosen if names_full[len(names_full) - len(k):] == k]
+        return hits[0] if len(hits) == 1 else None
+
+    # Groups: one per fold target (its selected kernels), else one per kernel.
+    groups: dict[Any, list] = {}
+    for names in chosen:
+        t = target_of(names)
+        groups.setdefault(t if t is not None else names, []).append(names)
+    # A target that divides a selected kernel must be folded before that kernel is quantized.
+    order, pending = [], list(groups)
+    while pending:
+        for g in pending:
+            blockers = {find(fl.path) for h in pending if h is not g
+                        and isinstance(h, foldflow.FoldTarget) for fl in h.divide}
+            if not any(m in blockers for m in groups[g]):
+                order.append(g)
+                pending.remove(g)
+                break
+        else:  # a cycle cannot come from a traced model; keep the rest in map order
+            order += pending
+            pending = []
+
+    tree = params
+    leaves = {path_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    new: dict = {}
+    scales: dict[str, jax.Array] = {}
+    how: dict[str, str] = {}
+
+    def matrix(names):
+        name, path, s = chosen[names]
+        leaf = leaves[names]
+        shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
+                                                     model_map)
+        _obs.check_quant(name, mat.shape[0], s["bits"], s["group_size"])
+        return name, shape, axes, jnp.asarray(mat, jnp.float32), st, s
+
+    for g in order:
+        members = groups[g]
+        if not isinstance(g, foldflow.FoldTarget):
+            name, shape, axes, w, st, s = matrix(g)
+            r = awq_matrix(w, st.xtx, st.abs_sum / st.count, n_grid=n_grid, name=name, **s)
+            new[g] = _layers.from_matrix(r.effective, shape, axes).astype(
+                jnp.asarray(leaves[g]).dtype)
+            scales[name] = r.scales
+            why = "fold disabled" if model_map is not None and not fold else (
+                "no model map" if model_map is None else model_map.fold_reason(g))
+            how[name] = f"explicit: {why}"
+            continue
+        mats = [matrix(m) for m in members]
+        perms = []
+        for (_, shape, axes, w, _, _), m in zip(mats, members):
+            fl = next(f for f in g.kernels if f.path[len(f.path) - len(m):] == m)
+            rows = np.arange(w.shape[0])
+            perms.append(np.asarray(foldflow.rows_to_channels(rows, shape, axes, fl.axes)))
+        name0, _, _, _, st0, s0 = mats[0]
+        p0 = perms[0]
+        w_cat = jnp.concatenate([w[p] for (_, _, _, w, _, _), p in zip(mats, perms)], axis=1)
+        r = awq_matrix(w_cat, st0.xtx[p0][:, p0], (st0.abs_sum / st0.count)[p0],
+                       n_grid=n_grid, name=name0, **s0)
+        s_chan = r.scales
+        for (name, shape, axes, w, _, s), p, m in zip(mats, perms, members):
+            s_rows = jnp.zeros_like(s_chan).at[p].set(s_chan)
+            settings = _settings(w, s["bits"], s["group_size"], s["symmetric"], name)
+            qt = quantize_array(w * s_rows[:, None], **dict(settings))
+            dtype = jnp.asarray(leaves[m]).dtype
+            if axes == (0,) and len(shape) == 2 and qt.shape == tuple(shape):
+                new[m] = qt
+            else:
+                new[m] = _layers.from_matrix(qt.dequantize(jnp.float32), shape, axes
+                                             ).astype(dtype)
+            scales[name] = s_rows
+            shared = ["/".join(f.path) for f in g.kernels if find(f.path) != m]
+            how[name] = (f"folded into {g.kind} "
+                         + ", ".join("/".join(f.path) for f in g.divide)
+                         + (f" (shared with {', '.join(shared)})" if shared else ""))
+        # Fold 1/s into the target; unselected kernels sharing it take s in float.
+        others = [f for f in g.kernels if find(f.path) not in members]
+        target = foldflow.FoldTarget(g.kind, g.divide, tuple(others), g.size)
+        tree = foldflow.fold_scale(tree, target, s_chan)
+        leaves = {path_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def put(path, leaf):
+        return new.get(path_names(path), leaf)
+
+    tree = jax.tree_util.tree_map_with_path(put, tree)
+    return AWQModelResult(tree, scales, how)

@@ -17,6 +17,8 @@ context is linear in V), and other kernels need the scale kept explicit.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +87,74 @@ def smooth_layernorm(ln_params: dict, kernels: list[jax.Array], s: jax.Array
     if "bias" in ln_params:
         out["bias"] = ln_params["bias"] / s
     return out, [k * s[:, None] for k in kernels]
+
+
+def smooth(params: Any, stats: Any, *, model_map: Any, alpha: float = 0.5,
+           contracting: Any = None, where: Any = None) -> tuple[Any, dict[str, str]]:
+    """SmoothQuant of a whole model: every kernel whose input the model map can rescale
+    exactly (`ModelMap.fold_target`) is smoothed; the float model's function is unchanged.
+
+    Kernels sharing a target (q, k, v after one norm) share ``s``, computed from the
+    activation maxima of their common input and the maxima of all their rows. A kernel
+    without a target is left as it is (smoothing it would need an explicit ``x / s`` op,
+    which is what SmoothQuant avoids) and reported with the reason.
+
+    Args:
+      params: the variables the map was traced with, or a subtree of them.
+      stats: per-kernel `LayerStats` (e.g. from `calibration_stats`).
+      model_map: the model's `jaxopt_lab.ModelMap`.
+      alpha: migration strength, as in `smooth_scales`.
+      contracting: ``{leaf path string: contracting axes}`` (default: the map's).
+      where: kernel selection (default: the map's kernels).
+
+    Returns:
+      ``(params, how)``: the smoothed tree and ``{leaf path string: one line}`` per
+      selected kernel (``"smoothed into ..."`` or ``"not smoothed: why"``).
+
+    Raises:
+      ValueError: naming the leaf, for missing statistics and the errors of `smooth_scales`.
+    """
+    from jaxopt_lab import _select
+    from jaxopt_lab.core import foldflow
+    from jaxopt_lab.core.mapping import path_names
+    from jaxopt_lab.oneshot import _layers
+    from jaxopt_lab.oneshot.stats import check_stats
+
+    leaves = {path_names(p): (p, x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    how: dict[str, str] = {}
+    targets: dict[Any, list] = {}
+    for path, _, choice in _select.leaf_choices(params, where, model_map=model_map):
+        if choice is False:
+            continue
+        name = _select.path_str(path)
+        t = model_map.fold_target(path)
+        if t is None:
+            how[name] = f"not smoothed: {model_map.fold_reason(path)}"
+        else:
+            targets.setdefault(t, []).append(path_names(path))
+    tree = params
+    for t, members in targets.items():
+        w_max, act = None, None
+        for fl in t.kernels:
+            hits = [k for k in leaves if fl.path[len(fl.path) - len(k):] == k]
+            if len(hits) != 1:
+                raise ValueError(f"smooth: kernel {'/'.join(fl.path)} is not in the tree")
+            path, leaf = leaves[hits[0]]
+            name = _select.path_str(path)
+            shape = tuple(np.shape(leaf))
+            axes = _layers.contracting_axes(name, shape, contracting, model_map, path)
+            mat = _layers.as_matrix(jnp.asarray(leaf, jnp.float32), axes)
+            perm = np.asarray(foldflow.rows_to_channels(np.arange(mat.shape[0]), shape, axes,
+                                                        fl.axes))
+            rows = jnp.max(jnp.abs(mat), axis=1)[perm]
+            w_max = rows if w_max is None else jnp.maximum(w_max, rows)
+            if hits[0] in members and act is None:
+                st = _layers.stats_leaf(stats, path, name)
+                check_stats(name, st, mat.shape[0])
+                act = jnp.asarray(st.abs_max)[perm]
+        s = smooth_scales(act, w_max, alpha=alpha, name="/".join(t.divide[0].path))
+        tree = foldflow.fold_scale(tree, t, s)
+        for m in members:
+            how[_select.path_str(leaves[m][0])] = (
+                f"smoothed into {t.kind} " + ", ".join("/".join(f.path) for f in t.divide))
+    return tree, how
