@@ -262,14 +262,17 @@ def awq(
     from jaxopt_lab.oneshot import _layers
     from jaxopt_lab.quant.core import quantize_array
 
-    base = dict(bits=bits, group_size=group_size, symmetric=symmetric)
+    base = _select.settings("awq", QuantSettings, bits=bits, group_size=group_size,
+                            granularity="channel" if group_size is None else "group",
+                            symmetric=symmetric)
     chosen = {}
     for path, _, choice in _select.leaf_choices(params, where, model_map=model_map):
         if choice is False:
             continue
         name = _select.path_str(path)
-        chosen[path_names(path)] = (name, path, {**base, **_select.leaf_overrides(
-            name, choice, tuple(base))})
+        record = _select.leaf_overrides(name, choice, base)
+        chosen[path_names(path)] = (name, path, dict(
+            bits=record.bits, group_size=record.group_size, symmetric=record.symmetric))
 
     def target_of(names):
         if model_map is None or not fold:
