@@ -302,7 +302,7 @@ def timing(r, g, args):
                         "tokens": r.n_tokens},
         "seconds": {"cold_compile_included": secs[0], "warm_runs": secs[1:]},
         "target_seconds": 60,
-        "note": "single runs on a 2-core CPU shared by 6 agents; noisy",
+        "note": "single runs (one cold, two warm); the load they ran under is in provenance",
         "one_minus_cos": float(f"{r.score(new):.4e}"),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }, out_dir=args.out_dir or RESULTS, smoke=args.smoke)

@@ -113,7 +113,7 @@ def main(argv=None) -> None:
 
     parser = _util.add_common_args(argparse.ArgumentParser(description=__doc__))
     parser.add_argument("--before", default="cfc1d55", help="the commit before the refactor")
-    parser.add_argument("--rounds", type=int, default=4, help="child processes per version")
+    parser.add_argument("--rounds", type=int, default=6, help="child processes per version")
     parser.add_argument("--repeats", type=int, default=40, help="timed calls per case")
     parser.add_argument("--child", metavar="ROOT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -147,6 +147,17 @@ def main(argv=None) -> None:
     ratios = {case: _util.paired_ratio([a[case] for a in results["after"]],
                                        [b[case] for b in results["before"]])
               for case in results["after"][0]}
+
+    def per_fp32(rounds: list[dict], case: str) -> list[float]:
+        """``case`` over fp32 at the same batch, within each child: what is left of the
+        variant's cost once the process-to-process noise both share is divided out."""
+        base = case.split("/")[0] + "/fp32"
+        return [r[case] / r[base] for r in rounds]
+
+    relative = {case: _util.paired_ratio(per_fp32(results["after"], case),
+                                         per_fp32(results["before"], case))
+                for case in results["after"][0]
+                if case.startswith(("mlp_b", "conv_b")) and not case.endswith("/fp32")}
     _util.emit("refactor_ab", {
         "what": "jitted quantized_apply latency (and quantize time) after / before the "
                 "model-aware refactor; per-round medians of interleaved calls, paired across "
@@ -158,6 +169,9 @@ def main(argv=None) -> None:
                            for v, rs in results.items()},
         "after_over_before": {c: round(r["value"], 3) for c, r in ratios.items()},
         "after_over_before_detail": ratios,
+        "after_over_before_relative_to_fp32": {c: round(r["value"], 3)
+                                               for c, r in relative.items()},
+        "after_over_before_relative_to_fp32_detail": relative,
     }, out_dir=_util.output_dir(args), smoke=args.smoke)
 
 
