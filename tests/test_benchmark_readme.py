@@ -39,9 +39,65 @@ class Figure:
 
 _Q = "mlp_1024_4096_1024."
 _R = "speedup_vs_fp32_median_of_round_ratios."
-# Empty until the CPU benchmarks are rerun at this code on a quiet machine (the README says
-# so); add each figure back here when it is quoted again.
-FIGURES: tuple[Figure, ...] = ()
+_L = "quantization_latency.json"
+_M = "latency.mlp.rows."
+_C = "latency.resnet18_like.rows."
+_AB = "after_over_before_relative_to_fp32."
+FIGURES: tuple[Figure, ...] = (
+    Figure("batch 1: fp32 {} ms;", _L, _M + "batch_1.median_ms.fp32", 2),
+    Figure("int8 weight-only {}x, int4-g128 weight-only", _L, _M + "batch_1." + _R
+           + "int8_weight_only", 2),
+    Figure("int4-g128 weight-only {}x, W8A8 dynamic", _L, _M + "batch_1." + _R
+           + "int4_g128_weight_only", 2),
+    Figure("W8A8 dynamic {}x; Qwix's", _L, _M + "batch_1." + _R + "w8a8_dynamic", 2),
+    Figure("Qwix's int8 weight-only {}x.", _L, _M + "batch_1." + _R + "qwix_int8_weight_only",
+           2),
+    Figure("weights at {}% of the one-thread", _L, _M + "batch_1.memory_bound."
+           "int8_weight_only.fraction_of_limit.one_thread", 0, 100),
+    Figure("read bandwidth ({} GB/s)", _L, "latency.read_bandwidth.one_thread_gb_per_s", 2),
+    Figure("batch 16: int8 weight-only {}x", _L, _M + "batch_16." + _R + "int8_weight_only",
+           2),
+    Figure("batch 16: int8 weight-only {:skip}x, int4-g128 {}x", _L, _M + "batch_16." + _R
+           + "int4_g128_weight_only", 2),
+    Figure("int4-g128 {:skip}x, W8A8 dynamic {}x.", _L, _M + "batch_16." + _R
+           + "w8a8_dynamic", 2),
+    Figure("batch 1024: int8 weight-only {}x", _L, _M + "batch_1024." + _R
+           + "int8_weight_only", 2),
+    Figure("batch 1024: int8 weight-only {:skip}x, int4-g128 {}x", _L, _M + "batch_1024."
+           + _R + "int4_g128_weight_only", 2),
+    Figure("W8A8 dynamic {}x / static", _L, _M + "batch_1024." + _R + "w8a8_dynamic", 2),
+    Figure("/ static {}x.", _L, _M + "batch_1024." + _R + "w8a8_static", 2),
+    Figure("at batch 1: int8 weight-only {}x", _L, _C + "batch_1." + _R + "int8_weight_only",
+           2),
+    Figure("W8A8 static {}x; at batch 8", _L, _C + "batch_1." + _R + "w8a8_static", 2),
+    Figure("at batch 8: int8 weight-only {}x", _L, _C + "batch_8." + _R + "int8_weight_only",
+           2),
+    Figure("a small MLP takes {} s", "eager.json",
+           "quantize_first_call.after.first_call_s_median", 2),
+    Figure("(was {} s); `jaxopt-lab --help`", "eager.json",
+           "quantize_first_call.before.first_call_s_median", 2),
+    Figure("answers in {} s", "eager.json", "cli_help.after.help_wall_s_median", 2),
+    Figure("answers in {:skip} s (was {} s)", "eager.json", "cli_help.before.help_wall_s_median",
+           2),
+    Figure("takes {} ms after its first call", "eager.json",
+           "prune_update.later_call_median_ms", 2),
+    Figure("(adam alone {} ms)", "eager.json", "prune_update.plain_adam_later_call_median_ms",
+           2),
+    Figure("takes {}x the time it did on the MLP", "refactor_ab.json",
+           _AB + "mlp_b1/int8_weight_only", 2),
+    Figure("and {}x on the conv net at batch 16", "refactor_ab.json",
+           _AB + "conv_b16/int8_weight_only", 2),
+    Figure("tree is slower ({} ms,", "refactor_ab.json",
+           "median_seconds.after.mlp/quantize_int8_eager", 2, 1000),
+    Figure("was {} ms: the host-side", "refactor_ab.json",
+           "median_seconds.before.mlp/quantize_int8_eager", 2, 1000),
+    Figure("`jax.jit(jol.quantize)` ({} ms)", "refactor_ab.json",
+           "median_seconds.after.mlp/quantize_int8_jit", 2, 1000),
+    Figure("included (`one_shot_timing.json`): {} s cold", "one_shot_timing.json",
+           "seconds.cold_compile_included", 2),
+    Figure("s cold, then {} s and", "one_shot_timing.json", "seconds.warm_runs[0]", 2),
+    Figure("s and {} s warm", "one_shot_timing.json", "seconds.warm_runs[1]", 2),
+)
 
 # Measured on a GPU at an older commit (README says which): value-checked only.
 GPU_FIGURES = (
@@ -79,6 +135,15 @@ SOURCES = {
                                  "jaxopt_lab/pruning", *_COMMON),
     "sweep.json": ("benchmarks/sweep.py", "jaxopt_lab/app/sweeps.py", "jaxopt_lab/pruning",
                    *_COMMON),
+    "quantization_latency.json": ("benchmarks/quantization.py", "jaxopt_lab/quant",
+                                  "jaxopt_lab/core", "jaxopt_lab/app/models.py", *_COMMON),
+    "eager.json": ("benchmarks/eager.py", "jaxopt_lab/quant", "jaxopt_lab/pruning",
+                   "jaxopt_lab/__init__.py", "jaxopt_lab/app/cli.py", *_COMMON),
+    "refactor_ab.json": ("benchmarks/refactor_ab.py", "jaxopt_lab/quant", "jaxopt_lab/core",
+                         *_COMMON),
+    "one_shot_timing.json": ("benchmarks/one_shot.py", "benchmarks/_minilm.py",
+                             "jaxopt_lab/oneshot", "jaxopt_lab/quant", "jaxopt_lab/core",
+                             *_COMMON),
 }
 
 
