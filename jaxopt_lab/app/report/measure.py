@@ -157,7 +157,9 @@ def wilson_interval(accuracy: float, n: int, *, z: float = 1.959964) -> tuple[fl
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 or 1 an end equals p exactly in real arithmetic; rounding can put it a
+    # hair inside (1 - 1e-16), and a plot's error bar would then be negative.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def save_and_reload(variant: Variant, directory: str, metadata: dict) -> tuple[str, int, Any]:
