@@ -156,6 +156,8 @@ BAD_INPUTS = [
     (([0, 1, 0], PROBS), {"labels": [1, 0]}, "sorted"),
     (([0, 1, 0], PROBS), {"labels": [0, 2]}, r"labels \[1\] not in labels"),
     (([0, 1, 0], PROBS), {"average": "binary"}, "not supported"),
+    # binary scores ignore the average, but a misspelt one still raises (as in sklearn)
+    (([0, 1, 0], [0.1, 0.9, 0.3]), {"average": "macr"}, "not supported"),
     (([0, 1, 0], PROBS), {"multi_class": "ovo"}, "only 'ovr'"),
 ]
 

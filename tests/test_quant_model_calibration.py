@@ -111,3 +111,9 @@ def test_nonfinite_activations_are_refused():
         stats = jax.jit(lambda x: jol.observe_activations(model, variables, None, x,
                                                           num_bins=16))(x)
         jol.activation_scales(stats)
+
+
+def test_the_input_passed_as_stats_gets_a_type_error_saying_where_inputs_go():
+    model, variables = _net()
+    with pytest.raises(TypeError, match=r"stats must be None.*observe_activations\(model, "):
+        jol.observe_activations(model, variables, np.ones((3, 4), np.float32))

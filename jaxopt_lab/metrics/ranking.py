@@ -125,7 +125,7 @@ def roc_auc(
       y_score: ``(N,)`` scores of the positive class, or ``(N, C)`` probabilities.
       average: multiclass only: ``"macro"`` (mean of the per-class AUCs), ``"weighted"``
         (by class support), ``"micro"`` (one AUC over all one-vs-rest pairs) or ``None``
-        (per-class AUCs). Ignored for binary scores, as in sklearn.
+        (per-class AUCs). Ignored for binary scores, as in sklearn, but still checked.
       multi_class: only ``"ovr"`` (one-vs-rest) is implemented.
       labels: sorted labels of the ``C`` score columns. Default: the sorted labels in a
         concrete ``y_true`` (as sklearn), or ``0..C-1`` under ``jit``.
@@ -159,6 +159,9 @@ def roc_auc(
     weight = _checks.sample_weights(sample_weight, n)
     dtype = _checks.float_dtype(y_score)
     weight = jnp.ones((n,), dtype) if weight is None else weight.astype(dtype)
+    # Checked for binary scores too, where it is ignored: sklearn also rejects a misspelt
+    # average there rather than let it pass silently.
+    _checks.check_average(average, _MULTICLASS_AVERAGES)
     if y_score.ndim == 1:
         classes = np.zeros((1,))
         if not _checks.is_traced(y_true):
@@ -170,7 +173,6 @@ def roc_auc(
                                              if present.size > 2 else " (AUC is undefined)")
                 )
     else:
-        _checks.check_average(average, _MULTICLASS_AVERAGES)
         classes = _multiclass_classes(y_true, y_score, labels, num_classes)
     result = _roc_auc(y_true, y_score.astype(dtype), jnp.asarray(classes), weight, average)
     if not _checks.is_traced(y_true, y_score, weight) and np.isnan(np.asarray(result)).any():

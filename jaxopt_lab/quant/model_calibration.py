@@ -73,6 +73,12 @@ def observe_activations(
       ``{layer key: CalibrationState}`` covering every kernel contraction the forward pass
       ran (a layer called twice is observed twice).
     """
+    if stats is not None and not isinstance(stats, Mapping):
+        # The usual slip: the model's input passed where the statistics go.
+        raise TypeError(
+            f"stats must be None or the mapping a previous observe_activations call returned, "
+            f"got {type(stats).__name__}{getattr(stats, 'shape', '')}; the model's inputs come "
+            f"after it: observe_activations(model, variables, None, x)")
     new: Stats = dict(stats or {})
     program = flax_hooks.trace(model, variables, *args, **kwargs)
     layers = [layer_of(path_names(p), program.api) for p in program.paths]
