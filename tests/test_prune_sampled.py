@@ -12,7 +12,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxopt_lab.pruning import sampled, select
+from jaxopt_lab.pruning import radix, sampled, select
 
 SHAPES = ((300, 250), (1000,))  # 76000 scores in two arrays: above select.SAMPLED_FROM
 TOTAL = sum(int(np.prod(s)) for s in SHAPES)
@@ -20,7 +20,7 @@ TOTAL = sum(int(np.prod(s)) for s in SHAPES)
 
 @functools.cache
 def _sampled():
-    return jax.jit(lambda a, b, k: sampled.sampled_keep(lambda: [a, b], k))
+    return jax.jit(lambda a, b, k: sampled.sampled_keep(radix.given_scores([a, b]), k))
 
 
 @functools.cache

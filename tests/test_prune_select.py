@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxopt_lab.pruning import select
+from jaxopt_lab.pruning import radix, select
 from jaxopt_lab.pruning.masks import magnitude_mask, random_mask
 from jaxopt_lab.pruning.structured import nm_mask
 
 SHAPES = [(64, 128), (100,), (3, 5, 7)]  # 8192 (radix) + small leaves
 TOTAL = sum(math.prod(s) for s in SHAPES)
 
-_radix = jax.jit(lambda scores, k: select.radix_keep(lambda: scores, k))
+_radix = jax.jit(lambda scores, k: select.radix_keep(radix.given_scores(scores), k))
 _sort = jax.jit(select.sort_keep)
 _keep = jax.jit(select.keep_above_k_lowest)
 

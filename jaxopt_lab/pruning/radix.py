@@ -7,6 +7,7 @@ here, so neither imports the other's module back (no import cycle).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -18,10 +19,22 @@ _LOW_BITS = 15
 _LOW_MASK = (1 << _LOW_BITS) - 1
 _ROW = 256  # prefix sums over histograms are done as (rows, _ROW) two-level scans
 
-MakeScores = Callable[[], list[jax.Array]]  # builds the score arrays where it is called
+# ``make_scores(after=None, only=None)`` builds the score arrays where it is called (only
+# array ``only``'s, as a one-element list, when given). Each pass of a select calls it
+# afresh with the previous pass's result as ``after``: that orders the recomputation
+# after it and keeps XLA from merging the passes' identical computations into one array
+# of every score kept alive across all passes (a whole-tree int32 temporary;
+# ``benchmarks/scale.py`` measured 2.2x the tree's bytes before). Recomputing a score is
+# a cheap elementwise map fused into each pass.
+MakeScores = Callable[..., list[jax.Array]]
 # ``view(f)``: each array's scores at ``f(flat index range)``, e.g. ``lambda a: a[::64]``,
 # built from that view of the operands where possible (see ``score_views``).
 ScoreView = Callable[[Callable[[jax.Array], jax.Array]], list[jax.Array]]
+
+
+def given_scores(scores: Sequence[jax.Array]) -> MakeScores:
+    """A ``MakeScores`` of arrays already built (they are alive throughout anyway)."""
+    return lambda after=None, only=None: list(scores) if only is None else [scores[only]]
 
 
 def first_reaching(hist: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -55,10 +68,31 @@ def histogram(digits: Sequence[jax.Array], length: int) -> jax.Array:
     """
     hist = jnp.zeros((length,), jnp.int32)
     for d in digits:
-        ones = jnp.ones(d.shape, jnp.int32)
-        hist = lax.scatter_add(
-            hist, d[..., None], ones, _SCATTER_DIMS, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS
-        )
+        hist = _count_into(hist, d)
+    return hist
+
+
+def _count_into(hist: jax.Array, d: jax.Array) -> jax.Array:
+    ones = jnp.ones(d.shape, jnp.int32)
+    return lax.scatter_add(
+        hist, d[..., None], ones, _SCATTER_DIMS, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS
+    )
+
+
+def histogram_in_order(
+    make_digits: Callable[[jax.Array, int], jax.Array], count: int, length: int
+) -> jax.Array:
+    """``histogram`` of ``count`` digit arrays built one at a time: ``make_digits(hist, i)``
+    makes array ``i``'s digits once ``hist`` holds the counts of the arrays before it.
+
+    XLA schedules independent work in any order, and left free it may build every
+    array's digits before the first scatter-add: a whole-tree temporary. Building each
+    from scores ordered after ``hist`` (``MakeScores``'s ``after``) keeps one array's
+    digits alive at a time.
+    """
+    hist = jnp.zeros((length,), jnp.int32)
+    for i in range(count):
+        hist = _count_into(hist, make_digits(hist, i))
     return hist
 
 
@@ -85,14 +119,23 @@ def _merge_spread(hist: jax.Array) -> jax.Array:
 
 
 def radix_threshold(
-    scores: Sequence[jax.Array], k: jax.Array
+    make_scores: MakeScores, k: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(t, below, equal)``: the k-th lowest score (k >= 1), how many are < t and == t."""
-    high = _merge_spread(histogram([_spread_zero(s >> _LOW_BITS) for s in scores],
-                                   (1 << _HIGH_BITS) + _ROW))
+    count = len(jax.eval_shape(make_scores))
+
+    def high_digits(hist, i):
+        (s,) = make_scores(hist, only=i)
+        return _spread_zero(s >> _LOW_BITS)
+
+    high = _merge_spread(histogram_in_order(high_digits, count, (1 << _HIGH_BITS) + _ROW))
     b_high, below_high = first_reaching(high, k)
-    lows = [jnp.where((s >> _LOW_BITS) == b_high, s & _LOW_MASK, 1 << _LOW_BITS) for s in scores]
-    low = histogram(lows, (1 << _LOW_BITS) + _ROW)  # bin 2**15 collects the other buckets
+
+    def low_digits(hist, i):  # bin 2**15 collects the other buckets
+        (s,) = make_scores((b_high, hist), only=i)
+        return jnp.where((s >> _LOW_BITS) == b_high, s & _LOW_MASK, 1 << _LOW_BITS)
+
+    low = histogram_in_order(low_digits, count, (1 << _LOW_BITS) + _ROW)
     b_low, below_low = first_reaching(low, k - below_high)
     return (b_high << _LOW_BITS) | b_low, below_high + below_low, low[b_low]
 
@@ -133,23 +176,30 @@ def _nth_true_index_end(flag: jax.Array, n: jax.Array) -> jax.Array:
     """``_nth_true_end`` by a radix select of the flagged entries' flat indices: two
     histogram passes, no flattening, so it runs shard-local on a sharded ``flag``."""
     index = jnp.where(flag, flat_index(flag.shape), _NO_INDEX)
-    nth, _, _ = radix_threshold([index], n)
+    nth, _, _ = radix_threshold(given_scores([index]), n)
     return nth + 1
 
 
 def _tie_cuts(
-    ties: Sequence[jax.Array], need: jax.Array, *, shard_local: bool = False
+    make_ties: Callable[[int, jax.Array | None], jax.Array], sizes: Sequence[int], need: jax.Array, *,
+    shard_local: bool = False,
 ) -> list[jax.Array]:
-    """Per array, the flat index below which ties are pruned so ``need`` are pruned in total."""
-    counts = [jnp.sum(t, dtype=jnp.int32) for t in ties]
+    """Per array, the flat index below which ties are pruned so ``need`` are pruned in total.
+
+    ``make_ties(i, after)`` builds array ``i``'s tie flags where they are used (in its
+    count, then inside its own branch), so no two arrays' flags are alive at once.
+    """
+    counts: list[jax.Array] = []
+    for i in range(len(sizes)):  # each count ordered after the one before (see MakeScores)
+        counts.append(jnp.sum(make_ties(i, counts[-1] if counts else None), dtype=jnp.int32))
     nth_end = _nth_true_index_end if shard_local else _nth_true_end
     cuts, before = [], jnp.int32(0)
-    for t, c in zip(ties, counts):
+    for i, (c, size) in enumerate(zip(counts, sizes)):
         mine = jnp.clip(need - before, 0, c)
         cut = lax.cond(
             (mine > 0) & (mine < c),
-            lambda t=t, mine=mine: nth_end(t, mine),
-            lambda t=t, mine=mine: jnp.where(mine > 0, t.size, 0).astype(jnp.int32),
+            lambda i=i, mine=mine: nth_end(make_ties(i, None), mine),
+            lambda mine=mine, size=size: jnp.where(mine > 0, size, 0).astype(jnp.int32),
         )
         cuts.append(cut)
         before = before + c
@@ -166,16 +216,21 @@ def radix_keep(
     only histograms and counts cross devices. ``shard_local=True`` also finds the tie cut
     by a radix select of flat indices instead of a prefix sum over the flattened ties.
     """
-    scores = make_scores()
-    t, below, equal = radix_threshold(scores, jnp.maximum(k, 1))
+    t, below, equal = radix_threshold(make_scores, jnp.maximum(k, 1))
     need = k - below  # how many scores equal to t are pruned, in position order
+    sizes = [math.prod(s.shape) for s in jax.eval_shape(make_scores)]
+
+    def ties(i, after):
+        (s,) = make_scores((t, after) if after is not None else t, only=i)
+        return s == t
+
     cuts = lax.cond(
         need >= equal,
-        lambda: [jnp.int32(s.size) for s in scores],
-        lambda: _tie_cuts([s == t for s in scores], need, shard_local=shard_local),
+        lambda: [jnp.int32(size) for size in sizes],
+        lambda: _tie_cuts(ties, sizes, need, shard_local=shard_local),
     )
     keep = []
-    for s, cut in zip(scores, cuts):
+    for s, cut in zip(make_scores((t, cuts)), cuts):
         idx = flat_index(s.shape)
         pruned = (s < t) | ((s == t) & (idx < cut))
         keep.append(~pruned)

@@ -23,6 +23,7 @@ histogram's digits are computed from the operands, so each pass reads the weight
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -103,24 +104,27 @@ def _shift_for(span: jax.Array) -> jax.Array:
     return jnp.where(need > 0, 32 - lax.clz(need), 0).astype(jnp.int32)
 
 
-def _lexicographic_min_cut(scores, digits, j) -> list[jax.Array]:
-    """Prunes everything below bin ``j`` plus the first (score, position) minimum in it."""
+def _lexicographic_min_cut(make_scores, shapes, lo, shift, j) -> list[jax.Array]:
+    """Prunes everything below bin ``j`` plus the first (score, position) minimum in it.
+
+    Each array's pass is ordered after the previous one's result (``radix.MakeScores``),
+    so one array's bin-``j`` scores are alive at a time.
+    """
     at, mins = [], []
-    for s, d in zip(scores, digits):
-        in_bin = jnp.where(d == j, s, _MAX).reshape(-1)
-        i = jnp.argmin(in_bin)  # the first position of the minimum: one pass
-        at.append(i)
-        mins.append(in_bin[i])
-    best = mins[0]
-    for v in mins[1:]:
-        best = jnp.minimum(best, v)
+    for i in range(len(shapes)):
+        (s,) = make_scores((j, at[-1]) if at else j, only=i)
+        in_bin = jnp.where(_digits(s, lo, shift) == j, s, _MAX).reshape(-1)
+        pos = jnp.argmin(in_bin)  # the first position of the minimum: one pass
+        at.append(pos)
+        mins.append(in_bin[pos])
+    best = functools.reduce(jnp.minimum, mins)
     taken = jnp.bool_(False)
     out = []
-    for s, d, v, i in zip(scores, digits, mins, at):
+    for s, v, pos in zip(make_scores((j, best)), mins, at):
         mine = (v == best) & ~taken
         taken = taken | mine
-        idx = lax.broadcasted_iota(jnp.int32, (s.size,), 0).reshape(s.shape)
-        out.append(~((d < j) | (mine & (idx == i))))
+        idx = radix.flat_index(s.shape)
+        out.append(~((_digits(s, lo, shift) < j) | (mine & (idx == pos))))
     return out
 
 
@@ -134,15 +138,17 @@ def sampled_keep(
     """
     if view is None:
         view = lambda f: [f(s.reshape(-1)) for s in make_scores()]  # noqa: E731
-    scores = make_scores()
-    total = sum(s.size for s in scores)
+    shapes = [s.shape for s in jax.eval_shape(make_scores)]
+    total = sum(math.prod(shape) for shape in shapes)
     k_wanted, k = k, jnp.maximum(k, 1)
     lo, span = _bracket(view, _sample(view, total), k, total)
     shift = _shift_for(span)
-    # Digits are rebuilt from the operands wherever they are used: captured by the
-    # branches below, every array's digits would be written out and kept alive together.
-    digits = lambda: [_digits(s, lo, shift) for s in make_scores()]  # noqa: E731
-    hist = radix.histogram(digits(), _LENGTH)
+    # Digits are rebuilt from the operands wherever they are used, each time ordered
+    # after the result before (``radix.MakeScores``): built once and shared, every
+    # array's digits would be written out and kept alive together.
+    hist = radix.histogram_in_order(
+        lambda h, i: _digits(make_scores((lo, shift, h), only=i)[0], lo, shift),
+        len(shapes), _LENGTH)
     j, below = radix.first_reaching(hist, k)
     rank, count = k - below, hist[j]  # the k-th is the rank-th (1-based) of bin j
     fits = (j >= _SPREAD) & (j < _SPREAD + BINS)
@@ -150,9 +156,9 @@ def sampled_keep(
     return lax.switch(
         jnp.where(k_wanted <= 0, 3, case),
         [
-            lambda: [d > j for d in digits()],
-            lambda: _lexicographic_min_cut(make_scores(), digits(), j),
+            lambda: [_digits(s, lo, shift) > j for s in make_scores(j)],
+            lambda: _lexicographic_min_cut(make_scores, shapes, lo, shift, j),
             lambda: radix.radix_keep(make_scores, k),
-            lambda: [jnp.ones(s.shape, bool) for s in scores],
+            lambda: [jnp.ones(shape, bool) for shape in shapes],
         ],
     )

@@ -176,8 +176,11 @@ def keep_lowest(kind: str, operands: Sequence[tuple], k) -> list[jax.Array]:
     shapes = [s.shape for s in jax.eval_shape(lambda: [score(*ops) for ops in operands])]
     full = [i for i, sh in enumerate(shapes) if math.prod(sh)]  # empty arrays: nothing to do
 
-    def make_scores():
-        return [score(*operands[i]) for i in full]
+    def make_scores(after=None, only=None):
+        ops = [operands[i] for i in (full if only is None else [full[only]])]
+        if after is not None:  # a later pass: see radix.MakeScores
+            ops = _after(ops, after)
+        return [score(*o) for o in ops]
 
     total = sum(math.prod(shapes[i]) for i in full)
     out = [jnp.ones(sh, bool) for sh in shapes]
@@ -196,6 +199,28 @@ def keep_lowest(kind: str, operands: Sequence[tuple], k) -> list[jax.Array]:
     for i, m in zip(full, keep):
         out[i] = m
     return out
+
+
+def _after(tree, after):
+    """``tree``, its array leaves made to depend on ``after`` (non-negative int arrays).
+
+    ``lax.optimization_barrier`` would say this, but XLA's CPU pipeline drops barriers
+    before scheduling (measured: every leaf's digits were then built before the first
+    scatter-add). So each leaf goes through ``where(never, 0, leaf)``, with ``never`` a
+    scalar read from ``after`` that is always False (the bitwise OR of non-negative
+    ints is never INT32_MIN) but that XLA cannot fold: a real data dependency, fused into
+    the pass's elementwise work, that changes no value. PRNG keys and Python values are
+    passed as they are.
+    """
+    firsts = [jnp.ravel(a)[0].astype(jnp.int32) for a in jax.tree.leaves(after)]
+    never = functools.reduce(jnp.bitwise_or, firsts) == jnp.iinfo(jnp.int32).min
+
+    def tie(x):
+        if isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+            return jnp.where(never, jnp.zeros((), x.dtype), x)
+        return x
+
+    return jax.tree.map(tie, tree)
 
 
 def keep_above_k_lowest(scores: Sequence[jax.Array], k) -> list[jax.Array]:
