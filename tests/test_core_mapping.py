@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import _flax_models as fm
 import jaxopt_lab as jol
 from jaxopt_lab.core.capture import layer_inputs
+from jaxopt_lab.core.mapping import ROLES
 
 
 @functools.cache
@@ -76,6 +77,53 @@ def test_convnet_roles_both_apis(channels):
     nmodel, nx = fm.nnx_convnet(channels)
     nmm = jol.model_map(nmodel, None, nx)
     assert nmm.lookup(("convs", "0", "kernel")).contracting == (0, 1, 2)
+
+
+def _convnet_maps():
+    model, variables, x = fm.linen_convnet(3)
+    nmodel, nx = fm.nnx_convnet(3)
+    return ((model, variables, x, jol.model_map(model, variables, x), "BatchNorm_{}"),
+            (nmodel, None, nx, jol.model_map(nmodel, None, nx), "bns/{}"))
+
+
+def test_batch_norm_stats_have_their_own_role_both_apis():
+    """Running mean and variance are "batch_stats" (the mean is added like a bias, but is
+    not one); the BatchNorm's scale stays "norm" and its offset "bias"."""
+    for _, _, _, mm, bn in _convnet_maps():
+        roles = {"/".join(k): v.role for k, v in mm.items() if bn.format(0) in "/".join(k)}
+        assert {k.rsplit("/", 1)[1]: r for k, r in roles.items()} == {
+            "mean": "batch_stats", "var": "batch_stats", "scale": "norm", "bias": "bias"}
+        assert not any(mm[k].contracting or mm[k].outputs for k in mm
+                       if mm[k].role == "batch_stats")
+    assert "batch_stats" in ROLES
+
+
+def test_defaults_and_bias_selection_skip_batch_stats():
+    model, variables, x, mm, _ = _convnet_maps()[0]
+    stats = [p for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]
+             if mm.lookup(p).role == "batch_stats"]
+    assert len(stats) == 4
+    for m in (None, mm):
+        q = jol.quantize(variables, bits=8, model_map=m)
+        masks = jol.magnitude_mask(variables, 0.5, model_map=m)
+        for path in stats:
+            leaf = functools.reduce(lambda t, k: t[k.key], path, variables)
+            assert functools.reduce(lambda t, k: t[k.key], path, q) is leaf
+            assert functools.reduce(lambda t, k: t[k.key], path, masks).all()
+    flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+    assert not any(mm.where("bias")(p, v) for p, v in flat if p in stats)
+    assert [p for p, v in flat if mm.where("batch_stats")(p, v)] == stats
+
+
+def test_bn_fold_still_folds_the_stats_both_apis():
+    (model, variables, x, _, _), (nmodel, _, nx, _, _) = _convnet_maps()
+    folded, report = jol.bn_fold(model, variables, x, return_report=True)
+    assert len(report.folded) == 2
+    for k in range(2):
+        assert (np.asarray(folded["batch_stats"][f"BatchNorm_{k}"]["mean"]) == 0).all()
+    chex.assert_trees_all_close(model.apply(folded, x), model.apply(variables, x),
+                                atol=1e-4, rtol=1e-4)
+    chex.assert_trees_all_close(jol.bn_fold(nmodel, nx)(nx), nmodel(nx), atol=1e-4, rtol=1e-4)
 
 
 def test_map_axes_agree_with_the_contraction():

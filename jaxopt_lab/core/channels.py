@@ -30,12 +30,10 @@ import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-import jax.extend.core as jcore
-import numpy as np
 
 from jaxopt_lab.core import flax_hooks
+from jaxopt_lab.core.jaxpr_walk import (REDUCE, Static, Walker, leaf_view, moved_axes,
+                                       per_axis, reshape_groups)
 
 Channel = tuple[int, int]  # (kernel leaf index, leaf axis)
 OUTPUT = "it is (part of) the model's output"
@@ -51,9 +49,6 @@ _OTHER_ELEMENTWISE = frozenset({
     "lt", "eq", "ne", "and", "or", "not", "xor", "is_finite", "nextafter", "rem", "add_any",
     "stop_gradient"})
 _ELEMENTWISE = _ZERO_UNARY | _OTHER_ELEMENTWISE
-_VIEWS = frozenset({"transpose", "broadcast_in_dim", "reshape", "squeeze", "expand_dims",
-                    "convert_element_type", "copy", "copy_p", "reduce_precision"})
-_REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min"})
 _WINDOW = frozenset({"reduce_window_max", "reduce_window_min", "reduce_window_sum",
                      "cumsum", "cummax", "cummin"})
 
@@ -85,20 +80,6 @@ class _Act:
     """A value that depends on the call's inputs: per axis, a `Tag` or None."""
 
     tags: tuple[Tag | None, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """A value computed from variable leaves and constants only.
-
-    ``leaves[d]``: the (leaf, leaf axis) pairs axis ``d`` indexes one to one; ``pure``:
-    the leaf index when the value is a view of that leaf (casts, transposes, reshapes,
-    broadcasts); ``zero``: the value is zero wherever its zeroable leaves are.
-    """
-
-    leaves: tuple[frozenset, ...]
-    zero: bool
-    pure: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,57 +168,19 @@ def _zero(name: str, eqn, zeros: Sequence[bool]) -> bool:
     return False
 
 
-def _reshape_groups(old: Sequence[int], new: Sequence[int]):
-    """Aligned groups ``(old axes, new axes)`` of equal size, size-1 axes left out."""
-    o = [i for i, s in enumerate(old) if s != 1]
-    n = [j for j, s in enumerate(new) if s != 1]
-    groups, i, j = [], 0, 0
-    while i < len(o) and j < len(n):
-        go, gn = [o[i]], [n[j]]
-        po, pn = old[o[i]], new[n[j]]
-        i, j = i + 1, j + 1
-        while po != pn:
-            if po < pn and i < len(o):
-                go.append(o[i])
-                po *= old[o[i]]
-                i += 1
-            elif pn < po and j < len(n):
-                gn.append(n[j])
-                pn *= new[n[j]]
-                j += 1
-            else:
-                return None
-        groups.append((go, gn))
-    return groups if i == len(o) and j == len(n) else None
+class _Walker(Walker):
+    """The channel rules of the shared `jaxpr_walk.Walker`; findings go to ``flow``."""
 
+    def __init__(self, flow: ChannelFlow):
+        super().__init__(flow.leaf_uses)
+        self.flow = flow
 
-reshape_groups = _reshape_groups  # shared with `jaxopt_lab.core.foldflow`
+    def block(self, tags: Iterable[Tag | None], reason: str) -> None:
+        self.flow.block(tags, reason)
 
-
-class _Walker:
-    def __init__(self, zeroable: set[int], flow: ChannelFlow):
-        self.zeroable, self.flow = zeroable, flow
-
-    # -- helpers ------------------------------------------------------------------
-    @staticmethod
-    def _nostatic(rank: int) -> _Static:
-        return _Static(tuple(frozenset() for _ in range(rank)), False)
-
-    def _literal(self, v) -> _Static:
-        val = np.asarray(v.val)
-        return _Static(tuple(frozenset() for _ in range(val.ndim)),
-                       bool(val.size) and not np.any(val))
-
-    def _kernel_view(self, s: _Static) -> list[int | None] | None:
-        """Operand axis -> leaf axis for a pure view of a leaf (None for added axes)."""
-        if s.pure is None:
-            return None
-        out = []
-        for pairs in s.leaves:
-            if len(pairs) > 1:
-                return None
-            out.append(next(iter(pairs))[1] if pairs else None)
-        return out
+    def lost(self, rank: int, reason: str) -> _Act:
+        del reason  # the flow records reasons per channel, in `block`
+        return _Act((None,) * rank)
 
     # -- ops ----------------------------------------------------------------------
     def _dot(self, eqn, ins):
@@ -247,11 +190,11 @@ class _Walker:
         acts = [isinstance(a, _Act) for a in ins]
         out_rank = len(eqn.outvars[0].aval.shape)
         if not any(acts):
-            return [self._nostatic(out_rank)]
+            return [Static.blank(out_rank)]
         kernel_side = None
         if acts.count(True) == 1:
             k = acts.index(False)
-            if self._kernel_view(ins[k]) is not None:
+            if leaf_view(ins[k]) is not None:
                 kernel_side = k
         if kernel_side is None:
             for a in ins:
@@ -260,7 +203,7 @@ class _Walker:
                                     "or with a computed weight reads it")
             return [_Act((None,) * out_rank)]
         k, a = kernel_side, 1 - kernel_side
-        kv, act = self._kernel_view(ins[k]), ins[a]
+        kv, act = leaf_view(ins[k]), ins[a]
         leaf = ins[k].pure
         self.flow.uses[leaf] += 1
         kcon, kbat = dims[k]
@@ -290,14 +233,14 @@ class _Walker:
         out_rank = len(eqn.outvars[0].aval.shape)
         p = eqn.params
         dn = p["dimension_numbers"]
-        kv = self._kernel_view(rhs) if isinstance(rhs, _Static) else None
+        kv = leaf_view(rhs)
         if not isinstance(lhs, _Act) or kv is None:
             if isinstance(lhs, _Act):
                 self.flow.block(lhs.tags, "a convolution with a computed kernel reads it")
             if isinstance(rhs, _Act):
                 self.flow.block(rhs.tags, "a convolution reads it as its kernel")
             return [_Act((None,) * out_rank) if isinstance(lhs, _Act) or isinstance(rhs, _Act)
-                    else self._nostatic(out_rank)]
+                    else Static.blank(out_rank)]
         leaf = rhs.pure
         self.flow.uses[leaf] += 1
         grouped = p["feature_group_count"] != 1 or p["batch_group_count"] != 1
@@ -322,13 +265,13 @@ class _Walker:
         full = [a for a in ins if len(a.tags if isinstance(a, _Act) else a.leaves) == len(shape)]
         acts = [a for a in full if isinstance(a, _Act)]
         if name in ("convert_element_type", "copy", "copy_p", "reduce_precision") and \
-                isinstance(ins[0], _Static):
+                isinstance(ins[0], Static):
             return [ins[0]]
-        zeros_of = [a.zero if isinstance(a, _Static) else None for a in ins]
+        zeros_of = [a.zero if isinstance(a, Static) else None for a in ins]
         if not any(isinstance(a, _Act) for a in ins):
             leaves = tuple(frozenset().union(*(a.leaves[d] for a in full))
                            for d in range(len(shape)))
-            return [_Static(leaves, _zero(name, eqn, zeros_of))]
+            return [Static(leaves, _zero(name, eqn, zeros_of))]
         tags: list[Tag | None] = []
         for d in range(len(shape)):
             found = {a.tags[d].key(): a.tags[d] for a in acts if a.tags[d] is not None}
@@ -369,37 +312,26 @@ class _Walker:
         """Transposes, reshapes, broadcasts, reductions and windows; None if not one."""
         name, p = eqn.primitive.name, eqn.params
         x = ins[0]
-        is_act = isinstance(x, _Act)
-        axes = list(x.tags if is_act else x.leaves)
-        empty = None if is_act else frozenset()
+        is_act, axes, empty = per_axis(x)
         out_shape = eqn.outvars[0].aval.shape
 
         def make(new_axes, pure=True, zero=None):
             if is_act:
                 return [_Act(tuple(new_axes))]
-            return [_Static(tuple(new_axes), x.zero if zero is None else zero,
-                            x.pure if pure else None)]
+            return [Static(tuple(new_axes), x.zero if zero is None else zero,
+                           x.pure if pure else None)]
 
-        if name == "transpose":
-            return make([axes[d] for d in p["permutation"]])
-        if name == "broadcast_in_dim":
-            out = [empty] * len(out_shape)
-            for d, o in enumerate(p["broadcast_dimensions"]):
-                out[o] = axes[d]
-            return make(out)
+        moved = moved_axes(eqn, axes, empty)
+        if moved is not None:
+            return make(moved)
         if name == "squeeze":
             drop = set(d % len(axes) for d in p["dimensions"])
             if is_act:
                 self.flow.block([axes[d] for d in drop], "a squeeze drops it")
             return make([a for d, a in enumerate(axes) if d not in drop])
-        if name == "expand_dims":
-            out = list(axes)
-            for d in sorted(p["dimensions"]):
-                out.insert(d, empty)
-            return make(out)
         if name == "reshape":
             old = eqn.invars[0].aval.shape
-            groups = _reshape_groups(old, out_shape)
+            groups = reshape_groups(old, out_shape)
             out = [empty] * len(out_shape)
             if groups is None:
                 if is_act:
@@ -430,11 +362,11 @@ class _Walker:
                 self.flow.block([axes[d] for d, s in enumerate(old) if s == 1],
                                 "a reshape drops it")
             return make(out, pure=pure)
-        if name in _REDUCE or name == "argmax" or name == "argmin":
+        if name in REDUCE or name == "argmax" or name == "argmin":
             red = set(p["axes"])
             if is_act:
                 self.flow.block([axes[d] for d in red], f"{name} reduces over it")
-                if name not in _REDUCE:
+                if name not in REDUCE:
                     self.flow.block(axes, f"{name} reads it")
                     return make([None] * len(out_shape))
             return make([a for d, a in enumerate(axes) if d not in red], pure=False)
@@ -462,7 +394,7 @@ class _Walker:
                 zero = t.zero
                 if name == "pad":
                     pv = ins[1]
-                    zero = zero and isinstance(pv, _Static) and pv.zero
+                    zero = zero and isinstance(pv, Static) and pv.zero
                 elif name == "reduce_window_min" or name == "reduce_window_max":
                     zero = zero and tuple(p["padding"][d]) == (0, 0) and all(
                         tuple(q) == (0, 0) for q in p["padding"])
@@ -470,51 +402,21 @@ class _Walker:
             return make(keep)
         return None
 
-    def eval(self, jaxpr, consts, ins: Sequence[Any]) -> list[Any]:
-        env: dict[Any, Any] = {}
-
-        def read(v):
-            if isinstance(v, jcore.Literal):
-                return self._literal(v)
-            return env[v]
-
-        for v, c in zip(jaxpr.constvars, consts):
-            arr = np.asarray(c) if not hasattr(c, "aval") else None
-            zero = arr is not None and arr.size > 0 and not np.any(arr)
-            env[v] = _Static(tuple(frozenset() for _ in range(len(np.shape(c)))), zero)
-        for v, a in zip(jaxpr.invars, ins):
-            env[v] = a
-        for eqn in jaxpr.eqns:
-            vals = [read(v) for v in eqn.invars]
-            name = eqn.primitive.name
-            sub = flax_hooks.sub_jaxpr(eqn)
-            if sub is None and name not in _VIEWS:
-                for a in vals:
-                    if isinstance(a, _Static) and a.pure is not None:
-                        self.flow.leaf_uses[a.pure] += 1
-            outs = None
-            if sub is not None:
-                outs = self.eval(sub[0], sub[1], vals)
-            elif not any(isinstance(a, _Act) for a in vals) and name not in _ELEMENTWISE \
-                    and name not in ("transpose", "broadcast_in_dim", "reshape", "squeeze",
-                                     "expand_dims", "dot_general", "conv_general_dilated"):
-                outs = [self._nostatic(len(getattr(v.aval, "shape", ()))) for v in eqn.outvars]
-            elif name == "dot_general":
-                outs = self._dot(eqn, vals)
-            elif name == "conv_general_dilated":
-                outs = self._conv(eqn, vals)
-            elif name in _ELEMENTWISE:
-                outs = self._elementwise(eqn, vals)
-            elif len(eqn.outvars) == 1:
-                outs = self._structural(eqn, vals)
-            if outs is None:
-                for a in vals:
-                    if isinstance(a, _Act):
-                        self.flow.block(a.tags, f"{name} reads it")
-                outs = [_Act((None,) * len(getattr(v.aval, "shape", ()))) for v in eqn.outvars]
-            for v, o in zip(eqn.outvars, outs):
-                env[v] = o
-        return [read(v) for v in jaxpr.outvars]
+    def step(self, eqn, vals):
+        name = eqn.primitive.name
+        if not any(isinstance(a, _Act) for a in vals) and name not in _ELEMENTWISE \
+                and name not in ("transpose", "broadcast_in_dim", "reshape", "squeeze",
+                                 "expand_dims", "dot_general", "conv_general_dilated"):
+            return None  # a value of leaves and constants no rule follows
+        if name == "dot_general":
+            return self._dot(eqn, vals)
+        if name == "conv_general_dilated":
+            return self._conv(eqn, vals)
+        if name in _ELEMENTWISE:
+            return self._elementwise(eqn, vals)
+        if len(eqn.outvars) == 1:
+            return self._structural(eqn, vals)
+        return None
 
 
 def channel_flow(program: flax_hooks.Program, *, zeroable: Iterable[int] = ()) -> ChannelFlow:
@@ -538,19 +440,8 @@ def channel_flow(program: flax_hooks.Program, *, zeroable: Iterable[int] = ()) -
       >>> [jax.tree_util.keystr(program.paths[k]) for k, _ in flow.edges]
       ["['params']['layers_0']['kernel']"]
     """
-    zeroable = set(zeroable)
     flow = ChannelFlow()
-    walker = _Walker(zeroable, flow)
-    jaxpr = program.closed.jaxpr
-    ins: list[Any] = []
-    for i, v in enumerate(jaxpr.invars):
-        rank = len(v.aval.shape)
-        if i < program.n_vars:
-            ins.append(_Static(tuple(frozenset({(i, d)}) for d in range(rank)),
-                               i in zeroable, i))
-        else:
-            ins.append(_Act((None,) * rank))
-    outs = walker.eval(jaxpr, program.closed.consts, ins)
+    outs = _Walker(flow).walk(program, zeroable=zeroable)
     for o in outs:
         if isinstance(o, _Act):
             flow.block(o.tags, OUTPUT)

@@ -31,22 +31,19 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-import jax.extend.core as jcore
 import numpy as np
 
 from jaxopt_lab.core import flax_hooks
-from jaxopt_lab.core.channels import reshape_groups
+from jaxopt_lab.core.jaxpr_walk import (REDUCE, VIEWS, Static, Walker, leaf_view, moved_axes,
+                                       per_axis, reshape_groups)
 
 Names = tuple[str, ...]
 KINDS = ("norm", "kernel")
 
-_VIEWS = frozenset({"transpose", "broadcast_in_dim", "reshape", "squeeze", "expand_dims",
-                    "convert_element_type", "copy", "copy_p", "reduce_precision"})
 # f(s * y) = s * f(y) for s > 0, elementwise.
 _HOMOGENEOUS_UNARY = frozenset({"neg", "abs", "copy", "copy_p", "convert_element_type",
                                 "reduce_precision", "stop_gradient", "real"})
 _LINEAR_COMBINE = frozenset({"add", "sub", "add_any", "max", "min"})
-_REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min"})
 _WINDOW = frozenset({"reduce_window_max", "reduce_window_min", "reduce_window_sum"})
 _CUMULATIVE = frozenset({"cumsum", "cummax", "cummin"})
 OUTPUT = "its output reaches the model's output"
@@ -92,16 +89,6 @@ class _Act:
     why: str
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """A value of leaves and constants only: per axis the ``(leaf, leaf axis)`` pairs it
-    indexes; ``pure`` the leaf when it is a view of one leaf; ``zero`` all zeros."""
-
-    leaves: tuple[frozenset, ...]
-    zero: bool = False
-    pure: int | None = None
-
-
 @dataclasses.dataclass
 class _Source:
     kind: str
@@ -113,15 +100,21 @@ class _Source:
 Channels = tuple[tuple[int, int, int], ...]  # (leaf axis, stride, count) per channel axis
 
 
-class _Walker:
+class _Walker(Walker):
+    """The fold rules of the shared `jaxpr_walk.Walker`: sources, their readers and the
+    leaves attached to them."""
+
     def __init__(self):
+        super().__init__()
         self.sources: list[_Source] = []
         self.blocked: dict[int, str] = {}
         self.readers: dict[int, list[tuple[int, Channels]]] = defaultdict(list)
         self.attached: dict[int, list[tuple[int, Channels]]] = defaultdict(list)
         # kernel leaf -> per contraction: (source or None, reason, channels)
         self.inputs: dict[int, list[tuple[int | None, str, Channels]]] = defaultdict(list)
-        self.leaf_uses: dict[int, int] = defaultdict(int)
+
+    def lost(self, rank: int, reason: str) -> _Act:
+        return _Act((None,) * rank, reason)
 
     def block(self, tags: Sequence[Any], reason: str) -> None:
         for t in tags:
@@ -141,18 +134,6 @@ class _Walker:
 
     # -- helpers ----------------------------------------------------------------------
     @staticmethod
-    def _view(s: Any) -> list[int | None] | None:
-        """Operand axis -> leaf axis of a pure single-leaf view (None: broadcast axes)."""
-        if not isinstance(s, _Static) or s.pure is None:
-            return None
-        out = []
-        for pairs in s.leaves:
-            if len(pairs) > 1:
-                return None
-            out.append(next(iter(pairs))[1] if pairs else None)
-        return out
-
-    @staticmethod
     def _tags_of(a: Any, rank: int) -> tuple:
         return a.tags if isinstance(a, _Act) else (None,) * rank
 
@@ -163,8 +144,8 @@ class _Walker:
         shape = eqn.outvars[0].aval.shape
         acts = [isinstance(a, _Act) for a in ins]
         if not any(acts):
-            return [_Static(tuple(frozenset() for _ in shape))]
-        views = [self._view(a) for a in ins]
+            return [Static.blank(len(shape))]
+        views = [leaf_view(a) for a in ins]
         k = acts.index(False) if acts.count(True) == 1 else None
         if k is not None and views[k] is None:
             k = None
@@ -230,14 +211,14 @@ class _Walker:
         shape = eqn.outvars[0].aval.shape
         p = eqn.params
         dn = p["dimension_numbers"]
-        kv = self._view(rhs)
+        kv = leaf_view(rhs)
         if not isinstance(lhs, _Act) or kv is None:
             for a in ins:
                 if isinstance(a, _Act):
                     self.block(a.tags, "a convolution with a computed kernel reads it")
             if any(isinstance(a, _Act) for a in ins):
                 return [_Act((None,) * len(shape), "a convolution with a computed kernel")]
-            return [_Static(tuple(frozenset() for _ in shape))]
+            return [Static.blank(len(shape))]
         leaf = rhs.pure
         grouped = p["feature_group_count"] != 1 or p["batch_group_count"] != 1
         spatial = [t for d, t in enumerate(lhs.tags) if d != dn.lhs_spec[1]]
@@ -266,11 +247,11 @@ class _Walker:
             full = [a for a in ins if len(a.leaves) == rank]
             leaves = tuple(frozenset().union(*(a.leaves[d] for a in full))
                            for d in range(rank))
-            return [_Static(leaves)]
+            return [Static(leaves)]
         why = acts[0].why
         tagged = [a for a in acts if any(a.tags)]
         if not tagged:
-            src = self._norm_source(name, ins, rank)
+            src = self._norm_source(name, ins, eqn.outvars[0].aval.shape)
             return [_Act(src if src is not None else (None,) * rank, why)]
         ref = tagged[0].tags
         if name in _HOMOGENEOUS_UNARY or (name == "integer_pow" and eqn.params["y"] == 1):
@@ -323,20 +304,21 @@ class _Walker:
             self.block(a.tags, reason)
         return [_Act((None,) * rank, reason)]
 
-    def _norm_source(self, name: str, ins, rank: int):
+    def _norm_source(self, name: str, ins, shape: Sequence[int]):
         """``activation * leaf`` (a norm's scale): a new source on the leaf's axes."""
+        rank = len(shape)
         if name != "mul" or len(ins) != 2:
             return None
-        stat = [a for a in ins if isinstance(a, _Static)]
+        stat = [a for a in ins if isinstance(a, Static)]
         if len(stat) != 1 or stat[0].pure is None or len(stat[0].leaves) != rank:
             return None
         if any(len(p) > 1 for p in stat[0].leaves):
             return None
         axes = [d for d, p in enumerate(stat[0].leaves) if p]
-        return self._make_norm(stat[0], axes, rank) if axes else None
+        return self._make_norm(stat[0], axes, shape) if axes else None
 
-    def _make_norm(self, s: _Static, axes: list[int], rank: int):
-        shape = self._shape
+    def _make_norm(self, s: Static, axes: list[int], shape: Sequence[int]):
+        rank = len(shape)
         fresh = self.new_source("norm", s.pure, [(next(iter(s.leaves[d]))[1], shape[d])
                                                  for d in axes])
         tags: list[_Tag | None] = [None] * rank
@@ -348,42 +330,31 @@ class _Walker:
     def _structural(self, eqn, ins):
         name, p = eqn.primitive.name, eqn.params
         x = ins[0]
-        is_act = isinstance(x, _Act)
-        axes = list(x.tags if is_act else x.leaves)
-        empty = None if is_act else frozenset()
+        is_act, axes, empty = per_axis(x)
         out_shape = eqn.outvars[0].aval.shape
 
         def make(new_axes, pure=True):
             if is_act:
                 return [_Act(tuple(new_axes), x.why)]
-            return [_Static(tuple(new_axes), x.zero, x.pure if pure else None)]
+            return [Static(tuple(new_axes), x.zero, x.pure if pure else None)]
 
         def lose(tags, reason):
             if is_act:
                 self.block(tags, reason)
             return [_Act((None,) * len(out_shape), reason)] if is_act else \
-                [_Static(tuple(frozenset() for _ in out_shape))]
+                [Static.blank(len(out_shape))]
 
-        if name == "transpose":
-            return make([axes[d] for d in p["permutation"]])
-        if name == "broadcast_in_dim":
-            out = [empty] * len(out_shape)
-            for d, o in enumerate(p["broadcast_dimensions"]):
-                out[o] = axes[d]
-            return make(out)
+        moved = moved_axes(eqn, axes, empty)
+        if moved is not None:
+            return make(moved)
         if name == "squeeze":
             drop = {d % len(axes) for d in p["dimensions"]}
             if is_act and any(axes[d] is not None for d in drop):
                 return lose(axes, "a squeeze drops it")
             return make([a for d, a in enumerate(axes) if d not in drop])
-        if name == "expand_dims":
-            out = list(axes)
-            for d in sorted(p["dimensions"]):
-                out.insert(d, empty)
-            return make(out)
         if name == "reshape":
             return self._reshape(eqn, x, axes, make, lose)
-        if name in _REDUCE:
+        if name in REDUCE:
             red = set(p["axes"])
             if is_act and any(axes[d] is not None for d in red):
                 return lose(axes, f"{name} reduces over it")
@@ -398,7 +369,7 @@ class _Walker:
                     continue
                 if name == "pad":
                     ok = tuple(p["padding_config"][d]) == (0, 0, 0) and \
-                        isinstance(ins[1], _Static) and ins[1].zero
+                        isinstance(ins[1], Static) and ins[1].zero
                 elif name == "slice":
                     ok = (p["start_indices"][d] == 0 and p["limit_indices"][d] == out_shape[d]
                           and (p["strides"] is None or p["strides"][d] == 1))
@@ -412,9 +383,8 @@ class _Walker:
 
     def _reshape(self, eqn, x, axes, make, lose):
         old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-        is_act = isinstance(x, _Act)
+        is_act, _, empty = per_axis(x)
         groups = reshape_groups(old, new)
-        empty = None if is_act else frozenset()
         if groups is None:
             return lose(axes, "a reshape reads it")
         out = [empty] * len(new)
@@ -447,61 +417,21 @@ class _Walker:
         return make(out, pure=pure)
 
     # -- the walk ---------------------------------------------------------------------
-    def eval(self, jaxpr, consts, ins: Sequence[Any]) -> list[Any]:
-        env: dict[Any, Any] = {}
-
-        def read(v):
-            if isinstance(v, jcore.Literal):
-                val = np.asarray(v.val)
-                return _Static(tuple(frozenset() for _ in range(val.ndim)),
-                               bool(val.size) and not np.any(val))
-            return env[v]
-
-        for v, c in zip(jaxpr.constvars, consts):
-            arr = None if hasattr(c, "aval") and not isinstance(c, np.ndarray) else \
-                np.asarray(c)
-            zero = arr is not None and arr.size > 0 and not np.any(arr)
-            env[v] = _Static(tuple(frozenset() for _ in range(len(np.shape(c)))), zero)
-        for v, a in zip(jaxpr.invars, ins):
-            env[v] = a
-        for eqn in jaxpr.eqns:
-            vals = [read(v) for v in eqn.invars]
-            name = eqn.primitive.name
-            sub = flax_hooks.sub_jaxpr(eqn)
-            if sub is None and name not in _VIEWS:
-                for a in vals:
-                    if isinstance(a, _Static) and a.pure is not None:
-                        self.leaf_uses[a.pure] += 1
-            self._shape = eqn.outvars[0].aval.shape if eqn.outvars and hasattr(
-                eqn.outvars[0].aval, "shape") else ()
-            outs = None
-            has_act = any(isinstance(a, _Act) for a in vals)
-            if sub is not None:
-                outs = self.eval(sub[0], sub[1], vals)
-            elif name == "dot_general":
-                outs = self._dot(eqn, vals)
-            elif name == "conv_general_dilated":
-                outs = self._conv(eqn, vals)
-            elif name in _HOMOGENEOUS_UNARY or name in _LINEAR_COMBINE or name in (
-                    "mul", "div", "integer_pow") or (
-                    len(eqn.outvars) == 1 and len(vals) >= 1 and name not in _VIEWS
-                    and name not in _REDUCE and name not in _WINDOW and name not in _CUMULATIVE
-                    and name not in ("pad", "slice") and _is_elementwise(eqn)):
-                outs = self._elementwise(eqn, vals)
-            elif len(eqn.outvars) == 1 and vals:
-                outs = self._structural(eqn, vals)
-            if outs is None:
-                why = f"{name} reads it"
-                for a in vals:
-                    if isinstance(a, _Act):
-                        self.block(a.tags, why)
-                outs = [_Act((None,) * len(getattr(v.aval, "shape", ())), why) if has_act
-                        else _Static(tuple(frozenset()
-                                           for _ in getattr(v.aval, "shape", ())))
-                        for v in eqn.outvars]
-            for v, o in zip(eqn.outvars, outs):
-                env[v] = o
-        return [read(v) for v in jaxpr.outvars]
+    def step(self, eqn, vals):
+        name = eqn.primitive.name
+        if name == "dot_general":
+            return self._dot(eqn, vals)
+        if name == "conv_general_dilated":
+            return self._conv(eqn, vals)
+        if name in _HOMOGENEOUS_UNARY or name in _LINEAR_COMBINE or name in (
+                "mul", "div", "integer_pow") or (
+                len(eqn.outvars) == 1 and len(vals) >= 1 and name not in VIEWS
+                and name not in REDUCE and name not in _WINDOW and name not in _CUMULATIVE
+                and name not in ("pad", "slice") and _is_elementwise(eqn)):
+            return self._elementwise(eqn, vals)
+        if len(eqn.outvars) == 1 and vals:
+            return self._structural(eqn, vals)
+        return None
 
 
 def _is_elementwise(eqn) -> bool:
@@ -544,15 +474,7 @@ def fold_targets(program: flax_hooks.Program) -> dict[int, FoldTarget | str]:
       ['norm', 'kernel']
     """
     walker = _Walker()
-    jaxpr = program.closed.jaxpr
-    ins: list[Any] = []
-    for i, v in enumerate(jaxpr.invars):
-        rank = len(v.aval.shape)
-        if i < program.n_vars:
-            ins.append(_Static(tuple(frozenset({(i, d)}) for d in range(rank)), False, i))
-        else:
-            ins.append(_Act((None,) * rank, "it is the model's input"))
-    for o in walker.eval(jaxpr, program.closed.consts, ins):
+    for o in walker.walk(program):
         if isinstance(o, _Act):
             walker.block(o.tags, OUTPUT)
     names = [flax_hooks.path_names(p) for p in program.paths]

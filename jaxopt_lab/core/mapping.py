@@ -12,6 +12,9 @@ it. From those uses it derives the leaf's role and axes:
   its features (exactly the axes a tied ``Embed.attend`` output head contracts).
 * ``"bias"`` (only added), ``"norm"`` (multiplied: norm scales), ``"other"`` (any other
   consumer, or uses that disagree), ``"unused"``.
+* ``"batch_stats"``: a BatchNorm running mean or variance, read from what Flax keeps it as
+  (linen's ``batch_stats`` collection, an NNX ``nnx.BatchStat``), not from its uses (the
+  mean is added like a bias). No technique selects it by default; `bn_fold` folds it.
 
 Every technique takes the map through one keyword, ``model_map=``, and reads it with
 `ModelMap.lookup`, which accepts the leaf paths of the whole variables tree or of any
@@ -29,7 +32,7 @@ import numpy as np
 
 from jaxopt_lab.core import flax_hooks, foldflow
 
-ROLES = ("kernel", "embedding", "bias", "norm", "other", "unused")
+ROLES = ("kernel", "embedding", "bias", "norm", "batch_stats", "other", "unused")
 Names = tuple[str, ...]
 
 
@@ -70,6 +73,19 @@ class LeafInfo:
     def channel_axes(self) -> tuple[int, ...]:
         """Axes with one scale each: the outputs and the batch axes."""
         return tuple(sorted(self.outputs + self.batch))
+
+
+def _batch_stats(program: flax_hooks.Program) -> set[Names]:
+    """The leaves Flax keeps as BatchNorm running statistics: linen's ``batch_stats``
+    collection, NNX ``nnx.BatchStat`` variables."""
+    if program.api == "linen":
+        return {n for n in map(path_names, program.paths) if n[:1] == ("batch_stats",)}
+    from flax import nnx
+
+    state = jax.tree.unflatten(program.var_treedef, program.leaves)
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return {path_names(p) for p, v in flat if isinstance(v, nnx.BatchStat)}
 
 
 def _role(uses: list[flax_hooks.Use]) -> tuple[str, tuple, tuple, tuple]:
@@ -235,11 +251,12 @@ def model_map(model: Any, variables: Any = None, *args: Any, **kwargs: Any) -> M
     avals = [v.aval for v in program.closed.jaxpr.invars]
     jax.eval_shape(abstract, avals[:program.n_vars], avals[program.n_vars:])
     api = program.api
+    stats = _batch_stats(program)
     infos = {}
     for i, path in enumerate(program.paths):
         names = path_names(path)
         aval = avals[i]
-        role, con, out, bat = _role(uses[i])
+        role, con, out, bat = ("batch_stats", (), (), ()) if names in stats else _role(uses[i])
         infos[names] = LeafInfo(names, tuple(aval.shape), np.dtype(aval.dtype).name, role,
                                 con, out, bat, layer_of(names, api), tuple(uses[i]))
     folds = {path_names(program.paths[i]): t
