@@ -155,18 +155,20 @@ def block_rows(block_size: int, group_size: int | None, dynamic: bool, m: int | 
 @functools.partial(
     jax.jit,
     static_argnames=("damp", "block_size", "bits", "symmetric", "group_size", "act_order",
-                     "sparsity", "n", "m", "static_groups", "clip_search"),
+                     "sparsity", "n", "m", "static_groups", "clip_search", "axis_name"),
 )
 def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bool,
           group_size: int | None, act_order: bool, sparsity: float | None, n: int | None,
-          m: int | None, static_groups: bool = False, clip_search: bool = False
-          ) -> SweepResult:
+          m: int | None, static_groups: bool = False, clip_search: bool = False,
+          axis_name: str | tuple[str, ...] | None = None) -> SweepResult:
     """GPTQ (``bits``) and/or SparseGPT (``sparsity`` or ``n:m``) on ``W`` (settings checked
-    by the callers)."""
+    by the callers). ``axis_name``: inside ``shard_map`` over ``W``'s columns, the mesh
+    axes they are split over; only the weights' overall maximum (`_normalize`) is reduced
+    across them, as every other step works column by column (N:M or no pruning)."""
     w = jnp.asarray(w, jnp.float32)
     h = jnp.asarray(h, jnp.float32)
     k, ncol = w.shape
-    w, shift = _normalize(w, damp)
+    w, shift = _normalize(w, damp, axis_name)
     quant = bits is not None
     g = group_size or k
     n_groups = k // g
@@ -289,7 +291,8 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
 NORMALIZE_ABOVE = 2.0**32
 
 
-def _normalize(w: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
+def _normalize(w: jax.Array, damp: float, axis_name: str | tuple[str, ...] | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """``(w * 2^-shift, shift)``: weights with ``max |w| >= NORMALIZE_ABOVE`` scaled to
     ``[0.5, 1)``, else unchanged (``shift = 0``).
 
@@ -305,6 +308,8 @@ def _normalize(w: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
     if damp == math.inf:
         return w, jnp.zeros((), jnp.int32)
     amax = jnp.max(jnp.abs(w))
+    if axis_name is not None:  # one shift for the whole kernel, as on one device
+        amax = lax.pmax(amax, axis_name)
     _, exp = jnp.frexp(amax)
     shift = jnp.where(jnp.isfinite(amax) & (amax >= NORMALIZE_ABOVE), exp, 0).astype(jnp.int32)
     return jnp.ldexp(w, -shift), shift

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import _select
-from jaxopt_lab.oneshot import _layers, _obs
+from jaxopt_lab.oneshot import _layers, _obs, _sharded
 from jaxopt_lab.oneshot.settings import GPTQSettings
 from jaxopt_lab.quant.qtensor import QTensor, pack
 
@@ -185,6 +185,10 @@ def gptq(
 
     def one(name, path, leaf, choice):
         s = _select.leaf_overrides(name, choice, base)
+        placed = _sharded.placement(leaf)
+        if placed is not None:  # a NamedSharding-sharded kernel: swept shard by shard
+            return _sharded.gptq(name, path, leaf, stats, contracting, model_map, placed,
+                                 _select.fields_of(s))
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         _obs.check_quant(name, mat.shape[0], s.bits, s.group_size)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import _select
-from jaxopt_lab.oneshot import _layers, _obs
+from jaxopt_lab.oneshot import _layers, _obs, _sharded
 from jaxopt_lab.oneshot.settings import SparseGPTSettings
 
 Params = Any
@@ -168,6 +168,13 @@ def sparsegpt(
             continue
         name = _select.path_str(path)
         s = _select.fields_of(_select.leaf_overrides(name, choice, base))
+        placed = _sharded.placement(leaf)
+        if placed is not None:  # a NamedSharding-sharded kernel: swept shard by shard
+            w2, mask = _sharded.sparsegpt(name, path, leaf, stats, contracting, model_map,
+                                          placed, s)
+            new.append(w2)
+            masks.append(mask)
+            continue
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         w2, mask = sparsegpt_matrix(mat, st.xtx, name=name, **s)

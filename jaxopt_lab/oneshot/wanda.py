@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import _select
-from jaxopt_lab.oneshot import _layers, settings
+from jaxopt_lab.oneshot import _layers, _sharded, settings
 from jaxopt_lab.oneshot._obs import keep_block, keep_top_per_column, prune_count
 from jaxopt_lab.oneshot.settings import WandaSettings
 from jaxopt_lab.oneshot.sparsegpt import check_pruning
@@ -144,6 +144,10 @@ def wanda(
 
     def one(name, path, leaf, choice):
         s = _select.leaf_overrides(name, choice, base)
+        placed = _sharded.placement(leaf)
+        if placed is not None:  # a NamedSharding-sharded kernel: no gather (see _sharded)
+            return _sharded.wanda(name, path, leaf, stats, contracting, model_map, placed,
+                                  _select.fields_of(s))
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         norm = jnp.sqrt(jnp.maximum(jnp.diag(st.xtx), 0.0))
