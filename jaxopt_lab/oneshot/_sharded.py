@@ -13,8 +13,11 @@ Unsupported layouts raise a ``ValueError`` naming the leaf instead of gathering 
 
 * a kernel sharded along a contracting axis, for GPTQ and SparseGPT: the sweep walks the
   ``K`` rows in order, each row's error compensating every later row, so a split ``K``
-  would serialise the devices; Wanda per output or N:M, whose selection runs along ``K``;
-* unstructured SparseGPT: each block's mask ranks the block's weights across all outputs.
+  would serialise the devices; Wanda per output or N:M, whose selection runs along ``K``.
+
+Unstructured SparseGPT ranks each block of rows across all outputs: on an output-sharded
+kernel that selection is `_obs.keep_block_sharded` (bisection on the scores with a ``psum``
+of a count per step), the same mask as on one device.
 
 Wanda with ``scope="layer"`` ranks the whole kernel at once and takes any sharding: the
 library's exact sharded selection (`jaxopt_lab.pruning.select.keep_above_k_lowest`, as
@@ -181,25 +184,28 @@ def gptq(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: Any,
 
 
 @functools.lru_cache(maxsize=64)
-def _sparsegpt_fn(mesh, spec, axes, n, m, bits, group_size, symmetric, damp, block_size):
+def _sparsegpt_fn(mesh, spec, axes, sparsity, n, m, bits, group_size, symmetric, damp,
+                  block_size, total_cols):
     names = _mesh_axes(spec)
+    rest = tuple(spec[i] for i in range(len(spec)) if i not in axes)
 
-    def body(w, h):
+    def body(w, h, cols):
         local = w.shape
         res = _obs.sweep(_layers.as_matrix(w, axes), h, damp=damp, block_size=block_size,
                          bits=bits, symmetric=symmetric, group_size=group_size,
-                         act_order=False, sparsity=None, n=n, m=m, axis_name=names)
+                         act_order=False, sparsity=sparsity, n=n, m=m, axis_name=names,
+                         cols=cols.reshape(-1), total_cols=total_cols)
         flags = jnp.stack([res.factor_ok, jnp.isfinite(res.weights).all()])[None]
         return (_layers.from_matrix(res.weights.astype(w.dtype), local, axes),
                 _layers.from_matrix(res.mask, local, axes), flags)
 
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(*spec), P()),
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(*spec), P(), P(*rest)),
                                  out_specs=(P(*spec), P(*spec), P(names)), check_vma=False))
 
 
 def sparsegpt(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: Any,
               model_map: Any, where: Placement, s: dict) -> tuple[jax.Array, jax.Array]:
-    """`jaxopt_lab.oneshot.sparsegpt` of one output-sharded kernel (N:M), shard by shard."""
+    """`jaxopt_lab.oneshot.sparsegpt` of one output-sharded kernel, shard by shard."""
     from jaxopt_lab.oneshot.sparsegpt import check_pruning  # sparsegpt imports this module
 
     mesh, spec = where
@@ -208,18 +214,19 @@ def sparsegpt(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: 
     check_pruning(name, k, s["sparsity"], n, m)
     _check_outputs_only(name, "SparseGPT", shape, axes, spec,
                         "its sweep compensates each input row's error on every later row")
-    if n is None:
-        raise ValueError(
-            f"{name}: unstructured SparseGPT of a sharded kernel (PartitionSpec {P(*spec)}) "
-            "is not supported: each block's mask ranks the block's weights across all "
-            "outputs; use n:m sparsity (per output) or replicate the kernel")
     if bits is not None:
         _obs.check_quant(name, k, bits, s["group_size"])
     _obs.check_damp(name, s["damp"])
     _obs.check_finite(name, st.xtx)
-    fn = _sparsegpt_fn(mesh, spec, axes, n, m, bits, s["group_size"], bool(s["symmetric"]),
-                       float(s["damp"]), int(s["block_size"]))
-    w2, mask, flags = fn(leaf, jnp.asarray(st.xtx, jnp.float32))
+    sparsity = None if s["sparsity"] is None else float(s["sparsity"])
+    out_shape = tuple(shape[i] for i in range(len(shape)) if i not in axes)
+    total = math.prod(out_shape)
+    fn = _sparsegpt_fn(mesh, spec, axes, sparsity, n, m, bits, s["group_size"],
+                       bool(s["symmetric"]), float(s["damp"]), int(s["block_size"]), total)
+    # The global index of every output column, sharded as the kernel's output axes: each
+    # shard reads the indices of its own columns (unstructured pruning breaks ties by them).
+    cols = jnp.arange(total, dtype=jnp.int32).reshape(out_shape)
+    w2, mask, flags = fn(leaf, jnp.asarray(st.xtx, jnp.float32), cols)
     _check_sweep(name, flags, s["damp"])
     return w2, mask
 
