@@ -63,6 +63,14 @@ def placement(leaf: Any) -> Placement | None:
     return sharding.mesh, spec
 
 
+def all_true(leaf: Any) -> jax.Array:
+    """The all-True mask of an unselected leaf, placed like the leaf when it is sharded."""
+    where = placement(leaf)
+    if where is None:
+        return jnp.ones(np.shape(leaf), bool)
+    return jnp.ones(np.shape(leaf), bool, device=leaf.sharding)
+
+
 def _mesh_axes(spec: tuple) -> tuple[str, ...]:
     out: list[str] = []
     for a in spec:

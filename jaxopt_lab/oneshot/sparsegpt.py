@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _layers, _obs, _sharded
@@ -164,7 +163,7 @@ def sparsegpt(
     for (path, leaf), (_, _, choice) in zip(flat, choices):
         if choice is False:
             new.append(leaf)
-            masks.append(jnp.ones(np.shape(leaf), bool))
+            masks.append(_sharded.all_true(leaf))
             continue
         name = _select.path_str(path)
         s = _select.fields_of(_select.leaf_overrides(name, choice, base))

@@ -156,6 +156,6 @@ def wanda(
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     choices = _select.leaf_choices(params, where, model_map=model_map)
-    out = [one(_select.path_str(p), p, x, c) if c is not False else jnp.ones(np.shape(x), bool)
+    out = [one(_select.path_str(p), p, x, c) if c is not False else _sharded.all_true(x)
            for (p, x), (_, _, c) in zip(flat, choices)]
     return jax.tree.unflatten(treedef, out)
