@@ -163,6 +163,15 @@ def gptq(
       ``params`` with the selected kernels as `QTensor` (usable with ``dequantize``,
       ``save``, ``quantized_apply``); other leaves untouched.
 
+    Sharded kernels: a kernel sharded with ``NamedSharding`` along its output axes is
+    swept where its shards live (``shard_map``, the Hessian replicated; only its largest
+    magnitude is reduced across shards) and gives the single-device `QTensor` bit for
+    bit, its codes sharded like the kernel and its scales along the output axes. Sharding
+    along a contracting axis raises (the sweep carries each row's error to every later
+    row), as do shards of the last axis not a multiple of the codes per packed word (2 at
+    4 bits). Inside a caller's ``jax.jit`` leaves have no concrete sharding and take the
+    single-device path.
+
     Raises:
       ValueError: naming the leaf, for missing or empty statistics, NaN in a Hessian, and
         the errors of `gptq_matrix`.

@@ -140,6 +140,14 @@ def sparsegpt(
       leaves untouched) and a bool mask tree with ``params``' structure (True = kept,
       all True for unselected leaves), ready for ``apply_mask``/``prune``/``to_sparse``.
 
+    Sharded kernels: a kernel sharded with ``NamedSharding`` along its output axes is
+    swept where its shards live (``shard_map``, the Hessian replicated) and gives the
+    single-device weights and mask bit for bit, sharded like the kernel. N:M works column
+    by column; unstructured sparsity ranks each block of rows across all outputs, done
+    exactly across the shards by bisection on the scores (one ``psum`` of a count per
+    step; ties by flat index as on one device). Sharding along a contracting axis raises
+    (the sweep carries each row's error to every later row).
+
     Raises:
       ValueError: naming the leaf, for missing or empty statistics and the errors of
         `sparsegpt_matrix`.

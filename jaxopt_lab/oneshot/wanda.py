@@ -125,6 +125,12 @@ def wanda(
       A bool tree with ``params``' structure (all True for unselected leaves), for
       ``apply_mask``, ``prune(..., )`` starting masks and ``to_sparse``.
 
+    Sharded kernels: masks of ``NamedSharding``-sharded kernels are sharded like them and
+    equal the single-device masks. Per output and N:M: the kernel must be sharded along
+    its output axes (each shard ranks its own columns; a sharded contraction raises).
+    ``scope="layer"``: any sharding (leading contracting axes), through the library's
+    exact sharded selection, as `jaxopt_lab.magnitude_mask` of a sharded tree.
+
     Raises:
       ValueError: naming the leaf, for missing or empty statistics and the errors of
         `wanda_matrix`.
