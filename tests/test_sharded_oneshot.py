@@ -218,3 +218,51 @@ def test_calibration_stats_of_sharded_params_and_batches_then_gptq():
         assert q[layer]["kernel"].qvalue.sharding.is_equivalent_to(kernel.sharding, 2)
         np.testing.assert_array_equal(jol.dequantize(q[layer]["kernel"]),
                                       jol.dequantize(ref[layer]["kernel"]))
+
+
+def test_awq_matrix_of_an_output_sharded_kernel_stays_sharded_and_equal():
+    # No code of its own: XLA partitions the grid search column by column (the Hessian
+    # replicated); the grid's losses sum across shards in another order, so the chosen
+    # exponent could differ from one device's only on a float32 near-tie (not here).
+    from jaxopt_lab.oneshot import awq_matrix
+
+    tree, stats = _tree(4, leaves={"k": ((32, 16), P(None, "x"))})
+    st_k = stats["['k']"]
+    mean = st_k.abs_sum / st_k.count * jnp.linspace(0.1, 4.0, 32)
+    got = awq_matrix(tree["k"], st_k.xtx, mean, bits=4, group_size=8)
+    want = awq_matrix(np.asarray(tree["k"]), st_k.xtx, mean, bits=4, group_size=8)
+    assert float(got.alpha) == float(want.alpha)
+    np.testing.assert_array_equal(got.scales, want.scales)
+    _assert_like({"k": got.qtensor}, {"k": want.qtensor}, tree)
+    _assert_like({"k": got.effective}, {"k": want.effective}, tree)
+
+
+class _PreLN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(16, name="up")(nn.LayerNorm(name="ln")(x))
+
+
+def test_smooth_of_a_sharded_tree_stays_sharded_and_equal():
+    # Smoothing divides the norm's vectors and multiplies the kernel's rows: elementwise,
+    # so every leaf keeps its sharding; the weight maxima reduce exactly (a max).
+    import jaxopt_lab as jol
+    from jaxopt_lab.oneshot import smooth
+
+    mesh, model = _mesh(), _PreLN()
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(32, 16)) * np.linspace(0.1, 8, 16),
+                    jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size, dtype=a.dtype).reshape(
+        a.shape) / a.size, variables)
+    mm = jol.model_map(model, variables, x)
+    stats = calibration_stats(model, variables, [x])
+    sharded = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+        mesh, P(None, "x") if a.ndim == 2 else P("x"))), variables)
+    got, how = smooth(sharded, stats, model_map=mm, alpha=0.5)
+    want, _ = smooth(variables, stats, model_map=mm, alpha=0.5)
+    assert how["['params']['up']['kernel']"].startswith("smoothed into norm")
+    flat = jax.tree_util.tree_flatten_with_path(sharded)[0]
+    _assert_like({jax.tree_util.keystr(p): g for (p, _), g in zip(flat, jax.tree.leaves(got))},
+                 {jax.tree_util.keystr(p): w for (p, _), w in zip(flat, jax.tree.leaves(want))},
+                 {jax.tree_util.keystr(p): a for p, a in flat})
