@@ -161,6 +161,16 @@ def test_wanda_layer_scope_takes_contraction_sharding_exactly_without_gathers():
     assert _gathers(fn, tree["dense"], norm) == []
 
 
+def test_wanda_on_a_two_axis_mesh_replicated_along_one_axis():
+    # Sharded over "model", replicated over "data": each (data, model) device ranks the
+    # columns of its "model" shard.
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    tree, stats = _tree(6, levels=2, leaves={"k": ((32, 16), P())})
+    tree = {"k": jax.device_put(tree["k"], NamedSharding(mesh, P(None, "model")))}
+    for kw in WANDA.values():
+        _assert_like(wanda(tree, stats, **kw), wanda(_local(tree), stats, **kw), tree)
+
+
 def test_wanda_per_shard_program_has_no_gather():
     tree, stats = _tree()
     mesh, spec = _sharded.placement(tree["dense"])
