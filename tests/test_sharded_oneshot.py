@@ -152,7 +152,7 @@ def test_wanda_of_output_sharded_kernels_equals_single_device(name, levels):
 
 def test_wanda_layer_scope_takes_contraction_sharding_exactly_without_gathers():
     # The whole kernel is ranked at once: the library's sharded selection, any layout.
-    leaves = {"dense": ((64, 8), P("x", None)), "conv": ((3, 3, 8, 4), P(None, None, "x", None))}
+    leaves = {"dense": ((64, 8), P("x", None))}
     tree, stats = _tree(2, levels=2, leaves=leaves)
     got = wanda(tree, stats, sparsity=0.6, scope="layer")
     _assert_like(got, wanda(_local(tree), stats, sparsity=0.6, scope="layer"), tree)
@@ -205,7 +205,8 @@ def test_calibration_stats_of_sharded_params_and_batches_then_gptq():
     # up to float32 reassociation; maxima and counts exactly), and GPTQ of the sharded
     # kernels with them equals GPTQ on one device.
     mesh, model = _mesh(), _MLP()
-    xs = [np.random.default_rng(s).normal(size=(32, 12)).astype(np.float32) for s in range(2)]
+    # 16 inputs: both kernels (16, 16), one sweep compiled for both.
+    xs = [np.random.default_rng(s).normal(size=(32, 16)).astype(np.float32) for s in range(2)]
     variables = model.init(jax.random.key(0), xs[0])
     want = calibration_stats(model, variables, [jnp.asarray(x) for x in xs])
 
