@@ -3,6 +3,7 @@ the 8 host devices: results sharded like the kernels, equal to the single-device
 for bit, no all-gather in the per-shard programs, a ValueError for unsupported layouts."""
 
 import functools
+import importlib
 import re
 
 import flax.linen as nn
@@ -175,7 +176,8 @@ def test_wanda_per_shard_program_has_no_gather():
     tree, stats = _tree()
     mesh, spec = _sharded.placement(tree["dense"])
     norm = jnp.sqrt(jnp.diag(stats["['dense']"].xtx))
-    fn = _sharded._wanda_fn(mesh, spec, (0,), 0.5, None, None, "output")
+    mask_fn = importlib.import_module("jaxopt_lab.oneshot.wanda")._wanda
+    fn = _sharded._wanda_fn(mask_fn, mesh, spec, (0,), 0.5, None, None, "output")
     assert _gathers(fn, tree["dense"], norm) == []
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -212,10 +213,10 @@ def _sparsegpt_fn(mesh, spec, axes, sparsity, n, m, bits, group_size, symmetric,
 
 
 def sparsegpt(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: Any,
-              model_map: Any, where: Placement, s: dict) -> tuple[jax.Array, jax.Array]:
-    """`jaxopt_lab.oneshot.sparsegpt` of one output-sharded kernel, shard by shard."""
-    from jaxopt_lab.oneshot.sparsegpt import check_pruning  # sparsegpt imports this module
-
+              model_map: Any, where: Placement, s: dict, *, check_pruning: Callable
+              ) -> tuple[jax.Array, jax.Array]:
+    """`jaxopt_lab.oneshot.sparsegpt` of one output-sharded kernel, shard by shard
+    (``check_pruning``: sparsegpt's own check, passed in as that module imports this)."""
     mesh, spec = where
     shape, axes, k, st = _kernel(name, path, leaf, stats, contracting, model_map)
     n, m, bits = s["n"], s["m"], s["bits"]
@@ -240,11 +241,9 @@ def sparsegpt(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: 
 
 
 @functools.lru_cache(maxsize=64)
-def _wanda_fn(mesh, spec, axes, sparsity, n, m, scope):
-    from jaxopt_lab.oneshot.wanda import _wanda  # wanda imports this module
-
+def _wanda_fn(mask_fn, mesh, spec, axes, sparsity, n, m, scope):
     def body(w, norm):
-        mask = _wanda(_layers.as_matrix(w, axes), norm, sparsity=sparsity, n=n, m=m,
+        mask = mask_fn(_layers.as_matrix(w, axes), norm, sparsity=sparsity, n=n, m=m,
                       scope=scope)
         return _layers.from_matrix(mask, w.shape, axes)
 
@@ -265,16 +264,14 @@ def _wanda_layer(w, norm, *, nax, prune):
 
 
 def wanda(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: Any,
-          model_map: Any, where: Placement, s: dict) -> jax.Array:
-    """`jaxopt_lab.oneshot.wanda`'s mask of one sharded kernel."""
-    from jaxopt_lab.oneshot.sparsegpt import check_pruning
-    from jaxopt_lab.oneshot.wanda import SCOPES
-
+          model_map: Any, where: Placement, s: dict, *, mask_fn: Callable,
+          check: Callable) -> jax.Array:
+    """`jaxopt_lab.oneshot.wanda`'s mask of one sharded kernel. From wanda's module, which
+    imports this one: ``mask_fn``, its jitted ``(K, N)`` mask; ``check(name, k)``, its
+    settings checks."""
     mesh, spec = where
     shape, axes, k, st = _kernel(name, path, leaf, stats, contracting, model_map)
-    if s["scope"] not in SCOPES:
-        raise ValueError(f"{name}: scope must be one of {SCOPES}, got {s['scope']!r}")
-    check_pruning(name, k, s["sparsity"], s["n"], s["m"])
+    check(name, k)
     # As `wanda` and `wanda_matrix`: the norms of the replicated (K, K) statistics.
     norm = jnp.asarray(jnp.sqrt(jnp.maximum(jnp.diag(st.xtx), 0.0)), jnp.float32)
     if not bool(jnp.isfinite(norm).all()):
@@ -289,5 +286,5 @@ def wanda(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: Any,
     _check_outputs_only(name, "Wanda per output (or N:M)", shape, axes, spec,
                         "each output's selection runs along the contraction; "
                         "scope='layer' takes any sharding")
-    fn = _wanda_fn(mesh, spec, axes, sparsity, s["n"], s["m"], s["scope"])
+    fn = _wanda_fn(mask_fn, mesh, spec, axes, sparsity, s["n"], s["m"], s["scope"])
     return fn(leaf, norm)

@@ -178,7 +178,7 @@ def sparsegpt(
         placed = _sharded.placement(leaf)
         if placed is not None:  # a NamedSharding-sharded kernel: swept shard by shard
             w2, mask = _sharded.sparsegpt(name, path, leaf, stats, contracting, model_map,
-                                          placed, s)
+                                          placed, s, check_pruning=check_pruning)
             new.append(w2)
             masks.append(mask)
             continue

@@ -42,6 +42,13 @@ def _wanda(w, norm, *, sparsity, n, m, scope):
     return keep_top_per_column(score, k - prune)
 
 
+def _check(name: str, k: int, *, sparsity, n, m, scope) -> None:
+    """The settings checks of `wanda_matrix` (also run for sharded kernels)."""
+    if scope not in SCOPES:
+        raise ValueError(f"{name}: scope must be one of {SCOPES}, got {scope!r}")
+    check_pruning(name, k, sparsity, n, m)
+
+
 def wanda_matrix(
     w: jax.typing.ArrayLike,
     input_norm: jax.typing.ArrayLike,
@@ -152,8 +159,9 @@ def wanda(
         s = _select.leaf_overrides(name, choice, base)
         placed = _sharded.placement(leaf)
         if placed is not None:  # a NamedSharding-sharded kernel: no gather (see _sharded)
-            return _sharded.wanda(name, path, leaf, stats, contracting, model_map, placed,
-                                  _select.fields_of(s))
+            f = _select.fields_of(s)
+            return _sharded.wanda(name, path, leaf, stats, contracting, model_map, placed, f,
+                                  mask_fn=_wanda, check=functools.partial(_check, **f))
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         norm = jnp.sqrt(jnp.maximum(jnp.diag(st.xtx), 0.0))
