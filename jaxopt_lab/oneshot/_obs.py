@@ -135,6 +135,46 @@ def keep_block(score: jax.Array, prune: int) -> jax.Array:
     return (rank >= prune).reshape(score.shape)
 
 
+def _search(lo: int, hi: int, enough, steps: int) -> jax.Array:
+    """Least ``t`` in ``(lo, hi]`` with ``enough(t)`` (``enough`` monotone, ``enough(hi)``
+    true), by a fixed number of bisections (``steps >= log2(hi - lo)``)."""
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = enough(mid)
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    return lax.fori_loop(0, steps, step, (jnp.int32(lo), jnp.int32(hi)))[1]
+
+
+def keep_block_sharded(score: jax.Array, prune, *, axis_name, cols: jax.Array,
+                       total_cols: int) -> jax.Array:
+    """`keep_block` of a block whose columns are split over ``axis_name`` (in
+    ``shard_map``): the same mask, with only scalar counts crossing devices.
+
+    The pruned set is the ``prune`` lowest scores of the whole ``(nb, total_cols)`` block,
+    ties by flat index ``row * total_cols + cols[j]``. Scores are ``>= 0`` (squares over
+    positive diagonals), so they order as their int32 bit patterns; bisection finds the
+    threshold score, then the last pruned flat index among the ties, each step one
+    ``psum`` of a count.
+    """
+    bits = lax.bitcast_convert_type(score, jnp.int32)
+
+    def count(sel):
+        return lax.psum(jnp.sum(sel, dtype=jnp.int32), axis_name)
+
+    top = 0x7F800000  # +inf: every finite non-negative score is at or below it
+    t = _search(-1, top, lambda v: count(bits <= v) >= prune, 31)
+    need = prune - count(bits < t)
+    nb = score.shape[0]
+    flat = jnp.arange(nb, dtype=jnp.int32)[:, None] * total_cols + cols[None, :]
+    tie = bits == t
+    last = _search(-1, nb * total_cols - 1, lambda f: count(tie & (flat <= f)) >= need,
+                   max(1, (nb * total_cols).bit_length()))
+    last = jnp.where(need > 0, last, -1)
+    return ~((bits < t) | (tie & (flat <= last)))
+
+
 def prune_count(sparsity: float, size: int) -> int:
     """``floor(sparsity * size)`` by the library's one definition (`count_to_prune`: the
     exact floor of float32 ``sparsity`` times ``size``). A float64 floor disagreed with it:
@@ -155,18 +195,29 @@ def block_rows(block_size: int, group_size: int | None, dynamic: bool, m: int | 
 @functools.partial(
     jax.jit,
     static_argnames=("damp", "block_size", "bits", "symmetric", "group_size", "act_order",
-                     "sparsity", "n", "m", "static_groups", "clip_search"),
+                     "sparsity", "n", "m", "static_groups", "clip_search", "axis_name",
+                     "total_cols"),
 )
 def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bool,
           group_size: int | None, act_order: bool, sparsity: float | None, n: int | None,
-          m: int | None, static_groups: bool = False, clip_search: bool = False
-          ) -> SweepResult:
+          m: int | None, static_groups: bool = False, clip_search: bool = False,
+          axis_name: str | tuple[str, ...] | None = None, cols: jax.Array | None = None,
+          total_cols: int | None = None) -> SweepResult:
     """GPTQ (``bits``) and/or SparseGPT (``sparsity`` or ``n:m``) on ``W`` (settings checked
-    by the callers)."""
+    by the callers).
+
+    ``axis_name``: inside ``shard_map`` over ``W``'s columns, the mesh axes they are split
+    over. Every step works column by column except the weights' overall maximum
+    (`_normalize`, reduced with ``pmax``) and unstructured pruning's per-block selection,
+    which then runs as `keep_block_sharded` given ``cols`` (the global index of each local
+    column) and ``total_cols`` (the kernel's ``N``).
+    """
     w = jnp.asarray(w, jnp.float32)
     h = jnp.asarray(h, jnp.float32)
     k, ncol = w.shape
-    w, shift = _normalize(w, damp)
+    if axis_name is None:
+        total_cols = ncol
+    w, shift = _normalize(w, damp, axis_name)
     quant = bits is not None
     g = group_size or k
     n_groups = k // g
@@ -192,8 +243,8 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
     # Rows pruned by each block (unstructured SparseGPT): exact integer counts, host-side.
     if sparsity is not None:
         ends = [min(b * big_b, k) for b in range(n_full + 2)]
-        counts = jnp.asarray([prune_count(sparsity, ncol * ends[b + 1])
-                              - prune_count(sparsity, ncol * ends[b])
+        counts = jnp.asarray([prune_count(sparsity, total_cols * ends[b + 1])
+                              - prune_count(sparsity, total_cols * ends[b])
                               for b in range(n_full + 1)], jnp.int32)
     if not quant:
         scale = zero = lo = hi = jnp.zeros((1, ncol), jnp.float32)
@@ -207,7 +258,12 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
         d1 = lax.dynamic_slice_in_dim(diag_u, i1, nb)
         gidx1 = lax.dynamic_slice_in_dim(gidx, i1, nb)
         if sparsity is not None:
-            mask1 = keep_block(w1**2 / (d1**2)[:, None], counts[b])
+            score = w1**2 / (d1**2)[:, None]
+            if axis_name is None:
+                mask1 = keep_block(score, counts[b])
+            else:
+                mask1 = keep_block_sharded(score, counts[b], axis_name=axis_name, cols=cols,
+                                           total_cols=total_cols)
         else:
             mask1 = jnp.ones((nb, ncol), bool)
 
@@ -289,7 +345,8 @@ def sweep(w, h, *, damp: float, block_size: int, bits: int | None, symmetric: bo
 NORMALIZE_ABOVE = 2.0**32
 
 
-def _normalize(w: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
+def _normalize(w: jax.Array, damp: float, axis_name: str | tuple[str, ...] | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """``(w * 2^-shift, shift)``: weights with ``max |w| >= NORMALIZE_ABOVE`` scaled to
     ``[0.5, 1)``, else unchanged (``shift = 0``).
 
@@ -305,6 +362,8 @@ def _normalize(w: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
     if damp == math.inf:
         return w, jnp.zeros((), jnp.int32)
     amax = jnp.max(jnp.abs(w))
+    if axis_name is not None:  # one shift for the whole kernel, as on one device
+        amax = lax.pmax(amax, axis_name)
     _, exp = jnp.frexp(amax)
     shift = jnp.where(jnp.isfinite(amax) & (amax >= NORMALIZE_ABOVE), exp, 0).astype(jnp.int32)
     return jnp.ldexp(w, -shift), shift

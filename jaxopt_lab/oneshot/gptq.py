@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import _select
-from jaxopt_lab.oneshot import _layers, _obs
+from jaxopt_lab.oneshot import _layers, _obs, _sharded
 from jaxopt_lab.oneshot.settings import GPTQSettings
 from jaxopt_lab.quant.qtensor import QTensor, pack
 
@@ -163,6 +163,15 @@ def gptq(
       ``params`` with the selected kernels as `QTensor` (usable with ``dequantize``,
       ``save``, ``quantized_apply``); other leaves untouched.
 
+    Sharded kernels: a kernel sharded with ``NamedSharding`` along its output axes is
+    swept where its shards live (``shard_map``, the Hessian replicated; only its largest
+    magnitude is reduced across shards) and gives the single-device `QTensor` bit for
+    bit, its codes sharded like the kernel and its scales along the output axes. Sharding
+    along a contracting axis raises (the sweep carries each row's error to every later
+    row), as do shards of the last axis not a multiple of the codes per packed word (2 at
+    4 bits). Inside a caller's ``jax.jit`` leaves have no concrete sharding and take the
+    single-device path.
+
     Raises:
       ValueError: naming the leaf, for missing or empty statistics, NaN in a Hessian, and
         the errors of `gptq_matrix`.
@@ -185,6 +194,10 @@ def gptq(
 
     def one(name, path, leaf, choice):
         s = _select.leaf_overrides(name, choice, base)
+        placed = _sharded.placement(leaf)
+        if placed is not None:  # a NamedSharding-sharded kernel: swept shard by shard
+            return _sharded.gptq(name, path, leaf, stats, contracting, model_map, placed,
+                                 _select.fields_of(s))
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         _obs.check_quant(name, mat.shape[0], s.bits, s.group_size)

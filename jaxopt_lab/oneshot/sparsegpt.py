@@ -14,10 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxopt_lab import _select
-from jaxopt_lab.oneshot import _layers, _obs
+from jaxopt_lab.oneshot import _layers, _obs, _sharded
 from jaxopt_lab.oneshot.settings import SparseGPTSettings
 
 Params = Any
@@ -141,6 +140,14 @@ def sparsegpt(
       leaves untouched) and a bool mask tree with ``params``' structure (True = kept,
       all True for unselected leaves), ready for ``apply_mask``/``prune``/``to_sparse``.
 
+    Sharded kernels: a kernel sharded with ``NamedSharding`` along its output axes is
+    swept where its shards live (``shard_map``, the Hessian replicated) and gives the
+    single-device weights and mask bit for bit, sharded like the kernel. N:M works column
+    by column; unstructured sparsity ranks each block of rows across all outputs, done
+    exactly across the shards by bisection on the scores (one ``psum`` of a count per
+    step; ties by flat index as on one device). Sharding along a contracting axis raises
+    (the sweep carries each row's error to every later row).
+
     Raises:
       ValueError: naming the leaf, for missing or empty statistics and the errors of
         `sparsegpt_matrix`.
@@ -164,10 +171,17 @@ def sparsegpt(
     for (path, leaf), (_, _, choice) in zip(flat, choices):
         if choice is False:
             new.append(leaf)
-            masks.append(jnp.ones(np.shape(leaf), bool))
+            masks.append(_sharded.all_true(leaf))
             continue
         name = _select.path_str(path)
         s = _select.fields_of(_select.leaf_overrides(name, choice, base))
+        placed = _sharded.placement(leaf)
+        if placed is not None:  # a NamedSharding-sharded kernel: swept shard by shard
+            w2, mask = _sharded.sparsegpt(name, path, leaf, stats, contracting, model_map,
+                                          placed, s, check_pruning=check_pruning)
+            new.append(w2)
+            masks.append(mask)
+            continue
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         w2, mask = sparsegpt_matrix(mat, st.xtx, name=name, **s)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import _select
-from jaxopt_lab.oneshot import _layers, settings
+from jaxopt_lab.oneshot import _layers, _sharded, settings
 from jaxopt_lab.oneshot._obs import keep_block, keep_top_per_column, prune_count
 from jaxopt_lab.oneshot.settings import WandaSettings
 from jaxopt_lab.oneshot.sparsegpt import check_pruning
@@ -40,6 +40,13 @@ def _wanda(w, norm, *, sparsity, n, m, scope):
         return keep_block(score, prune_count(sparsity, k * ncol))
     prune = prune_count(sparsity, k)
     return keep_top_per_column(score, k - prune)
+
+
+def _check(name: str, k: int, *, sparsity, n, m, scope) -> None:
+    """The settings checks of `wanda_matrix` (also run for sharded kernels)."""
+    if scope not in SCOPES:
+        raise ValueError(f"{name}: scope must be one of {SCOPES}, got {scope!r}")
+    check_pruning(name, k, sparsity, n, m)
 
 
 def wanda_matrix(
@@ -125,6 +132,12 @@ def wanda(
       A bool tree with ``params``' structure (all True for unselected leaves), for
       ``apply_mask``, ``prune(..., )`` starting masks and ``to_sparse``.
 
+    Sharded kernels: masks of ``NamedSharding``-sharded kernels are sharded like them and
+    equal the single-device masks. Per output and N:M: the kernel must be sharded along
+    its output axes (each shard ranks its own columns; a sharded contraction raises).
+    ``scope="layer"``: any sharding (leading contracting axes), through the library's
+    exact sharded selection, as `jaxopt_lab.magnitude_mask` of a sharded tree.
+
     Raises:
       ValueError: naming the leaf, for missing or empty statistics and the errors of
         `wanda_matrix`.
@@ -144,6 +157,11 @@ def wanda(
 
     def one(name, path, leaf, choice):
         s = _select.leaf_overrides(name, choice, base)
+        placed = _sharded.placement(leaf)
+        if placed is not None:  # a NamedSharding-sharded kernel: no gather (see _sharded)
+            f = _select.fields_of(s)
+            return _sharded.wanda(name, path, leaf, stats, contracting, model_map, placed, f,
+                                  mask_fn=_wanda, check=functools.partial(_check, **f))
         shape, axes, mat, st = _layers.kernel_matrix(name, path, leaf, stats, contracting,
                                                      model_map)
         norm = jnp.sqrt(jnp.maximum(jnp.diag(st.xtx), 0.0))
@@ -152,6 +170,6 @@ def wanda(
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     choices = _select.leaf_choices(params, where, model_map=model_map)
-    out = [one(_select.path_str(p), p, x, c) if c is not False else jnp.ones(np.shape(x), bool)
+    out = [one(_select.path_str(p), p, x, c) if c is not False else _sharded.all_true(x)
            for (p, x), (_, _, c) in zip(flat, choices)]
     return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,281 @@
+"""GPTQ, SparseGPT, Wanda and calibration statistics on trees sharded with NamedSharding over
+the 8 host devices: results sharded like the kernels, equal to the single-device results bit
+for bit, no all-gather in the per-shard programs, a ValueError for unsupported layouts."""
+
+import functools
+import importlib
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxopt_lab as jol
+from jaxopt_lab.oneshot import (_obs, _sharded, calibration_stats, gptq, hessian_accumulate,
+                                hessian_init, sparsegpt, wanda)
+
+
+def _mesh():
+    return Mesh(np.array(jax.devices()[:8]), ("x",))
+
+
+LEAVES = {  # name: (shape, spec); the stats' K is the product of all axes but the last
+    "dense": ((32, 16), P(None, "x")),
+    "conv": ((3, 3, 4, 16), P(None, None, None, "x")),
+    "bias": ((16,), P("x")),  # not a kernel: untouched
+}
+
+
+def _tree(seed=0, levels=None, leaves=LEAVES):
+    mesh, rng = _mesh(), np.random.default_rng(seed)
+    tree, stats = {}, {}
+    for k, (shape, spec) in leaves.items():
+        x = rng.normal(size=shape).astype(np.float32)
+        if levels is not None:  # few distinct values: heavy ties in every selection
+            x = np.round(x * levels) / levels
+        tree[k] = jax.device_put(jnp.asarray(x), NamedSharding(mesh, spec))
+        if len(shape) >= 2:
+            kdim = int(np.prod(shape[:-1]))
+            rows = rng.normal(size=(2 * kdim, kdim)).astype(np.float32)
+            stats[f"['{k}']"] = hessian_accumulate(hessian_init(kdim), rows)
+    return tree, stats
+
+
+def _local(tree):
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), tree)
+
+
+def _storage(x):
+    return x.qvalue if isinstance(x, jol.QTensor) else x
+
+
+def _assert_like(got, want, tree):
+    """Sharded like the input leaf, and bit for bit the single-device result."""
+    for k in tree:
+        g, w = got[k], want[k]
+        sharding = _storage(g).sharding
+        assert sharding.is_equivalent_to(tree[k].sharding, tree[k].ndim), (k, sharding)
+        if isinstance(g, jol.QTensor):
+            np.testing.assert_array_equal(np.asarray(g.qvalue), np.asarray(w.qvalue), k)
+            np.testing.assert_array_equal(np.asarray(g.scale), np.asarray(w.scale), k)
+            assert (g.zero_point is None) == (w.zero_point is None)
+            if g.zero_point is not None:
+                np.testing.assert_array_equal(np.asarray(g.zero_point),
+                                              np.asarray(w.zero_point), k)
+            # Scales (and zero points) live with their output columns.
+            out_spec = tuple(tree[k].sharding.spec)[-1]
+            assert tuple(g.scale.sharding.spec)[-1] == out_spec, (k, g.scale.sharding)
+            assert jax.tree.structure(g) == jax.tree.structure(w), k  # layout metadata
+        np.testing.assert_array_equal(np.asarray(jol.dequantize(g) if isinstance(
+            g, jol.QTensor) else g), np.asarray(jol.dequantize(w) if isinstance(
+                w, jol.QTensor) else w), k)
+
+
+def _gathers(jitted, *args):
+    hlo = jitted.lower(*args).compile().as_text()
+    return re.findall(r"= (\S+) all-gather\(", hlo)
+
+
+def test_gptq_of_output_sharded_kernels_equals_single_device_without_gathers():
+    # Group scales with zero points; the channel path follows in the calibration test.
+    tree, stats = _tree()
+    kw = dict(bits=4, group_size=4, symmetric=False)
+    got = gptq(tree, stats, **kw)
+    assert got["bias"] is tree["bias"]
+    _assert_like(got, gptq(_local(tree), stats, **kw), tree)
+    mesh, spec = _sharded.placement(tree["dense"])
+    fn = _sharded._gptq_fn(mesh, spec, 1, 4, 4, False, False, False, False, 0.01, 128)
+    assert _gathers(fn, tree["dense"], stats["['dense']"].xtx) == []
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.77), dict(n=2, m=4, bits=4)],
+                         ids=["unstructured", "nm_joint_4bit"])
+def test_sparsegpt_of_output_sharded_kernels_equals_single_device(kw):
+    # Unstructured SparseGPT ranks each block of rows across all outputs: the sharded
+    # selection (bisection with psum'd counts) must pick the same weights; few distinct
+    # values make ties that the global flat index decides.
+    tree, stats = _tree(3, levels=2)
+    got_w, got_m = sparsegpt(tree, stats, block_size=8, **kw)
+    want_w, want_m = sparsegpt(_local(tree), stats, block_size=8, **kw)
+    _assert_like(got_w, want_w, tree)
+    _assert_like(got_m, want_m, tree)
+    if "sparsity" in kw:
+        mesh, spec = _sharded.placement(tree["dense"])
+        fn = _sharded._sparsegpt_fn(mesh, spec, (0,), 0.77, None, None, None, None, True,
+                                    0.01, 8, 16)
+        cols = jnp.arange(16, dtype=jnp.int32)
+        assert _gathers(fn, tree["dense"], stats["['dense']"].xtx, cols) == []
+
+
+@functools.cache
+def _keep_block_sharded():
+    def body(score, prune, cols):
+        return _obs.keep_block_sharded(score, prune, axis_name="x", cols=cols, total_cols=32)
+
+    return jax.jit(jax.shard_map(body, mesh=_mesh(), in_specs=(P(None, "x"), P(), P("x")),
+                                 out_specs=P(None, "x"), check_vma=False))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), levels=st.sampled_from([1, 2, 3, 1000]),
+       frac=st.floats(0.0, 1.0), zeros=st.booleans())
+def test_sharded_block_selection_equals_keep_block(seed, levels, frac, zeros):
+    # The cross-output selection of unstructured SparseGPT, on its own: any count, heavy
+    # ties (ties go by flat index across the shards), zero scores.
+    rng = np.random.default_rng(seed)
+    score = np.round(rng.random((6, 32)) * levels) / levels
+    if zeros:
+        score[rng.random(score.shape) < 0.3] = 0.0
+    score = jnp.asarray(score ** 2, jnp.float32)
+    prune = int(frac * score.size)
+    got = _keep_block_sharded()(score, jnp.int32(prune), jnp.arange(32, dtype=jnp.int32))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_obs.keep_block(score, prune)))
+    assert int((~got).sum()) == prune
+
+
+WANDA = {"output": dict(sparsity=0.5), "nm": dict(n=2, m=4),
+         "layer": dict(sparsity=0.3, scope="layer")}
+
+
+@pytest.mark.parametrize("name", sorted(WANDA))
+@pytest.mark.parametrize("levels", [2, None])
+def test_wanda_of_output_sharded_kernels_equals_single_device(name, levels):
+    tree, stats = _tree(1, levels)
+    _assert_like(wanda(tree, stats, **WANDA[name]), wanda(_local(tree), stats, **WANDA[name]),
+                 tree)
+
+
+def test_wanda_layer_scope_takes_contraction_sharding_exactly_without_gathers():
+    # The whole kernel is ranked at once: the library's sharded selection, any layout.
+    leaves = {"dense": ((64, 8), P("x", None))}
+    tree, stats = _tree(2, levels=2, leaves=leaves)
+    got = wanda(tree, stats, sparsity=0.6, scope="layer")
+    _assert_like(got, wanda(_local(tree), stats, sparsity=0.6, scope="layer"), tree)
+    norm = jnp.sqrt(jnp.diag(stats["['dense']"].xtx))
+    fn = jax.jit(lambda w, n: _sharded._wanda_layer(w, n, nax=1, prune=307))
+    assert _gathers(fn, tree["dense"], norm) == []
+
+
+def test_wanda_on_a_two_axis_mesh_replicated_along_one_axis():
+    # Sharded over "model", replicated over "data": each (data, model) device ranks the
+    # columns of its "model" shard.
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    tree, stats = _tree(6, levels=2, leaves={"k": ((32, 16), P())})
+    tree = {"k": jax.device_put(tree["k"], NamedSharding(mesh, P(None, "model")))}
+    for kw in WANDA.values():
+        _assert_like(wanda(tree, stats, **kw), wanda(_local(tree), stats, **kw), tree)
+
+
+def test_wanda_per_shard_program_has_no_gather():
+    tree, stats = _tree()
+    mesh, spec = _sharded.placement(tree["dense"])
+    norm = jnp.sqrt(jnp.diag(stats["['dense']"].xtx))
+    mask_fn = importlib.import_module("jaxopt_lab.oneshot.wanda")._wanda
+    fn = _sharded._wanda_fn(mask_fn, mesh, spec, (0,), 0.5, None, None, "output")
+    assert _gathers(fn, tree["dense"], norm) == []
+
+
+def test_unsupported_layouts_raise_naming_the_leaf():
+    leaves = {"k": ((32, 16), P("x", None))}  # sharded along the contraction
+    tree, stats = _tree(leaves=leaves)
+    with pytest.raises(ValueError, match=r"\['k'\]: GPTQ .* contracting axes \(0,\)"):
+        gptq(tree, stats)
+    with pytest.raises(ValueError, match=r"\['k'\]: SparseGPT .* output axes"):
+        sparsegpt(tree, stats, n=2, m=4)
+    with pytest.raises(ValueError, match=r"\['k'\]: Wanda per output .* scope='layer'"):
+        wanda(tree, stats, sparsity=0.5)
+    tree, stats = _tree(leaves={"k": ((32, 16), P(None, "x"))})  # 2 columns a shard
+    with pytest.raises(ValueError, match=r"\['k'\]: 3-bit codes pack 8 per word"):
+        gptq(tree, stats, bits=3)
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(16)(nn.relu(nn.Dense(16)(x)))
+
+
+def test_calibration_stats_of_sharded_params_and_batches_then_gptq():
+    # Parameters sharded along their outputs, batches along their rows: the statistics
+    # reduce across the shards to the single-device ones (X^T X and the absolute sums
+    # up to float32 reassociation; maxima and counts exactly), and GPTQ of the sharded
+    # kernels with them equals GPTQ on one device.
+    mesh, model = _mesh(), _MLP()
+    # 16 inputs: both kernels (16, 16), one sweep compiled for both.
+    xs = [np.random.default_rng(s).normal(size=(32, 16)).astype(np.float32) for s in range(2)]
+    variables = model.init(jax.random.key(0), xs[0])
+    want = calibration_stats(model, variables, [jnp.asarray(x) for x in xs])
+
+    def place(path, x):
+        return jax.device_put(x, NamedSharding(mesh, P(None, "x") if x.ndim == 2 else P("x")))
+
+    sharded = jax.tree_util.tree_map_with_path(place, variables)
+    batches = [jax.device_put(x, NamedSharding(mesh, P("x", None))) for x in xs]
+    got = calibration_stats(model, sharded, batches)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k].xtx, want[k].xtx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[k].abs_sum, want[k].abs_sum, rtol=1e-6)
+        np.testing.assert_array_equal(got[k].abs_max, want[k].abs_max)
+        assert int(got[k].count) == int(want[k].count) == 64
+    q = gptq(sharded["params"], got, bits=4)
+    ref = gptq(_local(sharded["params"]), got, bits=4)
+    for layer in ("Dense_0", "Dense_1"):
+        kernel = sharded["params"][layer]["kernel"]
+        assert q[layer]["kernel"].qvalue.sharding.is_equivalent_to(kernel.sharding, 2)
+        np.testing.assert_array_equal(jol.dequantize(q[layer]["kernel"]),
+                                      jol.dequantize(ref[layer]["kernel"]))
+
+
+def test_awq_matrix_of_an_output_sharded_kernel_stays_sharded_and_equal():
+    # No code of its own: XLA partitions the grid search column by column (the Hessian
+    # replicated); the grid's losses sum across shards in another order, so the chosen
+    # exponent could differ from one device's only on a float32 near-tie (not here).
+    from jaxopt_lab.oneshot import awq_matrix
+
+    tree, stats = _tree(4, leaves={"k": ((32, 16), P(None, "x"))})
+    st_k = stats["['k']"]
+    mean = st_k.abs_sum / st_k.count * jnp.linspace(0.1, 4.0, 32)
+    got = awq_matrix(tree["k"], st_k.xtx, mean, bits=4, group_size=8)
+    want = awq_matrix(np.asarray(tree["k"]), st_k.xtx, mean, bits=4, group_size=8)
+    assert float(got.alpha) == float(want.alpha)
+    np.testing.assert_array_equal(got.scales, want.scales)
+    _assert_like({"k": got.qtensor}, {"k": want.qtensor}, tree)
+    _assert_like({"k": got.effective}, {"k": want.effective}, tree)
+
+
+class _PreLN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(16, name="up")(nn.LayerNorm(name="ln")(x))
+
+
+def test_smooth_of_a_sharded_tree_stays_sharded_and_equal():
+    # Smoothing divides the norm's vectors and multiplies the kernel's rows: elementwise,
+    # so every leaf keeps its sharding; the weight maxima reduce exactly (a max).
+    import jaxopt_lab as jol
+    from jaxopt_lab.oneshot import smooth
+
+    mesh, model = _mesh(), _PreLN()
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(32, 16)) * np.linspace(0.1, 8, 16),
+                    jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size, dtype=a.dtype).reshape(
+        a.shape) / a.size, variables)
+    mm = jol.model_map(model, variables, x)
+    stats = calibration_stats(model, variables, [x])
+    sharded = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+        mesh, P(None, "x") if a.ndim == 2 else P("x"))), variables)
+    got, how = smooth(sharded, stats, model_map=mm, alpha=0.5)
+    want, _ = smooth(variables, stats, model_map=mm, alpha=0.5)
+    assert how["['params']['up']['kernel']"].startswith("smoothed into norm")
+    flat = jax.tree_util.tree_flatten_with_path(sharded)[0]
+    _assert_like({jax.tree_util.keystr(p): g for (p, _), g in zip(flat, jax.tree.leaves(got))},
+                 {jax.tree_util.keystr(p): w for (p, _), w in zip(flat, jax.tree.leaves(want))},
+                 {jax.tree_util.keystr(p): a for p, a in flat})
