@@ -71,7 +71,7 @@ def prune_update(repeats: int, sizes: tuple[int, ...] = SIZES) -> dict:
     grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
     n = sum(p.size for p in jax.tree.leaves(params))
     # A schedule that changes every step: every call recomputes the masks (the slow case).
-    schedule = jol.polynomial_schedule(0.0, 0.9, 0, 10 * repeats)
+    schedule = jol.polynomial_sparsity(0.0, 0.9, 0, 10 * repeats)
     pruned = optax.chain(optax.adam(1e-3), jol.prune(jol.magnitude_mask, schedule))
     plain = optax.adam(1e-3)
     first_pruned, _ = _eager_update_seconds(pruned, params, grads, 1)

@@ -13,7 +13,7 @@ Every ratio is the median of per-round ratios of one interleaved pair, with its 
 (``_util.paired_ratio``); the ratio of the medians and of the minima are given alongside.
 
 Accuracy: the dense TeacherCNN is trained, then fine-tuned with
-``optax.chain(adam, jol.prune(mask_fn, polynomial_schedule(...)))`` to 50% and 90%
+``optax.chain(adam, jol.prune(mask_fn, polynomial_sparsity(...)))`` to 50% and 90%
 unstructured (magnitude) sparsity and to 2:4; the last state is evaluated on the test split
 (its sparsity is checked to be exact). Overhead: 4 layers of 1024x1024 (plus biases) with
 adam, jitted steps with donated buffers, timed interleaved in pairs in one process: the
@@ -149,7 +149,7 @@ def overhead(reps: int, n_layers: int = 4, dim: int = 1024, train_batch: int = T
     """
     rising = lambda t: jnp.minimum(0.5 + 1e-5 * t, 0.9)  # noqa: E731  (changes every step)
     adam = optax.adam(1e-3)
-    ordinary = optax.chain(adam, jol.prune(jol.magnitude_mask, jol.constant_schedule(0.5)))
+    ordinary = optax.chain(adam, jol.prune(jol.magnitude_mask, jol.constant_sparsity(0.5)))
     recompute = optax.chain(adam, jol.prune(jol.magnitude_mask, rising))
     ordinary_runs = _timed_runs({"plain_adam": adam, "prune_ordinary": ordinary},
                                 reps, n_layers, dim)
@@ -223,7 +223,7 @@ def accuracy(epochs: int, finetune_epochs: int, seed: int) -> dict:
         "nm_2_4": (functools.partial(jol.nm_mask, n=2, m=4), 0.5, divisible_by_4),
     }
     for name, (mask_fn, final, where) in runs.items():
-        schedule = jol.polynomial_schedule(0.0, final, begin, end, frequency=10)
+        schedule = jol.polynomial_sparsity(0.0, final, begin, end, frequency=10)
         tx = optax.chain(optax.adam(5e-4), jol.prune(mask_fn, schedule, where=where))
         _, hist = fit(model, data, tx, epochs=finetune_epochs, seed=seed, variables=dense)
         last = hist["final_state"]
