@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _layers, _obs
 from jaxopt_lab.oneshot.stats import check_stats
-from jaxopt_lab.quant.qtensor import QTensor, _word, pack
+from jaxopt_lab.quant.qtensor import QTensor, pack, word_layout
 
 Placement = tuple[Mesh, tuple]
 
@@ -173,7 +173,7 @@ def gptq(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: Any,
     _obs.check_damp(name, s["damp"])
     _obs.check_finite(name, st.xtx)
     if bits != 8 and spec[-1] is not None:
-        per_word, last = _word(bits)[0], _local(shape, spec, mesh, len(shape) - 1)
+        per_word, last = word_layout(bits)[0], _local(shape, spec, mesh, len(shape) - 1)
         if last % per_word:
             # Packing shard by shard equals packing the whole axis only on word boundaries.
             raise ValueError(

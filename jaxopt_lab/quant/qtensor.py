@@ -47,7 +47,7 @@ FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 GRANULARITIES = ("tensor", "channel", "group")
 
 
-def _word(bits: int) -> tuple[int, int]:
+def word_layout(bits: int) -> tuple[int, int]:
     """(codes per word, bytes per word): the smallest whole-byte run of ``bits``-bit codes."""
     lcm = math.lcm(bits, 8)
     return lcm // bits, lcm // 8
@@ -57,7 +57,7 @@ def packed_length(n: int, bits: int) -> int:
     """Bytes that ``n`` codes of ``bits`` bits take along the packed axis."""
     if bits == 8:
         return n
-    codes, nbytes = _word(bits)
+    codes, nbytes = word_layout(bits)
     return -(-n // codes) * nbytes
 
 
@@ -85,7 +85,7 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
     """
     if bits == 8:
         return codes.astype(jnp.int8)
-    per_word, word_bytes = _word(bits)
+    per_word, word_bytes = word_layout(bits)
     n = codes.shape[-1]
     words = -(-n // per_word)
     u = (codes.astype(jnp.int32) & ((1 << bits) - 1)).astype(jnp.uint32)
@@ -103,7 +103,7 @@ def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
     """Inverse of `pack`: ``int8`` codes of length ``n`` along the last axis (pure jnp)."""
     if bits == 8:
         return packed.astype(jnp.int8)
-    per_word, word_bytes = _word(bits)
+    per_word, word_bytes = word_layout(bits)
     words = packed.shape[-1] // word_bytes
     b = packed.astype(jnp.uint32).reshape(packed.shape[:-1] + (words, word_bytes))
     byte_shifts = _lane(jnp.arange(word_bytes, dtype=jnp.uint32) * 8, b.ndim)
