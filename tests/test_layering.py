@@ -149,3 +149,24 @@ def test_import_jaxopt_lab_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, check=True, cwd=PKG.parent)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_private_helper_is_imported_from_another_module(module):
+    """``from m import _helper`` across modules makes ``_helper`` public in all but name.
+
+    A private *module* (``from jaxopt_lab.metrics import _checks``) is fine: its public
+    names are its interface within the package.
+    """
+    tree = ast.parse(MODULES[module].read_text())
+    bad = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.ImportFrom) and node.module
+                and node.module.startswith("jaxopt_lab")):
+            continue
+        for alias in node.names:
+            name = alias.name
+            if (name.startswith("_") and not name.startswith("__")
+                    and f"{node.module}.{name}" not in MODULES):
+                bad.append(f"line {node.lineno}: from {node.module} import {name}")
+    assert not bad, f"{module} imports private helpers: {bad}"

@@ -21,7 +21,7 @@ def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-qmax if symmetric else -qmax - 1), qmax
 
 
-def _exact_div(num: jax.Array, den: float) -> jax.Array:
+def exact_div(num: jax.Array, den: float) -> jax.Array:
     # XLA rewrites division by a constant as a multiply by its rounded reciprocal; hiding the
     # constant keeps the division correctly rounded, so re-quantizing reproduces the scale.
     # The denominator is built from ``num`` so that vmap batches it too: XLA also rewrites
@@ -68,7 +68,7 @@ def round_half_away(v: jax.Array) -> jax.Array:
     return jnp.where(jnp.abs(v - t) == 0.5, t + jnp.sign(v), jnp.round(v))
 
 
-def _safe_scale(scale: jax.Array, span: jax.Array) -> jax.Array:
+def safe_scale(scale: jax.Array, span: jax.Array) -> jax.Array:
     # span == 0 -> 1.0; underflow -> tiny; NaN stays NaN (jnp.maximum propagates it).
     return jnp.where(span == 0, 1.0, jnp.maximum(scale, _TINY)).astype(jnp.float32)
 
@@ -96,11 +96,11 @@ def affine_params(
     qmin, qmax = integer_range(bits, symmetric)
     if symmetric:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        return _safe_scale(_exact_div(amax, qmax), amax), None
+        return safe_scale(exact_div(amax, qmax), amax), None
     lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
     levels = float(qmax - qmin)
     # Two divisions, not (hi - lo) / levels: hi - lo overflows for huge ranges.
-    scale = _safe_scale(_exact_div(hi, levels) - _exact_div(lo, levels), hi - lo)
+    scale = safe_scale(exact_div(hi, levels) - exact_div(lo, levels), hi - lo)
     zero = jnp.clip(round_half_away(qmin - divide(lo, scale)), qmin, qmax)
     return scale, zero.astype(jnp.int8)
 

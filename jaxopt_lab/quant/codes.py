@@ -16,8 +16,8 @@ import numpy as np
 from jax import lax
 
 from jaxopt_lab.quant.affine import (
-    _exact_div,
-    _safe_scale,
+    exact_div,
+    safe_scale,
     affine_codes,
     affine_params,
     divide,
@@ -71,7 +71,7 @@ def codes_from_range(view: jax.Array, lo: jax.Array, hi: jax.Array, s: Mapping[s
         fmax = float(jnp.finfo(s["dtype"]).max)
         # max|x| over a slice is max(|min|, |max|) exactly (NaN and inf included).
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        scale = _round_scale_up(_safe_scale(_exact_div(amax, fmax), amax), s["scale_dtype"])
+        scale = _round_scale_up(safe_scale(exact_div(amax, fmax), amax), s["scale_dtype"])
         return jnp.clip(divide(view, scale), -fmax, fmax).astype(s["dtype"]), scale, None
     bits, sym = s["bits"], s["symmetric"]
     scale, zero = affine_params(lo, hi, bits=bits, symmetric=sym)
