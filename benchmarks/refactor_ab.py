@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -46,9 +47,7 @@ def _child(root: str, repeats: int, smoke: bool) -> dict:
     import _util
     import jaxopt_lab as jol
 
-    found = os.path.realpath(os.path.dirname(jol.__file__))
-    if not found.startswith(os.path.realpath(root)):
-        raise SystemExit(f"imported jaxopt_lab from {found}, not from {root}")
+    check_imported_from(jol, root)
 
     class MLP(nn.Module):
         @nn.compact
@@ -99,12 +98,63 @@ def _child(root: str, repeats: int, smoke: bool) -> dict:
     return out
 
 
-def _extract(rev: str, dest: str) -> str:
+def check_imported_from(package, root: str) -> None:
+    """Exits the child unless ``package`` (a module) was imported from under ``root``."""
+    found = os.path.realpath(os.path.dirname(package.__file__))
+    if not found.startswith(os.path.realpath(root)):
+        raise SystemExit(f"imported {package.__name__} from {found}, not from {root}")
+
+
+def extract(rev: str, dest: str) -> str:
     """The package as it was at ``rev``, under ``dest`` (``git archive``; no checkout)."""
     archive = subprocess.run(["git", "-C", REPO, "archive", rev, "jaxopt_lab"],
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
     return dest
+
+
+def resolve_commit(rev: str, *, smoke: bool) -> str | None:
+    """The full hash of ``rev``; None where this clone lacks it (a shallow clone), which
+    only a smoke run accepts (it then compares the package with itself)."""
+    found = subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", "--quiet",
+                            f"{rev}^{{commit}}"], capture_output=True, text=True)
+    sha = found.stdout.strip() or None
+    if sha is None and not smoke:
+        raise SystemExit(f"commit {rev!r} is not in this clone (a shallow clone?)")
+    return sha
+
+
+def package_roots(before_sha: str | None, dest: str) -> dict[str, str]:
+    """The folders holding each version's ``jaxopt_lab``: ``before`` extracted into ``dest``,
+    ``after`` the one this interpreter imports."""
+    # "after" is the package this interpreter imports (an installed copy carries the
+    # native kernels its build compiled; the checkout's sources may not).
+    installed = importlib.util.find_spec("jaxopt_lab").submodule_search_locations[0]
+    after = os.path.dirname(installed)
+    # A smoke run in a shallow clone checks the script against the package itself.
+    return {"before": extract(before_sha, dest) if before_sha else after, "after": after}
+
+
+def run_alternating(script: str, roots: dict[str, str], rounds: int,
+                    child_args: Callable[[str, int], list[str]]) -> dict[str, list[dict]]:
+    """Runs ``script --child ROOT *child_args(version, round)`` once per version and round,
+    alternating which version goes first (before, after, after, before, ...); returns each
+    version's parsed JSON (a child's last stdout line), in round order."""
+    results: dict[str, list[dict]] = {version: [] for version in roots}
+    env = {**os.environ, "PYTHONPATH": ""}  # the child's path names one package only
+    t0 = time.time()
+    for r in range(rounds):
+        order = ("before", "after") if r % 2 == 0 else ("after", "before")
+        for version in order:
+            cmd = [sys.executable, os.path.abspath(script), "--child", roots[version],
+                   *child_args(version, r)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                raise SystemExit(f"{version} child failed (exit {out.returncode}):\n"
+                                 f"{out.stderr[-4000:]}")
+            results[version].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r} {version} done ({time.time() - t0:.0f} s)", file=sys.stderr)
+    return results
 
 
 def main(argv=None) -> None:
@@ -121,29 +171,11 @@ def main(argv=None) -> None:
         print(json.dumps(_child(args.child, args.repeats, args.smoke)))
         return
     rounds, repeats = (1, 3) if args.smoke else (args.rounds, args.repeats)
-    found = subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", "--quiet",
-                            f"{args.before}^{{commit}}"], capture_output=True, text=True)
-    before_sha = found.stdout.strip() or None
-    if before_sha is None and not args.smoke:
-        raise SystemExit(f"commit {args.before!r} is not in this clone (a shallow clone?)")
-    results: dict[str, list[dict]] = {"before": [], "after": []}
-    t0 = time.time()
+    before_sha = resolve_commit(args.before, smoke=args.smoke)
     with tempfile.TemporaryDirectory(prefix="jol_ab_") as tmp:
-        # "after" is the package this interpreter imports (an installed copy carries the
-        # native kernels its build compiled; the checkout's sources may not).
-        installed = importlib.util.find_spec("jaxopt_lab").submodule_search_locations[0]
-        after = os.path.dirname(installed)
-        # A smoke run in a shallow clone checks the script against the package itself.
-        roots = {"before": _extract(before_sha, tmp) if before_sha else after, "after": after}
-        env = {**os.environ, "PYTHONPATH": ""}  # the child's path names one package only
-        for r in range(rounds):
-            order = ("before", "after") if r % 2 == 0 else ("after", "before")
-            for version in order:
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", roots[version],
-                       "--repeats", str(repeats)] + (["--smoke"] if args.smoke else [])
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-                results[version].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"round {r} {version} done ({time.time() - t0:.0f} s)", file=sys.stderr)
+        results = run_alternating(__file__, package_roots(before_sha, tmp), rounds,
+                                  lambda version, r: ["--repeats", str(repeats)]
+                                  + (["--smoke"] if args.smoke else []))
     ratios = {case: _util.paired_ratio([a[case] for a in results["after"]],
                                        [b[case] for b in results["before"]])
               for case in results["after"][0]}

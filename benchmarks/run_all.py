@@ -39,6 +39,7 @@ JOBS = {
     "one_shot": ("one_shot", (), "one_shot.json"),
     "one_shot_timing": ("one_shot", ("--timing",), "one_shot_timing.json"),
     "refactor_ab": ("refactor_ab", (), "refactor_ab.json"),
+    "report_ab": ("report_ab", (), "report_ab.json"),
     # (the fuzz shares at fewer examples than the tests' 200, as measured on a busy machine;
     # `python benchmarks/fuzz_reach.py` alone gives every file at 200: fuzz_reach.json)
     "fuzz_reach_prune_models": (
