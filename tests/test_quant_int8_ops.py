@@ -288,13 +288,15 @@ def test_gpu_conv_path_equals_the_integer_path(conv, zero_point):
 def test_weight_only_dot_general_is_the_dequantized_dot(dims, lhs_shape, rhs_shape,
                                                         channel_axis, dtype):
     from jaxopt_lab.quant.int8_ops import weight_only_dot_general
+    # Imported by name: run alone, nothing else has imported the submodule yet.
+    from jaxopt_lab.quant.interceptor import kernel_scale
 
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal(lhs_shape), dtype)
     w = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
     qw = jol.quantize(w, bits=8, granularity="tensor" if channel_axis is None else "channel",
                       axis=-1 if channel_axis is None else channel_axis)
-    scale = jol.quant.interceptor.kernel_scale(qw)
+    scale = kernel_scale(qw)
     y = jax.jit(lambda x, q, s: weight_only_dot_general(x, q, dims, rhs_scale=s))(
         x, qw.qvalue, scale)
     ref = jax.lax.dot_general(x, jol.dequantize(qw).astype(dtype), dims,

@@ -36,6 +36,10 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 NUM_PROCESSES, LOCAL_DEVICES = 2, 4
+# The workers compile like this process (conftest.py's codegen level): results compared
+# across processes come from the same compiler settings.
+_CODEGEN = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                    if "xla_backend_optimization_level" in f)
 JOB_TIMEOUT_S = 120  # hard bound on the whole two-process job
 
 
@@ -56,7 +60,7 @@ def running_job(work: Path):
     """Starts the workers as one JAX job; on leaving, waits for them within the time bound,
     kills whatever still runs (also when the body raised) and fails readably on any error."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {_CODEGEN}")
     port, procs, logs, timed_out = _free_port(), [], [], False
     deadline = time.monotonic() + JOB_TIMEOUT_S
     try:

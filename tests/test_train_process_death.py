@@ -14,6 +14,10 @@ import pytest
 
 WORKER = Path(__file__).with_name("_mp_resumable_worker.py")
 NUM_PROCESSES, LOCAL_DEVICES = 2, 4
+# The workers compile like this process (conftest.py's codegen level): results compared
+# across processes come from the same compiler settings.
+_CODEGEN = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                    if "xla_backend_optimization_level" in f)
 HEARTBEAT_S = 5  # short, so the test is fast; the library default is 100 s
 SURVIVOR_BOUND_S = 90  # heartbeat detection + error propagation, with a loaded machine's slack
 
@@ -26,7 +30,7 @@ def _free_port() -> int:
 
 def _start(work: Path, ckpt: Path, tag: str) -> tuple[list, list]:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {_CODEGEN}")
     port, procs, logs = _free_port(), [], []
     for i in range(NUM_PROCESSES):
         logs.append(work / f"{tag}_{i}.log")
