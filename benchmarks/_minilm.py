@@ -281,6 +281,14 @@ def with_blocks(params, new_blocks):
     return out
 
 
+def block_map(block_params):
+    """The model map of one `Block` (the same for every block): AWQ's fold targets."""
+    import jaxopt_lab as jol
+
+    h = jnp.zeros((1, 8, HIDDEN), jnp.float32)
+    return jol.model_map(Block(), {"params": block_params}, h, jnp.ones((1, 8), jnp.int32))
+
+
 def embed(params, ids):
     return Embeddings().apply({"params": params["embeddings"]}, ids)
 

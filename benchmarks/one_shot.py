@@ -83,6 +83,7 @@ class Runner:
         self.apply = jax.jit(M.MiniLM().apply)
         self.ref = self.embed(self.params)
         self.first = [(M.embed(self.params, ids), mask) for ids, mask in self.calib]
+        self.block_map = M.block_map(M.blocks(self.params)[0])
 
     def embed(self, params, dot_general=None):
         if dot_general is None:
@@ -192,24 +193,16 @@ def main(argv=None):
             lambda bp, st, kw=kw: oneshot.gptq(bp, st, group_size=g, where=KERNEL, **kw))
         record(name, new, sec, err)
 
+    # AWQ driven by the block's model map: it folds attn_out's scale into value's columns
+    # (the attention context is linear in value's output) and keeps the others explicit
+    # (q/k/v read the block input, intermediate's input also feeds a residual add, output's
+    # comes through a GELU), as `how` records.
+    awq_how = {}
+
     def awq_block(bp, st):
-        """AWQ of the six kernels. attn_out's input is the attention context, linear in
-        the value projection's output: its scale is folded into value's columns (before
-        value is quantized); the other inputs (post-LN residual stream, GELU output) have
-        no exact fold, so their scales stay explicit ((x / s) @ Q(s W) == x @ effective)."""
-        out = dict(bp)
-        res = {}
-        for k in ("attn_out", "query", "key", "value", "intermediate", "output"):
-            w = out[k]["kernel"]
-            res[k] = oneshot.awq_matrix(w, st[k].xtx, st[k].abs_sum / st[k].count, bits=4,
-                                        group_size=g, name=k)
-            if k == "attn_out":
-                out[k] = {**bp[k], "kernel": res[k].qtensor}
-                out["value"] = oneshot.fold_scale_into_dense(bp["value"], res[k].scales,
-                                                             name="value")
-            else:
-                out[k] = {**out[k], "kernel": res[k].effective}
-        return out
+        res = oneshot.awq(bp, st, model_map=r.block_map, bits=4, group_size=g, where=KERNEL)
+        awq_how.update(res.how)
+        return res.params
 
     new, sec, err = r.sequential(awq_block)
     record("awq_int4_g128", new, sec, err)
@@ -282,6 +275,7 @@ def main(argv=None):
         "one_block_stats_mib": round(sum(4 * k * k for k in k_sizes.values()) / 2**20, 2),
         "calibration_activations_mib": round(4 * M.FFN * r.n_tokens / 2**20, 2),
         "relative_layer_error": layer_err,
+        "awq_scales": awq_how,
         "qwix": qwix_result,
     }, out_dir=args.out_dir or RESULTS, smoke=args.smoke)
 

@@ -51,6 +51,8 @@ JOBS = {
     "fuzz_reach_quant": ("fuzz_reach", ("--files", "test_fuzz_public_api.py",
                                         "--before", "f2c1e03"),
                          "fuzz_reach_public_api.json"),
+    # (issue 15: SparseGPT's fuzz tests once at 2000 examples a test)
+    "fuzz_sparsegpt_2000": ("fuzz_sparsegpt", (), "fuzz_sparsegpt_2000.json"),
 }
 SCRIPTS = tuple(dict.fromkeys(script for script, _, _ in JOBS.values()))
 
