@@ -103,8 +103,17 @@ def test_sparsegpt_of_output_sharded_kernels_equals_single_device(kw):
     tree, stats = _tree(3, levels=2)
     got_w, got_m = sparsegpt(tree, stats, block_size=8, **kw)
     want_w, want_m = sparsegpt(_local(tree), stats, block_size=8, **kw)
-    _assert_like(got_w, want_w, tree)
     _assert_like(got_m, want_m, tree)
+    if "sparsity" in kw:
+        # The masks are exact, but newer XLA (jax 0.12, measured in CI) compiles the
+        # unstructured per-shard update with another operation order than the one-device
+        # program: the kept weights then differ by up to 4 ulp (bit-identical on jax 0.10).
+        for k in tree:
+            assert got_w[k].sharding.is_equivalent_to(tree[k].sharding, tree[k].ndim), k
+            np.testing.assert_array_max_ulp(np.asarray(got_w[k]), np.asarray(want_w[k]),
+                                            maxulp=8)
+    else:
+        _assert_like(got_w, want_w, tree)
     if "sparsity" in kw:
         mesh, spec = _sharded.placement(tree["dense"])
         fn = _sharded._sparsegpt_fn(mesh, spec, (0,), 0.77, None, None, None, None, True,
@@ -279,3 +288,23 @@ def test_smooth_of_a_sharded_tree_stays_sharded_and_equal():
     _assert_like({jax.tree_util.keystr(p): g for (p, _), g in zip(flat, jax.tree.leaves(got))},
                  {jax.tree_util.keystr(p): w for (p, _), w in zip(flat, jax.tree.leaves(want))},
                  {jax.tree_util.keystr(p): a for p, a in flat})
+
+
+def test_rotations_of_sharded_kernels_stay_sharded_and_equal():
+    # Q^T W and W Q with the kernel sharded along the axis the product does not contract:
+    # each shard multiplies its own columns (readers) or rows (writers).
+    from jaxopt_lab.oneshot import random_hadamard, rotate_readers, rotate_writers
+
+    mesh = _mesh()
+    rng = np.random.default_rng(7)
+    q = random_hadamard(jax.random.key(1), 16)
+    reader = jnp.asarray(rng.normal(size=(16, 32)), jnp.float32)
+    writer = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+    sh_reader = jax.device_put(reader, NamedSharding(mesh, P(None, "x")))
+    sh_writer = jax.device_put(writer, NamedSharding(mesh, P("x", None)))
+    (got_r,), (got_w,) = rotate_readers([sh_reader], q), rotate_writers([sh_writer], q)
+    (want_r,), (want_w,) = rotate_readers([reader], q), rotate_writers([writer], q)
+    assert got_r.sharding.spec == sh_reader.sharding.spec
+    assert got_w.sharding.spec == sh_writer.sharding.spec
+    np.testing.assert_allclose(np.asarray(got_r), np.asarray(want_r), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=1e-6, atol=1e-6)
