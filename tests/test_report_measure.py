@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxopt_lab as jol
-from jaxopt_lab.app.report import measure
+from jaxopt_lab.app.models import TeacherCNN
+from jaxopt_lab.app.report import measure, variants
 from jaxopt_lab.app.report.variants import Variant
 
 
@@ -140,9 +142,25 @@ def test_memory_counts_weights_and_xla_temporaries():
     inputs = measure.latency_inputs(np.ones((5, 2, 2), np.float32))
     mem = measure.memory(variant, variant.stored, inputs)
     assert mem["memory_weights_bytes"] == 4 * 3 * 4
+    assert mem["memory_all_buffers_visible"] is True
     for b in measure.LATENCY_BATCHES:
         assert mem[f"memory_temp_b{b}_bytes"] >= 0
         assert mem[f"memory_b{b}_bytes"] == 48 + mem[f"memory_temp_b{b}_bytes"]
+
+
+def test_memory_sees_the_activations_of_a_fused_float_program():
+    # XLA's CPU backend hands the float TeacherCNN to YNNPACK as one fusion and reported
+    # 640 B of temporaries at batch 256; its second conv's output alone is B x 8 x 8 x 64
+    # float32, which must be counted.
+    model = TeacherCNN()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    variant = Variant("float", "float TeacherCNN", model, variables, lambda v: v,
+                      variants.float_infer(model))
+    inputs = measure.latency_inputs(np.ones((3, 8, 8, 1), np.float32))
+    mem = measure.memory(variant, variant.stored, inputs)
+    assert mem["memory_all_buffers_visible"] is True
+    for b in measure.LATENCY_BATCHES:
+        assert mem[f"memory_temp_b{b}_bytes"] >= b * 8 * 8 * 64 * 4, (b, mem)
 
 
 def test_save_and_reload_sizes_the_written_file(tmp_path):
