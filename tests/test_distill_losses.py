@@ -238,6 +238,31 @@ def test_jit_equals_eager_and_traced_temperature_works():
         t, s, temperature=3.0, **kwargs), eager, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_padded_features_never_touch_value_or_gradient(kind):
+    # Garbage (NaN, +-Inf) at masked positions, in the teacher and in the student before
+    # the projection: the loss and the gradients of the student and of the projection
+    # equal those of clean inputs, and the student's gradient there is exactly zero.
+    rng = np.random.default_rng(4)
+    t = rng.normal(size=(3, 5, 6)).astype(np.float32)
+    s = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    mask = rng.random((3, 5)) < 0.6
+    mask[0, 0] = True
+    garbage_t, garbage_s = t.copy(), s.copy()
+    garbage_t[~mask] = np.nan
+    garbage_s[~mask] = -np.inf
+    garbage_s[~mask, 0] = np.inf
+    proj = jol.distill.init_projection(jax.random.PRNGKey(0), 4, 6)
+    loss = jax.jit(jax.value_and_grad(lambda s_, p, t_: jol.feature_distill_loss(
+        t_, s_, kind=kind, projection=p, mask=mask), argnums=(0, 1)))
+    v1, g1 = loss(s, proj, t)
+    v2, g2 = loss(garbage_s, proj, garbage_t)
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    chex.assert_tree_all_finite(g2)
+    chex.assert_trees_all_close(g2, g1, rtol=1e-6, atol=1e-8)
+    assert np.all(np.asarray(g2[0])[~mask] == 0)
+
+
 @pytest.mark.parametrize(
     "t_shape, s_shape, kwargs, match",
     [

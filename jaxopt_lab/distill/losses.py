@@ -262,6 +262,14 @@ def feature_distill_loss(
         raise ValueError(f"kind must be 'mse' or 'cosine', got {kind!r}")
     t = _check_float_array(teacher_features, "teacher_features")
     s = _check_float_array(student_features, "student_features")
+    # The projection maps channels only, so the positions are the student's own.
+    valid = _check_mask(mask, s.shape[:-1], "features")
+    # Double-where, as in distill_loss: padded positions get harmless inputs, before the
+    # projection too, so that an Inf or NaN there cannot turn into a NaN gradient of the
+    # student or of the projection's kernel.
+    keep = None if valid is None else valid[..., None] > 0
+    if keep is not None:
+        s = jnp.where(keep, s, 0)
     if projection is not None:
         s = project(projection, s) if isinstance(projection, Mapping) else projection(s)
         s = _check_float_array(s, "projected student_features")
@@ -270,10 +278,11 @@ def feature_distill_loss(
         raise ValueError(
             f"feature shape mismatch: teacher {t.shape} vs student {s.shape}{hint}"
         )
-    valid = _check_mask(mask, s.shape[:-1], "features")
     dtype = jnp.result_type(t.dtype, s.dtype, jnp.float32)
     t = jax.lax.stop_gradient(t.astype(dtype))
     s = s.astype(dtype)
+    if keep is not None:
+        t, s = jnp.where(keep, t, 0), jnp.where(keep, s, 0)
     if kind == "mse":
         per_position = jnp.mean(jnp.square(s - t), axis=-1)
     else:
