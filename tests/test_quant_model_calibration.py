@@ -117,3 +117,24 @@ def test_the_input_passed_as_stats_gets_a_type_error_saying_where_inputs_go():
     model, variables = _net()
     with pytest.raises(TypeError, match=r"stats must be None.*observe_activations\(model, "):
         jol.observe_activations(model, variables, np.ones((3, 4), np.float32))
+
+
+def test_calibrate_compiles_once_per_linen_model_and_settings():
+    from jaxopt_lab.quant import model_calibration
+
+    cache = model_calibration._cached_observe_step
+    cache.cache_clear()
+    model, variables = _net()
+    xs = [np.random.default_rng(i).normal(size=(3, 4)).astype(np.float32) for i in range(3)]
+    first = jol.calibrate(model, variables, xs, num_bins=32)
+    again = jol.calibrate(Net(), variables, xs, num_bins=32)  # an equal module: the same step
+    jax.tree.map(np.testing.assert_array_equal, first, again)
+    assert (cache.cache_info().hits, cache.cache_info().misses) == (1, 1)
+    jol.calibrate(model, variables, xs, num_bins=64)  # other settings get their own step
+    assert cache.cache_info().misses == 2
+    # Other variable values, same structure: the same compiled program, their own result.
+    other = jol.calibrate(model, jax.tree.map(lambda a: 2 * a, variables), xs, num_bins=32)
+    step = cache(model, 0.9, 32, ())
+    assert step._cache_size() == 1
+    assert any(not np.array_equal(a, b)
+               for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other), strict=True))

@@ -150,6 +150,33 @@ def activation_scales(
     return out
 
 
+def _observe_step(model: Any, momentum: float, num_bins: int, kwargs: dict) -> Any:
+    """The jitted `observe_activations` step of a calibration loop, shared by every call
+    with the same linen model and settings, so a second `calibrate` does not compile again.
+
+    Only linen modules are cached: they are immutable and hashed by their fields. An NNX
+    module holds mutable state, so it gets a fresh step per call.
+    """
+    if not flax_hooks.is_nnx(model):
+        try:
+            return _cached_observe_step(model, momentum, num_bins, tuple(sorted(kwargs.items())))
+        except TypeError:  # an unhashable keyword value: no cache for this call
+            pass
+    return _new_observe_step(model, momentum, num_bins, tuple(kwargs.items()))
+
+
+def _new_observe_step(model: Any, momentum: float, num_bins: int, kwargs: tuple) -> Any:
+    @jax.jit
+    def step(variables, stats, batch_args):
+        return observe_activations(model, variables, stats, *batch_args, momentum=momentum,
+                                   num_bins=num_bins, **dict(kwargs))
+
+    return step
+
+
+_cached_observe_step = functools.lru_cache(maxsize=16)(_new_observe_step)
+
+
 def calibrate(
     model: Any,
     variables: Variables,
@@ -177,11 +204,7 @@ def calibrate(
     Raises:
       ValueError: if ``batches`` is empty.
     """
-    @jax.jit
-    def step(variables, stats, batch_args):
-        return observe_activations(model, variables, stats, *batch_args, momentum=momentum,
-                                   num_bins=num_bins, **kwargs)
-
+    step = _observe_step(model, momentum, num_bins, kwargs)
     stats = None
     for batch in batches:
         batch_args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
