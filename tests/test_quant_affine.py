@@ -30,8 +30,27 @@ def test_integer_range(b):
     assert integer_range(b, False) == (-(2 ** (b - 1)), 2 ** (b - 1) - 1)
 
 
+# Ends whose quotients by the level count are subnormal (flushed to zero on CPU).
+tiny = st.floats(-1e-35, 1e-35).map(lambda v: float(np.float32(v)))
+
+
 @given(finite, finite, bits, st.booleans())
 def test_range_round_trips_within_half_a_step_and_zero_is_exact(a, b, nbits, symmetric):
+    _check_round_trip(a, b, nbits, symmetric)
+
+
+@given(tiny, tiny, bits, st.booleans())
+def test_tiny_ranges_round_trip_within_half_a_step(a, b, nbits, symmetric):
+    # Was: asymmetric int3 of [-4.6e-38, 4.7e-38] got the smallest normal as its scale
+    # (both quotients flushed), too small a step for the range, which then clipped.
+    _check_round_trip(a, b, nbits, symmetric)
+
+
+def test_the_reported_tiny_range_keeps_its_ends():
+    _check_round_trip(-4.62851e-38, 4.68361e-38, 3, False)
+
+
+def _check_round_trip(a, b, nbits, symmetric):
     lo, hi = min(a, b), max(a, b)
     scale, zero = affine_params(lo, hi, bits=nbits, symmetric=symmetric)
     s = float(scale)

@@ -99,8 +99,16 @@ def affine_params(
         return safe_scale(exact_div(amax, qmax), amax), None
     lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
     levels = float(qmax - qmin)
-    # Two divisions, not (hi - lo) / levels: hi - lo overflows for huge ranges.
-    scale = safe_scale(exact_div(hi, levels) - exact_div(lo, levels), hi - lo)
+    span = hi - lo
+    # Two divisions, not (hi - lo) / levels: hi - lo overflows for huge ranges. A tiny span
+    # takes the one division: there hi / levels and lo / levels can be subnormal, which the
+    # CPU flushes to zero, and the lost parts (up to the smallest normal each) would leave a
+    # step too small for the range, which then clips. Below this bound the span is finite;
+    # above it the flushed parts are under half an ulp of the scale.
+    tiny_span = span < levels * _TINY * 2.0**24
+    scale = jnp.where(tiny_span, exact_div(jnp.where(tiny_span, span, 0.0), levels),
+                      exact_div(hi, levels) - exact_div(lo, levels))
+    scale = safe_scale(scale, span)
     zero = jnp.clip(round_half_away(qmin - divide(lo, scale)), qmin, qmax)
     return scale, zero.astype(jnp.int8)
 
