@@ -331,13 +331,19 @@ def int8_conv_codes(x: jax.Array, kernel: jax.Array, *, window: tuple[int, int],
 def weight_only_conv_codes(x: jax.Array, codes: jax.Array, scale: jax.Array,
                            zero_point: jax.Array | None, *, bits: int,
                            window: tuple[int, int], strides: tuple[int, int],
+                           padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
                            fallback: Callable[..., jax.Array]) -> jax.Array:
-    """`weight_only_matmul_codes` for a VALID convolution of the float32 NHWC ``x``
-    (already padded, at least the window): the kernel's ``(kh * kw * C, N)`` codes times
-    each output pixel's window, read in place (no im2col copy). Returns
-    ``(N * Ho * Wo, N)``; elsewhere ``fallback(x, codes, scale[, zero_point])``."""
+    """`weight_only_matmul_codes` for a convolution of the float32 NHWC ``x`` with zero
+    ``padding`` (``(lo, hi)`` pairs for H and W, each at least 0; the padded input at least
+    the window): the kernel's ``(kh * kw * C, N)`` codes times each output pixel's window,
+    read in place (no im2col copy, and no padded copy: a window that touches the padding is
+    gathered with its zeros into a small per-thread scratch, giving the same bits as the
+    padded input would). Returns ``(N * Ho * Wo, N)``; elsewhere
+    ``fallback(x, codes, scale[, zero_point])`` on the unpadded ``x``."""
     args = (x, codes, scale) if zero_point is None else (x, codes, scale, zero_point)
-    m = _conv_out(x, window, strides)[0]
+    (pt, pb), (pl, pr) = ((int(lo), int(hi)) for lo, hi in padding)
+    padded = (x.shape[0], x.shape[1] + pt + pb, x.shape[2] + pl + pr, x.shape[3])
+    m = _conv_out(jax.ShapeDtypeStruct(padded, x.dtype), window, strides)[0]
     n = scale.shape[1]
     if not native_weight_only_available() or x.size == 0 or codes.size == 0 or m == 0:
         return fallback(*args)
@@ -348,6 +354,7 @@ def weight_only_conv_codes(x: jax.Array, codes: jax.Array, scale: jax.Array,
         out = jax.ShapeDtypeStruct((m, n), jnp.float32)
         return jax.ffi.ffi_call(_WEIGHT_ONLY_CONV_TARGET, out, vmap_method="sequential")(
             x, codes, scale, zp, bits=np.int32(bits), kh=np.int64(kh), kw=np.int64(kw),
-            sh=np.int64(sh), sw=np.int64(sw))
+            sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pb=np.int64(pb),
+            pl=np.int64(pl), pr=np.int64(pr))
 
     return lax.platform_dependent(*args, cpu=native, default=fallback)
