@@ -63,37 +63,52 @@ struct Rows {
   int64_t SegmentLength(int64_t k) const { return conv ? kw * c : k; }
   int64_t SegmentStride() const { return conv ? w * c : 0; }
   bool Padded() const { return conv && (pt | pb | pl | pr) != 0; }
-  // Whether row r's whole window lies inside the input (always, for a plain matrix).
-  bool Inside(int64_t r) const {
-    if (!Padded()) return true;
-    const int64_t ow = r % wo, oh = (r / wo) % ho;
-    const int64_t y0 = oh * sh - pt, x0 = ow * sw - pl;
+  // A convolution's row as its output pixel; Next steps to the following row without the
+  // divisions PixelOf takes (they cost as much as a small window's FMAs).
+  struct Pixel {
+    int64_t n = 0, oh = 0, ow = 0;
+  };
+  Pixel PixelOf(int64_t r) const {
+    const int64_t t = r / wo;
+    return Pixel{t / ho, t % ho, r % wo};
+  }
+  void Next(Pixel& p) const {
+    if (++p.ow == wo) {
+      p.ow = 0;
+      if (++p.oh == ho) p.oh = 0, ++p.n;
+    }
+  }
+  // Whether the pixel's whole window lies inside the input.
+  bool Inside(const Pixel& p) const {
+    const int64_t y0 = p.oh * sh - pt, x0 = p.ow * sw - pl;
     return y0 >= 0 && x0 >= 0 && y0 + kh <= h && x0 + kw <= w;
   }
-  // Offset of row r's first value from the start of A; only for a row Inside.
-  int64_t Start(int64_t r, int64_t k) const {
-    if (!conv) return r * k;
-    const int64_t ow = r % wo, t = r / wo, oh = t % ho, n = t / ho;
-    return ((n * h + oh * sh - pt) * w + ow * sw - pl) * c;
+  // Offset of the window's first value from the start of the input; only for one Inside.
+  int64_t StartOf(const Pixel& p) const {
+    return ((p.n * h + p.oh * sh - pt) * w + p.ow * sw - pl) * c;
   }
-  // Row r's K window values (HWI order) into dst, zeros where the window is padding: the
-  // values a padded copy of the input would hold there.
+  // Offset of row r's first value from the start of A (a convolution: without padding).
+  int64_t Start(int64_t r, int64_t k) const { return conv ? StartOf(PixelOf(r)) : r * k; }
+  // The pixel's K window values (HWI order) into dst, `fill` where the window is padding:
+  // the values a padded copy of the input would hold there.
   template <typename T>
-  void Gather(const T* a, int64_t r, T* dst) const {
-    const int64_t ow = r % wo, t = r / wo, oh = t % ho, n = t / ho;
-    const int64_t y0 = oh * sh - pt, x0 = ow * sw - pl;
+  void Gather(const T* a, const Pixel& p, T* dst, T fill = T(0)) const {
+    const int64_t y0 = p.oh * sh - pt, x0 = p.ow * sw - pl;
+    // Window columns [jlo, jhi) are inside the input. Plain loops, not memcpy/memset: the
+    // pieces are often a few values (C = 1 or 3), where a library call costs more than them.
     const int64_t jlo = std::min(kw, std::max<int64_t>(0, -x0));
     const int64_t jhi = std::max(jlo, std::min(kw, w - x0));
-    for (int64_t i = 0; i < kh; ++i, dst += kw * c) {
+    const int64_t len = kw * c, in_lo = jlo * c, in_hi = jhi * c;
+    for (int64_t i = 0; i < kh; ++i, dst += len) {
       const int64_t y = y0 + i;
-      if (y < 0 || y >= h || jlo == jhi) {
-        std::memset(dst, 0, sizeof(T) * kw * c);
+      if (y < 0 || y >= h) {
+        for (int64_t q = 0; q < len; ++q) dst[q] = fill;
         continue;
       }
-      std::memset(dst, 0, sizeof(T) * jlo * c);
-      std::memcpy(dst + jlo * c, a + ((n * h + y) * w + x0 + jlo) * c,
-                  sizeof(T) * (jhi - jlo) * c);
-      std::memset(dst + jhi * c, 0, sizeof(T) * (kw - jhi) * c);
+      const T* src = a + ((p.n * h + y) * w + x0) * c;  // the window row's first value
+      for (int64_t q = 0; q < in_lo; ++q) dst[q] = fill;
+      for (int64_t q = in_lo; q < in_hi; ++q) dst[q] = src[q];
+      for (int64_t q = in_hi; q < len; ++q) dst[q] = fill;
     }
   }
   // Sets the convolution geometry from the input's dimensions and the padding; false if

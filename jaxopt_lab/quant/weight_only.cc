@@ -283,10 +283,10 @@ void DequantizePanel(const Shared& s, int64_t j0, float* out) {
 // R rows x B 16-column blocks of C from a dequantized panel (compile-time sizes, so the
 // accumulators stay in registers). A panel narrower than 64 columns (a convolution with 16
 // or 32 output channels) runs only its B = ceil(width / 16) blocks, with more rows a tile.
-// Row r's K values are Segments() runs of SegmentLength() values at a[r] + seg * stride.
+// Row r's K values are Segments() runs of SegmentLength() values at a[r] + seg * stride[r].
 template <int R, int B>
-void FloatTile(const Shared& s, const float* packed, const float* const* a, int64_t stride,
-               int64_t i0, int64_t j0) {
+void FloatTile(const Shared& s, const float* packed, const float* const* a,
+               const int64_t* stride, int64_t i0, int64_t j0) {
   __m512 acc[R][B];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -295,7 +295,9 @@ void FloatTile(const Shared& s, const float* packed, const float* const* a, int6
   const int64_t segments = s.rows.Segments(), length = s.rows.SegmentLength(s.k);
   for (int64_t seg = 0; seg < segments; ++seg) {
     const float* bseg = packed + seg * length * kPanel;
-    const int64_t at = seg * stride;
+    const float* as[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) as[r] = a[r] + seg * stride[r];
     for (int64_t t = 0; t < length; ++t) {
       const float* bk = bseg + t * kPanel;
       __m512 b[B];
@@ -303,7 +305,7 @@ void FloatTile(const Shared& s, const float* packed, const float* const* a, int6
       for (int c = 0; c < B; ++c) b[c] = _mm512_load_ps(bk + 16 * c);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(a[r][at + t]);
+        const __m512 av = _mm512_set1_ps(as[r][t]);
 #pragma GCC unroll 4
         for (int c = 0; c < B; ++c) acc[r][c] = _mm512_fmadd_ps(av, b[c], acc[r][c]);
       }
@@ -321,25 +323,32 @@ void FloatTile(const Shared& s, const float* packed, const float* const* a, int6
   }
 }
 
-// One tile: its rows read in place when every window lies inside the input; otherwise all
-// R windows are gathered, padding zeros included, into scratch (R contiguous K-value rows).
-// Either way each output is the same sequence of FMAs over the same values, in the same
-// order, as on an explicitly padded input: bit-identical results.
+// One tile: a row whose window lies inside the input is read in place; a row whose window
+// touches the padding is gathered, zeros included, into its own contiguous K-value row of
+// scratch. Either way each output is the same sequence of FMAs over the same values, in the
+// same order, as on an explicitly padded input: bit-identical results.
 template <int R, int B>
 void Tile(const Shared& s, const float* packed, float* scratch, int64_t i0, int64_t j0) {
   const float* a[R];
-  bool inside = true;
-  for (int r = 0; r < R; ++r) inside &= s.rows.Inside(i0 + r);
-  int64_t stride = s.rows.SegmentStride();
-  if (inside) {
+  int64_t stride[R];
+  if (!s.rows.Padded()) {
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) a[r] = s.a + s.rows.Start(i0 + r, s.k);
-  } else {
     for (int r = 0; r < R; ++r) {
-      s.rows.Gather(s.a, i0 + r, scratch + r * s.k);
-      a[r] = scratch + r * s.k;
+      a[r] = s.a + s.rows.Start(i0 + r, s.k);
+      stride[r] = s.rows.SegmentStride();
     }
-    stride = s.rows.SegmentLength(s.k);
+  } else {
+    auto pixel = s.rows.PixelOf(i0);
+    for (int r = 0; r < R; ++r, s.rows.Next(pixel)) {
+      if (s.rows.Inside(pixel)) {
+        a[r] = s.a + s.rows.StartOf(pixel);
+        stride[r] = s.rows.SegmentStride();
+      } else {
+        s.rows.Gather(s.a, pixel, scratch + r * s.k);
+        a[r] = scratch + r * s.k;
+        stride[r] = s.rows.SegmentLength(s.k);
+      }
+    }
   }
   FloatTile<R, B>(s, packed, a, stride, i0, j0);
 }
