@@ -355,7 +355,8 @@ def test_conv_implicit_padding_equals_the_exact_integer_conv(window, cin, batch,
                                                              padding, h, w, zero_point, seed):
     # The native kernel reads the unpadded codes and gathers border windows with the
     # padding value (the zero point, or 0): the exact sums of the padded codes minus the
-    # zero point (int64 numpy), and no padded copy of the input in the compiled program.
+    # zero point (int64 numpy), and no padded copy of the input in the compiled program
+    # (unless the channels are padded anyway or most windows touch the padding).
     # (The reference is numpy, not XLA's jitted int32 path with the native kernel off: on
     # jax 0.10.2 that path returned garbage for e.g. a 1x1 input, 32 channels, zero point
     # 0 and padding ((0, 0), (0, 1)), at this commit's parent too.)
@@ -384,6 +385,9 @@ def test_conv_implicit_padding_equals_the_exact_integer_conv(window, cin, batch,
                         xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw], k[i, j])
               for i in range(kh) for j in range(kw))
     np.testing.assert_array_equal(y, ref.astype(np.float32))
-    if native.native_int8_available() and (kw * cin) % 4 == 0:
+    from jaxopt_lab.quant.int8_ops import _border_fraction
+
+    if (native.native_int8_available() and (kw * cin) % 4 == 0
+            and _border_fraction((h, w), window, strides, pads) <= 0.5):
         hlo = fast.lower(jnp.asarray(x, jnp.int8), jnp.asarray(k, jnp.int8)).compile().as_text()
         assert re.search(r"\bpad\(", hlo) is None
