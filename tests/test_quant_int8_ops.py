@@ -1,8 +1,10 @@
 """Properties of the int8 x int8 -> int32 ops: they equal float math on dequantized codes."""
 
 import functools
+import re
 
 import chex
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -338,3 +340,54 @@ def test_conv_patch_matmul_is_bit_identical_to_xla_int32_conv(strides, padding, 
         plain = jax.jit(lambda x, k: conv(x, k))(x, k)  # XLA's int32 convolution
         assert "ffi_call" not in str(jax.make_jaxpr(lambda x, k: conv(x, k))(x, k))
     np.testing.assert_array_equal(fast, plain)
+
+
+PADS = st.tuples(st.integers(0, 5), st.integers(0, 5))  # up to larger than window - 1
+
+
+@settings(max_examples=40)
+@given(st.sampled_from([(1, 1), (3, 3), (2, 3), (5, 2)]), st.sampled_from([1, 3, 16, 32, 64, 65]),
+       st.sampled_from([1, 2, 7]), st.sampled_from([(1, 1), (2, 2), (3, 1)]),
+       st.one_of(st.sampled_from(["SAME", "VALID"]), st.tuples(PADS, PADS)),
+       st.integers(1, 7), st.integers(1, 7), st.sampled_from([None, 0, -3, 127, -128]),
+       st.integers(0, 2**31 - 1))
+def test_conv_implicit_padding_equals_the_exact_integer_conv(window, cin, batch, strides,
+                                                             padding, h, w, zero_point, seed):
+    # The native kernel reads the unpadded codes and gathers border windows with the
+    # padding value (the zero point, or 0): the exact sums of the padded codes minus the
+    # zero point (int64 numpy), and no padded copy of the input in the compiled program
+    # (unless the channels are padded anyway or most windows touch the padding).
+    # (The reference is numpy, not XLA's jitted int32 path with the native kernel off: on
+    # jax 0.10.2 that path returned garbage for e.g. a 1x1 input, 32 channels, zero point
+    # 0 and padding ((0, 0), (0, 1)), at this commit's parent too.)
+    from jaxopt_lab.quant import native
+
+    kh, kw = window
+    pads = padding
+    if isinstance(padding, str):
+        pads = tuple(jax.lax.padtype_to_pads((h, w), window, strides, padding))
+    hypothesis.assume(h + sum(pads[0]) >= kh and w + sum(pads[1]) >= kw)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 128, (batch, h, w, cin))
+    k = rng.integers(-128, 128, (kh, kw, cin, 5))
+    z = None if zero_point is None else jnp.int8(zero_point)
+
+    def conv(x, k):
+        return jol.int8_conv_general_dilated(x, k, strides, padding, lhs_scale=1.0,
+                                             rhs_scale=1.0, lhs_zero_point=z,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    fast = jax.jit(conv)
+    y = fast(jnp.asarray(x, jnp.int8), jnp.asarray(k, jnp.int8))
+    xp = np.pad(x - (zero_point or 0), ((0, 0), pads[0], pads[1], (0, 0)))
+    (sh, sw), (ho, wo) = strides, y.shape[1:3]
+    ref = sum(np.einsum("nhwc,co->nhwo",
+                        xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw], k[i, j])
+              for i in range(kh) for j in range(kw))
+    np.testing.assert_array_equal(y, ref.astype(np.float32))
+    from jaxopt_lab.quant.int8_ops import _border_fraction
+
+    if (native.native_int8_available() and (kw * cin) % 4 == 0
+            and _border_fraction((h, w), window, strides, pads) <= 0.5):
+        hlo = fast.lower(jnp.asarray(x, jnp.int8), jnp.asarray(k, jnp.int8)).compile().as_text()
+        assert re.search(r"\bpad\(", hlo) is None

@@ -7,6 +7,9 @@ nibble) and k, odd group counts, zero points, scales large enough to need dequan
 clamp, and NaN/Inf rows.
 """
 
+import re
+
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,6 +251,44 @@ def test_conv_is_the_convolution_of_the_dequantized_kernel(window, strides, padd
     mat = _kernel_matrix(qt)
     assert mat is not None
     assert_matches_dequantized_product(y.reshape(-1, cout), cols, mat)
+
+
+PADS = st.tuples(st.integers(0, 5), st.integers(0, 5))  # up to larger than window - 1
+
+
+@needs_native
+@settings(max_examples=60)
+@given(st.sampled_from([(1, 1), (3, 3), (2, 3), (5, 2)]), st.sampled_from([1, 3, 16, 32, 64, 65]),
+       st.sampled_from([1, 2, 7]), st.sampled_from([(1, 1), (2, 2), (3, 1)]),
+       st.one_of(st.sampled_from(["SAME", "VALID"]), st.tuples(PADS, PADS)),
+       st.integers(1, 7), st.integers(1, 7), st.sampled_from([16, 40, 70]),
+       st.sampled_from([4, 8]), st.sampled_from(["tensor", "channel"]),
+       st.sampled_from([None, np.nan, np.inf, -np.inf]), st.integers(0, 2**31 - 1))
+def test_conv_implicit_padding_is_bit_identical_to_padding_first(
+        window, cin, batch, strides, padding, h, w, cout, bits, granularity, special, seed):
+    # The kernel reads the unpadded input and gathers border windows with their zeros; the
+    # reference pads first (lax.pad) and runs the kernel without padding (every window read
+    # in place, as before implicit padding). Same FMAs in the same order: the same bits,
+    # NaN and Inf inputs included.
+    kh, kw = window
+    pads = padding
+    if isinstance(padding, str):
+        pads = tuple(jax.lax.padtype_to_pads((h, w), window, strides, padding))
+    hypothesis.assume(h + sum(pads[0]) >= kh and w + sum(pads[1]) >= kw)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, h, w, cin)).astype(np.float32)
+    if special is not None:
+        x.reshape(-1)[rng.integers(0, x.size, 3)] = special
+    x = jnp.asarray(x)
+    kernel = jnp.asarray(rng.standard_normal((kh, kw, cin, cout)), jnp.float32)
+    qt = jol.quantize(kernel, bits=bits, granularity=granularity)
+    y = conv_jitted(x, qt, strides, padding)
+    xp = jax.lax.pad(x, 0.0, [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+    ref = conv_jitted(xp, qt, strides, ((0, 0), (0, 0)))
+    assert y.shape == ref.shape
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(ref).view(np.uint32))
+    hlo = conv_jitted.lower(x, qt, strides, padding).compile().as_text()
+    assert re.search(r"\bpad\(", hlo) is None  # no padded copy of x is made
 
 
 @needs_native

@@ -46,7 +46,10 @@ struct Shared : Panels {
   int32_t* c;
   int64_t row_chunks = 1, chunk_rows = 0;
   jaxopt_lab::Rows rows;  // A: a matrix, or a convolution's input (segments of whole quads)
+  int8_t fill = 0;        // a padded convolution's padding value (the input's zero point)
 };
+
+constexpr int kMaxTileRows = 12;  // rows of the tallest tile (RowsFor<1>)
 
 constexpr int64_t kMinChunk = 8 * kRows;
 constexpr int64_t kTargetItems = 8;
@@ -110,12 +113,34 @@ inline __m512i Quad(const int8_t* p, int64_t remaining) {
 // registers). A panel narrower than 64 columns (a convolution with 16 or 32 output
 // channels) runs only its B = ceil(width / 16) blocks, with more rows per tile, instead of
 // multiplying zero padding.
+//
+// A padded convolution's row whose window touches the padding is gathered, `fill` included,
+// into its own contiguous K-byte row of scratch (the padding is implicit: no padded copy of
+// the input exists); a row inside the input is read in place. Integer sums: exact either way.
 template <int R, int B>
-void Tile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t i0,
-          int64_t j0) {
+void Tile(const Shared& s, const int8_t* packed, const int32_t* colsum, int8_t* scratch,
+          int64_t i0, int64_t j0) {
   const int8_t* a[R];
+  int64_t stride[R];
+  if (!s.rows.Padded()) {
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) a[r] = s.a + s.rows.Start(i0 + r, s.k);
+    for (int r = 0; r < R; ++r) {
+      a[r] = s.a + s.rows.Start(i0 + r, s.k);
+      stride[r] = s.rows.SegmentStride();
+    }
+  } else {
+    auto pixel = s.rows.PixelOf(i0);
+    for (int r = 0; r < R; ++r, s.rows.Next(pixel)) {
+      if (s.rows.Inside(pixel)) {
+        a[r] = s.a + s.rows.StartOf(pixel);
+        stride[r] = s.rows.SegmentStride();
+      } else {
+        s.rows.Gather(s.a, pixel, scratch + r * s.k, s.fill);
+        a[r] = scratch + r * s.k;
+        stride[r] = s.rows.SegmentLength(s.k);
+      }
+    }
+  }
   __m512i acc[R][B];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -124,12 +149,14 @@ void Tile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t 
   // A matrix is one segment of K values (its last quad may be partial); a convolution's
   // segments hold whole quads (kw * C % 4 == 0), so packed quads follow on across them.
   const int64_t segments = s.rows.Segments(), length = s.rows.SegmentLength(s.k);
-  const int64_t stride = s.rows.SegmentStride(), quads = (length + 3) / 4;
+  const int64_t quads = (length + 3) / 4;
   // Whole quads take one constant 4-byte load each (a variable-length copy there would
   // become a memcpy call per quad); a matrix's partial last quad comes after the loop.
   const int64_t whole = length / 4;
   for (int64_t seg = 0; seg < segments; ++seg) {
-    const int64_t at = seg * stride;
+    const int8_t* as[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) as[r] = a[r] + seg * stride[r];
     const int8_t* bseg = packed + seg * quads * kPanel * 4;
     for (int64_t q = 0; q < whole; ++q) {
       const int8_t* bq = bseg + q * kPanel * 4;
@@ -138,7 +165,7 @@ void Tile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t 
       for (int c = 0; c < B; ++c) b[c] = _mm512_loadu_si512(bq + 64 * c);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const __m512i av = Quad(a[r] + at + 4 * q, 4);
+        const __m512i av = Quad(as[r] + 4 * q, 4);
 #pragma GCC unroll 4
         for (int c = 0; c < B; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, b[c]);
       }
@@ -148,7 +175,7 @@ void Tile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t 
       const int64_t remaining = length - 4 * whole;
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const __m512i av = Quad(a[r] + at + 4 * whole, remaining);
+        const __m512i av = Quad(as[r] + 4 * whole, remaining);
 #pragma GCC unroll 4
         for (int c = 0; c < B; ++c) {
           acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, _mm512_loadu_si512(bq + 64 * c));
@@ -180,32 +207,34 @@ void Tile(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t 
 // vector registers.
 template <int B>
 constexpr int RowsFor() {
-  return B == 1 ? 12 : B == 2 ? 8 : kRows;
+  return B == 1 ? kMaxTileRows : B == 2 ? 8 : kRows;
 }
 
 // Rows [i0, end) of the panel at j0 with B blocks: full tiles, then one tail tile.
 template <int B>
-void Rows(const Shared& s, const int8_t* packed, const int32_t* colsum, int64_t i0,
-          int64_t end, int64_t j0) {
+void Rows(const Shared& s, const int8_t* packed, const int32_t* colsum, int8_t* scratch,
+          int64_t i0, int64_t end, int64_t j0) {
   constexpr int R = RowsFor<B>();
-  for (; i0 + R <= end; i0 += R) Tile<R, B>(s, packed, colsum, i0, j0);
+  for (; i0 + R <= end; i0 += R) Tile<R, B>(s, packed, colsum, scratch, i0, j0);
   // The tail (< R rows) in tiles of 8, 4, 2 and 1 rows.
   if constexpr (R > 8) {
-    if (end - i0 >= 8) { Tile<8, B>(s, packed, colsum, i0, j0); i0 += 8; }
+    if (end - i0 >= 8) { Tile<8, B>(s, packed, colsum, scratch, i0, j0); i0 += 8; }
   }
-  if (end - i0 >= 4) { Tile<4, B>(s, packed, colsum, i0, j0); i0 += 4; }
-  if (end - i0 >= 2) { Tile<2, B>(s, packed, colsum, i0, j0); i0 += 2; }
-  if (end - i0 >= 1) Tile<1, B>(s, packed, colsum, i0, j0);
+  if (end - i0 >= 4) { Tile<4, B>(s, packed, colsum, scratch, i0, j0); i0 += 4; }
+  if (end - i0 >= 2) { Tile<2, B>(s, packed, colsum, scratch, i0, j0); i0 += 2; }
+  if (end - i0 >= 1) Tile<1, B>(s, packed, colsum, scratch, i0, j0);
 }
 
 // Claims and computes panels until none is left.
 void Work(Shared& s) {
   const int64_t k4 = (s.k + 3) / 4;
   int8_t* packed = nullptr;
+  int8_t* scratch = nullptr;  // a padded convolution's gathered rows, kMaxTileRows * K bytes
   alignas(64) int32_t colsum[kPanel];
   for (int64_t p = s.Claim(); p < s.panels; p = s.Claim()) {
     if (packed == nullptr) {
       packed = static_cast<int8_t*>(std::aligned_alloc(64, static_cast<size_t>(k4) * kPanel * 4));
+      if (s.rows.Padded()) scratch = static_cast<int8_t*>(std::malloc(s.k * kMaxTileRows));
     }
     const int64_t j0 = (p / s.row_chunks) * kPanel;
     PackPanel(s.b, s.k, s.n, j0, packed, colsum);
@@ -213,14 +242,15 @@ void Work(Shared& s) {
     const int64_t end = std::min(s.m, i0 + s.chunk_rows);
     const int64_t width = std::min<int64_t>(kPanel, s.n - j0);
     if (width <= 16) {
-      Rows<1>(s, packed, colsum, i0, end, j0);
+      Rows<1>(s, packed, colsum, scratch, i0, end, j0);
     } else if (width <= 32) {
-      Rows<2>(s, packed, colsum, i0, end, j0);
+      Rows<2>(s, packed, colsum, scratch, i0, end, j0);
     } else {
-      Rows<kBlocks>(s, packed, colsum, i0, end, j0);
+      Rows<kBlocks>(s, packed, colsum, scratch, i0, end, j0);
     }
     s.Finished();
   }
+  std::free(scratch);
   std::free(packed);
 }
 
@@ -254,20 +284,25 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
   return Run(pool, s, ad[0], ad[1], bd[1]);
 }
 
-// A 2-D convolution of int8 codes without an im2col copy: x is the padded NHWC input with
-// kw * C a multiple of 4, b the kernel as its (kh * kw * C, N) matrix, c (N * Ho * Wo, N).
+// A 2-D convolution of int8 codes without an im2col copy or a padded copy: x is the NHWC
+// input with kw * C a multiple of 4, padded implicitly by pt/pb rows above/below and pl/pr
+// columns left/right holding `fill` (one int8 value), b the kernel as its (kh * kw * C, N)
+// matrix, c (N * Ho * Wo, N).
 ffi::Error Int8Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> b,
-                    ffi::ResultBuffer<ffi::S32> c, int64_t kh, int64_t kw, int64_t sh,
-                    int64_t sw) {
+                    ffi::Buffer<ffi::S8> fill, ffi::ResultBuffer<ffi::S32> c, int64_t kh,
+                    int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                    int64_t pr) {
   auto s = std::make_shared<Shared>();
   const auto xd = x.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (!s->rows.SetConv(xd, kh, kw, sh, sw) || (kw * s->rows.c) % 4 != 0 || bd.size() != 2 ||
-      bd[0] != kh * kw * s->rows.c || cd.size() != 2 || cd[1] != bd[1] ||
-      cd[0] != xd[0] * s->rows.ho * s->rows.wo) {
+  if (!s->rows.SetConv(xd, kh, kw, sh, sw, pt, pb, pl, pr) || (kw * s->rows.c) % 4 != 0 ||
+      bd.size() != 2 || bd[0] != kh * kw * s->rows.c || cd.size() != 2 || cd[1] != bd[1] ||
+      cd[0] != xd[0] * s->rows.ho * s->rows.wo || fill.element_count() != 1) {
     return ffi::Error::InvalidArgument(
-        "int8 conv expects a padded NHWC input (kw * C a multiple of 4, at least the window), "
-        "a (kh * kw * C, N) kernel and an (N * Ho * Wo, N) output");
+        "int8 conv expects an NHWC input (kw * C a multiple of 4, at least the window once "
+        "padded, padding at least zero), a (kh * kw * C, N) kernel, an (N * Ho * Wo, N) "
+        "output and one int8 padding value");
   }
+  s->fill = fill.typed_data()[0];
   s->a = x.typed_data();
   s->b = b.typed_data();
   s->c = c->typed_data();
@@ -288,8 +323,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JolInt8Conv, Int8Conv,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
                                   .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw"));
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pb")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("pr"));

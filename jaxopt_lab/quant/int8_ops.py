@@ -380,13 +380,16 @@ def _integer_conv(lhs, rhs, window_strides, padding, lhs_dilation, z_l, *, rhs_d
             window = [(rhs.shape[rhs_spec[2 + i]] - 1) * rdil[i] + 1 for i in range(n_sp)]
             padding = lax.padtype_to_pads([lhs.shape[lhs_spec[2 + i]] for i in range(n_sp)],
                                           window, window_strides, padding)
-        config = [(0, 0, 0)] * lhs.ndim
-        for i, (lo, hi) in enumerate(padding):
-            config[lhs_spec[2 + i]] = (int(lo), int(hi), dil[i] - 1)
-        lhs = lax.pad(lhs, z_l.astype(jnp.int8), config)
-        padding, lhs_dilation = [(0, 0)] * n_sp, None
+        if not _patch_matmul_applies(lhs, lhs_dilation, rhs_dilation, feature_group_count):
+            config = [(0, 0, 0)] * lhs.ndim
+            for i, (lo, hi) in enumerate(padding):
+                config[lhs_spec[2 + i]] = (int(lo), int(hi), dil[i] - 1)
+            lhs = lax.pad(lhs, z_l.astype(jnp.int8), config)
+            padding, lhs_dilation = [(0, 0)] * n_sp, None
+        # else the native kernel pads with the zero point itself (no padded copy of lhs).
     if _patch_matmul_applies(lhs, lhs_dilation, rhs_dilation, feature_group_count):
-        acc = _conv_as_int8_matmul(lhs, rhs, window_strides, padding, dnums)
+        acc = _conv_as_int8_matmul(lhs, rhs, window_strides, padding, dnums,
+                                   fill=None if z_l is None else z_l.astype(jnp.int8))
     else:
         acc = lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -405,14 +408,16 @@ def _patch_matmul_applies(lhs, lhs_dilation, rhs_dilation, feature_group_count) 
             and all(d == 1 for d in (rhs_dilation or ())))
 
 
-def _conv_as_int8_matmul(lhs, rhs, window_strides, padding, dnums) -> jax.Array:
+def _conv_as_int8_matmul(lhs, rhs, window_strides, padding, dnums, *, fill=None
+                         ) -> jax.Array:
     """The exact int32 convolution as patches @ kernel on the VNNI kernel.
 
     XLA's CPU backend runs int8 convolutions far slower than float32 ones (a ResNet-18-like
     net under W8A8 was 1.6-1.8x slower than fp32); the patch matrix (one row per output
     pixel, the kh * kw * C inputs of its window) times the kernel as a (kh * kw * C, O)
     matrix is the same sum of products. On CPU the native kernel reads each pixel's window
-    straight from the padded input (`int8_conv_codes`: no im2col copy); elsewhere the
+    straight from the input (`int8_conv_codes`: no im2col copy, and no padded copy: the
+    padding, ``fill`` (a scalar int8 zero point) or 0, is implicit); elsewhere the
     patches are built and multiplied by `int8_matmul` (XLA's int32 dot): still exact.
     """
     lhs_spec, rhs_spec, out_spec = dnums
@@ -421,10 +426,16 @@ def _conv_as_int8_matmul(lhs, rhs, window_strides, padding, dnums) -> jax.Array:
     kh, kw, c, o = w.shape
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), window_strides, padding)
-    (plo, phi), (qlo, qhi) = padding
-    x = lax.pad(x, jnp.int8(0), [(0, 0, 0), (plo, phi, 0), (qlo, qhi, 0), (0, 0, 0)])
+    pads = [(int(lo), int(hi)) for lo, hi in padding]
+    if any(p < 0 for pair in pads for p in pair):  # negative padding crops: slice first
+        x = lax.pad(x, jnp.int8(0), [(0, 0, 0), *((min(lo, 0), min(hi, 0), 0)
+                                                  for lo, hi in pads), (0, 0, 0)])
+        pads = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
+    (plo, phi), (qlo, qhi) = pads
+    fill = jnp.zeros((), jnp.int8) if fill is None else jnp.reshape(fill, ()).astype(jnp.int8)
     sh, sw = window_strides
-    ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    ho = (x.shape[1] + plo + phi - kh) // sh + 1
+    wo = (x.shape[2] + qlo + qhi - kw) // sw + 1
     n = x.shape[0]
     if ho <= 0 or wo <= 0:
         acc = jnp.zeros((n, max(ho, 0), max(wo, 0), o), jnp.int32)
@@ -434,25 +445,42 @@ def _conv_as_int8_matmul(lhs, rhs, window_strides, padding, dnums) -> jax.Array:
         extra_c = 0
         while (kw * (c + extra_c)) % 4:
             extra_c += 1
+        if extra_c or _border_fraction(x.shape[1:3], (kh, kw), (sh, sw), pads) > 0.5:
+            # Pad explicitly where it costs no more: the channels are copied anyway, or most
+            # windows touch the padding (a small map: gathering them, a few bytes each,
+            # was slower than one padded copy, e.g. 4x4x64 at batch 256 by ~10%).
+            x = lax.pad(x, fill, [(0, 0, 0), (plo, phi, 0), (qlo, qhi, 0), (0, 0, 0)])
+            plo = phi = qlo = qhi = 0
         if extra_c:
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra_c)))
             w = jnp.pad(w, ((0, 0), (0, 0), (0, extra_c), (0, 0)))
         cp = c + extra_c
         kernel = w.reshape(kh * kw * cp, o)
 
-        def patches_matmul(x, kernel):  # im2col, then the int8 matmul (XLA's off CPU)
+        def patches_matmul(x, kernel, fill):  # im2col, then the int8 matmul (XLA's off CPU)
+            x = lax.pad(x, fill, [(0, 0, 0), (plo, phi, 0), (qlo, qhi, 0), (0, 0, 0)])
             cols = [lax.slice(x, (0, i, j, 0),
                               (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cp),
                               (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
             return int8_matmul(jnp.concatenate(cols, axis=-1).reshape(n * ho * wo, -1),
                                kernel)
 
-        acc = int8_conv_codes(x, kernel, window=(kh, kw), strides=(sh, sw),
+        acc = int8_conv_codes(x, kernel, fill, window=(kh, kw), strides=(sh, sw),
+                              padding=((plo, phi), (qlo, qhi)),
                               fallback=patches_matmul).reshape(n, ho, wo, o)
     perm = [0] * 4
     for j, axis in enumerate((out_spec[0], out_spec[2], out_spec[3], out_spec[1])):
         perm[axis] = j
     return jnp.transpose(acc, perm)
+
+
+def _border_fraction(size, window, strides, pads) -> float:
+    """The fraction of a 2-D convolution's output pixels whose window touches the padding."""
+    inside = 1.0
+    for n, k, s, (lo, hi) in zip(size, window, strides, pads):
+        out = (n + lo + hi - k) // s + 1
+        inside *= sum(0 <= o * s - lo and o * s - lo + k <= n for o in range(out)) / out
+    return 1.0 - inside
 
 
 def parse_einsum(spec: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]:

@@ -309,35 +309,50 @@ def _conv_out(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -
     return x.shape[0] * ho * wo, ho, wo
 
 
-def int8_conv_codes(x: jax.Array, kernel: jax.Array, *, window: tuple[int, int],
-                    strides: tuple[int, int], fallback: Callable[..., jax.Array]) -> jax.Array:
-    """The exact int32 ``(N * Ho * Wo, O)`` VALID convolution of int8 NHWC ``x`` (already
-    padded, ``kw * C`` a multiple of 4, at least the window) with an int8 kernel given as
-    its ``(kh * kw * C, O)`` matrix (HWI row order): the VNNI kernel reads each pixel's
-    window in place, without an im2col copy. Elsewhere ``fallback(x, kernel)``."""
-    m = _conv_out(x, window, strides)[0]
+def int8_conv_codes(x: jax.Array, kernel: jax.Array, fill: jax.Array, *,
+                    window: tuple[int, int], strides: tuple[int, int],
+                    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
+                    fallback: Callable[..., jax.Array]) -> jax.Array:
+    """The exact int32 ``(N * Ho * Wo, O)`` convolution of int8 NHWC ``x`` (``kw * C`` a
+    multiple of 4) padded with the int8 scalar ``fill`` by ``padding`` (``(lo, hi)`` pairs
+    for H and W, each at least 0; the padded input at least the window), with an int8 kernel
+    given as its ``(kh * kw * C, O)`` matrix (HWI row order): the VNNI kernel reads each
+    pixel's window in place, without an im2col copy or a padded copy (a window touching the
+    padding is gathered into a small per-thread scratch). Elsewhere
+    ``fallback(x, kernel, fill)``."""
+    (pt, pb), (pl, pr) = ((int(lo), int(hi)) for lo, hi in padding)
+    padded = (x.shape[0], x.shape[1] + pt + pb, x.shape[2] + pl + pr, x.shape[3])
+    m = _conv_out(jax.ShapeDtypeStruct(padded, x.dtype), window, strides)[0]
     if not native_int8_available() or x.size == 0 or kernel.size == 0 or m == 0:
-        return fallback(x, kernel)
+        return fallback(x, kernel, fill)
     (kh, kw), (sh, sw) = window, strides
 
-    def native(x, kernel):
+    def native(x, kernel, fill):
         out = jax.ShapeDtypeStruct((m, kernel.shape[1]), jnp.int32)
         return jax.ffi.ffi_call(_INT8_CONV_TARGET, out, vmap_method="sequential")(
-            x, kernel, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw))
+            x, kernel, fill, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh),
+            sw=np.int64(sw), pt=np.int64(pt), pb=np.int64(pb), pl=np.int64(pl),
+            pr=np.int64(pr))
 
-    return lax.platform_dependent(x, kernel, cpu=native, default=fallback)
+    return lax.platform_dependent(x, kernel, fill, cpu=native, default=fallback)
 
 
 def weight_only_conv_codes(x: jax.Array, codes: jax.Array, scale: jax.Array,
                            zero_point: jax.Array | None, *, bits: int,
                            window: tuple[int, int], strides: tuple[int, int],
+                           padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
                            fallback: Callable[..., jax.Array]) -> jax.Array:
-    """`weight_only_matmul_codes` for a VALID convolution of the float32 NHWC ``x``
-    (already padded, at least the window): the kernel's ``(kh * kw * C, N)`` codes times
-    each output pixel's window, read in place (no im2col copy). Returns
-    ``(N * Ho * Wo, N)``; elsewhere ``fallback(x, codes, scale[, zero_point])``."""
+    """`weight_only_matmul_codes` for a convolution of the float32 NHWC ``x`` with zero
+    ``padding`` (``(lo, hi)`` pairs for H and W, each at least 0; the padded input at least
+    the window): the kernel's ``(kh * kw * C, N)`` codes times each output pixel's window,
+    read in place (no im2col copy, and no padded copy: a window that touches the padding is
+    gathered with its zeros into a small per-thread scratch, giving the same bits as the
+    padded input would). Returns ``(N * Ho * Wo, N)``; elsewhere
+    ``fallback(x, codes, scale[, zero_point])`` on the unpadded ``x``."""
     args = (x, codes, scale) if zero_point is None else (x, codes, scale, zero_point)
-    m = _conv_out(x, window, strides)[0]
+    (pt, pb), (pl, pr) = ((int(lo), int(hi)) for lo, hi in padding)
+    padded = (x.shape[0], x.shape[1] + pt + pb, x.shape[2] + pl + pr, x.shape[3])
+    m = _conv_out(jax.ShapeDtypeStruct(padded, x.dtype), window, strides)[0]
     n = scale.shape[1]
     if not native_weight_only_available() or x.size == 0 or codes.size == 0 or m == 0:
         return fallback(*args)
@@ -348,6 +363,7 @@ def weight_only_conv_codes(x: jax.Array, codes: jax.Array, scale: jax.Array,
         out = jax.ShapeDtypeStruct((m, n), jnp.float32)
         return jax.ffi.ffi_call(_WEIGHT_ONLY_CONV_TARGET, out, vmap_method="sequential")(
             x, codes, scale, zp, bits=np.int32(bits), kh=np.int64(kh), kw=np.int64(kw),
-            sh=np.int64(sh), sw=np.int64(sw))
+            sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pb=np.int64(pb),
+            pl=np.int64(pl), pr=np.int64(pr))
 
     return lax.platform_dependent(*args, cpu=native, default=fallback)

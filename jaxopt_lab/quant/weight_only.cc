@@ -48,6 +48,7 @@ constexpr int kBlocks = 4;       // 16-column blocks per GEMM tile
 constexpr int kPanel = 16 * kBlocks;
 constexpr float kSafeScale = FLT_MAX / 512;  // |q - z| <= 255: no product can overflow
 constexpr int64_t kSerialWork = int64_t{1} << 18;
+constexpr int kMaxTileRows = 12;          // rows of the tallest GEMM tile (RowsFor<1>)
 constexpr int64_t kMinChunk = 8 * kRows;  // rows of a GEMM work item, at least
 constexpr int64_t kTargetItems = 8;       // GEMM work items to aim for (2 threads here)
 
@@ -282,21 +283,21 @@ void DequantizePanel(const Shared& s, int64_t j0, float* out) {
 // R rows x B 16-column blocks of C from a dequantized panel (compile-time sizes, so the
 // accumulators stay in registers). A panel narrower than 64 columns (a convolution with 16
 // or 32 output channels) runs only its B = ceil(width / 16) blocks, with more rows a tile.
+// Row r's K values are Segments() runs of SegmentLength() values at a[r] + seg * stride[r].
 template <int R, int B>
-void FloatTile(const Shared& s, const float* packed, int64_t i0, int64_t j0) {
-  const float* a[R];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) a[r] = s.a + s.rows.Start(i0 + r, s.k);
+void FloatTile(const Shared& s, const float* packed, const float* const* a,
+               const int64_t* stride, int64_t i0, int64_t j0) {
   __m512 acc[R][B];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < B; ++c) acc[r][c] = _mm512_setzero_ps();
   const int64_t segments = s.rows.Segments(), length = s.rows.SegmentLength(s.k);
-  const int64_t stride = s.rows.SegmentStride();
   for (int64_t seg = 0; seg < segments; ++seg) {
     const float* bseg = packed + seg * length * kPanel;
-    const int64_t at = seg * stride;
+    const float* as[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) as[r] = a[r] + seg * stride[r];
     for (int64_t t = 0; t < length; ++t) {
       const float* bk = bseg + t * kPanel;
       __m512 b[B];
@@ -304,7 +305,7 @@ void FloatTile(const Shared& s, const float* packed, int64_t i0, int64_t j0) {
       for (int c = 0; c < B; ++c) b[c] = _mm512_load_ps(bk + 16 * c);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(a[r][at + t]);
+        const __m512 av = _mm512_set1_ps(as[r][t]);
 #pragma GCC unroll 4
         for (int c = 0; c < B; ++c) acc[r][c] = _mm512_fmadd_ps(av, b[c], acc[r][c]);
       }
@@ -322,36 +323,74 @@ void FloatTile(const Shared& s, const float* packed, int64_t i0, int64_t j0) {
   }
 }
 
+// One tile: a row whose window lies inside the input is read in place; a row whose window
+// touches the padding is gathered, zeros included, into its own contiguous K-value row of
+// scratch. Either way each output is the same sequence of FMAs over the same values, in the
+// same order, as on an explicitly padded input: bit-identical results.
+template <int R, int B>
+void Tile(const Shared& s, const float* packed, float* scratch, int64_t i0, int64_t j0) {
+  const float* a[R];
+  int64_t stride[R];
+  if (!s.rows.Padded()) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      a[r] = s.a + s.rows.Start(i0 + r, s.k);
+      stride[r] = s.rows.SegmentStride();
+    }
+  } else {
+    auto pixel = s.rows.PixelOf(i0);
+    for (int r = 0; r < R; ++r, s.rows.Next(pixel)) {
+      if (s.rows.Inside(pixel)) {
+        a[r] = s.a + s.rows.StartOf(pixel);
+        stride[r] = s.rows.SegmentStride();
+      } else {
+        s.rows.Gather(s.a, pixel, scratch + r * s.k);
+        a[r] = scratch + r * s.k;
+        stride[r] = s.rows.SegmentLength(s.k);
+      }
+    }
+  }
+  FloatTile<R, B>(s, packed, a, stride, i0, j0);
+}
+
 // Rows per tile for B blocks: R * B accumulators + B panel registers within 32 registers.
 template <int B>
 constexpr int RowsFor() {
-  return B == 1 ? 12 : B == 2 ? 8 : kRows;
+  return B == 1 ? kMaxTileRows : B == 2 ? 8 : kRows;
 }
 
 // Rows [i0, end) against the panel at j0: full tiles, then the tail in tiles of 8/4/2/1.
 template <int B>
-void FloatRows(const Shared& s, const float* packed, int64_t i0, int64_t end, int64_t j0) {
+void FloatRows(const Shared& s, const float* packed, float* scratch, int64_t i0, int64_t end,
+               int64_t j0) {
   constexpr int R = RowsFor<B>();
-  for (; i0 + R <= end; i0 += R) FloatTile<R, B>(s, packed, i0, j0);
+  for (; i0 + R <= end; i0 += R) Tile<R, B>(s, packed, scratch, i0, j0);
   if constexpr (R > 8) {
-    if (end - i0 >= 8) { FloatTile<8, B>(s, packed, i0, j0); i0 += 8; }
+    if (end - i0 >= 8) { Tile<8, B>(s, packed, scratch, i0, j0); i0 += 8; }
   }
-  if (end - i0 >= 4) { FloatTile<4, B>(s, packed, i0, j0); i0 += 4; }
-  if (end - i0 >= 2) { FloatTile<2, B>(s, packed, i0, j0); i0 += 2; }
-  if (end - i0 >= 1) FloatTile<1, B>(s, packed, i0, j0);
+  if (end - i0 >= 4) { Tile<4, B>(s, packed, scratch, i0, j0); i0 += 4; }
+  if (end - i0 >= 2) { Tile<2, B>(s, packed, scratch, i0, j0); i0 += 2; }
+  if (end - i0 >= 1) Tile<1, B>(s, packed, scratch, i0, j0);
 }
 
 // Work item p: the panel p / row_chunks, rows [chunk_rows * (p % row_chunks), ...). A tall
 // product with few columns (a convolution's patches times its kernel) is split along M too,
 // so both threads get work; each item dequantizes its panel again (K * 64 weights, against
 // at least kMinChunk * K * 64 multiply-adds).
+//
+// A padded convolution also takes a scratch of kMaxTileRows gathered rows (the tallest
+// tile), per thread: 12 * K floats, where a padded copy of the input would take N * Hp * Wp * C.
 template <int kBits>
 void GemmWork(Shared& s) {
   float* packed = nullptr;
+  float* scratch = nullptr;
   for (int64_t p = s.Claim(); p < s.panels; p = s.Claim()) {
     if (packed == nullptr) {
       packed = static_cast<float*>(
           std::aligned_alloc(64, static_cast<size_t>(s.k) * kPanel * sizeof(float)));
+      if (s.rows.Padded()) {
+        scratch = static_cast<float*>(std::malloc(sizeof(float) * s.k * kMaxTileRows));
+      }
     }
     const int64_t j0 = (p / s.row_chunks) * kPanel;
     DequantizePanel<kBits>(s, j0, packed);
@@ -359,18 +398,19 @@ void GemmWork(Shared& s) {
     const int64_t end = std::min(s.m, i0 + s.chunk_rows);
     const int64_t width = std::min<int64_t>(kPanel, s.n - j0);
     if (width <= 16) {
-      FloatRows<1>(s, packed, i0, end, j0);
+      FloatRows<1>(s, packed, scratch, i0, end, j0);
     } else if (width <= 32) {
-      FloatRows<2>(s, packed, i0, end, j0);
+      FloatRows<2>(s, packed, scratch, i0, end, j0);
     } else {
-      FloatRows<kBlocks>(s, packed, i0, end, j0);
+      FloatRows<kBlocks>(s, packed, scratch, i0, end, j0);
     }
     s.Finished();
   }
+  std::free(scratch);
   std::free(packed);
 }
 
-// Checks the operands and runs the product; a.dims() is (M, K), or the padded NHWC input
+// Checks the operands and runs the product; a.dims() is (M, K), or the NHWC input
 // of a convolution when rows.conv (then M = N * Ho * Wo and K = kh * kw * C).
 ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& a, ffi::AnyBuffer& codes,
                ffi::Buffer<ffi::F32>& scale, ffi::AnyBuffer& zp, ffi::ResultBuffer<ffi::F32>& c,
@@ -429,16 +469,20 @@ ffi::Error WeightOnlyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::
   return Run(pool, a, codes, scale, zp, c, bits, jaxopt_lab::Rows{});
 }
 
-// A 2-D convolution (NHWC input, already padded; kernel as its (kh * kw * C, N) matrix of
-// codes) without an im2col copy: the GEMM reads each output pixel's window in place.
+// A 2-D convolution (NHWC input, unpadded; zero padding pt/pb rows above/below and pl/pr
+// columns left/right, implicit; kernel as its (kh * kw * C, N) matrix of codes) without an
+// im2col copy or a padded copy: the GEMM reads each output pixel's window in place, or
+// gathers it with its zeros when it touches the padding.
 ffi::Error WeightOnlyConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
                           ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer zp,
                           ffi::ResultBuffer<ffi::F32> c, int32_t bits, int64_t kh, int64_t kw,
-                          int64_t sh, int64_t sw) {
+                          int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                          int64_t pr) {
   jaxopt_lab::Rows rows;
-  if (!rows.SetConv(x.dimensions(), kh, kw, sh, sw)) {
+  if (!rows.SetConv(x.dimensions(), kh, kw, sh, sw, pt, pb, pl, pr)) {
     return ffi::Error::InvalidArgument("weight-only conv expects an NHWC input at least as "
-                                       "large as the window, positive window and strides");
+                                       "large as the window once padded, positive window and "
+                                       "strides, padding at least zero");
   }
   return Run(pool, x, codes, scale, zp, c, bits, rows);
 }
@@ -467,4 +511,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JolWeightOnlyConv, WeightOnlyConv,
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
                                   .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw"));
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pb")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("pr"));

@@ -146,7 +146,8 @@ def weight_only_conv(x: jax.typing.ArrayLike, qt: QTensor, window_strides, paddi
 
     The kernel is its ``(kh * kw * Cin, Cout)`` matrix of codes. On CPU the native kernel
     reads those codes (int8 or 4-bit, dequantized a panel at a time, never written whole)
-    and each output pixel's window straight from the padded input (no im2col copy);
+    and each output pixel's window straight from ``x`` (no im2col copy, and no padded copy:
+    the padding is implicit, bit-identical to padding ``x`` first);
     elsewhere the patches multiply the dequantized matrix. The result equals ``lax.conv_general_dilated(x, dequantize(qt), ...)`` up
     to float32 summation order. Unit dilation and one feature group only.
 
@@ -192,22 +193,27 @@ def weight_only_conv(x: jax.typing.ArrayLike, qt: QTensor, window_strides, paddi
             dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
-    (plo, phi), (qlo, qhi) = padding
-    xp = lax.pad(x.astype(jnp.float32), jnp.float32(0),
-                 [(0, 0, 0), (int(plo), int(phi), 0), (int(qlo), int(qhi), 0), (0, 0, 0)])
+    pads = [(int(lo), int(hi)) for lo, hi in padding]
+    x32 = x.astype(jnp.float32)
+    if any(p < 0 for pair in pads for p in pair):  # negative padding crops: slice first
+        x32 = lax.pad(x32, jnp.float32(0), [(0, 0, 0), *((min(lo, 0), min(hi, 0), 0)
+                                                         for lo, hi in pads), (0, 0, 0)])
+        pads = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
+    (plo, phi), (qlo, qhi) = pads
     n = x.shape[0]
-    ho = max(0, (xp.shape[1] - kh) // strides[0] + 1)
-    wo = max(0, (xp.shape[2] - kw) // strides[1] + 1)
+    ho = max(0, (x32.shape[1] + plo + phi - kh) // strides[0] + 1)
+    wo = max(0, (x32.shape[2] + qlo + qhi - kw) // strides[1] + 1)
     if n * ho * wo == 0:
         return jnp.zeros((n, ho, wo, cout), x.dtype)
 
-    def xla(xp, *_):  # the patches times the dequantized kernel matrix
-        cols, _ = conv_patches(xp, (kh, kw), strides, "VALID")
+    def xla(x32, *_):  # the patches of the padded input times the dequantized kernel matrix
+        cols, _ = conv_patches(x32, (kh, kw), strides, pads)
         return lax.dot(cols, mat.dequantize(jnp.float32), precision=precision,
                        preferred_element_type=jnp.float32)
 
-    y = native.weight_only_conv_codes(xp, *operands, bits=mat.bits, window=(kh, kw),
-                                      strides=strides, fallback=xla)
+    # The padding is implicit in the native kernel: no padded copy of x is made.
+    y = native.weight_only_conv_codes(x32, *operands, bits=mat.bits, window=(kh, kw),
+                                      strides=strides, padding=tuple(pads), fallback=xla)
     return y.reshape(n, ho, wo, cout).astype(x.dtype)
 
 
