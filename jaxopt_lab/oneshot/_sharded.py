@@ -1,4 +1,4 @@
-"""GPTQ, SparseGPT and Wanda on kernels sharded with ``NamedSharding`` (private).
+"""GPTQ, SparseGPT, Wanda and AWQ on kernels sharded with ``NamedSharding`` (private).
 
 Given the shared ``K x K`` Hessian, GPTQ, N:M SparseGPT and Wanda per output (or N:M)
 treat every output column of a ``(K, N)`` kernel on its own. A kernel sharded along its
@@ -7,13 +7,28 @@ output (non-contracting) axes is therefore processed where each shard lives: one
 device sweeping its own columns. Only a scalar crosses devices (the kernel's largest
 magnitude, for the sweep's exact power-of-two normalisation) plus two flags per shard, and
 the results (codes, scales, masks, new weights) come back sharded like the kernel. The
-per-column arithmetic is the single-device arithmetic, so results equal the unsharded ones.
+per-column arithmetic is the single-device arithmetic, so the results equal the unsharded
+ones: bit for bit for GPTQ, N:M SparseGPT and Wanda, and for the masks of unstructured
+SparseGPT; its kept weights come from per-shard updates that XLA may compile in another
+operation order than the one-device program (on jax 0.12 they differ by up to 4 ulp; on
+jax 0.10 they are bit-identical).
+
+AWQ (`awq_group`) needs no ``shard_map``: its scale search reads the replicated Hessian
+and activation means, quantizes column by column and sums each column's output error, so
+one jitted program over the kernels of a fold group, each in its own ``(K, *outputs)``
+layout, runs where the columns live; only the grid's losses (one float per exponent) are
+reduced across devices. The loss of a group is summed kernel by kernel rather than over
+the concatenated kernels, another float32 order: the chosen exponent can differ from one
+device's only on a near-tie, and with the same exponent every value is bit-identical.
 
 Unsupported layouts raise a ``ValueError`` naming the leaf instead of gathering it:
 
 * a kernel sharded along a contracting axis, for GPTQ and SparseGPT: the sweep walks the
   ``K`` rows in order, each row's error compensating every later row, so a split ``K``
-  would serialise the devices; Wanda per output or N:M, whose selection runs along ``K``.
+  would serialise the devices; Wanda per output or N:M, whose selection runs along ``K``;
+  AWQ, whose groups and output error run along ``K``;
+* codes of fewer than 8 bits packed along an output axis split into shards that do not
+  hold whole words (GPTQ, and AWQ's folded ``(K, N)`` kernels, which are QTensors).
 
 Unstructured SparseGPT ranks each block of rows across all outputs: on an output-sharded
 kernel that selection is `_obs.keep_block_sharded` (bisection on the scores with a ``psum``
@@ -62,14 +77,6 @@ def placement(leaf: Any) -> Placement | None:
     if all(a is None for a in spec):
         return None  # replicated: every device holds the whole leaf anyway
     return sharding.mesh, spec
-
-
-def all_true(leaf: Any) -> jax.Array:
-    """The all-True mask of an unselected leaf, placed like the leaf when it is sharded."""
-    where = placement(leaf)
-    if where is None:
-        return jnp.ones(np.shape(leaf), bool)
-    return jnp.ones(np.shape(leaf), bool, device=leaf.sharding)
 
 
 def _mesh_axes(spec: tuple) -> tuple[str, ...]:
