@@ -1,9 +1,11 @@
-"""GPTQ, SparseGPT, Wanda and calibration statistics on trees sharded with NamedSharding over
-the 8 host devices: results sharded like the kernels, equal to the single-device results bit
-for bit, no all-gather in the per-shard programs, a ValueError for unsupported layouts."""
+"""GPTQ, SparseGPT, Wanda, AWQ, smoothing and calibration statistics on trees sharded with
+NamedSharding over the 8 host devices: results sharded like the kernels, equal to the
+single-device results (bit for bit, except unstructured SparseGPT's kept weights: a few ulp
+on newer XLA), no all-gather in the programs, a ValueError for unsupported layouts."""
 
 import functools
 import importlib
+import inspect
 import re
 
 import flax.linen as nn
@@ -79,7 +81,8 @@ def _assert_like(got, want, tree):
 
 def _gathers(jitted, *args):
     hlo = jitted.lower(*args).compile().as_text()
-    return re.findall(r"= (\S+) all-gather\(", hlo)
+    # A tuple-shaped result ("(f32[..], f32[..]) all-gather(") counts too.
+    return re.findall(r"= (\([^=]*?\)|\S+) all-gather(?:-start)?\(", hlo)
 
 
 def test_gptq_of_output_sharded_kernels_equals_single_device_without_gathers():
@@ -259,37 +262,6 @@ def test_awq_matrix_of_an_output_sharded_kernel_stays_sharded_and_equal():
     _assert_like({"k": got.effective}, {"k": want.effective}, tree)
 
 
-class _PreLN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(16, name="up")(nn.LayerNorm(name="ln")(x))
-
-
-def test_smooth_of_a_sharded_tree_stays_sharded_and_equal():
-    # Smoothing divides the norm's vectors and multiplies the kernel's rows: elementwise,
-    # so every leaf keeps its sharding; the weight maxima reduce exactly (a max).
-    import jaxopt_lab as jol
-    from jaxopt_lab.oneshot import smooth
-
-    mesh, model = _mesh(), _PreLN()
-    x = jnp.asarray(np.random.default_rng(5).normal(size=(32, 16)) * np.linspace(0.1, 8, 16),
-                    jnp.float32)
-    variables = model.init(jax.random.key(0), x)
-    variables = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size, dtype=a.dtype).reshape(
-        a.shape) / a.size, variables)
-    mm = jol.model_map(model, variables, x)
-    stats = calibration_stats(model, variables, [x])
-    sharded = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
-        mesh, P(None, "x") if a.ndim == 2 else P("x"))), variables)
-    got, how = smooth(sharded, stats, model_map=mm, alpha=0.5)
-    want, _ = smooth(variables, stats, model_map=mm, alpha=0.5)
-    assert how["['params']['up']['kernel']"].startswith("smoothed into norm")
-    flat = jax.tree_util.tree_flatten_with_path(sharded)[0]
-    _assert_like({jax.tree_util.keystr(p): g for (p, _), g in zip(flat, jax.tree.leaves(got))},
-                 {jax.tree_util.keystr(p): w for (p, _), w in zip(flat, jax.tree.leaves(want))},
-                 {jax.tree_util.keystr(p): a for p, a in flat})
-
-
 def test_rotations_of_sharded_kernels_stay_sharded_and_equal():
     # Q^T W and W Q with the kernel sharded along the axis the product does not contract:
     # each shard multiplies its own columns (readers) or rows (writers).
@@ -308,3 +280,167 @@ def test_rotations_of_sharded_kernels_stay_sharded_and_equal():
     assert got_w.sharding.spec == sh_writer.sharding.spec
     np.testing.assert_allclose(np.asarray(got_r), np.asarray(want_r), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=1e-6, atol=1e-6)
+
+
+# --- AWQ and smoothing of whole sharded models ---------------------------------------------
+
+_D, _FFN = 32, 64  # 4 and 8 columns a shard: 4-bit codes pack within each shard
+
+
+class _Block(nn.Module):
+    """Pre-LN: LN -> stock attention (3-D q/k/v kernels, out folded into value), RMSNorm ->
+    GELU MLP (explicit), LN -> ReLU MLP (out folded into in, in into the norm)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(
+            nn.LayerNorm(name="ln0")(x))
+        h = nn.Dense(_FFN, name="gelu_in")(nn.RMSNorm(name="rms")(x))
+        x = x + nn.Dense(_D, name="gelu_out")(nn.gelu(h))
+        h = nn.relu(nn.Dense(_FFN, name="relu_in")(nn.LayerNorm(name="ln1")(x)))
+        return x + nn.Dense(_D, name="relu_out")(h)
+
+
+@functools.cache
+def _block():
+    """(sharded variables, variables, model map, stats): every leaf split along its last
+    (output) axis over the 8 devices."""
+    model = _Block()
+    x = jax.random.normal(jax.random.key(3), (4, 8, _D)) * jnp.exp(
+        jax.random.uniform(jax.random.key(4), (_D,), minval=-2, maxval=2))[None, None, :]
+    v = model.init(jax.random.key(1), x)
+    v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v)
+    mesh = _mesh()
+    sharded = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+        mesh, P(*(None,) * (a.ndim - 1), "x"))), v)
+    return sharded, v, jol.model_map(model, v, x), calibration_stats(model, v, [x])
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, jol.QTensor))[0]}
+
+
+def _collectives(hlo):
+    """``[(op, largest operand size)]`` of the program's cross-device operations."""
+    out = []
+    for shapes, op in re.findall(r"= (\([^=]*?\)|\S+) (all-gather|all-to-all|"
+                                 r"collective-permute|all-reduce|reduce-scatter)(?:-start)?\(",
+                                 hlo):
+        dims = re.findall(r"\[([\d,]*)\]", shapes)
+        out.append((op, max(int(np.prod([int(d) for d in x.split(",") if d])) for x in dims)))
+    return out
+
+
+def _spy(monkeypatch, module, attr, static=None):
+    """Records every call of ``module.attr``: ``(args, kwargs)``, plus the compiled
+    program's text for a jitted function with ``static`` argument names (compiled once,
+    then run: no second compilation for the check)."""
+    calls, real = [], getattr(module, attr)
+
+    def spy(*args, **kwargs):
+        if static is None:
+            calls.append((args, kwargs))
+            return real(*args, **kwargs)
+        compiled = real.lower(*args, **kwargs).compile()
+        calls.append((args, kwargs, compiled.as_text()))
+        bound = inspect.signature(real).bind(*args, **kwargs).arguments
+        return compiled(*(v for k, v in bound.items() if k not in static))
+
+    monkeypatch.setattr(module, attr, spy)
+    return real, calls
+
+
+def _no_leaf_crosses(calls, limit):
+    """Every recorded program moves at most ``limit(args, kwargs)`` elements across devices
+    at once (all-reduces of small vectors), never a gather or a reshuffle of a leaf."""
+    assert calls
+    for args, kwargs, hlo in calls:
+        for op, size in _collectives(hlo):
+            assert op == "all-reduce" and size <= limit(args, kwargs), (op, size)
+
+
+def _fold_programs(fold, calls):
+    """`foldflow.fold_scale` (eager, elementwise) of each recorded call as one program."""
+    fn = jax.jit(fold, static_argnums=1)
+    return [(a, kw, fn.lower(*a, **kw).compile().as_text()) for a, kw in calls]
+
+
+def test_awq_of_a_sharded_model_equals_single_device_without_gathers(monkeypatch):
+    # Every kind of group: 3-D q/k/v sharing the first norm (split along head_dim, which
+    # a (K, N) view would merge with the heads and gather), the attention output folded
+    # into the value kernel, 2-D kernels folded into a norm and into a Dense (QTensors),
+    # an explicit one. The output error of a group is summed kernel by kernel instead of
+    # over the concatenated kernels (another float32 order), so the chosen exponents
+    # could differ from one device's on a near-tie only (not here); with the same
+    # exponent every value is bit for bit the same.
+    from jaxopt_lab.core import foldflow
+    from jaxopt_lab.oneshot import awq
+
+    sharded, variables, mm, stats = _block()
+    real, calls = _spy(monkeypatch, _sharded, "_awq_group", ("plan", "n_grid"))
+    fold, folds = _spy(monkeypatch, foldflow, "fold_scale")
+    got = awq(sharded, stats, model_map=mm, bits=4, group_size=8)
+    monkeypatch.undo()
+    want = awq(variables, stats, model_map=mm, bits=4, group_size=8)
+    assert got.how == want.how
+    assert {p[4] for _, kw, _ in calls for p in kw["plan"]} == {"qtensor", "folded", "effective"}
+    assert len(folds) == 5 and any("shared with" in h for h in got.how.values())
+    for k in want.scales:
+        np.testing.assert_array_equal(np.asarray(got.scales[k]), np.asarray(want.scales[k]))
+    _assert_like(_flat(got.params), _flat(want.params), _flat(sharded))
+    # Only the grid's losses (one per exponent) cross devices.
+    _no_leaf_crosses(calls, lambda a, kw: kw["n_grid"])
+    _no_leaf_crosses(_fold_programs(fold, folds), lambda a, kw: 0)
+
+
+def test_awq_without_a_map_of_sharded_kernels_equals_single_device(monkeypatch):
+    # Every scale explicit: float effective weights, no packing (3-bit codes of 2-column
+    # shards would cross shard borders), so any output sharding works.
+    from jaxopt_lab.oneshot import awq
+
+    tree, stats = _tree(4)
+    kw = dict(bits=3, group_size=4, symmetric=False)
+    real, calls = _spy(monkeypatch, _sharded, "_awq_group", ("plan", "n_grid"))
+    got = awq(tree, stats, **kw)
+    monkeypatch.undo()
+    want = awq(_local(tree), stats, **kw)
+    assert got.params["bias"] is tree["bias"]
+    for k in want.scales:
+        np.testing.assert_array_equal(np.asarray(got.scales[k]), np.asarray(want.scales[k]))
+    _assert_like(got.params, want.params, tree)
+    _no_leaf_crosses(calls, lambda a, kw: kw["n_grid"])
+
+
+def test_awq_refuses_layouts_that_would_gather():
+    from jaxopt_lab.oneshot import awq
+
+    tree, stats = _tree(leaves={"k": ((32, 16), P("x", None))})  # split along K
+    with pytest.raises(ValueError, match=r"\['k'\]: AWQ .* contracting axes \(0,\)"):
+        awq(tree, stats)
+    sharded, _, mm, stats = _block()  # relu_out: (64, 32) folded, a QTensor of 4-col shards
+    only = lambda path, leaf: jax.tree_util.keystr(path).endswith("['relu_out']['kernel']")  # noqa: E731
+    with pytest.raises(ValueError, match=r"relu_out'\]\['kernel'\]: 3-bit codes pack 8"):
+        awq(sharded, stats, model_map=mm, bits=3, where=only)
+
+
+def test_smooth_of_a_sharded_model_equals_single_device_without_gathers(monkeypatch):
+    # Row maxima reduce in each kernel's own layout (a max: exact, one (K,) all-reduce);
+    # the fold divides the norm's vectors and multiplies the kernels' rows: elementwise.
+    # 3-D q/k/v split along head_dim included (a (K, N) view of them would gather).
+    from jaxopt_lab.core import foldflow
+    from jaxopt_lab.oneshot import smooth
+
+    sq = importlib.import_module("jaxopt_lab.oneshot.smoothquant")
+    sharded, variables, mm, stats = _block()
+    real, calls = _spy(monkeypatch, sq, "_row_absmax", ("axes",))
+    fold, folds = _spy(monkeypatch, foldflow, "fold_scale")
+    got, how = smooth(sharded, stats, model_map=mm, alpha=0.5)
+    monkeypatch.undo()
+    want, how_want = smooth(variables, stats, model_map=mm, alpha=0.5)
+    assert how == how_want and len(folds) == 5
+    assert how["['params']['gelu_in']['kernel']"].startswith("smoothed into norm")
+    assert any(x.ndim == 3 for (x, *_), _, _ in calls)
+    _assert_like(_flat(got), _flat(want), _flat(sharded))
+    _no_leaf_crosses(calls, lambda a, kw: int(np.prod([a[0].shape[i] for i in a[1]])))
+    _no_leaf_crosses(_fold_programs(fold, folds), lambda a, kw: 0)

@@ -57,6 +57,23 @@ def from_matrix(mat: jax.Array, shape: tuple[int, ...], axes: tuple[int, ...]) -
     return jnp.transpose(moved, tuple(int(i) for i in np.argsort(order)))
 
 
+def as_rows(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``x`` as ``(K, *outputs)``: `as_matrix` without flattening the output axes.
+
+    On a sharded kernel, merging output axes where one that is not the first is split
+    (``(H, hd)`` sharded along ``hd`` into ``H * hd``) makes XLA gather the whole leaf;
+    kept apart, every per-column computation runs where the column lives.
+    """
+    rest = tuple(i for i in range(x.ndim) if i not in axes)
+    k = int(np.prod([x.shape[a] for a in axes]))
+    return jnp.transpose(x, axes + rest).reshape((k,) + tuple(x.shape[i] for i in rest))
+
+
+def from_rows(x: jax.Array, shape: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
+    """Inverse of `as_rows` for a kernel of ``shape``."""
+    return from_matrix(x, shape, axes)
+
+
 def stats_leaf(stats: Any, path: tuple, name: str) -> Any:
     """The statistics of the leaf at ``path``: ``stats`` is keyed by leaf path string or is
     a tree with the params' structure (a prefix holding `LayerStats` records)."""

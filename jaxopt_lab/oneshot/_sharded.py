@@ -1,4 +1,4 @@
-"""GPTQ, SparseGPT and Wanda on kernels sharded with ``NamedSharding`` (private).
+"""GPTQ, SparseGPT, Wanda and AWQ on kernels sharded with ``NamedSharding`` (private).
 
 Given the shared ``K x K`` Hessian, GPTQ, N:M SparseGPT and Wanda per output (or N:M)
 treat every output column of a ``(K, N)`` kernel on its own. A kernel sharded along its
@@ -7,13 +7,28 @@ output (non-contracting) axes is therefore processed where each shard lives: one
 device sweeping its own columns. Only a scalar crosses devices (the kernel's largest
 magnitude, for the sweep's exact power-of-two normalisation) plus two flags per shard, and
 the results (codes, scales, masks, new weights) come back sharded like the kernel. The
-per-column arithmetic is the single-device arithmetic, so results equal the unsharded ones.
+per-column arithmetic is the single-device arithmetic, so the results equal the unsharded
+ones: bit for bit for GPTQ, N:M SparseGPT and Wanda, and for the masks of unstructured
+SparseGPT; its kept weights come from per-shard updates that XLA may compile in another
+operation order than the one-device program (on jax 0.12 they differ by up to 4 ulp; on
+jax 0.10 they are bit-identical).
+
+AWQ (`awq_group`) needs no ``shard_map``: its scale search reads the replicated Hessian
+and activation means, quantizes column by column and sums each column's output error, so
+one jitted program over the kernels of a fold group, each in its own ``(K, *outputs)``
+layout, runs where the columns live; only the grid's losses (one float per exponent) are
+reduced across devices. The loss of a group is summed kernel by kernel rather than over
+the concatenated kernels, another float32 order: the chosen exponent can differ from one
+device's only on a near-tie, and with the same exponent every value is bit-identical.
 
 Unsupported layouts raise a ``ValueError`` naming the leaf instead of gathering it:
 
 * a kernel sharded along a contracting axis, for GPTQ and SparseGPT: the sweep walks the
   ``K`` rows in order, each row's error compensating every later row, so a split ``K``
-  would serialise the devices; Wanda per output or N:M, whose selection runs along ``K``.
+  would serialise the devices; Wanda per output or N:M, whose selection runs along ``K``;
+  AWQ, whose groups and output error run along ``K``;
+* codes of fewer than 8 bits packed along an output axis split into shards that do not
+  hold whole words (GPTQ, and AWQ's folded ``(K, N)`` kernels, which are QTensors).
 
 Unstructured SparseGPT ranks each block of rows across all outputs: on an output-sharded
 kernel that selection is `_obs.keep_block_sharded` (bisection on the scores with a ``psum``
@@ -62,14 +77,6 @@ def placement(leaf: Any) -> Placement | None:
     if all(a is None for a in spec):
         return None  # replicated: every device holds the whole leaf anyway
     return sharding.mesh, spec
-
-
-def all_true(leaf: Any) -> jax.Array:
-    """The all-True mask of an unselected leaf, placed like the leaf when it is sharded."""
-    where = placement(leaf)
-    if where is None:
-        return jnp.ones(np.shape(leaf), bool)
-    return jnp.ones(np.shape(leaf), bool, device=leaf.sharding)
 
 
 def _mesh_axes(spec: tuple) -> tuple[str, ...]:
@@ -288,3 +295,103 @@ def wanda(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: Any,
                         "scope='layer' takes any sharding")
     fn = _wanda_fn(mask_fn, mesh, spec, axes, sparsity, s["n"], s["m"], s["scope"])
     return fn(leaf, norm)
+
+
+def awq_settings(settings: tuple, rank: int) -> dict:
+    """A ``(K, N)`` matrix's quantizer settings (a static tuple, as ``awq._settings``) for a
+    ``(K, *outputs)`` array of ``rank`` output axes: one scale per output element
+    (channel), or groups along ``K``."""
+    s = dict(settings)
+    if s["axis"] is not None:
+        s["axis"] = tuple(range(1, 1 + rank))
+    return tuple(sorted(s.items()))
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "n_grid"))
+def _awq_group(ws, h, act_mean, *, plan, n_grid):
+    """AWQ's joint scale search of the kernels ``ws`` (one fold target, or one kernel) and
+    their results, each kernel kept in its own ``(K, *outputs)`` layout.
+
+    ``plan`` holds per kernel ``(axes, perm, search settings, settings, kind)``: ``perm``
+    (or ``None``) reorders its rows into the target's channel order; ``kind`` is
+    ``"qtensor"`` (``Q(diag(s) W)`` as a `QTensor`), ``"folded"`` (the same values as float
+    in the kernel's layout) or ``"effective"`` (``Q(diag(s) W) / s``, the explicit form).
+
+    The arithmetic is `awq_matrix`'s with two changes that keep every kernel where its
+    shards live: the kernels are not concatenated (the output error of the group is the
+    sum of each kernel's), and the round trip skips packing
+    (`jaxopt_lab.quant.fake_quant.fake_quantize_array`, the same values).
+    """
+    from jaxopt_lab.quant.core import quantize_array
+    from jaxopt_lab.quant.fake_quant import fake_quantize_array
+
+    mats = [_layers.as_rows(w.astype(jnp.float32), p[0]) for w, p in zip(ws, plan)]
+    chans = [m if p[1] is None else m[np.asarray(p[1])] for m, p in zip(mats, plan)]
+    mean = jnp.maximum(act_mean, 1e-8)
+    alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+
+    def scales(a):
+        s = mean ** a
+        return s / jnp.sqrt(s.max() * s.min())
+
+    def col(s, ndim):
+        return s.reshape((-1,) + (1,) * (ndim - 1))
+
+    def loss(a):
+        s, total = scales(a), jnp.float32(0)
+        for c, p in zip(chans, plan):
+            sc = col(s, c.ndim)
+            d = c - fake_quantize_array(c * sc, **dict(p[2]))[0] / sc
+            hd = jnp.tensordot(h, d, axes=1, precision=lax.Precision.HIGHEST)
+            total = total + jnp.sum(d * hd)
+        return total
+
+    # As `awq_matrix`: a non-finite loss counts as the worst; a = 0 is exactly RTN.
+    losses = jax.vmap(loss)(alphas)
+    losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
+    best = alphas[jnp.argmin(losses)]
+    s = jnp.where(best == 0, 1.0, scales(best))
+    outs = []
+    for w, m, (axes, perm, _, sets, kind) in zip(ws, mats, plan):
+        # The kernel's rows in its own order: s_rows[perm] = s (a static gather of K).
+        s_rows = s if perm is None else s[np.argsort(np.asarray(perm))]
+        sc = col(s_rows, m.ndim)
+        if kind == "qtensor":
+            outs.append(quantize_array(m * sc, **dict(sets)))
+            continue
+        x = fake_quantize_array(m * sc, **dict(sets))[0]
+        x = x / sc if kind == "effective" else x
+        outs.append(_layers.from_rows(x, w.shape, axes).astype(w.dtype))
+    return outs, s, best
+
+
+def awq_check(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: Any,
+              model_map: Any, bits: int, group_size: int | None, folded: bool
+              ) -> tuple[tuple[int, ...], tuple[int, ...], int, Any, bool]:
+    """``(shape, axes, K, LayerStats, as a QTensor)`` of one kernel of an AWQ group holding
+    a sharded kernel (checked as `_kernel` does, no host copy), with the layouts that would
+    need a gather refused by name. A folded ``(K, N)`` kernel is returned as a QTensor."""
+    shape, axes, k, st = _kernel(name, path, leaf, stats, contracting, model_map)
+    _obs.check_quant(name, k, bits, group_size)
+    qtensor = folded and axes == (0,) and len(shape) == 2
+    where = placement(leaf)
+    if where is None:
+        return shape, axes, k, st, qtensor
+    mesh, spec = where
+    _check_outputs_only(name, "AWQ", shape, axes, spec,
+                        "its groups and its output error sum along the contraction")
+    if qtensor and bits != 8 and spec[-1] is not None:
+        per_word, last = word_layout(bits)[0], _local(shape, spec, mesh, len(shape) - 1)
+        if last % per_word:
+            raise ValueError(
+                f"{name}: {bits}-bit codes pack {per_word} per word along the last axis, "
+                f"which PartitionSpec {P(*spec)} splits into shards of {last}: use shards "
+                f"whose length is a multiple of {per_word}")
+    return shape, axes, k, st, qtensor
+
+
+def awq_group(leaves: list, plan: tuple, h: jax.Array, act_mean: jax.Array, *, n_grid: int
+              ) -> tuple[list, jax.Array, jax.Array]:
+    """Runs `_awq_group` (``(outputs, s, alpha)``); the kernels stay where they live."""
+    return _awq_group(list(leaves), jnp.asarray(h, jnp.float32),
+                      jnp.asarray(act_mean, jnp.float32), plan=plan, n_grid=int(n_grid))

@@ -259,7 +259,7 @@ def awq(
     from jaxopt_lab import _select
     from jaxopt_lab.core import foldflow
     from jaxopt_lab.core.mapping import path_names
-    from jaxopt_lab.oneshot import _layers
+    from jaxopt_lab.oneshot import _layers, _sharded
     from jaxopt_lab.quant.core import quantize_array
 
     base = _select.settings("awq", QuantSettings, bits=bits, group_size=group_size,
@@ -317,18 +317,9 @@ def awq(
         _obs.check_quant(name, mat.shape[0], s["bits"], s["group_size"])
         return name, shape, axes, jnp.asarray(mat, jnp.float32), st, s
 
-    for g in order:
-        members = groups[g]
-        if not isinstance(g, foldflow.FoldTarget):
-            name, shape, axes, w, st, s = matrix(g)
-            r = awq_matrix(w, st.xtx, st.abs_sum / st.count, n_grid=n_grid, name=name, **s)
-            new[g] = _layers.from_matrix(r.effective, shape, axes).astype(
-                jnp.asarray(leaves[g]).dtype)
-            scales[name] = r.scales
-            why = "fold disabled" if model_map is not None and not fold else (
-                "no model map" if model_map is None else model_map.fold_reason(g))
-            how[name] = f"explicit: {why}"
-            continue
+    def unsharded(g, members):
+        """The single-device folded path: one search over the members' concatenated
+        matrices in the target's channel order; fills ``new`` and ``scales``."""
         mats = [matrix(m) for m in members]
         perms = []
         for (_, shape, axes, w, _, _), m in zip(mats, members):
@@ -352,6 +343,76 @@ def awq(
                 new[m] = _layers.from_matrix(qt.dequantize(jnp.float32), shape, axes
                                              ).astype(dtype)
             scales[name] = s_rows
+        return s_chan
+
+    def sharded(g, members):
+        """The group's results where its kernels live (`_sharded.awq_group`):
+        ``({member: new leaf}, {member: s_rows}, s in channel order)``."""
+        folded = isinstance(g, foldflow.FoldTarget)
+        infos, plan = [], []
+        for m in members:
+            name, path, s = chosen[m]
+            shape, axes, k, st, qtensor = _sharded.awq_check(
+                name, path, leaves[m], stats, contracting, model_map, s["bits"],
+                s["group_size"], folded)
+            perm = None
+            if folded:
+                fl = next(f for f in g.kernels if f.path[len(f.path) - len(m):] == m)
+                p = np.asarray(foldflow.rows_to_channels(np.arange(k), shape, axes, fl.axes))
+                perm = None if (p == np.arange(k)).all() else tuple(int(i) for i in p)
+            infos.append((name, k, st, s, perm))
+            own = _settings(np.zeros((k, 1), np.float32), s["bits"], s["group_size"],
+                            s["symmetric"], name)  # the (K, N) layout, read from K alone
+            plan.append([axes, perm, None, own, len(shape) - len(axes),
+                         "qtensor" if qtensor else "folded" if folded else "effective"])
+        name0, k0, st0, s0, _ = infos[0]
+        search = _settings(np.zeros((k0, 1), np.float32), s0["bits"], s0["group_size"],
+                           s0["symmetric"], name0)
+        plan = tuple((axes, perm, _sharded.awq_settings(search, nout),
+                      _sharded.awq_settings(own, nout), kind)
+                     for axes, perm, _, own, nout, kind in plan)
+        p0 = np.arange(k0) if infos[0][4] is None else np.asarray(infos[0][4])
+        h, mean = st0.xtx[p0][:, p0], (st0.abs_sum / st0.count)[p0]
+        _obs.check_finite(name0, h)
+        if not bool(jnp.isfinite(jnp.asarray(mean)).all()):
+            raise ValueError(f"{name0}: activation means hold NaN or Inf")
+        if int(n_grid) < 1:
+            raise ValueError(f"{name0}: n_grid must be >= 1, got {n_grid}")
+        outs, s_chan, _ = _sharded.awq_group([leaves[m] for m in members], plan, h, mean,
+                                             n_grid=n_grid)
+        rows = {m: s_chan if perm is None else jnp.zeros_like(s_chan).at[
+            np.asarray(perm)].set(s_chan) for m, (_, _, _, _, perm) in zip(members, infos)}
+        return dict(zip(members, outs)), rows, s_chan
+
+    def on_mesh(members):
+        return any(_sharded.placement(leaves[m]) is not None for m in members)
+
+    for g in order:
+        members = groups[g]
+        if not isinstance(g, foldflow.FoldTarget):
+            name = chosen[g][0]
+            if on_mesh([g]):
+                got, rows, _ = sharded(g, [g])
+                new[g], scales[name] = got[g], rows[g]
+            else:
+                name, shape, axes, w, st, s = matrix(g)
+                r = awq_matrix(w, st.xtx, st.abs_sum / st.count, n_grid=n_grid, name=name,
+                               **s)
+                new[g] = _layers.from_matrix(r.effective, shape, axes).astype(
+                    jnp.asarray(leaves[g]).dtype)
+                scales[name] = r.scales
+            why = "fold disabled" if model_map is not None and not fold else (
+                "no model map" if model_map is None else model_map.fold_reason(g))
+            how[name] = f"explicit: {why}"
+            continue
+        if on_mesh(members):
+            got, rows, s_chan = sharded(g, members)
+            new.update(got)
+            scales.update({chosen[m][0]: rows[m] for m in members})
+        else:
+            s_chan = unsharded(g, members)
+        for m in members:
+            name = chosen[m][0]
             shared = ["/".join(f.path) for f in g.kernels if find(f.path) != m]
             how[name] = (f"folded into {g.kind} "
                          + ", ".join("/".join(f.path) for f in g.divide)

@@ -17,6 +17,7 @@ context is linear in V), and other kernels need the scale kept explicit.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -89,6 +90,16 @@ def smooth_layernorm(ln_params: dict, kernels: list[jax.Array], s: jax.Array
     return out, [k * s[:, None] for k in kernels]
 
 
+@functools.partial(jax.jit, static_argnames="axes")
+def _row_absmax(w: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``max |W_k|`` per row of a kernel (its contracting ``axes`` flattened, in order),
+    reduced in the kernel's own layout so a sharded kernel is reduced where it lives."""
+    from jaxopt_lab.oneshot import _layers
+
+    rows = _layers.as_rows(jnp.asarray(w, jnp.float32), axes)
+    return jnp.max(jnp.abs(rows), axis=tuple(range(1, rows.ndim)))
+
+
 def smooth(params: Any, stats: Any, *, model_map: Any, alpha: float = 0.5,
            contracting: Any = None, where: Any = None) -> tuple[Any, dict[str, str]]:
     """SmoothQuant of a whole model: every kernel whose input the model map can rescale
@@ -143,14 +154,13 @@ def smooth(params: Any, stats: Any, *, model_map: Any, alpha: float = 0.5,
             name = _select.path_str(path)
             shape = tuple(np.shape(leaf))
             axes = _layers.contracting_axes(name, shape, contracting, model_map, path)
-            mat = _layers.as_matrix(jnp.asarray(leaf, jnp.float32), axes)
-            perm = np.asarray(foldflow.rows_to_channels(np.arange(mat.shape[0]), shape, axes,
-                                                        fl.axes))
-            rows = jnp.max(jnp.abs(mat), axis=1)[perm]
+            k = int(np.prod([shape[a] for a in axes]))
+            perm = np.asarray(foldflow.rows_to_channels(np.arange(k), shape, axes, fl.axes))
+            rows = _row_absmax(leaf, axes)[perm]
             w_max = rows if w_max is None else jnp.maximum(w_max, rows)
             if hits[0] in members and act is None:
                 st = _layers.stats_leaf(stats, path, name)
-                check_stats(name, st, mat.shape[0])
+                check_stats(name, st, k)
                 act = jnp.asarray(st.abs_max)[perm]
         s = smooth_scales(act, w_max, alpha=alpha, name="/".join(t.divide[0].path))
         tree = foldflow.fold_scale(tree, t, s)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxopt_lab import _select
 from jaxopt_lab.oneshot import _layers, _obs, _sharded
 from jaxopt_lab.oneshot.settings import SparseGPTSettings
+from jaxopt_lab.pruning.masks import all_true_like
 
 Params = Any
 
@@ -142,10 +143,12 @@ def sparsegpt(
 
     Sharded kernels: a kernel sharded with ``NamedSharding`` along its output axes is
     swept where its shards live (``shard_map``, the Hessian replicated) and gives the
-    single-device weights and mask bit for bit, sharded like the kernel. N:M works column
-    by column; unstructured sparsity ranks each block of rows across all outputs, done
-    exactly across the shards by bisection on the scores (one ``psum`` of a count per
-    step; ties by flat index as on one device). Sharding along a contracting axis raises
+    single-device mask exactly, sharded like the kernel. N:M works column by column (the
+    weights bit for bit too); unstructured sparsity ranks each block of rows across all
+    outputs, done exactly across the shards by bisection on the scores (one ``psum`` of a
+    count per step; ties by flat index as on one device), and its kept weights may differ
+    from one device's by a few ulp (XLA may order the per-shard update differently: up to
+    4 ulp measured on jax 0.12, none on jax 0.10). Sharding along a contracting axis raises
     (the sweep carries each row's error to every later row).
 
     Raises:
@@ -171,7 +174,7 @@ def sparsegpt(
     for (path, leaf), (_, _, choice) in zip(flat, choices):
         if choice is False:
             new.append(leaf)
-            masks.append(_sharded.all_true(leaf))
+            masks.append(all_true_like(leaf))
             continue
         name = _select.path_str(path)
         s = _select.fields_of(_select.leaf_overrides(name, choice, base))

@@ -23,6 +23,7 @@ from jaxopt_lab.oneshot import _layers, _sharded, settings
 from jaxopt_lab.oneshot._obs import keep_block, keep_top_per_column, prune_count
 from jaxopt_lab.oneshot.settings import WandaSettings
 from jaxopt_lab.oneshot.sparsegpt import check_pruning
+from jaxopt_lab.pruning.masks import all_true_like
 
 Params = Any
 SCOPES = settings.SCOPES
@@ -170,6 +171,6 @@ def wanda(
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     choices = _select.leaf_choices(params, where, model_map=model_map)
-    out = [one(_select.path_str(p), p, x, c) if c is not False else _sharded.all_true(x)
+    out = [one(_select.path_str(p), p, x, c) if c is not False else all_true_like(x)
            for (p, x), (_, _, c) in zip(flat, choices)]
     return jax.tree.unflatten(treedef, out)
