@@ -10,6 +10,7 @@ notebooks have in common (the teacher's train step...) compile once per test ses
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 import tomllib
@@ -38,6 +39,10 @@ def kernel_dirs(tmp_path_factory) -> dict[str, str]:
     env = _refresh().kernel_env(tmp_path_factory.mktemp("kernel"))
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    # LLVM -O0 codegen in the kernels: a quick run is mostly XLA compilation, and what is
+    # checked here (every cell runs, the round trips are exact) does not depend on it.
+    env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                        + " --xla_backend_optimization_level=0").strip()
     return env
 
 
