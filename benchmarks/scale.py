@@ -77,7 +77,12 @@ def init_process(processes: int, rank: int, port: int) -> None:
     (rank 0) listens on ``127.0.0.1:port``, with gloo collectives.
     """
     local = DEVICES // processes
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local}"
+    # The device count is this script's; a codegen level the caller set (the smoke test's
+    # -O0) is kept.
+    codegen = [f for f in os.environ.get("XLA_FLAGS", "").split()
+               if f.startswith("--xla_backend_optimization_level=")]
+    os.environ["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={local}",
+                                        *codegen])
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if processes > 1:
         from jaxopt_lab.train import distributed as dist

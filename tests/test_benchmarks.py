@@ -2,7 +2,9 @@
 
 A smoke run uses tiny sizes and few repeats: it shows a broken benchmark fails CI, not how
 fast anything is (no test depends on timing). It must exit 0, write a JSON with its
-provenance into the folder it was given, and leave ``benchmarks/results/`` untouched.
+provenance into the folder it was given, and leave ``benchmarks/results/`` untouched. Smoke
+runs compile at LLVM -O0 and share one session's persistent JAX compilation cache: they are
+mostly compilation, and neither changes what is checked.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
+SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")
                  and p.stem != "run_all")
 
@@ -86,8 +89,18 @@ tests/test_fuzz_x.py::test_f[valid]:
     assert got["functions"] == ["f"]
 
 
+@pytest.fixture(scope="session")
+def smoke_compilation_cache(tmp_path_factory) -> dict[str, str]:
+    """A persistent JAX compilation cache shared by this session's smoke runs (new each
+    session): several scripts compile the same programs (the teacher's train and eval
+    steps; both children of report_ab.py)."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("smoke_jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_smoke_run_writes_json_with_provenance_and_leaves_results_alone(name, tmp_path):
+def test_smoke_run_writes_json_with_provenance_and_leaves_results_alone(
+        name, tmp_path, smoke_compilation_cache):
     source = (BENCH / f"{name}.py").read_text()
     if "--smoke" not in source:
         pytest.skip(f"benchmarks/{name}.py has no --smoke flag yet (its owner adds it)")
@@ -100,12 +113,13 @@ def test_smoke_run_writes_json_with_provenance_and_leaves_results_alone(name, tm
     takes_out_dir = "--out-dir" in source or "add_common_args(" in source
     args = ["--smoke"] + (["--out-dir", str(tmp_path)] if takes_out_dir else [])
     before = _results_digest()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    # The tests' 8 forced host devices are not what the scripts run with by default; the
-    # tests' codegen level (conftest.py's opt-in -O0) is kept: a smoke run checks the JSON
-    # it writes, not how fast anything runs.
-    env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                                if "xla_backend_optimization_level" in f)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           **smoke_compilation_cache}
+    # The tests' 8 forced host devices are not what the scripts run with by default. LLVM
+    # -O0 codegen: a smoke run is mostly XLA compilation and checks the JSON it writes, not
+    # how fast anything runs or its figures (conftest.py keeps the default level for the
+    # tests whose numerics it changes).
+    env["XLA_FLAGS"] = SMOKE_XLA_FLAGS
     proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
