@@ -342,6 +342,23 @@ def test_conv_patch_matmul_is_bit_identical_to_xla_int32_conv(strides, padding, 
     np.testing.assert_array_equal(fast, plain)
 
 
+def test_xla_int8_conv_with_a_constant_zero_point_of_zero_and_padding_is_exact():
+    # The case that fused pad + int8 conv into wrong sums on XLA's CPU backend.
+    from jaxopt_lab.quant import native
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-128, 128, (1, 1, 1, 32))
+    k = rng.integers(-128, 128, (1, 1, 32, 5))
+    ref = np.concatenate([np.einsum("nhwc,co->nhwo", x, k[0, 0]), np.zeros((1, 1, 1, 5))], 2)
+    for use_native in (True, False):
+        with native.use_native_int8(use_native):
+            y = jax.jit(lambda x, k: jol.int8_conv_general_dilated(
+                x, k, (1, 1), ((0, 0), (0, 1)), lhs_scale=1.0, rhs_scale=1.0,
+                lhs_zero_point=jnp.int8(0), dimension_numbers=("NHWC", "HWIO", "NHWC")))(
+                    jnp.asarray(x, jnp.int8), jnp.asarray(k, jnp.int8))
+        np.testing.assert_array_equal(y, ref.astype(np.float32))
+
+
 PADS = st.tuples(st.integers(0, 5), st.integers(0, 5))  # up to larger than window - 1
 
 
@@ -357,9 +374,9 @@ def test_conv_implicit_padding_equals_the_exact_integer_conv(window, cin, batch,
     # padding value (the zero point, or 0): the exact sums of the padded codes minus the
     # zero point (int64 numpy), and no padded copy of the input in the compiled program
     # (unless the channels are padded anyway or most windows touch the padding).
-    # (The reference is numpy, not XLA's jitted int32 path with the native kernel off: on
-    # jax 0.10.2 that path returned garbage for e.g. a 1x1 input, 32 channels, zero point
-    # 0 and padding ((0, 0), (0, 1)), at this commit's parent too.)
+    # XLA's own int32 convolution (the fallback without the native kernel) must give the
+    # same sums: with a constant zero point of 0 it once fused the pad into the int8
+    # convolution and returned garbage (jax 0.10.2) or failed to compile (jax 0.12.1).
     from jaxopt_lab.quant import native
 
     kh, kw = window
@@ -385,6 +402,10 @@ def test_conv_implicit_padding_equals_the_exact_integer_conv(window, cin, batch,
                         xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw], k[i, j])
               for i in range(kh) for j in range(kw))
     np.testing.assert_array_equal(y, ref.astype(np.float32))
+    with native.use_native_int8(False):  # a new function: jax caches traces per function
+        plain = jax.jit(lambda x, k: conv(x, k))(jnp.asarray(x, jnp.int8),
+                                                 jnp.asarray(k, jnp.int8))
+    np.testing.assert_array_equal(plain, ref.astype(np.float32))
     from jaxopt_lab.quant.int8_ops import _border_fraction
 
     if (native.native_int8_available() and (kw * cin) % 4 == 0

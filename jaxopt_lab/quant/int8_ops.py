@@ -384,7 +384,11 @@ def _integer_conv(lhs, rhs, window_strides, padding, lhs_dilation, z_l, *, rhs_d
             config = [(0, 0, 0)] * lhs.ndim
             for i, (lo, hi) in enumerate(padding):
                 config[lhs_spec[2 + i]] = (int(lo), int(hi), dil[i] - 1)
-            lhs = lax.pad(lhs, z_l.astype(jnp.int8), config)
+            # The barrier keeps XLA from fusing the pad into the int8 convolution: with a
+            # constant zero point of 0, XLA's CPU backend compiled that fusion to wrong sums
+            # that changed from run to run (jax 0.10.2) or failed to lower it ("add i32,
+            # i8", jax 0.12.1); tests/test_quant_int8_ops.py holds the case.
+            lhs = lax.optimization_barrier(lax.pad(lhs, z_l.astype(jnp.int8), config))
             padding, lhs_dilation = [(0, 0)] * n_sp, None
         # else the native kernel pads with the zero point itself (no padded copy of lhs).
     if _patch_matmul_applies(lhs, lhs_dilation, rhs_dilation, feature_group_count):
