@@ -131,6 +131,18 @@ def _check_sweep(name: str, flags: jax.Array, damp: float) -> None:
                      "not representable); scale the layer's weights down")
 
 
+def _check_word_shards(name: str, bits: int, shape: tuple, spec: tuple, mesh: Mesh) -> None:
+    """Packing shard by shard equals packing the whole axis only on word boundaries."""
+    if bits == 8 or spec[-1] is None:
+        return
+    per_word, last = word_layout(bits)[0], _local(shape, spec, mesh, len(shape) - 1)
+    if last % per_word:
+        raise ValueError(
+            f"{name}: {bits}-bit codes pack {per_word} per word along the last axis, "
+            f"which PartitionSpec {P(*spec)} splits into shards of {last}: use shards "
+            f"whose length is a multiple of {per_word}")
+
+
 def _local(shape: tuple, spec: tuple, mesh: Mesh, axis: int) -> int:
     names = spec[axis]
     if names is None:
@@ -179,14 +191,7 @@ def gptq(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: Any,
     _obs.check_quant(name, k, bits, group_size)
     _obs.check_damp(name, s["damp"])
     _obs.check_finite(name, st.xtx)
-    if bits != 8 and spec[-1] is not None:
-        per_word, last = word_layout(bits)[0], _local(shape, spec, mesh, len(shape) - 1)
-        if last % per_word:
-            # Packing shard by shard equals packing the whole axis only on word boundaries.
-            raise ValueError(
-                f"{name}: {bits}-bit codes pack {per_word} per word along the last axis, "
-                f"which PartitionSpec {P(*spec)} splits into shards of {last}: use shards "
-                f"whose length is a multiple of {per_word}")
+    _check_word_shards(name, bits, shape, spec, mesh)
     fn = _gptq_fn(mesh, spec, nax, int(bits), group_size, bool(s["symmetric"]),
                   bool(s["act_order"]), bool(s["static_groups"]), bool(s["clip_search"]),
                   float(s["damp"]), int(s["block_size"]))
@@ -380,13 +385,8 @@ def awq_check(name: str, path: tuple, leaf: jax.Array, stats: Any, contracting: 
     mesh, spec = where
     _check_outputs_only(name, "AWQ", shape, axes, spec,
                         "its groups and its output error sum along the contraction")
-    if qtensor and bits != 8 and spec[-1] is not None:
-        per_word, last = word_layout(bits)[0], _local(shape, spec, mesh, len(shape) - 1)
-        if last % per_word:
-            raise ValueError(
-                f"{name}: {bits}-bit codes pack {per_word} per word along the last axis, "
-                f"which PartitionSpec {P(*spec)} splits into shards of {last}: use shards "
-                f"whose length is a multiple of {per_word}")
+    if qtensor:
+        _check_word_shards(name, bits, shape, spec, mesh)
     return shape, axes, k, st, qtensor
 
 
